@@ -1,0 +1,44 @@
+"""Sliding replay window over per-direction sequence numbers.
+
+Safety: a sequence number is accepted at most once while it is within ``size`` of the
+highest accepted one, and never once it falls behind that. The window lives only in
+memory, which is safe because a session's keys live only in memory too: after a
+restart there is a new handshake and new keys, so old sequence numbers cannot verify.
+Callers must :meth:`check` before the MAC (cheap rejection) and :meth:`commit` only
+after the MAC verified, so forged messages cannot move the window.
+"""
+
+from __future__ import annotations
+
+from .errors import Reason, ReplayDetected
+
+
+class ReplayWindow:
+    __slots__ = ("_full", "mask", "size", "top")
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.top = -1  # highest accepted sequence number; -1 before the first
+        self.mask = 0  # bit i set: sequence number top - i was accepted
+        self._full = (1 << size) - 1
+
+    def check(self, seq: int) -> None:
+        top = self.top
+        if seq > top:
+            return
+        behind = top - seq
+        if behind >= self.size:
+            raise ReplayDetected(
+                f"sequence {seq} is {behind} behind the newest, outside the replay window",
+                Reason.REPLAYED,
+            )
+        if (self.mask >> behind) & 1:
+            raise ReplayDetected(f"sequence {seq} already seen", Reason.REPLAYED)
+
+    def commit(self, seq: int) -> None:
+        top = self.top
+        if seq > top:
+            self.mask = ((self.mask << (seq - top)) | 1) & self._full
+            self.top = seq
+        else:
+            self.mask |= 1 << (top - seq)

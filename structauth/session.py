@@ -1,0 +1,298 @@
+"""Established SA1 sessions: per-message proofs on a time-ratcheted chain of keys.
+
+Wire format of the per-message header (31 bytes, see docs/PROTOCOL.md)::
+
+    version|flags u8  session id 8  epoch u16  sequence u32  tag 16
+
+The tag is keyed BLAKE2s-128 under the epoch's message key over the first 15 header
+bytes, the length-prefixed action (MQTT topic, CoAP method+path+query) and the payload.
+In sealed mode the tag field holds the ChaCha20-Poly1305 tag of the encrypted payload
+with the same header and action as associated data.
+
+Time is a value the adapter passes in (a monotonic clock reading, in seconds); the
+session never reads a clock.
+"""
+
+from __future__ import annotations
+
+import enum
+import hmac
+import struct
+from hashlib import blake2s
+from typing import Any
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+from .errors import (
+    MalformedMessage,
+    Reason,
+    SessionExpiredError,
+    StaleMessage,
+    StateError,
+    VerificationFailed,
+)
+from .events import MessageVerified, SessionExpired
+from .params import SessionParams
+from .replay import ReplayWindow
+
+HEADER_SIZE = 31
+TAG_SIZE = 16
+VERSION = 0x10
+FLAG_SEALED = 0x01
+MAX_SEQ = 0xFFFFFFFF
+MAX_ACTION = 0xFFFF
+#: an unconfirmed responder session is dropped if the initiator stays silent this long
+DEFAULT_CONFIRM_TIMEOUT = 60.0
+
+_PREFIX = struct.Struct(">B8sHI")  # the 15 bytes before the tag
+
+LABEL_CHAIN = b"SA1 chain key"
+LABEL_MESSAGE = b"SA1 message key"
+LABEL_SEAL = b"SA1 seal key"
+
+
+class Role(enum.Enum):
+    INITIATOR = "initiator"
+    RESPONDER = "responder"
+
+
+class SessionState(enum.Enum):
+    #: responder side, before the initiator proved it holds the keys
+    UNCONFIRMED = "unconfirmed"
+    ESTABLISHED = "established"
+    #: final: lifetime over, confirmation timed out, or closed by its owner
+    CLOSED = "closed"
+
+
+class _EpochKey:
+    """Keys of one direction for one epoch, pre-keyed so a tag costs one state copy."""
+
+    __slots__ = ("aead", "mac")
+
+    def __init__(self, chain_key: bytes, sealed: bool) -> None:
+        message_key = blake2s(LABEL_MESSAGE, key=chain_key).digest()
+        self.mac = blake2s(key=message_key, digest_size=TAG_SIZE)
+        self.aead = (
+            ChaCha20Poly1305(blake2s(LABEL_SEAL, key=chain_key).digest()) if sealed else None
+        )
+
+
+class _Chain:
+    """One direction's chain key, ratcheted forward one step per epoch.
+
+    Only message keys inside the acceptance window are kept; older ones and every
+    older chain key are dropped, so memory captured later cannot forge old messages.
+    CPython cannot scrub immutable bytes, so erasure means dropping every reference.
+    """
+
+    __slots__ = ("keys", "next_epoch", "sealed", "chain_key")
+
+    def __init__(self, chain_key: bytes, sealed: bool) -> None:
+        self.chain_key: bytes | None = chain_key
+        self.next_epoch = 0
+        self.sealed = sealed
+        self.keys: dict[int, _EpochKey] = {}
+
+    def key(self, epoch: int) -> _EpochKey:
+        k = self.keys.get(epoch)
+        if k is not None:
+            return k
+        if epoch < self.next_epoch or self.chain_key is None:
+            raise StaleMessage(f"keys for epoch {epoch} were erased", Reason.EPOCH_OUT_OF_WINDOW)
+        ck = self.chain_key
+        while self.next_epoch <= epoch:
+            self.keys[self.next_epoch] = _EpochKey(ck, self.sealed)
+            ck = blake2s(LABEL_CHAIN, key=ck).digest()
+            self.next_epoch += 1
+        self.chain_key = ck
+        return self.keys[epoch]
+
+    def erase_before(self, epoch: int) -> None:
+        for old in [e for e in self.keys if e < epoch]:
+            del self.keys[old]
+        # the chain key in memory always belongs to next_epoch; move it up to epoch
+        # so no key for a skipped epoch survives
+        ck = self.chain_key
+        if ck is not None:
+            while self.next_epoch < epoch:
+                ck = blake2s(LABEL_CHAIN, key=ck).digest()
+                self.next_epoch += 1
+            self.chain_key = ck
+
+    def wipe(self) -> None:
+        self.keys.clear()
+        self.chain_key = None
+
+
+class Session:
+    """One side of an established SA1 session. Created by the handshake, not directly."""
+
+    def __init__(
+        self,
+        *,
+        role: Role,
+        session_id: bytes,
+        send_chain_key: bytes,
+        receive_chain_key: bytes,
+        params: SessionParams,
+        start: float,
+        peer: Any = None,
+        confirm_timeout: float = DEFAULT_CONFIRM_TIMEOUT,
+    ) -> None:
+        self.role = role
+        self.session_id = session_id
+        self.params = params
+        self.peer = peer  # the peer's Identity; typed loosely to keep this module leaf-level
+        self.start = start
+        self.expires_at = start + params.lifetime_s
+        self.state = (
+            SessionState.UNCONFIRMED if role is Role.RESPONDER else SessionState.ESTABLISHED
+        )
+        self.confirm_deadline = start + confirm_timeout
+        self._period = params.epoch_ms / 1000.0
+        self._w = params.skew_epochs
+        self._last_epoch = params.lifetime_s * 1000 // params.epoch_ms + params.skew_epochs
+        self._sealed = params.sealed
+        self._send = _Chain(send_chain_key, params.sealed)
+        self._recv = _Chain(receive_chain_key, params.sealed)
+        self._window = ReplayWindow(params.replay_window)
+        self._next_seq = 0
+        self._send_epoch = 0
+        self._recv_floor = 0  # lowest receive epoch whose keys are still kept
+        self._flags = VERSION | (FLAG_SEALED if params.sealed else 0)
+
+    # -- time ---------------------------------------------------------------------
+    def epoch_at(self, now: float) -> int:
+        if now <= self.start:
+            return 0
+        return int((now - self.start) / self._period)
+
+    @property
+    def next_deadline(self) -> float:
+        """When the adapter should call :meth:`poll` next (re-arm its timer to this)."""
+        if self.state is SessionState.UNCONFIRMED:
+            return min(self.confirm_deadline, self.expires_at)
+        return self.expires_at
+
+    def poll(self, now: float) -> SessionExpired | None:
+        """Advance timers; returns the final event once the session has ended."""
+        if self.state is SessionState.CLOSED:
+            return None
+        if now >= self.expires_at:
+            self.close()
+            return SessionExpired(self.session_id, Reason.SESSION_EXPIRED)
+        if self.state is SessionState.UNCONFIRMED and now >= self.confirm_deadline:
+            self.close()
+            return SessionExpired(self.session_id, Reason.BAD_CONFIRMATION)
+        self._erase_receive_keys(self.epoch_at(now))
+        return None
+
+    def close(self) -> None:
+        self.state = SessionState.CLOSED
+        self._send.wipe()
+        self._recv.wipe()
+
+    def _check_open(self, now: float) -> None:
+        if self.state is SessionState.CLOSED:
+            raise SessionExpiredError("session is closed", Reason.SESSION_EXPIRED)
+        if now >= self.expires_at:
+            self.close()
+            raise SessionExpiredError("session lifetime exceeded", Reason.SESSION_EXPIRED)
+        if self.state is SessionState.UNCONFIRMED and now >= self.confirm_deadline:
+            self.close()
+            raise SessionExpiredError(
+                "initiator never confirmed the session", Reason.BAD_CONFIRMATION
+            )
+
+    def _erase_receive_keys(self, current: int) -> None:
+        floor = current - self._w
+        if floor > self._recv_floor:
+            self._recv_floor = floor
+            self._recv.erase_before(floor)
+
+    # -- sending ------------------------------------------------------------------
+    def protect(self, action: bytes, payload: bytes, now: float) -> tuple[bytes, bytes]:
+        """Prove (and in sealed mode encrypt) one message.
+
+        Returns ``(header, body)``: the 31-byte header and the payload to send (the
+        payload itself, or its ciphertext in sealed mode).
+        """
+        if self.state is not SessionState.ESTABLISHED:
+            if self.state is SessionState.UNCONFIRMED:
+                # A replayed msg1 also yields an unconfirmed session; sending on it
+                # would hand proven (or sealed) data to whoever replayed it.
+                raise StateError("session not confirmed by the initiator yet")
+            raise SessionExpiredError("session is closed", Reason.SESSION_EXPIRED)
+        if now >= self.expires_at:
+            self.close()
+            raise SessionExpiredError("session lifetime exceeded", Reason.SESSION_EXPIRED)
+        if len(action) > MAX_ACTION:
+            raise StateError("action longer than 65535 bytes", Reason.BAD_PARAMETERS)
+        seq = self._next_seq
+        if seq > MAX_SEQ:
+            raise SessionExpiredError(
+                "sequence numbers exhausted; re-handshake", Reason.SEQUENCE_EXHAUSTED
+            )
+        self._next_seq = seq + 1
+        epoch = self.epoch_at(now)
+        key = self._send.key(epoch)
+        if epoch != self._send_epoch:
+            self._send_epoch = epoch
+            self._send.erase_before(epoch)
+        prefix = _PREFIX.pack(self._flags, self.session_id, epoch, seq)
+        bound = prefix + len(action).to_bytes(2, "big") + action
+        if key.aead is not None:
+            sealed = key.aead.encrypt(prefix[9:15] + bytes(6), payload, bound)
+            return prefix + sealed[-TAG_SIZE:], sealed[:-TAG_SIZE]
+        mac = key.mac.copy()
+        mac.update(bound)
+        mac.update(payload)
+        return prefix + mac.digest(), payload
+
+    # -- receiving ----------------------------------------------------------------
+    def verify(self, header: bytes, action: bytes, body: bytes, now: float) -> MessageVerified:
+        """Check one message's proof; return its plaintext or raise a ProtocolError."""
+        if len(header) != HEADER_SIZE:
+            raise MalformedMessage(
+                f"message header is {len(header)} bytes, expected {HEADER_SIZE}", Reason.MALFORMED
+            )
+        flags, sid, epoch, seq = _PREFIX.unpack_from(header)
+        if flags != self._flags:
+            if flags & 0xF0 != VERSION:
+                raise MalformedMessage(f"unknown header version {flags >> 4}", Reason.BAD_VERSION)
+            raise MalformedMessage(
+                "sealed flag does not match the session's mode", Reason.MALFORMED
+            )
+        if sid != self.session_id:
+            raise VerificationFailed("message is for another session", Reason.UNKNOWN_SESSION)
+        if self.state is not SessionState.ESTABLISHED or now >= self.expires_at:
+            self._check_open(now)
+        current = self.epoch_at(now)
+        if epoch > current + self._w or epoch < current - self._w or epoch > self._last_epoch:
+            raise StaleMessage(
+                f"epoch {epoch} outside {current}±{self._w}", Reason.EPOCH_OUT_OF_WINDOW
+            )
+        self._window.check(seq)
+        if current - self._w > self._recv_floor:
+            self._erase_receive_keys(current)
+        key = self._recv.key(epoch)
+        bound = header[:15] + len(action).to_bytes(2, "big") + action
+        if key.aead is not None:
+            try:
+                payload = key.aead.decrypt(header[9:15] + bytes(6), body + header[15:], bound)
+            except InvalidTag:
+                raise VerificationFailed("sealed message failed to open", Reason.BAD_TAG) from None
+        else:
+            mac = key.mac.copy()
+            mac.update(bound)
+            mac.update(body)
+            if not hmac.compare_digest(mac.digest(), header[15:]):
+                raise VerificationFailed("tag does not match", Reason.BAD_TAG)
+            payload = body
+        self._window.commit(seq)
+        confirmed = False
+        if self.state is SessionState.UNCONFIRMED:
+            self.state = SessionState.ESTABLISHED
+            confirmed = True
+        return MessageVerified(payload, epoch, seq, confirmed)
