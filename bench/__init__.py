@@ -1,0 +1,32 @@
+"""Tessera benchmarks: ``python -m bench <subcommand> [--json] [--quick]``.
+
+Each subcommand is a module in this package with ``add_arguments(parser)`` and
+``run(args) -> int``; :data:`SUBCOMMANDS` names them so that ``__main__`` imports only
+the one that runs. Benchmarks print a table (figure, value, unit), ratios against the
+project's targets with PASS/MISS, and with ``--json`` a last line holding one JSON
+object with every figure. A MISS is reported, never turned into a failing exit code:
+timing belongs to the benchmark, pass/fail belongs to the tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Subcommand:
+    name: str
+    module: str
+    help: str
+
+
+SUBCOMMANDS: dict[str, Subcommand] = {
+    s.name: s
+    for s in (
+        Subcommand(
+            "sessions",
+            "bench.sessions",
+            "per-message tag/verify and handshake CPU vs pyjwt, OSCORE and TLS 1.3",
+        ),
+    )
+}
