@@ -1,8 +1,8 @@
 """PKCS#11 key backend (python-pkcs11): HSMs, smart cards, SoftHSM2 in tests.
 
 The user PIN is read only from an environment variable (``TESSERA_PKCS11_PIN`` by
-default) or from a file, never from a command-line argument, and it is not kept after
-login.
+default) or from a file, never from a command-line argument. After login only a keyed
+hash of it stays in memory, to check the PIN of later backends on the same token.
 
 PKCS#11 login state belongs to the whole process, per token: a second C_Login on a
 token that is already logged in fails, and logging out in one session logs out all of
@@ -10,11 +10,14 @@ them. So every :class:`Pkcs11Backend` in a process that opens the same token sha
 logged-in session (reference-counted, guarded by one lock); a later backend must present
 the same PIN as the first, or it gets WRONG_PIN.
 
-python-pkcs11 loads a module once per process. SoftHSM2 reads ``SOFTHSM2_CONF`` and
-scans its token directory when the module is initialised, so a token created by another
-process (``softhsm2-util --init-token``) becomes visible only after
-:func:`rescan_tokens`, which re-initialises the module and therefore ends every open
-session of that module in this process.
+python-pkcs11 loads a module once per process and path string; this module always
+passes the real path (symlinks resolved), so code in the same process that uses
+python-pkcs11 directly must call ``pkcs11.lib(os.path.realpath(module))`` too.
+SoftHSM2 reads ``SOFTHSM2_CONF`` and scans its token directory when the module is
+initialised, so a token created by another process (``softhsm2-util --init-token``)
+becomes visible only after :func:`rescan_tokens`, which re-initialises the module and
+therefore ends every open session of that module in this process. A backend that finds
+no token does that re-initialisation by itself while the process has no session open.
 """
 
 from __future__ import annotations
@@ -109,7 +112,9 @@ def _translate(exc: BaseException, doing: str, where: str) -> TesseraError:
 
 
 def _load_module(module_path: str) -> Any:
-    path = Path(module_path)
+    # python-pkcs11 caches modules by path string and a second C_Initialize of the same
+    # library fails, so every spelling of one module must map to one string.
+    path = Path(os.path.realpath(module_path))
     if not path.is_file():
         raise KeyBackendError(
             f"PKCS#11 module {module_path} not found; install the token's module "
@@ -310,10 +315,11 @@ class Pkcs11Backend:
     def _find_token(lib: Any, module: str, token_label: str) -> Any:
         try:
             return lib.get_token(token_label=token_label)
-        except p11e.NoSuchToken:
-            # Tokens created by another process after the module was initialised (SoftHSM2
-            # scans its token directory only then) appear after a re-initialisation. That
-            # ends open sessions, so do it only while this process has none on the module.
+        except (p11e.NoSuchToken, p11e.GeneralError, p11e.TokenNotPresent):
+            # SoftHSM2 scans its token directory only at C_Initialize: a token created by
+            # another process since then is missing, and one deleted since then makes the
+            # slot scan fail (CKR_GENERAL_ERROR). A re-initialisation fixes both, but ends
+            # open sessions, so do it only while this process has none on the module.
             if any(k[0] == module for k in _registry):
                 raise
             lib.reinitialize()
