@@ -106,3 +106,4 @@ def pkcs11_token(softhsm: SoftHsm, monkeypatch: pytest.MonkeyPatch) -> Iterator[
     finally:
         backend.close()
         softhsm.delete_token(label)
+        rescan_tokens(softhsm.module)  # forget the deleted token's slot

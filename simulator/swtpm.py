@@ -44,9 +44,7 @@ def find_swtpm_tools() -> dict[str, str]:
     """Paths of swtpm, swtpm_setup and swtpm_localca; ConfigurationError if missing."""
     tools = {}
     for name in ("swtpm", "swtpm_setup", "swtpm_localca"):
-        path = shutil.which(name) or (
-            f"/usr/bin/{name}" if Path(f"/usr/bin/{name}").exists() else None
-        )
+        path = shutil.which(name)
         if path is None:
             raise ConfigurationError(f"{name} is not installed: {SETUP_HINT}")
         tools[name] = path
