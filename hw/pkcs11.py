@@ -27,6 +27,7 @@ import os
 import secrets
 import stat
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -229,7 +230,7 @@ class Pkcs11Signer:
             raise StateError("sign_digest needs a 32-byte SHA-256 digest", Reason.BAD_PARAMETERS)
         raw = self._owner._call(
             f"signature with {self.label!r}",
-            lambda: self._private.sign(bytes(digest), mechanism=Mechanism.ECDSA),
+            lambda _session: self._private.sign(bytes(digest), mechanism=Mechanism.ECDSA),
         )
         if len(raw) != 64:
             raise KeyBackendError(
@@ -250,10 +251,11 @@ class Pkcs11Signer:
             "never_extractable": Attribute.NEVER_EXTRACTABLE,
             "local": Attribute.LOCAL,
         }
-        return self._owner._call(
+        values: dict[str, bool] = self._owner._call(
             f"attribute read of {self.label!r}",
-            lambda: {name: bool(self._private[attr]) for name, attr in names.items()},
+            lambda _session: {name: bool(self._private[a]) for name, a in names.items()},
         )
+        return values
 
     def close(self) -> None:
         """Nothing to release per key; close the backend to end the session."""
@@ -353,7 +355,8 @@ class Pkcs11Backend:
     def __repr__(self) -> str:
         return f"<Pkcs11Backend {self._where}>"
 
-    def _call(self, doing: str, fn: Any) -> Any:
+    def _call(self, doing: str, fn: Callable[[Any], Any]) -> Any:
+        """Run ``fn(session)`` under the token's lock, translating library errors."""
         shared = self._shared
         if shared is None:
             raise StateError("the PKCS#11 backend is closed", Reason.INVALID_STATE)
@@ -365,7 +368,7 @@ class Pkcs11Backend:
                     Reason.BACKEND_UNAVAILABLE,
                 )
             try:
-                return fn()
+                return fn(shared.session)
             except Exception as exc:
                 raise _translate(exc, doing, self._where) from exc
 
@@ -392,8 +395,7 @@ class Pkcs11Backend:
         """Generate an EC P-256 key pair on the token: sensitive, never extractable."""
         self._check_label(label)
 
-        def generate() -> tuple[Any, Any]:
-            session = self._shared.session  # type: ignore[union-attr]
+        def generate(session: Any) -> tuple[Any, Any]:
             if self._find(session, label, ObjectClass.PRIVATE_KEY):
                 raise KeyBackendError(
                     f"a private key labelled {label!r} already exists on {self._where}; "
@@ -432,8 +434,7 @@ class Pkcs11Backend:
         """Open the EC P-256 key pair labelled ``label``; KEY_NOT_FOUND if absent."""
         self._check_label(label)
 
-        def load() -> tuple[Any, Any]:
-            session = self._shared.session  # type: ignore[union-attr]
+        def load(session: Any) -> tuple[Any, Any]:
             privates = self._find(session, label, ObjectClass.PRIVATE_KEY)
             if not privates:
                 raise KeyBackendError(
@@ -486,5 +487,4 @@ class Pkcs11Backend:
             raise StateError("random(n) needs n >= 0", Reason.BAD_PARAMETERS)
         if n == 0:
             return b""
-        session = self._shared.session if self._shared is not None else None
-        return bytes(self._call("C_GenerateRandom", lambda: session.generate_random(n * 8)))
+        return bytes(self._call("C_GenerateRandom", lambda session: session.generate_random(n * 8)))

@@ -38,9 +38,10 @@ import os
 import re
 import tempfile
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -108,6 +109,7 @@ __all__ = [
 ]
 
 KEY_FILE_SUFFIX = ".tpmkey"
+_T = TypeVar("_T")
 
 #: (NV index of the EK certificate, TCG EK template, usual persistent EK handle), in the
 #: order we look for them: ECC first (P-256 low range, then P-384 high range, which is
@@ -636,7 +638,7 @@ class TpmBackend:
             with contextlib.suppress(Exception):
                 esapi.flush_context(handle)
 
-    def _retry_on_full(self, fn):  # type: ignore[no-untyped-def]
+    def _retry_on_full(self, fn: Callable[[], _T]) -> _T:
         """Run ``fn``; if the TPM has no free object slot, flush our cached keys, retry."""
         try:
             return fn()
