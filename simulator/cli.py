@@ -4,6 +4,7 @@
     tessera-sim swtpm stop --state DIR
     tessera-sim softhsm init --dir DIR --label L     user PIN from $TESSERA_PKCS11_PIN
     tessera-sim softhsm delete --dir DIR --label L
+    tessera-sim demo [--workdir DIR]                 the end-to-end demo (simulator.demo)
 
 ``softhsm init`` prints shell lines (``eval "$(tessera-sim softhsm init ...)"``): the
 module path as a comment and the SOFTHSM2_CONF export. The SO PIN is taken from
@@ -73,11 +74,17 @@ def _softhsm_delete(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from simulator.demo import run_demo  # imported only when asked for
+
+    return int(run_demo(Path(args.workdir) if args.workdir else None))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tessera-sim", description="Software stand-ins for Tessera: swtpm and SoftHSM2."
     )
-    tools = parser.add_subparsers(dest="tool", required=True, metavar="{swtpm,softhsm}")
+    tools = parser.add_subparsers(dest="tool", required=True, metavar="{swtpm,softhsm,demo}")
 
     swtpm = tools.add_parser("swtpm", help="a software TPM 2.0 on 127.0.0.1")
     swtpm_cmds = swtpm.add_subparsers(dest="command", required=True)
@@ -101,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     delete.add_argument("--dir", required=True)
     delete.add_argument("--label", required=True)
     delete.set_defaults(func=_softhsm_delete)
+
+    demo = tools.add_parser("demo", help="run the swtpm device <-> SoftHSM2 broker demo")
+    demo.add_argument("--workdir", help="keep the demo's files here (default: a temp dir)")
+    demo.set_defaults(func=_demo)
     return parser
 
 
