@@ -44,8 +44,10 @@ from pathlib import Path
 from typing import TypeVar
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_dss_signature
 from tpm2_pytss import (
     ESAPI,
     ESYS_TR,
@@ -421,7 +423,7 @@ class TpmSigner(_TpmKey):
     def sign_digest(self, digest: bytes) -> bytes:
         if not isinstance(digest, (bytes, bytearray, memoryview)) or len(digest) != 32:
             raise StateError("sign_digest needs a 32-byte SHA-256 digest", Reason.BAD_PARAMETERS)
-        return self._tpm._sign(self._keyfile, bytes(digest))
+        return self._tpm._sign(self._keyfile, self._public_key, bytes(digest))
 
     def close(self) -> None:
         """Flush the key from the TPM (it is reloaded from its blob on the next use)."""
@@ -857,15 +859,57 @@ class TpmBackend:
                 raise
             return self.load_attestation_key(name)
 
-    def _sign(self, keyfile: _KeyFile, digest: bytes) -> bytes:
+    def _sign(self, keyfile: _KeyFile, public: ec.EllipticCurvePublicKey, digest: bytes) -> bytes:
+        """Sign with the cached handle, and check the result before handing it out.
+
+        The check (one P-256 verification, ~0.1 ms against ~0.6 ms for swtpm's signature)
+        catches a faulty TPM response and a stale handle: a TPM reset without a resource
+        manager flushes our key, and another object may then sit at the same handle. In
+        those cases the key is reloaded from its blob and the signature made once more.
+        """
+        validation = TPMT_TK_HASHCHECK(tag=TPM2_ST.HASHCHECK, hierarchy=TPM2_RH.NULL)
         with self._tpm("signature") as esapi:
-            handle = self._loaded.get(keyfile.public)
-            if handle is None:
-                handle = self._load(esapi, keyfile, "signing key")
-                self._loaded[keyfile.public] = handle
-            validation = TPMT_TK_HASHCHECK(tag=TPM2_ST.HASHCHECK, hierarchy=TPM2_RH.NULL)
-            signature = esapi.sign(handle, TPM2B_DIGEST(digest), _sig_scheme(), validation)
-            return _signature_der(signature)
+            for attempt in (1, 2):
+                handle = self._loaded.get(keyfile.public)
+                cached = handle is not None
+                if handle is None:
+                    handle = self._load(esapi, keyfile, "signing key")
+                    self._loaded[keyfile.public] = handle
+                try:
+                    signature = esapi.sign(handle, TPM2B_DIGEST(digest), _sig_scheme(), validation)
+                except TSS2_Exception as exc:
+                    retry = (
+                        cached
+                        and attempt == 1
+                        and int(exc.rc) & _LAYER_MASK == 0
+                        and _base_rc(int(exc.rc)) != int(TPM2_RC.LOCKOUT)
+                    )
+                    if not retry:
+                        raise
+                    self._forget(keyfile)
+                    continue
+                der = _signature_der(signature)
+                try:
+                    public.verify(der, digest, ec.ECDSA(Prehashed(hashes.SHA256())))
+                except InvalidSignature:
+                    self._forget(keyfile)
+                    if attempt == 1:
+                        continue
+                    raise KeyBackendError(
+                        "the TPM returned a signature that does not verify with the key's "
+                        "public half; the TPM may be faulty",
+                        Reason.BACKEND_FAILURE,
+                    ) from None
+                return der
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _forget(self, keyfile: _KeyFile) -> None:
+        """Drop a cached handle we no longer trust, without TPM2_FlushContext: after a TPM
+        reset the handle number may belong to another program's object."""
+        handle = self._loaded.pop(keyfile.public, None)
+        if handle is not None and self._esapi is not None:
+            with contextlib.suppress(Exception):
+                self._esapi.tr_close(handle)
 
     def _unload(self, keyfile: _KeyFile) -> None:
         with self._lock:

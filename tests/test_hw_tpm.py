@@ -22,8 +22,10 @@ from tpm2_pytss import (
     ESAPI,
     ESYS_TR,
     TPM2_ALG,
+    TPM2_CAP,
     TPM2_ECC,
     TPM2_GENERATED,
+    TPM2_HT,
     TPM2_ST,
     TPM2B_AUTH,
     TPM2B_NAME,
@@ -428,3 +430,46 @@ def test_many_keys_fit_in_swtpm_slots(tpm_backend: TpmBackend) -> None:
         TPM2B_NAME(tpm_backend.load_attestation_key("ak").tpm_name()),
     )
     assert tpm_backend.activate_credential("ak", blob.marshal(), encrypted.marshal()) == b"s"
+
+
+def _transient_handles(esapi: ESAPI) -> list[int]:
+    _, data = esapi.get_capability(TPM2_CAP.HANDLES, TPM2_HT.TRANSIENT << 24, 16)
+    handles = data.data.handles
+    return [int(handles.handle[i]) for i in range(handles.count)]
+
+
+def test_signer_recovers_from_swtpm_reset(bare_swtpm: Swtpm, tmp_path: Path) -> None:
+    """A restarted swtpm forgets loaded keys, and another program's key may then sit at
+    our cached handle number. The backend must notice (its signature does not verify),
+    reload its own key from the blob, and never hand out the stranger's signature."""
+    with TpmBackend(bare_swtpm.tcti, tmp_path) as backend:
+        signer = backend.create_signing_key("device")
+        signer.sign_digest(DIGEST)
+        raw = _raw_esapi(bare_swtpm)
+        try:
+            (cached,) = _transient_handles(raw)  # our loaded key, nothing else
+        finally:
+            raw.close()
+        bare_swtpm.restart()
+        raw = _raw_esapi(bare_swtpm)
+        try:
+            template = TPM2B_PUBLIC.parse(
+                "ecc256:ecdsa-sha256",
+                objectAttributes="userwithauth|sign|fixedtpm|fixedparent|sensitivedataorigin",
+            )
+            objects = []
+            while not objects or int(raw.tr_get_tpm_handle(objects[-1])) != cached:
+                obj, *_ = raw.create_primary(TPM2B_SENSITIVE_CREATE(), template, ESYS_TR.OWNER)
+                objects.append(obj)
+            stranger = objects.pop()
+            for obj in objects:  # free the other slots so our key can be reloaded
+                raw.flush_context(obj)
+            assert _transient_handles(raw) == [cached]
+            for _ in range(3):
+                signature = signer.sign_digest(DIGEST)
+                signer.public_key().verify(signature, DIGEST, PREHASHED)
+            # The stranger's key was neither used for our signatures nor flushed by us.
+            assert cached in _transient_handles(raw)
+            raw.flush_context(stranger)
+        finally:
+            raw.close()
