@@ -386,7 +386,7 @@ class Responder:
         self._chain = _chain_bytes(credential.der_chain())
         self._trust = trust
         self.params = params or SessionParams()
-        self.nonces = nonce_cache or NonceCache()
+        self.nonces = nonce_cache if nonce_cache is not None else NonceCache()
         self._kind = peer_kind
         self._entropy: Entropy = entropy or SystemEntropy()
         self._confirm_timeout = confirm_timeout

@@ -1,0 +1,283 @@
+"""X.509 credentials carrying SPIFFE identities, and their validation.
+
+Sans-IO: the verifier passes time in through an explicit :class:`TimePolicy`, because
+devices have no RTC and boot with a wrong clock.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509.oid import ExtensionOID
+
+from .errors import CredentialError, Reason
+
+MAX_CHAIN = 4
+MAX_CERT = 4096
+KINDS = ("device", "broker")
+
+_TRUST_DOMAIN = re.compile(r"[a-z0-9._-]{1,255}")
+_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+@dataclass(frozen=True)
+class Identity:
+    """A SPIFFE ID of the form ``spiffe://<trust-domain>/<device|broker>/<name>``."""
+
+    uri: str
+
+    @classmethod
+    def parse(cls, uri: str) -> Identity:
+        prefix = "spiffe://"
+        if not isinstance(uri, str) or not uri.startswith(prefix):
+            raise CredentialError(f"identity {uri!r} is not a spiffe:// URI")
+        parts = uri[len(prefix):].split("/")
+        if len(parts) != 3:
+            raise CredentialError(
+                f"identity {uri!r} must be spiffe://<trust-domain>/device|broker/<name>"
+            )
+        domain, kind, name = parts
+        if not _TRUST_DOMAIN.fullmatch(domain) or domain.strip(".") != domain:
+            raise CredentialError(f"identity {uri!r}: bad trust domain {domain!r}")
+        if kind not in KINDS:
+            raise CredentialError(f"identity {uri!r}: kind must be device or broker")
+        if not _NAME.fullmatch(name) or name in (".", ".."):
+            raise CredentialError(f"identity {uri!r}: bad name {name!r}")
+        return cls(uri)
+
+    @property
+    def trust_domain(self) -> str:
+        return self.uri.split("/")[2]
+
+    @property
+    def kind(self) -> str:
+        return self.uri.split("/")[3]
+
+    @property
+    def name(self) -> str:
+        return self.uri.split("/")[4]
+
+    def __str__(self) -> str:
+        return self.uri
+
+
+def _identity_of(cert: x509.Certificate) -> Identity:
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        raise CredentialError("credential has no subject alternative name") from None
+    except ValueError as exc:
+        raise CredentialError(f"credential extensions unreadable: {exc}") from None
+    uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+    if len(uris) != 1:
+        raise CredentialError(f"credential must have exactly one URI SAN, has {len(uris)}")
+    return Identity.parse(uris[0])
+
+
+@dataclass(frozen=True)
+class Credential:
+    """An X.509 chain (leaf first, no root) whose leaf names one SPIFFE identity."""
+
+    chain: tuple[x509.Certificate, ...]
+    identity: Identity
+    public_key: ec.EllipticCurvePublicKey
+    _der: tuple[bytes, ...] = field(repr=False, compare=False)
+
+    @classmethod
+    def from_der_chain(cls, chain: Sequence[bytes]) -> Credential:
+        if not 1 <= len(chain) <= MAX_CHAIN:
+            raise CredentialError(f"credential chain of {len(chain)} certificates (1..{MAX_CHAIN})")
+        certs = []
+        for der in chain:
+            if len(der) > MAX_CERT:
+                raise CredentialError(f"certificate of {len(der)} bytes (max {MAX_CERT})")
+            try:
+                certs.append(x509.load_der_x509_certificate(bytes(der)))
+            except ValueError:
+                raise CredentialError("certificate is not valid DER X.509") from None
+        return cls._build(tuple(certs), tuple(bytes(d) for d in chain))
+
+    @classmethod
+    def from_pem(cls, data: bytes) -> Credential:
+        try:
+            certs = x509.load_pem_x509_certificates(data)
+        except ValueError:
+            raise CredentialError("no valid PEM certificates") from None
+        if not 1 <= len(certs) <= MAX_CHAIN:
+            raise CredentialError(f"credential chain of {len(certs)} certificates (1..{MAX_CHAIN})")
+        return cls._build(tuple(certs), tuple(c.public_bytes(Encoding.DER) for c in certs))
+
+    @classmethod
+    def _build(cls, certs: tuple[x509.Certificate, ...], der: tuple[bytes, ...]) -> Credential:
+        # cryptography parses most fields lazily; touch everything validation will use
+        # now, so a malformed certificate fails here with our error, not later.
+        for cert in certs:
+            try:
+                cert.subject.public_bytes()
+                cert.issuer.public_bytes()
+                _ = cert.extensions, cert.not_valid_before_utc, cert.not_valid_after_utc
+                cert.public_key()
+                _ = cert.signature_hash_algorithm
+            except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+                raise CredentialError(f"certificate fields unreadable: {exc}") from None
+        leaf = certs[0]
+        identity = _identity_of(leaf)
+        try:
+            key = leaf.public_key()
+        except (ValueError, TypeError) as exc:
+            raise CredentialError(f"credential key unreadable: {exc}") from None
+        if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(
+            key.curve, ec.SECP256R1
+        ):
+            raise CredentialError("credential key must be EC P-256")
+        return cls(certs, identity, key, der)
+
+    def der_chain(self) -> list[bytes]:
+        return list(self._der)
+
+    @property
+    def fingerprint(self) -> str:
+        """SHA-256 of the leaf certificate, hex."""
+        return hashlib.sha256(self._der[0]).hexdigest()
+
+    @property
+    def not_after(self) -> dt.datetime:
+        return self.chain[0].not_valid_after_utc
+
+
+RevocationCheck = Callable[[Credential], bool]
+"""Returns True when the credential is revoked (the broker and service plug in here)."""
+
+
+@dataclass(frozen=True)
+class TimePolicy:
+    """How a verifier judges validity times.
+
+    * ``now`` known (brokers, the provisioning service): a credential must be inside
+      its validity period, give or take ``skew``.
+    * only ``floor`` known (a device without RTC that knows a lower bound on the time,
+      e.g. its firmware build time or the newest authenticated time it has seen): only
+      credentials that expired before the floor are refused; "not yet valid" cannot be
+      judged.
+    * neither: time is not judged at all. Acceptable only for a device that has
+      nothing better; brokers always know the time and short-lived operational
+      credentials plus revocation bound the exposure.
+    """
+
+    now: dt.datetime | None = None
+    floor: dt.datetime | None = None
+    skew: dt.timedelta = dt.timedelta(minutes=5)
+
+    @classmethod
+    def trusted(cls, now: dt.datetime, skew: dt.timedelta = dt.timedelta(minutes=5)) -> TimePolicy:
+        return cls(now=now, skew=skew)
+
+    @classmethod
+    def unknown(cls, floor: dt.datetime | None = None) -> TimePolicy:
+        return cls(floor=floor)
+
+    def check(self, cert: x509.Certificate, what: str) -> None:
+        if self.now is not None:
+            if self.now + self.skew < cert.not_valid_before_utc:
+                raise CredentialError(f"{what} not valid before {cert.not_valid_before_utc}",
+                                      Reason.CREDENTIAL_NOT_YET_VALID)
+            if self.now - self.skew > cert.not_valid_after_utc:
+                raise CredentialError(f"{what} expired at {cert.not_valid_after_utc}",
+                                      Reason.CREDENTIAL_EXPIRED)
+        elif self.floor is not None and cert.not_valid_after_utc < self.floor:
+            raise CredentialError(f"{what} expired at {cert.not_valid_after_utc}",
+                                  Reason.CREDENTIAL_EXPIRED)
+
+
+def _basic_constraints(cert: x509.Certificate) -> x509.BasicConstraints | None:
+    try:
+        return cert.extensions.get_extension_for_oid(ExtensionOID.BASIC_CONSTRAINTS).value  # type: ignore[return-value]
+    except x509.ExtensionNotFound:
+        return None
+
+
+class TrustStore:
+    """The fleet authority's roots for one trust domain."""
+
+    def __init__(self, roots: Sequence[x509.Certificate], trust_domain: str) -> None:
+        if not roots:
+            raise CredentialError("a trust store needs at least one root", Reason.UNKNOWN_AUTHORITY)
+        self.trust_domain = trust_domain
+        self.roots = tuple(roots)
+        self._by_subject: dict[bytes, list[x509.Certificate]] = {}
+        for root in self.roots:
+            self._by_subject.setdefault(root.subject.public_bytes(), []).append(root)
+
+    def validate(
+        self,
+        credential: Credential,
+        policy: TimePolicy,
+        *,
+        revoked: RevocationCheck | None = None,
+        expected: Identity | None = None,
+        kind: str | None = None,
+    ) -> Identity:
+        """Check identity, chain, time and revocation; return the identity or raise
+        :class:`CredentialError` with the most precise reason."""
+        identity = credential.identity
+        if identity.trust_domain != self.trust_domain:
+            raise CredentialError(
+                f"{identity} is not in trust domain {self.trust_domain}", Reason.WRONG_IDENTITY
+            )
+        if expected is not None and identity != expected:
+            raise CredentialError(f"expected {expected}, got {identity}", Reason.WRONG_IDENTITY)
+        if kind is not None and identity.kind != kind:
+            raise CredentialError(f"{identity} is not a {kind}", Reason.WRONG_IDENTITY)
+        chain = credential.chain
+        root = self._check_chain(chain)
+        leaf_bc = _basic_constraints(chain[0])
+        if leaf_bc is not None and leaf_bc.ca:
+            raise CredentialError("a CA certificate cannot be a credential")
+        try:
+            usage = chain[0].extensions.get_extension_for_class(x509.KeyUsage).value
+            if not usage.digital_signature:
+                raise CredentialError("credential key usage lacks digitalSignature")
+        except x509.ExtensionNotFound:
+            pass
+        for i, cert in enumerate(chain):
+            policy.check(cert, "credential" if i == 0 else f"intermediate {i}")
+        policy.check(root, "fleet authority")
+        if revoked is not None and revoked(credential):
+            raise CredentialError(f"{identity} is revoked", Reason.CREDENTIAL_REVOKED)
+        return identity
+
+    def _check_chain(self, chain: tuple[x509.Certificate, ...]) -> x509.Certificate:
+        for depth, (cert, issuer) in enumerate(zip(chain, chain[1:], strict=False)):
+            bc = _basic_constraints(issuer)
+            if bc is None or not bc.ca:
+                raise CredentialError("chain issuer is not a CA", Reason.UNKNOWN_AUTHORITY)
+            if bc.path_length is not None and bc.path_length < depth:
+                raise CredentialError("chain exceeds an issuer's path length",
+                                      Reason.UNKNOWN_AUTHORITY)
+            try:
+                cert.verify_directly_issued_by(issuer)
+            except (InvalidSignature, ValueError, TypeError, UnsupportedAlgorithm):
+                raise CredentialError("chain signature invalid", Reason.UNKNOWN_AUTHORITY) from None
+        top = chain[-1]
+        for root in self._by_subject.get(top.issuer.public_bytes(), ()):
+            try:
+                top.verify_directly_issued_by(root)
+            except (InvalidSignature, ValueError, TypeError, UnsupportedAlgorithm):
+                continue
+            bc = _basic_constraints(root)
+            if bc is None or not bc.ca:
+                continue
+            if bc.path_length is not None and bc.path_length < len(chain) - 1:
+                raise CredentialError("chain exceeds the root's path length",
+                                      Reason.UNKNOWN_AUTHORITY)
+            return root
+        raise CredentialError("credential is not issued by the fleet authority",
+                              Reason.UNKNOWN_AUTHORITY)
