@@ -81,7 +81,8 @@ class Report:
     # -- output -------------------------------------------------------------------
     def table(self) -> str:
         out: list[str] = []
-        title = f"Tessera benchmark: {self.name}" + (
+        title = f"Tessera benchmark: {self.name}"
+        title += (
             " (--quick: smoke run, not a figure)" if self.quick else ""
         )
         out.append(title)

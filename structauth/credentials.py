@@ -126,7 +126,7 @@ class Credential:
                 _ = cert.extensions, cert.not_valid_before_utc, cert.not_valid_after_utc
                 cert.public_key()
                 _ = cert.signature_hash_algorithm
-            except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+            except Exception as exc:  # untrusted DER: cryptography raises several types
                 raise CredentialError(f"certificate fields unreadable: {exc}") from None
         leaf = certs[0]
         identity = _identity_of(leaf)
