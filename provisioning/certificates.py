@@ -24,10 +24,12 @@ def make_authority(
     common_name: str | None = None,
 ) -> x509.Certificate:
     """A self-signed fleet authority root for ``trust_domain`` (CA, path length 0)."""
-    name = x509.Name([
-        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Tessera fleet authority"),
-        x509.NameAttribute(NameOID.COMMON_NAME, common_name or f"{trust_domain} authority"),
-    ])
+    name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Tessera fleet authority"),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name or f"{trust_domain} authority"),
+        ]
+    )
     ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
     return (
         x509.CertificateBuilder()
@@ -39,16 +41,27 @@ def make_authority(
         .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
-            x509.KeyUsage(digital_signature=False, content_commitment=False,
-                          key_encipherment=False, data_encipherment=False, key_agreement=False,
-                          key_cert_sign=True, crl_sign=True, encipher_only=False,
-                          decipher_only=False),
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
             critical=True,
         )
         .add_extension(ski, critical=False)
-        .add_extension(x509.NameConstraints(
-            permitted_subtrees=[x509.UniformResourceIdentifier(trust_domain)],
-            excluded_subtrees=None), critical=True)
+        .add_extension(
+            x509.NameConstraints(
+                permitted_subtrees=[x509.UniformResourceIdentifier(trust_domain)],
+                excluded_subtrees=None,
+            ),
+            critical=True,
+        )
         .sign(key, hashes.SHA256())
     )
 
@@ -66,9 +79,13 @@ def issue_credential(
     """A leaf credential whose only URI SAN is ``identity``."""
     return (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([
-            x509.NameAttribute(NameOID.COMMON_NAME, identity.name),
-        ]))
+        .subject_name(
+            x509.Name(
+                [
+                    x509.NameAttribute(NameOID.COMMON_NAME, identity.name),
+                ]
+            )
+        )
         .issuer_name(authority_cert.subject)
         .public_key(public_key)
         .serial_number(serial or x509.random_serial_number())
@@ -80,14 +97,25 @@ def issue_credential(
         )
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
-            x509.KeyUsage(digital_signature=True, content_commitment=False,
-                          key_encipherment=False, data_encipherment=False, key_agreement=False,
-                          key_cert_sign=False, crl_sign=False, encipher_only=False,
-                          decipher_only=False),
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
             critical=True,
         )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH,
-                                              ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH]
+            ),
+            critical=False,
+        )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(authority_cert.public_key()),  # type: ignore[arg-type]

@@ -38,9 +38,14 @@ def _say(text: str = "") -> None:
 
 def _credential(root, root_key, signer: Signer, path: str, now: dt.datetime) -> Credential:  # type: ignore[no-untyped-def]
     identity = Identity.parse(f"spiffe://{TRUST_DOMAIN}/{path}")
-    cert = issue_credential(root, root_key, signer.public_key(), identity,
-                            not_before=now - dt.timedelta(minutes=5),
-                            not_after=now + dt.timedelta(hours=24))
+    cert = issue_credential(
+        root,
+        root_key,
+        signer.public_key(),
+        identity,
+        not_before=now - dt.timedelta(minutes=5),
+        not_after=now + dt.timedelta(hours=24),
+    )
     return Credential.from_der_chain([cert.public_bytes(Encoding.DER)])
 
 
@@ -62,33 +67,48 @@ def run_demo(workdir: Path | None = None) -> int:
         _say("Tessera demo: SA1 between a swtpm device and a SoftHSM2 broker\n")
         t = time.perf_counter()
         with Swtpm(base / "swtpm") as tpm, SoftHsm(base / "softhsm") as hsm:
-            _say(f"[1] swtpm running at {tpm.tcti} with an EK certificate "
-                 f"({time.perf_counter() - t:.1f} s)")
+            _say(
+                f"[1] swtpm running at {tpm.tcti} with an EK certificate "
+                f"({time.perf_counter() - t:.1f} s)"
+            )
             os.environ[PIN_ENV] = secrets.token_hex(8)
-            hsm.init_token("tessera-broker", so_pin=secrets.token_hex(8),
-                           user_pin=os.environ[PIN_ENV])
+            hsm.init_token(
+                "tessera-broker", so_pin=secrets.token_hex(8), user_pin=os.environ[PIN_ENV]
+            )
             _say(f"    SoftHSM2 token 'tessera-broker' in {hsm.conf_path.parent}")
 
-            with TpmBackend(tpm.tcti, base / "device-keys") as tpm_backend, \
-                    Pkcs11Backend(hsm.module, "tessera-broker", pin_env=PIN_ENV) as hsm_backend:
+            with (
+                TpmBackend(tpm.tcti, base / "device-keys") as tpm_backend,
+                Pkcs11Backend(hsm.module, "tessera-broker", pin_env=PIN_ENV) as hsm_backend,
+            ):
                 device_key = tpm_backend.get_or_create_signing_key("device")
                 broker_key = hsm_backend.get_or_create_signing_key("broker")
-                _say("[2] device key: ECC P-256 in the TPM (fixedTPM, fixedParent, "
-                     "sensitiveDataOrigin)")
+                _say(
+                    "[2] device key: ECC P-256 in the TPM (fixedTPM, fixedParent, "
+                    "sensitiveDataOrigin)"
+                )
                 _say("    broker key: ECC P-256 on the token (sensitive, not extractable)")
 
                 now = dt.datetime.now(dt.UTC)
                 root_key = ec.generate_private_key(ec.SECP256R1())
-                root = make_authority(TRUST_DOMAIN, root_key, not_before=now - dt.timedelta(1),
-                                      not_after=now + dt.timedelta(days=365))
+                root = make_authority(
+                    TRUST_DOMAIN,
+                    root_key,
+                    not_before=now - dt.timedelta(1),
+                    not_after=now + dt.timedelta(days=365),
+                )
                 trust = TrustStore([root], TRUST_DOMAIN)
                 device_cred = _credential(root, root_key, device_key, "device/pi-0001", now)
                 broker_cred = _credential(root, root_key, broker_key, "broker/edge-1", now)
                 _say(f"[3] credentials: {device_cred.identity.uri}, {broker_cred.identity.uri}")
 
                 clock = time.monotonic
-                initiator = Initiator(signer=device_key, credential=device_cred, trust=trust,
-                                      expected_peer=broker_cred.identity)
+                initiator = Initiator(
+                    signer=device_key,
+                    credential=device_cred,
+                    trust=trust,
+                    expected_peer=broker_cred.identity,
+                )
                 responder = Responder(signer=broker_key, credential=broker_cred, trust=trust)
                 t = time.perf_counter()
                 msg1 = initiator.start()
@@ -98,11 +118,15 @@ def run_demo(workdir: Path | None = None) -> int:
                 done = initiator.receive(answered.reply, clock(), TimePolicy.unknown())
                 t3 = time.perf_counter()
                 device, broker = done.session, answered.session
-                _say(f"[4] handshake: msg1 {len(msg1)} B (TPM sign {1000 * (t1 - t):.1f} ms), "
-                     f"msg2 {len(answered.reply)} B (HSM sign + checks {1000 * (t2 - t1):.1f} ms), "
-                     f"device finish {1000 * (t3 - t2):.1f} ms")
-                _say(f"    session {device.session_id.hex()} with {answered.peer.uri}; "
-                     "X25519 + ML-KEM-768 keys, P-256 hardware signatures")
+                _say(
+                    f"[4] handshake: msg1 {len(msg1)} B (TPM sign {1000 * (t1 - t):.1f} ms), "
+                    f"msg2 {len(answered.reply)} B (HSM sign + checks {1000 * (t2 - t1):.1f} ms), "
+                    f"device finish {1000 * (t3 - t2):.1f} ms"
+                )
+                _say(
+                    f"    session {device.session_id.hex()} with {answered.peer.uri}; "
+                    "X25519 + ML-KEM-768 keys, P-256 hardware signatures"
+                )
 
                 _say("[5] proven messages")
                 topic = b"devices/pi-0001/telemetry/temp"
@@ -115,8 +139,10 @@ def run_demo(workdir: Path | None = None) -> int:
                     us = (time.perf_counter_ns() - t) / 1000
                     sent.append((header, body))
                     results.append((f"telemetry #{i + 1}", "verified", f"{us:.1f} us"))
-                    _say(f"  device -> broker {topic.decode()} {ok.payload.decode():<18} "
-                         f"header {header[:9].hex()}... verified in {us:.1f} us")
+                    _say(
+                        f"  device -> broker {topic.decode()} {ok.payload.decode():<18} "
+                        f"header {header[:9].hex()}... verified in {us:.1f} us"
+                    )
                 cmd_topic = b"devices/pi-0001/commands/reboot"
                 header, body = broker.protect(cmd_topic, b"at 03:00", clock())
                 ok = device.verify(header, cmd_topic, body, clock())
@@ -124,23 +150,34 @@ def run_demo(workdir: Path | None = None) -> int:
                 _say(f"  broker -> device {cmd_topic.decode()} {ok.payload.decode()!r} verified")
 
                 _say("[6] attacks (an attacker on the path holds fresh, undelivered messages)")
-                fresh = [device.protect(topic, b'{"celsius": 22.%d}' % i, clock())
-                         for i in range(3)]
-                (h0, b0), (h1, b1), (h2, b2) = fresh
-                expect_rejected("forged tag", lambda: broker.verify(
-                    h0[:15] + bytes(16), topic, b0, clock()))
-                expect_rejected("altered payload", lambda: broker.verify(
-                    h1, topic, b'{"celsius": 99.9}', clock()))
-                expect_rejected("moved to another topic", lambda: broker.verify(
-                    h2, b"devices/pi-0002/telemetry/temp", b2, clock()))
-                expect_rejected("replayed message", lambda: broker.verify(
-                    sent[0][0], topic, sent[0][1], clock()))
-                expect_rejected("replayed handshake", lambda: responder.accept(
-                    msg1, clock(), TimePolicy.trusted(now)))
-                delivered = [broker.verify(h, topic, b, clock()).payload.decode()
-                             for h, b in fresh]
+                fresh = [
+                    device.protect(topic, b'{"celsius": 22.%d}' % i, clock()) for i in range(3)
+                ]
+                (h0, b0), (h1, _b1), (h2, b2) = fresh
+                expect_rejected(
+                    "forged tag", lambda: broker.verify(h0[:15] + bytes(16), topic, b0, clock())
+                )
+                expect_rejected(
+                    "altered payload",
+                    lambda: broker.verify(h1, topic, b'{"celsius": 99.9}', clock()),
+                )
+                expect_rejected(
+                    "moved to another topic",
+                    lambda: broker.verify(h2, b"devices/pi-0002/telemetry/temp", b2, clock()),
+                )
+                expect_rejected(
+                    "replayed message",
+                    lambda: broker.verify(sent[0][0], topic, sent[0][1], clock()),
+                )
+                expect_rejected(
+                    "replayed handshake",
+                    lambda: responder.accept(msg1, clock(), TimePolicy.trusted(now)),
+                )
+                delivered = [broker.verify(h, topic, b, clock()).payload.decode() for h, b in fresh]
                 results.append(("genuine after attacks", "verified", f"{len(delivered)} of 3"))
-                _say(f"  the genuine messages still verify after the attacks: {', '.join(delivered)}")
+                _say(
+                    f"  the genuine messages still verify after the attacks: {', '.join(delivered)}"
+                )
 
                 for s in (device_key, broker_key):
                     close = getattr(s, "close", None)

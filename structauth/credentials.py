@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import itertools
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -39,7 +40,7 @@ class Identity:
         prefix = "spiffe://"
         if not isinstance(uri, str) or not uri.startswith(prefix):
             raise CredentialError(f"identity {uri!r} is not a spiffe:// URI")
-        parts = uri[len(prefix):].split("/")
+        parts = uri[len(prefix) :].split("/")
         if len(parts) != 3:
             raise CredentialError(
                 f"identity {uri!r} must be spiffe://<trust-domain>/device|broker/<name>"
@@ -187,14 +188,18 @@ class TimePolicy:
     def check(self, cert: x509.Certificate, what: str) -> None:
         if self.now is not None:
             if self.now + self.skew < cert.not_valid_before_utc:
-                raise CredentialError(f"{what} not valid before {cert.not_valid_before_utc}",
-                                      Reason.CREDENTIAL_NOT_YET_VALID)
+                raise CredentialError(
+                    f"{what} not valid before {cert.not_valid_before_utc}",
+                    Reason.CREDENTIAL_NOT_YET_VALID,
+                )
             if self.now - self.skew > cert.not_valid_after_utc:
-                raise CredentialError(f"{what} expired at {cert.not_valid_after_utc}",
-                                      Reason.CREDENTIAL_EXPIRED)
+                raise CredentialError(
+                    f"{what} expired at {cert.not_valid_after_utc}", Reason.CREDENTIAL_EXPIRED
+                )
         elif self.floor is not None and cert.not_valid_after_utc < self.floor:
-            raise CredentialError(f"{what} expired at {cert.not_valid_after_utc}",
-                                  Reason.CREDENTIAL_EXPIRED)
+            raise CredentialError(
+                f"{what} expired at {cert.not_valid_after_utc}", Reason.CREDENTIAL_EXPIRED
+            )
 
 
 def _basic_constraints(cert: x509.Certificate) -> x509.BasicConstraints | None:
@@ -255,13 +260,14 @@ class TrustStore:
         return identity
 
     def _check_chain(self, chain: tuple[x509.Certificate, ...]) -> x509.Certificate:
-        for depth, (cert, issuer) in enumerate(zip(chain, chain[1:], strict=False)):
+        for depth, (cert, issuer) in enumerate(itertools.pairwise(chain)):
             bc = _basic_constraints(issuer)
             if bc is None or not bc.ca:
                 raise CredentialError("chain issuer is not a CA", Reason.UNKNOWN_AUTHORITY)
             if bc.path_length is not None and bc.path_length < depth:
-                raise CredentialError("chain exceeds an issuer's path length",
-                                      Reason.UNKNOWN_AUTHORITY)
+                raise CredentialError(
+                    "chain exceeds an issuer's path length", Reason.UNKNOWN_AUTHORITY
+                )
             try:
                 cert.verify_directly_issued_by(issuer)
             except (InvalidSignature, ValueError, TypeError, UnsupportedAlgorithm):
@@ -276,8 +282,10 @@ class TrustStore:
             if bc is None or not bc.ca:
                 continue
             if bc.path_length is not None and bc.path_length < len(chain) - 1:
-                raise CredentialError("chain exceeds the root's path length",
-                                      Reason.UNKNOWN_AUTHORITY)
+                raise CredentialError(
+                    "chain exceeds the root's path length", Reason.UNKNOWN_AUTHORITY
+                )
             return root
-        raise CredentialError("credential is not issued by the fleet authority",
-                              Reason.UNKNOWN_AUTHORITY)
+        raise CredentialError(
+            "credential is not issued by the fleet authority", Reason.UNKNOWN_AUTHORITY
+        )

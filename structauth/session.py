@@ -86,7 +86,7 @@ class _Chain:
     CPython cannot scrub immutable bytes, so erasure means dropping every reference.
     """
 
-    __slots__ = ("keys", "next_epoch", "sealed", "chain_key")
+    __slots__ = ("chain_key", "keys", "next_epoch", "sealed")
 
     def __init__(self, chain_key: bytes, sealed: bool) -> None:
         self.chain_key: bytes | None = chain_key

@@ -68,4 +68,3 @@ class Fleet:
     def member(self, kind: str, name: str, signer: Signer | None = None, **kw: object) -> Member:
         signer = signer or InsecureSoftwareSigner.generate()
         return Member(signer, self.credential_for(signer.public_key(), kind, name, **kw))  # type: ignore[arg-type]
-

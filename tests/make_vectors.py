@@ -59,8 +59,14 @@ def _fresh_credentials() -> dict[str, Any]:
     for role, path in (("device", "device/d1"), ("broker", "broker/b1")):
         signer = InsecureSoftwareSigner.from_seed(f"vector {role} key".encode())
         ident = Identity.parse(f"spiffe://{TRUST_DOMAIN}/{path}")
-        cert = issue_credential(root, key, signer.public_key(), ident, not_before=T0,
-                                not_after=T0 + dt.timedelta(days=365))
+        cert = issue_credential(
+            root,
+            key,
+            signer.public_key(),
+            ident,
+            not_before=T0,
+            not_after=T0 + dt.timedelta(days=365),
+        )
         out[f"{role}_key_seed"] = f"vector {role} key"
         out[f"{role}_chain"] = _chain(cert)
     return out
@@ -81,13 +87,20 @@ def run(case: dict[str, Any]) -> dict[str, Any]:
     d_signer, d_cred = member("device")
     b_signer, b_cred = member("broker")
     params = SessionParams(sealed=case["sealed"])
-    recorded = [(bytes.fromhex(e["shared_secret"]), bytes.fromhex(e["ciphertext"]))
-                for e in case.get("encapsulations", [])]
+    recorded = [
+        (bytes.fromhex(e["shared_secret"]), bytes.fromhex(e["ciphertext"]))
+        for e in case.get("encapsulations", [])
+    ]
     r_entropy = DeterministicEntropy(b"vector responder", recorded)
-    ini = Initiator(signer=d_signer, credential=d_cred, trust=trust,
-                    entropy=DeterministicEntropy(b"vector initiator"))
-    res = Responder(signer=b_signer, credential=b_cred, trust=trust, params=params,
-                    entropy=r_entropy)
+    ini = Initiator(
+        signer=d_signer,
+        credential=d_cred,
+        trust=trust,
+        entropy=DeterministicEntropy(b"vector initiator"),
+    )
+    res = Responder(
+        signer=b_signer, credential=b_cred, trust=trust, params=params, entropy=r_entropy
+    )
     msg1 = ini.start(context=b"vector context")
     answered = res.accept(msg1, START, POLICY)
     done = ini.receive(answered.reply, START, POLICY)
@@ -99,11 +112,20 @@ def run(case: dict[str, Any]) -> dict[str, Any]:
         header, body = sessions[sender].protect(action.encode(), payload.encode(), now)
         got = sessions[peers[sender]].verify(header, action.encode(), body, now)
         assert got.payload == payload.encode()
-        messages.append({"from": sender, "time": now, "action": action, "payload": payload,
-                         "header": header.hex(), "body": body.hex()})
+        messages.append(
+            {
+                "from": sender,
+                "time": now,
+                "action": action,
+                "payload": payload,
+                "header": header.hex(),
+                "body": body.hex(),
+            }
+        )
     out = {k: v for k, v in case.items() if k not in ("outputs",)}
-    out["encapsulations"] = [{"shared_secret": s.hex(), "ciphertext": c.hex()}
-                             for s, c in r_entropy.encapsulations]
+    out["encapsulations"] = [
+        {"shared_secret": s.hex(), "ciphertext": c.hex()} for s, c in r_entropy.encapsulations
+    ]
     out["outputs"] = {
         "msg1": msg1.hex(),
         "msg2": answered.reply.hex(),
@@ -116,8 +138,12 @@ def run(case: dict[str, Any]) -> dict[str, Any]:
 def main() -> int:
     VECTOR_DIR.mkdir(exist_ok=True)
     for name, flags in CASES.items():
-        case = {"description": f"SA1 handshake and messages, {name}", **flags,
-                "trust_domain": TRUST_DOMAIN, **_fresh_credentials()}
+        case = {
+            "description": f"SA1 handshake and messages, {name}",
+            **flags,
+            "trust_domain": TRUST_DOMAIN,
+            **_fresh_credentials(),
+        }
         result = run(case)
         (VECTOR_DIR / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
         print(f"wrote {name}.json")

@@ -32,15 +32,29 @@ class SessionPair:
     clock: FakeClock = field(default_factory=FakeClock)
 
     @classmethod
-    def direct(cls, params: SessionParams | None = None, clock: FakeClock | None = None) -> SessionPair:
+    def direct(
+        cls, params: SessionParams | None = None, clock: FakeClock | None = None
+    ) -> SessionPair:
         params = params or SessionParams()
         clock = clock or FakeClock()
         sid = bytes(range(8))
         i2r, r2i = b"\x01" * 32, b"\x02" * 32
-        ini = Session(role=Role.INITIATOR, session_id=sid, send_chain_key=i2r,
-                      receive_chain_key=r2i, params=params, start=clock.now)
-        res = Session(role=Role.RESPONDER, session_id=sid, send_chain_key=r2i,
-                      receive_chain_key=i2r, params=params, start=clock.now)
+        ini = Session(
+            role=Role.INITIATOR,
+            session_id=sid,
+            send_chain_key=i2r,
+            receive_chain_key=r2i,
+            params=params,
+            start=clock.now,
+        )
+        res = Session(
+            role=Role.RESPONDER,
+            session_id=sid,
+            send_chain_key=r2i,
+            receive_chain_key=i2r,
+            params=params,
+            start=clock.now,
+        )
         return cls(ini, res, clock)
 
     def up(self, action: bytes, payload: bytes) -> tuple[bytes, bytes]:

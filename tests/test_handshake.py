@@ -54,10 +54,15 @@ def broker(fleet: Fleet) -> Member:
 def make_pair(
     fleet: Fleet, device: Member, broker: Member, *, params: SessionParams | None = None
 ) -> tuple[Initiator, Responder]:
-    ini = Initiator(signer=device.signer, credential=device.credential, trust=fleet.trust,
-                    expected_peer=broker.identity)
-    res = Responder(signer=broker.signer, credential=broker.credential, trust=fleet.trust,
-                    params=params)
+    ini = Initiator(
+        signer=device.signer,
+        credential=device.credential,
+        trust=fleet.trust,
+        expected_peer=broker.identity,
+    )
+    res = Responder(
+        signer=broker.signer, credential=broker.credential, trust=fleet.trust, params=params
+    )
     return ini, res
 
 
@@ -83,8 +88,9 @@ def test_handshake_and_messages(fleet: Fleet, device: Member, broker: Member) ->
 def test_params_chosen_by_responder_reach_initiator(
     fleet: Fleet, device: Member, broker: Member
 ) -> None:
-    params = SessionParams(epoch_ms=5000, skew_epochs=1, lifetime_s=120, sealed=True,
-                           policy_digest=b"\x07" * 32)
+    params = SessionParams(
+        epoch_ms=5000, skew_epochs=1, lifetime_s=120, sealed=True, policy_digest=b"\x07" * 32
+    )
     pair = handshake(fleet, device, broker, params=params)
     assert pair.initiator.params == params
     h, b = pair.up(TOPIC, b"secret")
@@ -109,11 +115,18 @@ def test_sessions_are_independent(fleet: Fleet, device: Member, broker: Member) 
 
 # -- msg1 ------------------------------------------------------------------------
 
+
 def msg1_fields(data: bytes) -> list[tuple[str, int, int]]:
     """(name, start, end) of every field in a msg1, computed from the layout."""
     m = parse_msg1(data)
-    spans = [("magic", 0, 3), ("type", 3, 4), ("suite", 4, 6), ("nonce", 6, 38),
-             ("x25519", 38, 70), ("mlkem_ek", 70, 70 + MLKEM_EK_SIZE)]
+    spans = [
+        ("magic", 0, 3),
+        ("type", 3, 4),
+        ("suite", 4, 6),
+        ("nonce", 6, 38),
+        ("x25519", 38, 70),
+        ("mlkem_ek", 70, 70 + MLKEM_EK_SIZE),
+    ]
     pos = 70 + MLKEM_EK_SIZE
     spans.append(("chain count", pos, pos + 1))
     pos += 1
@@ -173,8 +186,12 @@ def test_msg1_replay_after_cache_expiry_never_confirms(
     fleet: Fleet, device: Member, broker: Member
 ) -> None:
     ini, _ = make_pair(fleet, device, broker)
-    res = Responder(signer=broker.signer, credential=broker.credential, trust=fleet.trust,
-                    nonce_cache=NonceCache(ttl=10))
+    res = Responder(
+        signer=broker.signer,
+        credential=broker.credential,
+        trust=fleet.trust,
+        nonce_cache=NonceCache(ttl=10),
+    )
     msg1 = ini.start()
     res.accept(msg1, 0.0, NOW)
     replayed = res.accept(msg1, 11.0, NOW)  # outside the cache: answered, but...
@@ -221,8 +238,9 @@ def test_msg1_unknown_authority(fleet: Fleet, device: Member, broker: Member) ->
         ({"not_before": T0 + dt.timedelta(days=10)}, NOW, Reason.CREDENTIAL_NOT_YET_VALID),
     ],
 )
-def test_msg1_credential_time(fleet: Fleet, broker: Member, kw: dict[str, object],
-                              policy: TimePolicy, reason: Reason) -> None:
+def test_msg1_credential_time(
+    fleet: Fleet, broker: Member, kw: dict[str, object], policy: TimePolicy, reason: Reason
+) -> None:
     member = fleet.member("device", "dt", **kw)
     ini = Initiator(signer=member.signer, credential=member.credential, trust=fleet.trust)
     _, res = make_pair(fleet, member, broker)
@@ -253,8 +271,9 @@ def test_msg1_wrong_kind(fleet: Fleet, broker: Member) -> None:
 def test_msg1_expected_identity(fleet: Fleet, device: Member, broker: Member) -> None:
     ini, res = make_pair(fleet, device, broker)
     with pytest.raises(CredentialError) as exc:
-        res.accept(ini.start(), 0.0, NOW,
-                   expected_peer=Identity.parse("spiffe://fleet.test/device/d9"))
+        res.accept(
+            ini.start(), 0.0, NOW, expected_peer=Identity.parse("spiffe://fleet.test/device/d9")
+        )
     assert exc.value.reason is Reason.WRONG_IDENTITY
 
 
@@ -265,13 +284,14 @@ def test_msg1_bad_key_shares(fleet: Fleet, device: Member, broker: Member) -> No
     signed = bytearray(m.signed)
     signed[38:70] = bytes(32)
     from structauth.handshake import LABEL_MSG1_SIG, _sign
+
     resigned = bytes(signed) + wire.var16(_sign(device.signer, LABEL_MSG1_SIG, bytes(signed)))
     with pytest.raises(VerificationFailed) as exc:
         res.accept(resigned, 0.0, NOW)
     assert exc.value.reason is Reason.BAD_KEY_SHARE
     # ML-KEM key whose coefficients are out of range
     signed = bytearray(m.signed)
-    signed[70:70 + MLKEM_EK_SIZE] = b"\xff" * MLKEM_EK_SIZE
+    signed[70 : 70 + MLKEM_EK_SIZE] = b"\xff" * MLKEM_EK_SIZE
     resigned = bytes(signed) + wire.var16(_sign(device.signer, LABEL_MSG1_SIG, bytes(signed)))
     with pytest.raises(VerificationFailed) as exc:
         res.accept(resigned, 0.0, NOW)
@@ -280,13 +300,27 @@ def test_msg1_bad_key_shares(fleet: Fleet, device: Member, broker: Member) -> No
 
 # -- msg2 ------------------------------------------------------------------------
 
+
 def msg2_spans(data: bytes) -> list[tuple[str, int, int]]:
     m = parse_msg2(data)
-    spans = [("magic", 0, 3), ("type", 3, 4), ("suite", 4, 6), ("nonce", 6, 38),
-             ("x25519", 38, 70), ("mlkem_ct", 70, 70 + MLKEM_CT_SIZE)]
+    spans = [
+        ("magic", 0, 3),
+        ("type", 3, 4),
+        ("suite", 4, 6),
+        ("nonce", 6, 38),
+        ("x25519", 38, 70),
+        ("mlkem_ct", 70, 70 + MLKEM_CT_SIZE),
+    ]
     pos = 70 + MLKEM_CT_SIZE
-    for name, size in (("epoch_ms", 4), ("skew", 1), ("lifetime", 4), ("flags", 1),
-                       ("window", 2), ("policy_digest", 32), ("chain count", 1)):
+    for name, size in (
+        ("epoch_ms", 4),
+        ("skew", 1),
+        ("lifetime", 4),
+        ("flags", 1),
+        ("window", 2),
+        ("policy_digest", 32),
+        ("chain count", 1),
+    ):
         spans.append((name, pos, pos + size))
         pos += size
     for i, cert in enumerate(m.chain):
@@ -321,8 +355,7 @@ def test_msg2_every_field_tampered(fleet: Fleet, device: Member, broker: Member)
 
 
 @pytest.mark.parametrize("cut", [0, 3, 6, 70, 1158, 1159, 1202, -33, -1])
-def test_msg2_truncated_or_extended(fleet: Fleet, device: Member, broker: Member,
-                                    cut: int) -> None:
+def test_msg2_truncated_or_extended(fleet: Fleet, device: Member, broker: Member, cut: int) -> None:
     ini, res = make_pair(fleet, device, broker)
     reply = res.accept(ini.start(), 0.0, NOW).reply
     with pytest.raises(MalformedMessage):
@@ -358,7 +391,7 @@ def test_msg2_for_another_msg1(fleet: Fleet, device: Member, broker: Member) -> 
 def test_msg2_bad_params_rejected(fleet: Fleet, device: Member, broker: Member) -> None:
     ini, res = make_pair(fleet, device, broker)
     reply = bytearray(res.accept(ini.start(), 0.0, NOW).reply)
-    reply[70 + MLKEM_CT_SIZE:70 + MLKEM_CT_SIZE + 4] = (1).to_bytes(4, "big")  # epoch 1 ms
+    reply[70 + MLKEM_CT_SIZE : 70 + MLKEM_CT_SIZE + 4] = (1).to_bytes(4, "big")  # epoch 1 ms
     with pytest.raises(MalformedMessage) as exc:
         ini.receive(bytes(reply), 0.0, NOW)
     assert exc.value.reason is Reason.BAD_PARAMETERS
@@ -387,7 +420,7 @@ def test_hybrid_secret_needs_both_halves(fleet: Fleet, device: Member, broker: M
     reply = res.accept(msg1, 0.0, NOW).reply
     m = parse_msg2(reply)
     body = bytearray(m.body)
-    body[70:70 + MLKEM_CT_SIZE] = bytes(MLKEM_CT_SIZE)
+    body[70 : 70 + MLKEM_CT_SIZE] = bytes(MLKEM_CT_SIZE)
     sig = _sign(broker.signer, LABEL_MSG2_SIG, transcript_hash(msg1, bytes(body)))
     forged = bytes(body) + wire.var16(sig) + m.confirm
     with pytest.raises(VerificationFailed) as exc:

@@ -14,9 +14,25 @@ CORE = ROOT / "structauth"
 
 # Modules that do IO, keep time or run event loops; the core must not import them.
 BANNED = {
-    "socket", "ssl", "asyncio", "selectors", "select", "threading", "multiprocessing",
-    "subprocess", "time", "urllib", "http", "logging", "paho", "aiocoap", "bleak",
-    "bumble", "tpm2_pytss", "pkcs11", "sqlite3",
+    "socket",
+    "ssl",
+    "asyncio",
+    "selectors",
+    "select",
+    "threading",
+    "multiprocessing",
+    "subprocess",
+    "time",
+    "urllib",
+    "http",
+    "logging",
+    "paho",
+    "aiocoap",
+    "bleak",
+    "bumble",
+    "tpm2_pytss",
+    "pkcs11",
+    "sqlite3",
 }
 # Calls that read a clock.
 CLOCK_CALLS = {"now", "utcnow", "today", "time", "monotonic", "perf_counter"}
@@ -39,7 +55,9 @@ def test_core_imports_no_io_module() -> None:
             for name in names:
                 top = name.split(".")[0]
                 assert top not in BANNED, f"{path.name} imports {name}"
-                assert top not in OURS, f"{path.name} imports {name}: the core imports nothing of ours"
+                assert top not in OURS, (
+                    f"{path.name} imports {name}: the core imports nothing of ours"
+                )
 
 
 def test_core_reads_no_clock() -> None:
@@ -60,11 +78,20 @@ def test_core_pulls_in_no_io_module_at_runtime() -> None:
         "    importlib.import_module('structauth.' + m.name)\n"
         "print(json.dumps(sorted(sys.modules)))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                         text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
     loaded = {m.split(".")[0] for m in json.loads(out)}
-    forbidden = {"asyncio", "paho", "aiocoap", "bleak", "bumble", "tpm2_pytss", "pkcs11",
-                 "sqlite3"} | (OURS - {"structauth"})
+    forbidden = {
+        "asyncio",
+        "paho",
+        "aiocoap",
+        "bleak",
+        "bumble",
+        "tpm2_pytss",
+        "pkcs11",
+        "sqlite3",
+    } | (OURS - {"structauth"})
     assert not loaded & forbidden, loaded & forbidden
 
 

@@ -22,6 +22,7 @@ def test_vector_reproduced(path) -> None:  # type: ignore[no-untyped-def]
     assert again["encapsulations"] == committed["encapsulations"]  # replayed, none new
     for key in ("msg1", "msg2", "session_id"):
         assert again["outputs"][key] == committed["outputs"][key], key
-    for got, want in zip(again["outputs"]["messages"], committed["outputs"]["messages"],
-                         strict=True):
+    for got, want in zip(
+        again["outputs"]["messages"], committed["outputs"]["messages"], strict=True
+    ):
         assert got == want
