@@ -82,9 +82,7 @@ class Report:
     def table(self) -> str:
         out: list[str] = []
         title = f"Tessera benchmark: {self.name}"
-        title += (
-            " (--quick: smoke run, not a figure)" if self.quick else ""
-        )
+        title += " (--quick: smoke run, not a figure)" if self.quick else ""
         out.append(title)
         out.append("=" * len(title))
         width = max([len(r.label) for r in self.rows + self.ratio_rows] + [20])

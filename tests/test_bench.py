@@ -1,0 +1,84 @@
+"""The benchmark runs end to end and emits a well-formed JSON report.
+
+Only the shape is checked here. Timing targets are the benchmark's business: a slow or
+busy CI machine must not fail the test suite, so no figure is compared to a target.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+FIGURES = {
+    "tessera_tag",
+    "tessera_verify",
+    "tessera_tag_sealed",
+    "tessera_verify_sealed",
+    "tessera_replay_reject",
+    "jwt_es256_verify",
+    "jwt_hs256_verify",
+    "oscore_unprotect",
+    "oscore_protect",
+    "sa1_responder_handshake",
+    "sa1_initiator_handshake",
+    "tls13_server_handshake",
+}
+RATIOS = {
+    "es256_over_verify",
+    "hs256_over_verify",
+    "oscore_unprotect_over_verify",
+    "tls_over_sa1_responder",
+}
+TARGETS = {"verify_median", "es256_ratio", "oscore_ratio", "tls_ratio"}
+ENV = {"python", "cryptography", "cryptography_openssl", "ssl_openssl", "cpu_model"}
+
+
+@pytest.fixture(scope="module")
+def quick_run() -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "bench", "sessions", "--quick", "--json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_exits_cleanly(quick_run: subprocess.CompletedProcess[str]) -> None:
+    assert quick_run.returncode == 0, quick_run.stderr[-4000:]
+
+
+def test_last_line_is_the_json_report(quick_run: subprocess.CompletedProcess[str]) -> None:
+    last = quick_run.stdout.strip().splitlines()[-1]
+    report = json.loads(last)
+    assert report["benchmark"] == "sessions"
+    assert report["quick"] is True
+
+    assert report["figures"].keys() >= FIGURES
+    for key in FIGURES:
+        fig = report["figures"][key]
+        assert fig["median_us"] > 0
+        assert fig["p10_us"] <= fig["median_us"] <= fig["p90_us"]
+        assert report["medians_us"][key] == fig["median_us"]
+
+    assert report["ratios"].keys() >= RATIOS
+    assert all(v > 0 for v in report["ratios"].values())
+
+    assert report["targets"].keys() >= TARGETS
+    for target in report["targets"].values():
+        assert isinstance(target["pass"], bool)  # a MISS is allowed; it is reported
+    assert isinstance(report["all_targets_pass"], bool)
+
+    assert report["env"].keys() >= ENV
+
+
+def test_table_marks_every_target(quick_run: subprocess.CompletedProcess[str]) -> None:
+    out = quick_run.stdout
+    verdicts = out.count("[PASS]") + out.count("[MISS]")
+    assert verdicts == len(TARGETS)
