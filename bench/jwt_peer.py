@@ -60,5 +60,7 @@ def verifier(algorithm: str, payload_size: int = 120) -> tuple[Callable[[], Any]
     def verify() -> Any:
         return decode(token, public, algorithms=algorithms, options=options)
 
-    verify()  # fail loudly now rather than inside the timer
+    # fail loudly now rather than inside the timer, and prove the claims come back
+    if verify()["sub"] != claims(payload_size)["sub"]:
+        raise AssertionError("pyjwt round trip did not return the claims")
     return verify, token

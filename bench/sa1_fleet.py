@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
-from provisioning.certificates import issue_credential, make_authority
-from structauth.credentials import Credential, Identity, TimePolicy, TrustStore
 
 from hw.software import InsecureSoftwareSigner
+from provisioning.certificates import issue_credential, make_authority
+from structauth.credentials import Credential, Identity, TimePolicy, TrustStore
 from structauth.handshake import Initiator, Responder
 from structauth.params import SessionParams
 from structauth.session import Session

@@ -112,12 +112,14 @@ def _tessera_mode(report: Report, fleet: Fleet, sealed: bool, quick: bool, paylo
         f"Tessera verify (Session.verify, {mode})",
         measure(verify_batch, plan),
     )
+    # sanity: the timed path really verified (and in sealed mode opened) messages
+    header, body = device.protect(TOPIC, payload, now)
+    if verify(header, TOPIC, body, now).payload != payload or (sealed and body == payload):
+        raise AssertionError(f"Tessera {mode} round trip did not return the payload")
     if sealed:
         return
 
     _progress("Tessera replay rejection")
-    header, body = device.protect(TOPIC, payload, now)
-    verify(header, TOPIC, body, now)
 
     def replay() -> None:
         try:
@@ -182,6 +184,11 @@ def _oscore(report: Report, quick: bool, payload: bytes) -> None:
     report.figure(
         "oscore_unprotect", "aiocoap OSCORE unprotect (request)", measure(unprotect_batch, plan)
     )
+
+    # sanity: the receiver really decrypted what the client protected
+    check, _ = unprotect(received(protect_wire(client, plain)))
+    if check.payload != payload or "/".join(check.opt.uri_path) != path:
+        raise AssertionError("OSCORE round trip did not return the request")
 
     _progress("OSCORE protect")
     protect = client.protect
