@@ -10,6 +10,7 @@ import datetime as dt
 import hashlib
 import itertools
 import re
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -122,9 +123,13 @@ class Credential:
         # now, so a malformed certificate fails here with our error, not later.
         for cert in certs:
             try:
-                cert.subject.public_bytes()
-                cert.issuer.public_bytes()
-                _ = cert.extensions, cert.not_valid_before_utc, cert.not_valid_after_utc
+                _ = (
+                    cert.subject,
+                    cert.issuer,
+                    cert.extensions,
+                    cert.not_valid_before_utc,
+                    cert.not_valid_after_utc,
+                )
                 cert.public_key()
                 _ = cert.signature_hash_algorithm
             except Exception as exc:  # untrusted DER: cryptography raises several types
@@ -209,17 +214,60 @@ def _basic_constraints(cert: x509.Certificate) -> x509.BasicConstraints | None:
         return None
 
 
-class TrustStore:
-    """The fleet authority's roots for one trust domain."""
+@dataclass(frozen=True)
+class _Root:
+    cert: x509.Certificate
+    key: ec.EllipticCurvePublicKey
+    path_length: int | None
 
-    def __init__(self, roots: Sequence[x509.Certificate], trust_domain: str) -> None:
+
+def _verify_signed_by(cert: x509.Certificate, key: ec.EllipticCurvePublicKey) -> bool:
+    algorithm = cert.signature_hash_algorithm
+    if algorithm is None:
+        return False
+    try:
+        key.verify(cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(algorithm))
+    except (InvalidSignature, ValueError, TypeError, UnsupportedAlgorithm):
+        return False
+    return True
+
+
+class TrustStore:
+    """The fleet authority's roots for one trust domain.
+
+    Chains that verified once are remembered (bounded LRU keyed by their exact DER):
+    a certificate's signature cannot change, so a device that reconnects skips the
+    parse and the chain signature check. Identity, validity times and revocation are
+    checked on every call; failed chains are never cached.
+    """
+
+    def __init__(
+        self, roots: Sequence[x509.Certificate], trust_domain: str, *, cache_size: int = 4096
+    ) -> None:
         if not roots:
             raise CredentialError("a trust store needs at least one root", Reason.UNKNOWN_AUTHORITY)
         self.trust_domain = trust_domain
         self.roots = tuple(roots)
-        self._by_subject: dict[bytes, list[x509.Certificate]] = {}
+        self._roots: list[_Root] = []
         for root in self.roots:
-            self._by_subject.setdefault(root.subject.public_bytes(), []).append(root)
+            key = root.public_key()
+            bc = _basic_constraints(root)
+            if not isinstance(key, ec.EllipticCurvePublicKey) or bc is None or not bc.ca:
+                raise CredentialError(
+                    "fleet authority roots must be EC CA certificates", Reason.BAD_CREDENTIAL
+                )
+            self._roots.append(_Root(root, key, bc.path_length))
+        self._cache_size = cache_size
+        self._verified: OrderedDict[tuple[bytes, ...], tuple[Credential, x509.Certificate]] = (
+            OrderedDict()
+        )
+
+    def credential(self, der_chain: Sequence[bytes]) -> Credential:
+        """Parse a DER chain, reusing the parsed form of a chain that verified before."""
+        hit = self._verified.get(tuple(der_chain))
+        if hit is not None:
+            return hit[0]
+        return Credential.from_der_chain(der_chain)
 
     def validate(
         self,
@@ -241,25 +289,37 @@ class TrustStore:
             raise CredentialError(f"expected {expected}, got {identity}", Reason.WRONG_IDENTITY)
         if kind is not None and identity.kind != kind:
             raise CredentialError(f"{identity} is not a {kind}", Reason.WRONG_IDENTITY)
-        chain = credential.chain
-        root = self._check_chain(chain)
-        leaf_bc = _basic_constraints(chain[0])
-        if leaf_bc is not None and leaf_bc.ca:
-            raise CredentialError("a CA certificate cannot be a credential")
-        try:
-            usage = chain[0].extensions.get_extension_for_class(x509.KeyUsage).value
-            if not usage.digital_signature:
-                raise CredentialError("credential key usage lacks digitalSignature")
-        except x509.ExtensionNotFound:
-            pass
-        for i, cert in enumerate(chain):
+        root = self._verified_root(credential)
+        for i, cert in enumerate(credential.chain):
             policy.check(cert, "credential" if i == 0 else f"intermediate {i}")
         policy.check(root, "fleet authority")
         if revoked is not None and revoked(credential):
             raise CredentialError(f"{identity} is revoked", Reason.CREDENTIAL_REVOKED)
         return identity
 
+    def _verified_root(self, credential: Credential) -> x509.Certificate:
+        key = credential._der
+        hit = self._verified.get(key)
+        if hit is not None:
+            self._verified.move_to_end(key)
+            return hit[1]
+        root = self._check_chain(credential.chain)
+        self._verified[key] = (credential, root)
+        if len(self._verified) > self._cache_size:
+            self._verified.popitem(last=False)
+        return root
+
     def _check_chain(self, chain: tuple[x509.Certificate, ...]) -> x509.Certificate:
+        leaf = chain[0]
+        leaf_bc = _basic_constraints(leaf)
+        if leaf_bc is not None and leaf_bc.ca:
+            raise CredentialError("a CA certificate cannot be a credential")
+        try:
+            usage = leaf.extensions.get_extension_for_class(x509.KeyUsage).value
+        except x509.ExtensionNotFound:
+            usage = None
+        if usage is not None and not usage.digital_signature:
+            raise CredentialError("credential key usage lacks digitalSignature")
         for depth, (cert, issuer) in enumerate(itertools.pairwise(chain)):
             bc = _basic_constraints(issuer)
             if bc is None or not bc.ca:
@@ -268,24 +328,21 @@ class TrustStore:
                 raise CredentialError(
                     "chain exceeds an issuer's path length", Reason.UNKNOWN_AUTHORITY
                 )
-            try:
-                cert.verify_directly_issued_by(issuer)
-            except (InvalidSignature, ValueError, TypeError, UnsupportedAlgorithm):
-                raise CredentialError("chain signature invalid", Reason.UNKNOWN_AUTHORITY) from None
+            issuer_key = issuer.public_key()
+            if cert.issuer != issuer.subject or not (
+                isinstance(issuer_key, ec.EllipticCurvePublicKey)
+                and _verify_signed_by(cert, issuer_key)
+            ):
+                raise CredentialError("chain signature invalid", Reason.UNKNOWN_AUTHORITY)
         top = chain[-1]
-        for root in self._by_subject.get(top.issuer.public_bytes(), ()):
-            try:
-                top.verify_directly_issued_by(root)
-            except (InvalidSignature, ValueError, TypeError, UnsupportedAlgorithm):
+        for root in self._roots:
+            if top.issuer != root.cert.subject or not _verify_signed_by(top, root.key):
                 continue
-            bc = _basic_constraints(root)
-            if bc is None or not bc.ca:
-                continue
-            if bc.path_length is not None and bc.path_length < len(chain) - 1:
+            if root.path_length is not None and root.path_length < len(chain) - 1:
                 raise CredentialError(
                     "chain exceeds the root's path length", Reason.UNKNOWN_AUTHORITY
                 )
-            return root
+            return root.cert
         raise CredentialError(
             "credential is not issued by the fleet authority", Reason.UNKNOWN_AUTHORITY
         )

@@ -63,9 +63,9 @@ LABEL_MSG1_SIG = b"SA1 msg1 signature"
 LABEL_MSG2_SIG = b"SA1 msg2 signature"
 LABEL_TRANSCRIPT = b"SA1 transcript"
 LABEL_CONFIRM = b"SA1 key confirmation"
-LABEL_I2R = b"SA1 initiator to responder"
-LABEL_R2I = b"SA1 responder to initiator"
-LABEL_SID = b"SA1 session id"
+#: one HKDF-Expand gives, in order: session id (8), initiator-to-responder chain key
+#: (32), responder-to-initiator chain key (32), confirmation key (32)
+LABEL_KEYS = b"SA1 session keys"
 
 _ECDSA = ec.ECDSA(Prehashed(hashes.SHA256()))
 
@@ -176,15 +176,12 @@ def derive_keys(x25519_secret: bytes, mlkem_secret: bytes, transcript: bytes) ->
     """HKDF-SHA-256: extract with the transcript hash as salt over both shared
     secrets (hybrid: an attacker must break X25519 *and* ML-KEM-768), then expand."""
     prk = hmac.digest(transcript, x25519_secret + mlkem_secret, "sha256")
-
-    def expand(label: bytes, n: int) -> bytes:
-        return HKDFExpand(hashes.SHA256(), n, label).derive(prk)
-
+    okm = HKDFExpand(hashes.SHA256(), 104, LABEL_KEYS).derive(prk)
     return SessionKeys(
-        session_id=expand(LABEL_SID, 8),
-        initiator_to_responder=expand(LABEL_I2R, 32),
-        responder_to_initiator=expand(LABEL_R2I, 32),
-        confirm=expand(LABEL_CONFIRM, 32),
+        session_id=okm[:8],
+        initiator_to_responder=okm[8:40],
+        responder_to_initiator=okm[40:72],
+        confirm=okm[72:104],
     )
 
 
@@ -204,10 +201,6 @@ def _verify(key: ec.EllipticCurvePublicKey, sig: bytes, label: bytes, data: byte
         key.verify(sig, hashlib.sha256(label + data).digest(), _ECDSA)
     except (InvalidSignature, ValueError):
         raise VerificationFailed("handshake signature invalid", Reason.BAD_SIGNATURE) from None
-
-
-def _load_credential(chain: tuple[bytes, ...]) -> Credential:
-    return Credential.from_der_chain(list(chain))
 
 
 # ---------------------------------------------------------------------- initiator
@@ -290,7 +283,7 @@ class Initiator:
     def _receive(self, data: bytes, now: float, policy: TimePolicy) -> HandshakeCompleted:
         m = parse_msg2(data)
         assert self._x25519 is not None and self._mlkem is not None
-        credential = _load_credential(m.chain)
+        credential = self._trust.credential(m.chain)
         peer = self._trust.validate(credential, policy, expected=self._expected, kind=self._kind)
         transcript = transcript_hash(self._msg1, m.body)
         _verify(credential.public_key, m.signature, LABEL_MSG2_SIG, transcript)
@@ -405,7 +398,7 @@ class Responder:
         the responder's own state is untouched by a failed msg1."""
         m = parse_msg1(data)
         self.nonces.check(m.nonce, now)
-        credential = _load_credential(m.chain)
+        credential = self._trust.credential(m.chain)
         peer = self._trust.validate(
             credential, policy, revoked=revoked, expected=expected_peer, kind=self._kind
         )
