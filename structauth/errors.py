@@ -58,7 +58,11 @@ class TesseraError(Exception):
     def __init__(self, detail: str, reason: Reason | None = None) -> None:
         self.reason: Reason = reason if reason is not None else self.default_reason
         self.detail = detail
-        super().__init__(f"{detail} [{self.reason.name.lower()}]")
+        # formatted lazily in __str__: rejecting a replay must stay cheap under a flood
+        super().__init__(detail)
+
+    def __str__(self) -> str:
+        return f"{self.detail} [{self.reason.name.lower()}]"
 
 
 class ProtocolError(TesseraError):

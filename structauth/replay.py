@@ -14,13 +14,13 @@ from .errors import Reason, ReplayDetected
 
 
 class ReplayWindow:
-    __slots__ = ("_full", "mask", "size", "top")
+    __slots__ = ("full", "mask", "size", "top")
 
     def __init__(self, size: int) -> None:
         self.size = size
         self.top = -1  # highest accepted sequence number; -1 before the first
         self.mask = 0  # bit i set: sequence number top - i was accepted
-        self._full = (1 << size) - 1
+        self.full = (1 << size) - 1
 
     def check(self, seq: int) -> None:
         top = self.top
@@ -38,7 +38,7 @@ class ReplayWindow:
     def commit(self, seq: int) -> None:
         top = self.top
         if seq > top:
-            self.mask = ((self.mask << (seq - top)) | 1) & self._full
+            self.mask = ((self.mask << (seq - top)) | 1) & self.full
             self.top = seq
         else:
             self.mask |= 1 << (top - seq)
