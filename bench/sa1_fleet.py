@@ -11,12 +11,9 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.serialization import Encoding
-
 from hw.software import InsecureSoftwareSigner
-from provisioning.certificates import issue_credential, make_authority
-from structauth.credentials import Credential, Identity, TimePolicy, TrustStore
+from simulator.fleet import Fleet as TestFleet
+from structauth.credentials import Credential, TimePolicy, TrustStore
 from structauth.handshake import Initiator, Responder
 from structauth.params import SessionParams
 from structauth.session import Session
@@ -70,30 +67,17 @@ class Fleet:
 def make_fleet() -> Fleet:
     now = dt.datetime.now(dt.UTC)
     not_before = now - dt.timedelta(hours=1)
-    authority_key = ec.generate_private_key(ec.SECP256R1())
-    authority = make_authority(
-        TRUST_DOMAIN, authority_key, not_before=not_before, not_after=now + dt.timedelta(days=30)
-    )
-
-    def credential(signer: InsecureSoftwareSigner, identity: str) -> Credential:
-        cert = issue_credential(
-            authority,
-            authority_key,
-            signer.public_key(),
-            Identity.parse(identity),
-            not_before=not_before,
-            not_after=now + dt.timedelta(days=1),
-        )
-        return Credential.from_der_chain([cert.public_bytes(Encoding.DER)])
-
-    broker = InsecureSoftwareSigner.generate()
-    device = InsecureSoftwareSigner.generate()
+    fleet = TestFleet(trust_domain=TRUST_DOMAIN, t0=not_before)
+    broker = fleet.member("broker", "main", signer=InsecureSoftwareSigner.generate(), days=1)
+    device = fleet.member("device", "pi-0042", signer=InsecureSoftwareSigner.generate(), days=1)
+    assert isinstance(broker.signer, InsecureSoftwareSigner)
+    assert isinstance(device.signer, InsecureSoftwareSigner)
     return Fleet(
-        trust=TrustStore([authority], TRUST_DOMAIN),
-        broker_signer=broker,
-        broker_credential=credential(broker, BROKER_ID),
-        device_signer=device,
-        device_credential=credential(device, DEVICE_ID),
+        trust=fleet.trust,
+        broker_signer=broker.signer,
+        broker_credential=broker.credential,
+        device_signer=device.signer,
+        device_credential=device.credential,
         broker_policy=TimePolicy.trusted(now),
         device_policy=TimePolicy.unknown(floor=not_before),
     )

@@ -8,12 +8,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from simulator.fleet import NOW, Fleet, Member
 from structauth import wire
 from structauth.credentials import Credential
 from structauth.errors import ProtocolError, TesseraError
 from structauth.handshake import Initiator, Responder, parse_msg1, parse_msg2
 from structauth.params import SessionParams
-from tests.fleet import NOW, Fleet, Member
 from tests.support import SessionPair
 
 FAST = settings(

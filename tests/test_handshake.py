@@ -7,6 +7,7 @@ import datetime as dt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from simulator.fleet import NOW, T0, Fleet, Member
 from structauth import wire
 from structauth.credentials import Credential, Identity, TimePolicy
 from structauth.errors import (
@@ -30,7 +31,6 @@ from structauth.handshake import (
 )
 from structauth.params import SessionParams
 from structauth.session import SessionState
-from tests.fleet import NOW, T0, Fleet, Member
 from tests.support import FakeClock, SessionPair
 
 TOPIC = b"devices/d1/telemetry"

@@ -6,10 +6,10 @@ import pytest
 
 from hw.pkcs11 import Pkcs11Backend
 from hw.tpm import TpmBackend
+from simulator.fleet import NOW, Fleet
 from structauth.errors import CredentialError, Reason, VerificationFailed
 from structauth.handshake import Initiator, Responder
 from structauth.session import SessionState
-from tests.fleet import NOW, Fleet
 from tests.support import FakeClock, SessionPair
 
 TOPIC = b"devices/tpm-1/telemetry"

@@ -1,5 +1,7 @@
-"""A small test fleet: an authority and members with software keys (core tests only;
-hardware tests use swtpm and SoftHSM2 keys through the same helpers)."""
+"""A throwaway fleet for tests, benchmarks and demos: an authority whose key is in
+memory, and members whose signers are whatever the caller passes (swtpm, SoftHSM2, or
+insecure software keys by default). Not for production: the provisioning service keeps
+the authority key in a PKCS#11 token."""
 
 from __future__ import annotations
 
@@ -33,7 +35,8 @@ class Member:
 @dataclass
 class Fleet:
     trust_domain: str = TRUST_DOMAIN
-    seed: bytes = b"fleet"
+    #: start of validity for the authority and, by default, for member credentials
+    t0: dt.datetime = T0
     key: ec.EllipticCurvePrivateKey = field(init=False)
     root: x509.Certificate = field(init=False)
     trust: TrustStore = field(init=False)
@@ -41,7 +44,10 @@ class Fleet:
     def __post_init__(self) -> None:
         self.key = ec.generate_private_key(ec.SECP256R1())
         self.root = make_authority(
-            self.trust_domain, self.key, not_before=T0, not_after=T0 + dt.timedelta(days=3650)
+            self.trust_domain,
+            self.key,
+            not_before=self.t0,
+            not_after=self.t0 + dt.timedelta(days=3650),
         )
         self.trust = TrustStore([self.root], self.trust_domain)
 
@@ -52,9 +58,11 @@ class Fleet:
         name: str,
         *,
         days: int = 30,
-        not_before: dt.datetime = T0,
+        not_before: dt.datetime | None = None,
     ) -> Credential:
         identity = Identity.parse(f"spiffe://{self.trust_domain}/{kind}/{name}")
+        if not_before is None:
+            not_before = self.t0
         cert = issue_credential(
             self.root,
             self.key,
