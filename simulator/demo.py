@@ -15,18 +15,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.serialization import Encoding
-
 from hw.pkcs11 import Pkcs11Backend
 from hw.tpm import TpmBackend
-from provisioning.certificates import issue_credential, make_authority
+from simulator.fleet import Fleet
 from simulator.softhsm import SoftHsm
 from simulator.swtpm import Swtpm
-from structauth.credentials import Credential, Identity, TimePolicy, TrustStore
+from structauth.credentials import TimePolicy
 from structauth.errors import TesseraError
 from structauth.handshake import Initiator, Responder
-from structauth.keys import Signer
 
 TRUST_DOMAIN = "demo.tessera.test"
 PIN_ENV = "TESSERA_DEMO_PIN"
@@ -34,19 +30,6 @@ PIN_ENV = "TESSERA_DEMO_PIN"
 
 def _say(text: str = "") -> None:
     print(text, flush=True)
-
-
-def _credential(root, root_key, signer: Signer, path: str, now: dt.datetime) -> Credential:  # type: ignore[no-untyped-def]
-    identity = Identity.parse(f"spiffe://{TRUST_DOMAIN}/{path}")
-    cert = issue_credential(
-        root,
-        root_key,
-        signer.public_key(),
-        identity,
-        not_before=now - dt.timedelta(minutes=5),
-        not_after=now + dt.timedelta(hours=24),
-    )
-    return Credential.from_der_chain([cert.public_bytes(Encoding.DER)])
 
 
 def run_demo(workdir: Path | None = None) -> int:
@@ -90,16 +73,10 @@ def run_demo(workdir: Path | None = None) -> int:
                 _say("    broker key: ECC P-256 on the token (sensitive, not extractable)")
 
                 now = dt.datetime.now(dt.UTC)
-                root_key = ec.generate_private_key(ec.SECP256R1())
-                root = make_authority(
-                    TRUST_DOMAIN,
-                    root_key,
-                    not_before=now - dt.timedelta(1),
-                    not_after=now + dt.timedelta(days=365),
-                )
-                trust = TrustStore([root], TRUST_DOMAIN)
-                device_cred = _credential(root, root_key, device_key, "device/pi-0001", now)
-                broker_cred = _credential(root, root_key, broker_key, "broker/edge-1", now)
+                fleet = Fleet(trust_domain=TRUST_DOMAIN, t0=now - dt.timedelta(minutes=5))
+                trust = fleet.trust
+                device_cred = fleet.member("device", "pi-0001", signer=device_key).credential
+                broker_cred = fleet.member("broker", "edge-1", signer=broker_key).credential
                 _say(f"[3] credentials: {device_cred.identity.uri}, {broker_cred.identity.uri}")
 
                 clock = time.monotonic
