@@ -1,0 +1,334 @@
+"""Credentials: SPIFFE identities, chains to the fleet authority, the time policy."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509.oid import NameOID
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from provisioning.certificates import issue_credential, make_authority
+from simulator.fleet import NOW, T0, Fleet
+from structauth.credentials import Credential, Identity, TimePolicy, TrustStore
+from structauth.errors import CredentialError, Reason
+
+DAY = dt.timedelta(days=1)
+
+
+@pytest.fixture(scope="module")
+def fleet() -> Fleet:
+    return Fleet()
+
+
+def der(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(Encoding.DER)
+
+
+def leaf(
+    fleet: Fleet,
+    *,
+    key=None,
+    sans=None,
+    ca=False,
+    usage=True,
+    issuer=None,  # type: ignore[no-untyped-def]
+    issuer_key=None,
+    not_before=T0,
+    not_after=T0 + 30 * DAY,
+) -> x509.Certificate:
+    """A hand-built leaf, for the shapes issue_credential refuses to make."""
+    key = key or ec.generate_private_key(ec.SECP256R1())
+    issuer = issuer or fleet.root
+    b = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "x")]))
+        .issuer_name(issuer.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if sans is None:
+        sans = [f"spiffe://{fleet.trust_domain}/device/hand"]
+    if sans:
+        b = b.add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(u) for u in sans]),
+            critical=False,
+        )
+    if not usage:
+        b = b.add_extension(
+            x509.KeyUsage(False, False, True, False, False, False, False, False, False),
+            critical=True,
+        )
+    return b.sign(issuer_key or fleet.key, hashes.SHA256())
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "spiffe://fleet.test/device/pi-0001",
+        "spiffe://a.b-c_d/broker/edge.1",
+    ],
+)
+def test_identity_parse_ok(uri: str) -> None:
+    ident = Identity.parse(uri)
+    assert ident.uri == uri and ident.kind in ("device", "broker")
+    assert f"spiffe://{ident.trust_domain}/{ident.kind}/{ident.name}" == uri
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "",
+        "https://fleet.test/device/x",
+        "spiffe://fleet.test/device",
+        "spiffe://fleet.test/user/x",
+        "spiffe://Fleet.Test/device/x",
+        "spiffe://fleet.test/device/x/y",
+        "spiffe:///device/x",
+        "spiffe://fleet.test/device/..",
+        "spiffe://fleet.test/device/" + "a" * 65,
+        "spiffe://fleet.test/device/a b",
+        "spiffe://.fleet.test/device/x",
+        "spiffe://fleet.test//x",
+    ],
+)
+def test_identity_parse_refused(uri: str) -> None:
+    with pytest.raises(CredentialError) as exc:
+        Identity.parse(uri)
+    assert exc.value.reason is Reason.BAD_CREDENTIAL
+
+
+def test_valid_device_and_broker(fleet: Fleet) -> None:
+    for kind in ("device", "broker"):
+        member = fleet.member(kind, "ok")
+        assert fleet.trust.validate(member.credential, NOW, kind=kind) == member.identity
+
+
+def test_pem_round_trip(fleet: Fleet) -> None:
+    cred = fleet.member("device", "pem").credential
+    pem = cred.chain[0].public_bytes(Encoding.PEM)
+    again = Credential.from_pem(pem)
+    assert again.fingerprint == cred.fingerprint and again.identity == cred.identity
+
+
+def test_unknown_authority_same_name(fleet: Fleet) -> None:
+    rogue = Fleet()  # same trust domain and subject name, different key
+    cred = rogue.member("device", "d1").credential
+    with pytest.raises(CredentialError) as exc:
+        fleet.trust.validate(cred, NOW)
+    assert exc.value.reason is Reason.UNKNOWN_AUTHORITY
+
+
+def test_tampered_signature(fleet: Fleet) -> None:
+    good = fleet.member("device", "t").credential.der_chain()[0]
+    bad = bytearray(good)
+    bad[-5] ^= 0x01  # inside the signature
+    cred = Credential.from_der_chain([bytes(bad)])
+    store = TrustStore([fleet.root], fleet.trust_domain)
+    with pytest.raises(CredentialError) as exc:
+        store.validate(cred, NOW)
+    assert exc.value.reason is Reason.UNKNOWN_AUTHORITY
+
+
+def test_failed_chain_is_not_cached(fleet: Fleet) -> None:
+    store = TrustStore([fleet.root], fleet.trust_domain)
+    rogue = Fleet().member("device", "d1").credential
+    for _ in range(2):
+        with pytest.raises(CredentialError):
+            store.validate(rogue, NOW)
+    assert not store._verified
+
+
+def test_cached_chain_still_checks_time_and_revocation(fleet: Fleet) -> None:
+    store = TrustStore([fleet.root], fleet.trust_domain)
+    cred = fleet.member("device", "c", days=2).credential
+    store.validate(cred, NOW)
+    assert store.credential(cred.der_chain()) is cred  # parsed form reused
+    with pytest.raises(CredentialError) as exc:
+        store.validate(cred, TimePolicy.trusted(T0 + 5 * DAY))
+    assert exc.value.reason is Reason.CREDENTIAL_EXPIRED
+    with pytest.raises(CredentialError) as exc:
+        store.validate(cred, NOW, revoked=lambda c: True)
+    assert exc.value.reason is Reason.CREDENTIAL_REVOKED
+
+
+def test_cache_is_bounded(fleet: Fleet) -> None:
+    store = TrustStore([fleet.root], fleet.trust_domain, cache_size=2)
+    for i in range(4):
+        store.validate(fleet.member("device", f"b{i}").credential, NOW)
+    assert len(store._verified) == 2
+
+
+@pytest.mark.parametrize(
+    ("policy", "reason"),
+    [
+        (TimePolicy.trusted(T0 + 31 * DAY), Reason.CREDENTIAL_EXPIRED),
+        (TimePolicy.trusted(T0 - DAY), Reason.CREDENTIAL_NOT_YET_VALID),
+        (TimePolicy.unknown(floor=T0 + 31 * DAY), Reason.CREDENTIAL_EXPIRED),
+    ],
+)
+def test_time_refused(fleet: Fleet, policy: TimePolicy, reason: Reason) -> None:
+    cred = fleet.member("device", "time").credential
+    with pytest.raises(CredentialError) as exc:
+        fleet.trust.validate(cred, policy)
+    assert exc.value.reason is reason
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [
+        TimePolicy.trusted(T0 - dt.timedelta(minutes=4)),  # not yet valid, inside the skew
+        TimePolicy.trusted(T0 + 30 * DAY + dt.timedelta(minutes=4)),  # expired, inside skew
+        TimePolicy.unknown(floor=T0 - 365 * DAY),  # floor: not-yet-valid is not judged
+        TimePolicy.unknown(),  # nothing known: time is not judged
+    ],
+)
+def test_time_accepted(fleet: Fleet, policy: TimePolicy) -> None:
+    fleet.trust.validate(fleet.member("device", "time").credential, policy)
+
+
+def test_expired_authority_refused() -> None:
+    fleet = Fleet()
+    cred = fleet.member("device", "x").credential
+    with pytest.raises(CredentialError) as exc:
+        fleet.trust.validate(cred, TimePolicy.trusted(T0 + 3651 * DAY))
+    assert exc.value.reason is Reason.CREDENTIAL_EXPIRED
+
+
+def test_revoked(fleet: Fleet) -> None:
+    cred = fleet.member("device", "r").credential
+    with pytest.raises(CredentialError) as exc:
+        fleet.trust.validate(cred, NOW, revoked=lambda c: c.fingerprint == cred.fingerprint)
+    assert exc.value.reason is Reason.CREDENTIAL_REVOKED
+
+
+def test_wrong_trust_domain_kind_and_identity(fleet: Fleet) -> None:
+    other = Fleet(trust_domain="other.test")
+    with pytest.raises(CredentialError) as exc:
+        fleet.trust.validate(other.member("device", "d").credential, NOW)
+    assert exc.value.reason is Reason.WRONG_IDENTITY
+    cred = fleet.member("broker", "b").credential
+    with pytest.raises(CredentialError) as exc:
+        fleet.trust.validate(cred, NOW, kind="device")
+    assert exc.value.reason is Reason.WRONG_IDENTITY
+    with pytest.raises(CredentialError) as exc:
+        fleet.trust.validate(cred, NOW, expected=Identity.parse("spiffe://fleet.test/broker/c"))
+    assert exc.value.reason is Reason.WRONG_IDENTITY
+
+
+def test_leaf_that_is_a_ca(fleet: Fleet) -> None:
+    cred = Credential.from_der_chain([der(leaf(fleet, ca=True))])
+    with pytest.raises(CredentialError) as exc:
+        fleet.trust.validate(cred, NOW)
+    assert exc.value.reason is Reason.BAD_CREDENTIAL
+
+
+def test_leaf_without_digital_signature(fleet: Fleet) -> None:
+    cred = Credential.from_der_chain([der(leaf(fleet, usage=False))])
+    with pytest.raises(CredentialError) as exc:
+        fleet.trust.validate(cred, NOW)
+    assert exc.value.reason is Reason.BAD_CREDENTIAL
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        ec.generate_private_key(ec.SECP384R1()),
+        ed25519.Ed25519PrivateKey.generate(),
+    ],
+    ids=["p384", "ed25519"],
+)
+def test_non_p256_key_refused(fleet: Fleet, key) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(CredentialError, match="P-256"):
+        Credential.from_der_chain([der(leaf(fleet, key=key))])
+
+
+@pytest.mark.parametrize(
+    "sans",
+    [
+        [],
+        ["spiffe://fleet.test/device/a", "spiffe://fleet.test/device/b"],
+        ["https://x.test/"],
+    ],
+    ids=["none", "two", "not-spiffe"],
+)
+def test_san_shapes_refused(fleet: Fleet, sans: list[str]) -> None:
+    with pytest.raises(CredentialError) as exc:
+        Credential.from_der_chain([der(leaf(fleet, sans=sans))])
+    assert exc.value.reason is Reason.BAD_CREDENTIAL
+
+
+def test_intermediate_chain() -> None:
+    fleet = Fleet()
+    # a root allowing one intermediate
+    root_key = ec.generate_private_key(ec.SECP256R1())
+    root = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "root")]))
+        .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "root")]))
+        .public_key(root_key.public_key())
+        .serial_number(1)
+        .not_valid_before(T0)
+        .not_valid_after(T0 + 3650 * DAY)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
+        .sign(root_key, hashes.SHA256())
+    )
+    inter_key = ec.generate_private_key(ec.SECP256R1())
+    inter = make_authority(fleet.trust_domain, inter_key, not_before=T0, not_after=T0 + 365 * DAY)
+    inter = (
+        x509.CertificateBuilder()
+        .subject_name(inter.subject)
+        .issuer_name(root.subject)
+        .public_key(inter_key.public_key())
+        .serial_number(2)
+        .not_valid_before(T0)
+        .not_valid_after(T0 + 365 * DAY)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(root_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    ident = Identity.parse(f"spiffe://{fleet.trust_domain}/device/deep")
+    cert = issue_credential(
+        inter, inter_key, key.public_key(), ident, not_before=T0, not_after=T0 + 30 * DAY
+    )
+    store = TrustStore([root], fleet.trust_domain)
+    cred = Credential.from_der_chain([der(cert), der(inter)])
+    assert store.validate(cred, NOW) == ident
+    # the intermediate alone is not a trust anchor, and the leaf alone does not chain
+    with pytest.raises(CredentialError) as exc:
+        store.validate(Credential.from_der_chain([der(cert)]), NOW)
+    assert exc.value.reason is Reason.UNKNOWN_AUTHORITY
+
+
+def test_too_many_or_no_certificates(fleet: Fleet) -> None:
+    one = fleet.member("device", "m").credential.der_chain()[0]
+    for chain in ([], [one] * 5):
+        with pytest.raises(CredentialError):
+            Credential.from_der_chain(chain)
+    with pytest.raises(CredentialError):
+        Credential.from_der_chain([b"\x30" * 5000])
+
+
+@given(st.integers(0, 600), st.binary(max_size=4))
+@settings(max_examples=200, deadline=None)
+def test_truncated_or_extended_der(cut: int, extra: bytes) -> None:
+    fleet = _SHARED
+    good = _SHARED_DER
+    data = good[:cut] + extra
+    try:
+        cred = Credential.from_der_chain([data])
+    except CredentialError:
+        return
+    fleet.trust.validate(cred, NOW)  # whatever parses must be the genuine credential
+
+
+_SHARED = Fleet()
+_SHARED_DER = _SHARED.member("device", "fz").credential.der_chain()[0]
