@@ -116,24 +116,34 @@ def test_sessions_are_independent(fleet: Fleet, device: Member, broker: Member) 
 # -- msg1 ------------------------------------------------------------------------
 
 
-def msg1_fields(data: bytes) -> list[tuple[str, int, int]]:
-    """(name, start, end) of every field in a msg1, computed from the layout."""
-    m = parse_msg1(data)
-    spans = [
+def head_spans(kem_field: str, kem_size: int) -> list[tuple[str, int, int]]:
+    """Spans of the fields msg1 and msg2 share at the front."""
+    return [
         ("magic", 0, 3),
         ("type", 3, 4),
         ("suite", 4, 6),
         ("nonce", 6, 38),
         ("x25519", 38, 70),
-        ("mlkem_ek", 70, 70 + MLKEM_EK_SIZE),
+        (kem_field, 70, 70 + kem_size),
     ]
-    pos = 70 + MLKEM_EK_SIZE
+
+
+def chain_spans(spans: list[tuple[str, int, int]], pos: int, chain: tuple[bytes, ...]) -> int:
+    """Append the spans of a credential chain starting at ``pos``; return its end."""
     spans.append(("chain count", pos, pos + 1))
     pos += 1
-    for i, cert in enumerate(m.chain):
+    for i, cert in enumerate(chain):
         spans.append((f"cert{i} length", pos, pos + 2))
         spans.append((f"cert{i}", pos + 2, pos + 2 + len(cert)))
         pos += 2 + len(cert)
+    return pos
+
+
+def msg1_fields(data: bytes) -> list[tuple[str, int, int]]:
+    """(name, start, end) of every field in a msg1, computed from the layout."""
+    m = parse_msg1(data)
+    spans = head_spans("mlkem_ek", MLKEM_EK_SIZE)
+    pos = chain_spans(spans, 70 + MLKEM_EK_SIZE, m.chain)
     for name, value in (("context", m.context), ("quote", m.quote), ("signature", m.signature)):
         spans.append((f"{name} length", pos, pos + 2))
         if value:
@@ -303,14 +313,7 @@ def test_msg1_bad_key_shares(fleet: Fleet, device: Member, broker: Member) -> No
 
 def msg2_spans(data: bytes) -> list[tuple[str, int, int]]:
     m = parse_msg2(data)
-    spans = [
-        ("magic", 0, 3),
-        ("type", 3, 4),
-        ("suite", 4, 6),
-        ("nonce", 6, 38),
-        ("x25519", 38, 70),
-        ("mlkem_ct", 70, 70 + MLKEM_CT_SIZE),
-    ]
+    spans = head_spans("mlkem_ct", MLKEM_CT_SIZE)
     pos = 70 + MLKEM_CT_SIZE
     for name, size in (
         ("epoch_ms", 4),
@@ -319,14 +322,10 @@ def msg2_spans(data: bytes) -> list[tuple[str, int, int]]:
         ("flags", 1),
         ("window", 2),
         ("policy_digest", 32),
-        ("chain count", 1),
     ):
         spans.append((name, pos, pos + size))
         pos += size
-    for i, cert in enumerate(m.chain):
-        spans.append((f"cert{i} length", pos, pos + 2))
-        spans.append((f"cert{i}", pos + 2, pos + 2 + len(cert)))
-        pos += 2 + len(cert)
+    pos = chain_spans(spans, pos, m.chain)
     spans.append(("signature length", pos, pos + 2))
     spans.append(("signature", pos + 2, pos + 2 + len(m.signature)))
     pos += 2 + len(m.signature)
