@@ -48,6 +48,18 @@ class Reason(IntEnum):
     TOKEN_LOCKED = 603
     BACKEND_FAILURE = 604
     BAD_CONFIGURATION = 605
+    # 7xx: enrollment, registry and the provisioning service
+    ATTESTATION_FAILED = 700
+    UNKNOWN_TPM_MAKER = 701
+    ALREADY_ENROLLED = 702
+    NOT_ENROLLED = 703
+    ACTIVATION_FAILED = 704
+    CERTIFY_MISMATCH = 705
+    KEY_NOT_IN_TPM = 706
+    NOT_AUTHORIZED = 707
+    ENROLLMENT_EXPIRED = 708
+    REGISTRY_FAILURE = 709
+    DEVICE_REVOKED = 710
 
 
 class TesseraError(Exception):
@@ -109,3 +121,21 @@ class KeyBackendError(TesseraError):
 
 class ConfigurationError(TesseraError):
     default_reason = Reason.BAD_CONFIGURATION
+
+
+class EnrollmentError(TesseraError):
+    """An enrollment, renewal or attestation was refused; nothing was recorded."""
+
+    default_reason = Reason.ATTESTATION_FAILED
+
+
+class RegistryError(TesseraError):
+    """The registry could not complete a transaction; it was rolled back."""
+
+    default_reason = Reason.REGISTRY_FAILURE
+
+
+class AuthorizationError(TesseraError):
+    """The caller is not allowed to do this (operator or device authentication)."""
+
+    default_reason = Reason.NOT_AUTHORIZED
