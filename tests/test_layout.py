@@ -96,7 +96,7 @@ def test_core_pulls_in_no_io_module_at_runtime() -> None:
 
 
 def test_import_direction() -> None:
-    """structauth <- hw <- device/broker_plugin/provisioning <- simulator (import-linter)."""
+    """structauth <- hw <- device/broker_plugin <- provisioning <- simulator (import-linter)."""
     exe = shutil.which("lint-imports", path=str(Path(sys.executable).parent))
     assert exe, "import-linter is not installed in the venv; run ./run setup"
     result = subprocess.run([exe], cwd=ROOT, capture_output=True, text=True)
