@@ -240,9 +240,11 @@ class TpmMakerRoots:
             cert: x509.Certificate, below: int, seen: frozenset[bytes]
         ) -> x509.Certificate | None:
             # ``below``: intermediates between ``cert``'s issuer and the EK certificate
+            candidates = 0
             for root in self.roots:
                 if root.subject != cert.issuer:
                     continue
+                candidates += 1
                 problem = _signature_problem(cert, root) or _time_problem(root, now)
                 if problem is None:
                     return root
@@ -251,6 +253,7 @@ class TpmMakerRoots:
                 fingerprint = link.fingerprint(hashes.SHA256())
                 if link.subject != cert.issuer or fingerprint in seen:
                     continue
+                candidates += 1
                 if len(seen) >= MAX_INTERMEDIATES:
                     problems.append(f"the chain has more than {MAX_INTERMEDIATES} intermediates")
                     return None
@@ -262,17 +265,20 @@ class TpmMakerRoots:
                 if problem is not None:
                     problems.append(problem)
                     continue
-                root = walk(link, below + 1, seen | {fingerprint})
-                if root is not None:
-                    return root
+                found = walk(link, below + 1, seen | {fingerprint})
+                if found is not None:
+                    return found
+            if not candidates:
+                issuer = cert.issuer.rfc4514_string() or "<empty name>"
+                problems.append(
+                    f"the issuer {issuer!r} of {_describe(cert)} is neither a configured TPM "
+                    "maker root nor a known intermediate"
+                )
             return None
 
         root = walk(ek_cert, 0, frozenset())
         if root is not None:
             return root
-        if not problems:
-            issuer = ek_cert.issuer.rfc4514_string() or "<empty name>"
-            problems.append(f"no configured TPM maker root or intermediate is named {issuer!r}")
         raise EnrollmentError(
             "EK certificate does not chain to a configured TPM maker root: "
             + "; ".join(dict.fromkeys(problems)),
