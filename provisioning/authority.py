@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
@@ -541,11 +541,12 @@ class FleetAuthority:
         if not isinstance(key, ec.EllipticCurvePublicKey):
             raise ConfigurationError(f"{root_path} does not hold an EC root")
         try:
-            TrustStore([root], config.trust_domain)
+            TrustStore([root], config.trust_domain)  # an EC CA certificate
             algorithm = root.signature_hash_algorithm
-            assert algorithm is not None
+            if algorithm is None:
+                raise InvalidSignature
             key.verify(root.signature, root.tbs_certificate_bytes, ec.ECDSA(algorithm))
-        except (TesseraError, InvalidSignature, AssertionError):
+        except (TesseraError, InvalidSignature, ValueError, TypeError, UnsupportedAlgorithm):
             raise ConfigurationError(f"{root_path} is not a self-signed CA certificate") from None
         return root
 
