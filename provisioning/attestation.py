@@ -115,9 +115,10 @@ def _self_signed(cert: x509.Certificate) -> bool:
 def _signature_problem(cert: x509.Certificate, issuer: x509.Certificate) -> str | None:
     """Why ``issuer``'s key does not verify ``cert``'s signature, or None if it does.
 
-    A direct check over tbsCertificate: EK certificates carry critical extensions (SAN
-    with TPM directoryName attributes) that strict path validators refuse, and whether
-    the maker understood its own extensions is not what this proves.
+    A direct check over tbsCertificate rather than a strict path validator: EK
+    certificates carry critical extensions (a SAN of TPM directoryName attributes,
+    subjectDirectoryAttributes) that such validators refuse, and what this step proves
+    is only who signed the certificate. SHA-1 and unknown hashes are refused.
     """
     try:
         algorithm = cert.signature_hash_algorithm
