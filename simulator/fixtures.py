@@ -7,6 +7,8 @@ Fixtures
     softhsm         one SoftHSM2 directory for the run; sets SOFTHSM2_CONF
     pkcs11_token    a fresh token per test, user PIN in $TESSERA_PKCS11_PIN, yielding a
                     logged-in Pkcs11Backend; the token is deleted afterwards
+    postgres_server one private PostgreSQL server on 127.0.0.1 for the run
+    registry_url    a fresh empty registry, once on SQLite and once on PostgreSQL
 
 Nothing is skipped: if swtpm or softhsm2-util is missing, the test fails and says how
 to install them. Tests using these fixtures get the ``hardware`` marker.
@@ -23,11 +25,13 @@ import pytest
 
 from hw.pkcs11 import DEFAULT_PIN_ENV, Pkcs11Backend, rescan_tokens
 from hw.tpm import TpmBackend
+from simulator.postgres import PostgresServer
 from simulator.softhsm import SoftHsm
 from simulator.swtpm import Swtpm
 from structauth.errors import ConfigurationError
 
-_OURS = {"swtpm_session", "swtpm", "tpm_backend", "softhsm", "pkcs11_token"}
+_OURS = {"swtpm_session", "swtpm", "tpm_backend", "softhsm", "pkcs11_token",
+         "postgres_server", "registry_url"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -107,3 +111,25 @@ def pkcs11_token(softhsm: SoftHsm, monkeypatch: pytest.MonkeyPatch) -> Iterator[
         backend.close()
         softhsm.delete_token(label)
         rescan_tokens(softhsm.module)  # forget the deleted token's slot
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A private PostgreSQL server (own data directory, free port on 127.0.0.1)."""
+    try:
+        server = PostgresServer().start()
+    except ConfigurationError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def registry_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A URL for a new, empty registry: the test runs once per backend."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'registry.db'}"
+    server: PostgresServer = request.getfixturevalue("postgres_server")
+    return server.create_database()
