@@ -1,0 +1,505 @@
+"""`tessera`: the factory operator's command line.
+
+    tessera init           create a fleet authority (key in a PKCS#11 token) and registry
+    tessera serve          run the provisioning service (HTTP API)
+    tessera enroll         enroll a device (local TPM or PKCS#11 key, or --batch CSV)
+    tessera list | show    what the registry holds
+    tessera revoke         revoke a device (its live sessions are cut by brokers)
+    tessera renew          renew a local device's operational credential
+    tessera export-bundle  write the trust bundle devices and brokers need
+
+Every error is one line on stderr and a non-zero exit; nothing is half-written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import json
+import os
+import sys
+import tomllib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from structauth.errors import TesseraError
+
+DEFAULT_DIR = Path(os.environ.get("TESSERA_HOME", "tessera-authority"))
+DEFAULT_URL = os.environ.get("TESSERA_PROVISIONER", "http://127.0.0.1:8443")
+
+
+class CliError(Exception):
+    """One line for the operator: what is wrong and how to fix it."""
+
+
+# -- helpers -----------------------------------------------------------------------
+
+
+def _token(args: argparse.Namespace) -> str | None:
+    if getattr(args, "token_file", None):
+        try:
+            return Path(args.token_file).read_text().strip()
+        except OSError as exc:
+            raise CliError(f"cannot read token file {args.token_file}: {exc.strerror}") from None
+    return os.environ.get("TESSERA_OPERATOR_TOKEN")
+
+
+def _client(args: argparse.Namespace, *, operator: bool = True) -> Any:
+    from device.provisioner import ProvisionerClient
+
+    token = _token(args) if operator else None
+    if operator and not token:
+        raise CliError(
+            "operator token missing: set TESSERA_OPERATOR_TOKEN or pass --token-file "
+            "(printed once by 'tessera init')"
+        )
+    return ProvisionerClient(args.provisioner, operator_token=token, cafile=args.cafile)
+
+
+def _service_config(directory: Path) -> dict[str, Any]:
+    path = directory / "service.toml"
+    try:
+        return tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise CliError(
+            f"{directory} holds no Tessera authority: run 'tessera init --dir {directory}' first"
+        ) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise CliError(f"{path} is not valid TOML: {exc}") from None
+
+
+def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
+    print(json.dumps(data, indent=1) if args.json else text)
+
+
+def _table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=False)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    lines = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
+    lines += [fmt.format(*map(str, r)) for r in rows]
+    return "\n".join(lines)
+
+
+# -- commands ----------------------------------------------------------------------
+
+
+def cmd_init(args: argparse.Namespace) -> None:
+    from provisioning.authority import FleetAuthority
+    from provisioning.operators import Operators
+    from provisioning.registry import open_registry
+
+    directory: Path = args.dir
+    if (directory / "service.toml").exists():
+        raise CliError(f"{directory} already holds an authority; use another --dir")
+    if not args.insecure_file_key and not (args.pkcs11_module and args.token):
+        raise CliError(
+            "the authority key belongs in a PKCS#11 token: pass --pkcs11-module and "
+            "--token (PIN from TESSERA_PKCS11_PIN or --pin-file), or "
+            "--insecure-file-key for development"
+        )
+    for root in args.tpm_maker_roots:
+        if not Path(root).is_file():
+            raise CliError(f"TPM maker root {root} does not exist")
+    registry_url = args.registry or f"sqlite:///{(directory / 'registry.db').resolve()}"
+    authority = FleetAuthority.init(
+        directory,
+        args.trust_domain,
+        pkcs11_module=args.pkcs11_module,
+        token_label=args.token,
+        key_label=args.key_label,
+        pin_file=args.pin_file,
+        insecure_file_key=args.insecure_file_key,
+        now=dt.datetime.now(dt.UTC),
+    )
+    try:
+        open_registry(registry_url).close()
+        token = Operators(directory / "operators.json").add(args.operator)
+        roots = ", ".join(json.dumps(str(Path(p).resolve())) for p in args.tpm_maker_roots)
+        (directory / "service.toml").write_text(
+            f"registry = {json.dumps(registry_url)}\n"
+            f"tpm_maker_roots = [{roots}]\n"
+            f"operational_lifetime_minutes = {args.operational_lifetime}\n"
+        )
+    finally:
+        authority.close()
+    _emit(
+        args,
+        {
+            "trust_domain": args.trust_domain,
+            "directory": str(directory),
+            "operator": args.operator,
+            "operator_token": token,
+        },
+        f"fleet authority for {args.trust_domain} created in {directory}\n"
+        f"operator token for {args.operator} (shown once; keep it secret):\n{token}",
+    )
+
+
+def build_service(directory: Path) -> Any:
+    from provisioning.attestation import TpmMakerRoots
+    from provisioning.authority import FleetAuthority
+    from provisioning.enrollment import EnrollmentService
+    from provisioning.registry import open_registry
+
+    config = _service_config(directory)
+    roots_paths = config.get("tpm_maker_roots", [])
+    roots = TpmMakerRoots.from_pem_files(roots_paths) if roots_paths else None
+    lifetime = dt.timedelta(minutes=int(config.get("operational_lifetime_minutes", 24 * 60)))
+    return EnrollmentService(
+        FleetAuthority.open(directory),
+        open_registry(config["registry"]),
+        roots,
+        operational_lifetime=lifetime,
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    import logging
+
+    import uvicorn
+
+    from provisioning.operators import Operators
+    from provisioning.service import build_app
+
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise CliError("TLS needs both --tls-cert and --tls-key")
+    service = build_service(args.dir)
+    app = build_app(service, Operators(args.dir / "operators.json"))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    print(
+        f"tessera: serving {service.authority.trust_domain} on "
+        f"{'https' if args.tls_cert else 'http'}://{args.host}:{args.port}",
+        flush=True,
+    )
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        ssl_certfile=args.tls_cert,
+        ssl_keyfile=args.tls_key,
+        log_level="warning",
+    )
+
+
+def _enroll_one(
+    args: argparse.Namespace,
+    client: Any,
+    serial: str,
+    tpm: str | None,
+    pkcs11: str | None,
+    key_dir: str | None,
+    device_class: str,
+    out: Path | None,
+) -> dict[str, Any]:
+    from device.provisioner import CredentialStore, enroll_tpm, enroll_witnessed
+    from hw import open_signer
+
+    if bool(tpm) == bool(pkcs11):
+        raise CliError(f"{serial}: give exactly one of --tpm TCTI or --pkcs11 SPEC")
+    if tpm:
+        from hw.tpm import TpmBackend
+
+        with TpmBackend(tpm, Path(key_dir or f"{serial}-keys")) as backend:
+            issued = enroll_tpm(
+                client,
+                backend,
+                serial,
+                kind=args.kind,
+                device_class=device_class,
+                reenroll=args.reenroll,
+            )
+    else:
+        signer = open_signer(f"pkcs11:{pkcs11}", create=True)
+        try:
+            issued = enroll_witnessed(
+                client,
+                signer,
+                serial,
+                kind=args.kind,
+                device_class=device_class,
+                reenroll=args.reenroll,
+            )
+        finally:
+            close: Callable[[], None] | None = getattr(signer, "close", None)
+            if close:
+                close()
+    if out is not None:
+        CredentialStore(out).save(issued)
+    return issued
+
+
+def cmd_enroll(args: argparse.Namespace) -> None:
+    client = _client(args)
+    if args.batch:
+        return _enroll_batch(args, client)
+    if not args.serial:
+        raise CliError("--serial is required (or --batch CSV)")
+    issued = _enroll_one(
+        args, client, args.serial, args.tpm, args.pkcs11, args.key_dir, args.device_class, args.out
+    )
+    _emit(
+        args,
+        issued,
+        f"enrolled {issued['identity']} ({issued['attestation']}); "
+        f"operational credential valid until {issued['operational_not_after']}"
+        + (f"; credentials in {args.out}" if args.out else ""),
+    )
+
+
+def _enroll_batch(args: argparse.Namespace, client: Any) -> None:
+    try:
+        with open(args.batch, newline="") as fh:
+            rows = list(csv.DictReader(fh))
+    except OSError as exc:
+        raise CliError(f"cannot read {args.batch}: {exc.strerror}") from None
+    if not rows or "serial" not in rows[0]:
+        raise CliError(f"{args.batch} needs a header row with at least: serial, and tpm or pkcs11")
+    results: list[dict[str, Any]] = []
+    width = 30
+    for i, row in enumerate(rows, 1):
+        serial = (row.get("serial") or "").strip()
+        out = Path(args.out) / serial if args.out else None
+        try:
+            issued = _enroll_one(
+                args,
+                client,
+                serial,
+                row.get("tpm") or None,
+                row.get("pkcs11") or None,
+                row.get("key_dir") or None,
+                row.get("device_class") or args.device_class,
+                out,
+            )
+            results.append({"serial": serial, "ok": True, "identity": issued["identity"]})
+        except (TesseraError, CliError) as exc:
+            results.append({"serial": serial, "ok": False, "error": _one_line(exc)})
+        if not args.json:
+            done = int(width * i / len(rows))
+            print(
+                f"\r[{'#' * done}{'.' * (width - done)}] {i}/{len(rows)}",
+                end="",
+                file=sys.stderr,
+                flush=True,
+            )
+    if not args.json:
+        print(file=sys.stderr)
+    failed = [r for r in results if not r["ok"]]
+    summary = f"enrolled {len(results) - len(failed)} of {len(results)} devices"
+    lines = [summary] + [f"  {r['serial']}: {r['error']}" for r in failed]
+    _emit(
+        args,
+        {"results": results, "enrolled": len(results) - len(failed), "failed": len(failed)},
+        "\n".join(lines),
+    )
+    if failed:
+        raise SystemExit(1)
+
+
+def cmd_list(args: argparse.Namespace) -> None:
+    query = f"?status={args.status}" if args.status else ""
+    devices = _client(args).call("GET", "/v1/devices" + query)["devices"]
+    rows = [
+        (
+            d["serial"],
+            d["identity"],
+            d["status"],
+            d["attestation"],
+            d["key_backend"],
+            d["device_class"],
+            d["enrolled_at"][:19],
+            d["enrolled_by"],
+        )
+        for d in devices
+    ]
+    _emit(
+        args,
+        devices,
+        _table(
+            rows,
+            ("serial", "identity", "status", "attestation", "key", "class", "enrolled (UTC)", "by"),
+        )
+        if rows
+        else "no devices enrolled",
+    )
+
+
+def cmd_show(args: argparse.Namespace) -> None:
+    d = _client(args).call("GET", f"/v1/devices/{args.serial}")
+    _emit(args, d, "\n".join(f"{k:<24} {v}" for k, v in d.items()))
+
+
+def cmd_revoke(args: argparse.Namespace) -> None:
+    e = _client(args).call("POST", f"/v1/devices/{args.serial}/revoke", {"reason": args.reason})
+    _emit(
+        args,
+        e,
+        f"revoked {e['identity']} (event {e['id']}; certificates {', '.join(e['cert_serials'])})",
+    )
+
+
+def cmd_renew(args: argparse.Namespace) -> None:
+    from device.provisioner import CredentialStore, renew
+    from hw import open_signer
+
+    client = _client(args, operator=False)
+    if bool(args.tpm) == bool(args.pkcs11):
+        raise CliError("give exactly one of --tpm TCTI (with --key-dir) or --pkcs11 SPEC")
+    spec = f"tpm:{args.tpm}#tessera-device" if args.tpm else f"pkcs11:{args.pkcs11}"
+    options = {"key_dir": args.key_dir or f"{args.serial}-keys"} if args.tpm else {}
+    signer = open_signer(spec, **options)
+    try:
+        issued = renew(client, signer, args.serial)
+    finally:
+        getattr(signer, "close", lambda: None)()
+    if args.out:
+        CredentialStore(args.out).save(issued)
+    _emit(
+        args, issued, f"renewed {issued['identity']}: valid until {issued['operational_not_after']}"
+    )
+
+
+def cmd_export_bundle(args: argparse.Namespace) -> None:
+    if args.dir_given:
+        from provisioning.authority import FleetAuthority
+
+        _service_config(args.dir)
+        authority = FleetAuthority.open(args.dir)
+        try:
+            pem = authority.bundle_pem()
+        finally:
+            authority.close()
+    else:
+        pem = _client(args, operator=False).call("GET", "/v1/bundle", raw=True)
+    if args.output == "-":
+        sys.stdout.write(pem.decode())
+    else:
+        Path(args.output).write_bytes(pem)
+        if not args.json:
+            print(f"trust bundle written to {args.output}")
+
+
+# -- parser ------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tessera", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def remote(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument(
+            "--provisioner",
+            default=DEFAULT_URL,
+            help="service URL (env TESSERA_PROVISIONER; default %(default)s)",
+        )
+        sp.add_argument("--token-file", help="operator token file (else TESSERA_OPERATOR_TOKEN)")
+        sp.add_argument("--cafile", help="CA bundle to verify the service's TLS certificate")
+
+    s = sub.add_parser("init", help="create a fleet authority and registry")
+    s.add_argument("--dir", type=Path, default=DEFAULT_DIR, help="authority directory")
+    s.add_argument("--trust-domain", required=True, help="e.g. factory.example.com")
+    s.add_argument("--pkcs11-module", help="PKCS#11 module holding the authority key")
+    s.add_argument("--token", help="PKCS#11 token label")
+    s.add_argument("--key-label", default="tessera-authority")
+    s.add_argument("--pin-file", help="file with the token PIN (else TESSERA_PKCS11_PIN)")
+    s.add_argument(
+        "--insecure-file-key",
+        action="store_true",
+        help="DEVELOPMENT ONLY: keep the authority key in a file",
+    )
+    s.add_argument("--registry", help="registry URL (default: SQLite in --dir; or postgresql://)")
+    s.add_argument(
+        "--tpm-maker-roots",
+        nargs="*",
+        default=[],
+        metavar="PEM",
+        help="CA certificates of TPM makers whose EK certificates are accepted",
+    )
+    s.add_argument("--operator", default="admin", help="name of the first operator")
+    s.add_argument("--operational-lifetime", type=int, default=24 * 60, metavar="MINUTES")
+    s.set_defaults(func=cmd_init)
+
+    s = sub.add_parser("serve", help="run the provisioning service")
+    s.add_argument("--dir", type=Path, default=DEFAULT_DIR)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8443)
+    s.add_argument("--tls-cert")
+    s.add_argument("--tls-key")
+    s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("enroll", help="enroll a device")
+    remote(s)
+    s.add_argument("--serial")
+    s.add_argument("--tpm", metavar="TCTI", help="device TPM, e.g. device:/dev/tpmrm0")
+    s.add_argument("--key-dir", help="where the TPM-wrapped key blobs live")
+    s.add_argument("--pkcs11", metavar="SPEC", help="<module>#<token>/<key> (factory-witnessed)")
+    s.add_argument("--kind", default="device", choices=("device", "broker"))
+    s.add_argument("--device-class", default="default")
+    s.add_argument(
+        "--reenroll",
+        action="store_true",
+        help="replace an existing enrollment (revokes the old credentials)",
+    )
+    s.add_argument(
+        "--batch", metavar="CSV", help="enroll every row: serial,tpm|pkcs11,key_dir,device_class"
+    )
+    s.add_argument("--out", type=Path, help="write the credentials here")
+    s.set_defaults(func=cmd_enroll)
+
+    s = sub.add_parser("list", help="list devices")
+    remote(s)
+    s.add_argument("--status", choices=("active", "revoked"))
+    s.set_defaults(func=cmd_list)
+
+    s = sub.add_parser("show", help="show one device")
+    remote(s)
+    s.add_argument("serial")
+    s.set_defaults(func=cmd_show)
+
+    s = sub.add_parser("revoke", help="revoke a device")
+    remote(s)
+    s.add_argument("serial")
+    s.add_argument("--reason", default="unspecified")
+    s.set_defaults(func=cmd_revoke)
+
+    s = sub.add_parser("renew", help="renew a local device's operational credential")
+    remote(s)
+    s.add_argument("--serial", required=True)
+    s.add_argument("--tpm", metavar="TCTI")
+    s.add_argument("--key-dir")
+    s.add_argument("--pkcs11", metavar="SPEC")
+    s.add_argument("--out", type=Path)
+    s.set_defaults(func=cmd_renew)
+
+    s = sub.add_parser("export-bundle", help="write the trust bundle")
+    remote(s)
+    s.add_argument("--dir", type=Path, help="read it from an authority directory instead")
+    s.add_argument("-o", "--output", default="-", help="file (default: stdout)")
+    s.set_defaults(func=cmd_export_bundle)
+    return p
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "export-bundle":
+        args.dir_given = args.dir is not None
+    try:
+        args.func(args)
+    except (CliError, TesseraError) as exc:
+        print(f"tessera: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
