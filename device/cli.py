@@ -1,0 +1,164 @@
+"""`tessera-agent`: the device side.
+
+    tessera-agent enroll --provisioner URL --serial S (--tpm TCTI | --pkcs11 SPEC)
+    tessera-agent renew  --provisioner URL [--watch]
+
+Enrollment runs at the factory station, so it needs the operator's token
+(TESSERA_OPERATOR_TOKEN); renewal needs only the device's own hardware key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import random
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+
+from structauth.errors import ConfigurationError, TesseraError
+
+STATE_DIR = Path(os.environ.get("TESSERA_STATE_DIR", "/var/lib/tessera"))
+
+
+def _state(args: argparse.Namespace) -> dict[str, Any]:
+    path = args.state_dir / "agent.json"
+    try:
+        data: dict[str, Any] = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigurationError(f"{path} missing: run 'tessera-agent enroll' first") from None
+    return data
+
+
+def _signer(state: dict[str, Any]) -> Any:
+    from hw import open_signer
+
+    if state["backend"] == "tpm":
+        return open_signer(f"tpm:{state['tcti']}#tessera-device", key_dir=state["key_dir"])
+    return open_signer(f"pkcs11:{state['pkcs11']}")
+
+
+def cmd_enroll(args: argparse.Namespace) -> None:
+    from device.provisioner import (
+        CredentialStore,
+        ProvisionerClient,
+        enroll_tpm,
+        enroll_witnessed,
+    )
+    from hw import open_signer
+
+    if bool(args.tpm) == bool(args.pkcs11):
+        raise ConfigurationError("give exactly one of --tpm TCTI or --pkcs11 SPEC")
+    token = os.environ.get("TESSERA_OPERATOR_TOKEN")
+    if not token:
+        raise ConfigurationError(
+            "enrollment needs the factory operator's token in TESSERA_OPERATOR_TOKEN"
+        )
+    client = ProvisionerClient(args.provisioner, operator_token=token, cafile=args.cafile)
+    key_dir = args.key_dir or str(args.state_dir / "keys")
+    if args.tpm:
+        from hw.tpm import TpmBackend
+
+        with TpmBackend(args.tpm, Path(key_dir)) as backend:
+            issued = enroll_tpm(client, backend, args.serial, device_class=args.device_class)
+        state = {"backend": "tpm", "tcti": args.tpm, "key_dir": key_dir}
+    else:
+        signer = open_signer(f"pkcs11:{args.pkcs11}", create=True)
+        try:
+            issued = enroll_witnessed(client, signer, args.serial, device_class=args.device_class)
+        finally:
+            getattr(signer, "close", lambda: None)()
+        state = {"backend": "pkcs11", "pkcs11": args.pkcs11}
+    state.update(
+        {"serial": args.serial, "provisioner": args.provisioner, "identity": issued["identity"]}
+    )
+    CredentialStore(args.state_dir).save(issued)
+    (args.state_dir / "agent.json").write_text(json.dumps(state, indent=1))
+    print(f"enrolled as {issued['identity']} ({issued['attestation']})")
+
+
+def renew_due(args: argparse.Namespace) -> dt.datetime:
+    """When the current operational credential should be renewed: once two thirds of
+    its lifetime have passed."""
+    from device.provisioner import CredentialStore
+
+    cert = x509.load_pem_x509_certificate(CredentialStore(args.state_dir).load())
+    start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
+    return start + (end - start) * 2 / 3
+
+
+def renew_once(args: argparse.Namespace) -> dt.datetime:
+    from device.provisioner import CredentialStore, ProvisionerClient, renew
+
+    state = _state(args)
+    client = ProvisionerClient(args.provisioner or state["provisioner"], cafile=args.cafile)
+    signer = _signer(state)
+    try:
+        issued = renew(client, signer, state["serial"])
+    finally:
+        getattr(signer, "close", lambda: None)()
+    CredentialStore(args.state_dir).save(issued)
+    return dt.datetime.fromisoformat(issued["operational_not_after"])
+
+
+def cmd_renew(args: argparse.Namespace) -> None:
+    if not args.watch:
+        print(f"renewed; valid until {renew_once(args).isoformat()}")
+        return
+    # On failure retry with jittered backoff; if the credential expires meanwhile the
+    # device stops exactly as if revoked, and keeps trying.
+    backoff = 5.0
+    while True:
+        wait = (renew_due(args) - dt.datetime.now(dt.UTC)).total_seconds()
+        if wait > 0:
+            time.sleep(min(wait, 3600))
+            continue
+        try:
+            print(f"renewed; valid until {renew_once(args).isoformat()}", flush=True)
+            backoff = 5.0
+        except TesseraError as exc:
+            print(f"tessera-agent: renewal failed: {exc}", file=sys.stderr, flush=True)
+            time.sleep(backoff * random.uniform(0.5, 1.5))
+            backoff = min(backoff * 2, 300)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tessera-agent",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    s = sub.add_parser("enroll", help="enroll this device with the provisioning service")
+    s.add_argument("--provisioner", required=True)
+    s.add_argument("--serial", required=True)
+    s.add_argument("--tpm", metavar="TCTI", help="e.g. device:/dev/tpmrm0")
+    s.add_argument("--key-dir")
+    s.add_argument("--pkcs11", metavar="SPEC")
+    s.add_argument("--device-class", default="default")
+    for sp in (s, r := sub.add_parser("renew", help="renew the operational credential")):
+        sp.add_argument("--state-dir", type=Path, default=STATE_DIR)
+        sp.add_argument("--cafile")
+    r.add_argument("--provisioner")
+    r.add_argument("--watch", action="store_true", help="keep renewing before expiry")
+    s.set_defaults(func=cmd_enroll)
+    r.set_defaults(func=cmd_renew)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except TesseraError as exc:
+        print(f"tessera-agent: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0

@@ -1,0 +1,199 @@
+"""The device's side of enrollment and renewal, over HTTP(S) to the provisioning
+service. Standard library only (urllib), so a Pi install pulls in nothing more."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import ssl
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+
+from structauth.errors import ConfigurationError, Reason, TesseraError
+from structauth.keys import Signer
+from structauth.possession import LABEL_ENROLL, LABEL_RENEW, possession_digest
+
+
+def pop_signature(signer: Signer, label: bytes, nonce: bytes, serial: str) -> bytes:
+    return signer.sign_digest(possession_digest(label, nonce, serial))
+
+
+class ServiceError(TesseraError):
+    """The provisioning service refused a request; ``reason`` is the service's."""
+
+
+class ProvisionerClient:
+    def __init__(
+        self,
+        url: str,
+        *,
+        operator_token: str | None = None,
+        cafile: str | None = None,
+        timeout: float = 30.0,
+    ) -> None:
+        if not url.startswith(("http://", "https://")):
+            raise ConfigurationError(f"provisioner URL {url!r} must start with http:// or https://")
+        self.url = url.rstrip("/")
+        self.token = operator_token
+        self.timeout = timeout
+        self._ctx = ssl.create_default_context(cafile=cafile) if url.startswith("https") else None
+
+    def call(
+        self, method: str, path: str, body: dict[str, Any] | None = None, *, raw: bool = False
+    ) -> Any:
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(self.url + path, data=data, method=method)
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        if self.token:
+            req.add_header("Authorization", f"Bearer {self.token}")
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout, context=self._ctx) as resp:
+                payload = resp.read()
+        except urllib.error.HTTPError as exc:
+            raise _service_error(exc) from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise ServiceError(
+                f"cannot reach the provisioning service at {self.url}: {reason}",
+                Reason.BACKEND_UNAVAILABLE,
+            ) from None
+        return payload if raw else json.loads(payload)
+
+
+def _service_error(exc: urllib.error.HTTPError) -> ServiceError:
+    try:
+        info = json.loads(exc.read())
+        reason = Reason(int(info["code"]))
+        return ServiceError(str(info["detail"]), reason)
+    except (ValueError, KeyError, TypeError):
+        return ServiceError(f"provisioning service answered HTTP {exc.code}", Reason.MALFORMED)
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def unb64(value: str) -> bytes:
+    return base64.b64decode(value, validate=True)
+
+
+def enroll_tpm(
+    client: ProvisionerClient,
+    backend: Any,
+    serial: str,
+    *,
+    kind: str = "device",
+    device_class: str = "default",
+    reenroll: bool = False,
+    key_name: str = "tessera-device",
+    ak_name: str = "tessera-ak",
+) -> dict[str, Any]:
+    """Run the three-step TPM enrollment against ``backend`` (a hw.tpm.TpmBackend)."""
+    from device.attestation import ActivationChallenge, answer_challenge, build_evidence
+
+    start = client.call(
+        "POST",
+        "/v1/enroll/tpm/start",
+        {"serial": serial, "kind": kind, "device_class": device_class, "reenroll": reenroll},
+    )
+    evidence = build_evidence(
+        backend, key_name=key_name, ak_name=ak_name, qualifying_data=unb64(start["nonce"])
+    )
+    step2 = client.call(
+        "POST",
+        "/v1/enroll/tpm/evidence",
+        {"enrollment_id": start["enrollment_id"], "evidence": evidence.to_json()},
+    )
+    secret = answer_challenge(
+        backend, ActivationChallenge.from_json(step2["challenge"]), ak_name=ak_name
+    )
+    result: dict[str, Any] = client.call(
+        "POST",
+        "/v1/enroll/tpm/finish",
+        {"enrollment_id": step2["enrollment_id"], "secret": b64(secret)},
+    )
+    return result
+
+
+def enroll_witnessed(
+    client: ProvisionerClient,
+    signer: Signer,
+    serial: str,
+    *,
+    kind: str = "device",
+    device_class: str = "default",
+    reenroll: bool = False,
+) -> dict[str, Any]:
+    """Factory-witnessed enrollment of a PKCS#11 key: the operator vouches for the
+    device; the device proves it holds the key."""
+    spki = signer.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    start = client.call(
+        "POST",
+        "/v1/enroll/witnessed/start",
+        {
+            "serial": serial,
+            "kind": kind,
+            "device_class": device_class,
+            "reenroll": reenroll,
+            "public_key": b64(spki),
+            "key_backend": signer.backend,
+        },
+    )
+    sig = pop_signature(signer, LABEL_ENROLL, unb64(start["nonce"]), serial)
+    result: dict[str, Any] = client.call(
+        "POST",
+        "/v1/enroll/witnessed/finish",
+        {"enrollment_id": start["enrollment_id"], "signature": b64(sig)},
+    )
+    return result
+
+
+def renew(client: ProvisionerClient, signer: Signer, serial: str) -> dict[str, Any]:
+    """Get a fresh operational credential by signing the service's nonce."""
+    challenge = client.call("POST", "/v1/renew/challenge", {"serial": serial})
+    sig = pop_signature(signer, LABEL_RENEW, unb64(challenge["nonce"]), serial)
+    result: dict[str, Any] = client.call(
+        "POST", "/v1/renew", {"renewal_id": challenge["renewal_id"], "signature": b64(sig)}
+    )
+    return result
+
+
+@dataclass
+class CredentialStore:
+    """Where a device keeps its credentials (PEM files, written atomically)."""
+
+    directory: Path
+
+    def save(self, issued: dict[str, Any]) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        files = {
+            "operational.pem": issued["operational_credential"],
+            "bundle.pem": issued["bundle"],
+        }
+        if issued.get("enrollment_credential"):
+            files["enrollment.pem"] = issued["enrollment_credential"]
+        files["identity"] = issued["identity"] + "\n"
+        for name, text in files.items():
+            fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f".{name}.")
+            with os.fdopen(fd, "w") as fh:
+                fh.write(text)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.directory / name)
+
+    def load(self, name: str = "operational.pem") -> bytes:
+        path = self.directory / name
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            raise ConfigurationError(f"no {name} in {self.directory}: enroll first") from None
