@@ -28,5 +28,10 @@ SUBCOMMANDS: dict[str, Subcommand] = {
             "bench.sessions",
             "per-message tag/verify and handshake CPU vs pyjwt, OSCORE and TLS 1.3",
         ),
+        Subcommand(
+            "enrollment",
+            "bench.enrollment",
+            "end-to-end TPM enrollments per minute and renewals per second (vs Azure DPS)",
+        ),
     )
 }

@@ -49,6 +49,7 @@ class Report:
     ratio_rows: list[Row] = field(default_factory=list)
     targets: list[Target] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    rates: dict[str, float] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
 
     def figure(self, key: str, label: str, stats: Stats) -> Stats:
@@ -56,6 +57,12 @@ class Report:
         spread = f"p10 {_fmt(stats.p10_us)} / p90 {_fmt(stats.p90_us)}"
         self.rows.append(Row(key, label, stats.median_us, "µs", spread))
         return stats
+
+    def rate(self, key: str, label: str, value: float, unit: str, detail: str = "") -> float:
+        """A throughput figure (e.g. enrollments per minute), measured over a whole run."""
+        self.rates[key] = value
+        self.rows.append(Row(key, label, value, unit, detail))
+        return value
 
     def median(self, key: str) -> float:
         return self.figures[key].median_us
@@ -122,6 +129,7 @@ class Report:
             "unit": "us",
             "figures": {k: s.as_dict() for k, s in self.figures.items()},
             "medians_us": {k: round(s.median_us, 4) for k, s in self.figures.items()},
+            "rates": {k: round(v, 3) for k, v in self.rates.items()},
             "ratios": {k: round(v, 3) for k, v in self.ratios.items()},
             "targets": {
                 t.key: {

@@ -82,3 +82,20 @@ def test_table_marks_every_target(quick_run: subprocess.CompletedProcess[str]) -
     out = quick_run.stdout
     verdicts = out.count("[PASS]") + out.count("[MISS]")
     assert verdicts == len(TARGETS)
+
+
+@pytest.mark.hardware
+def test_enrollment_quick_run_reports_rates() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "enrollment", "--quick", "--json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["benchmark"] == "enrollment" and report["quick"] is True
+    assert set(report["rates"]) == {
+        "enrollments_per_minute", "enrollment_latency_ms", "renewals_per_second"
+    }
+    assert all(v > 0 for v in report["rates"].values())
+    assert "enrollments_over_azure_dps" in report["ratios"]
+    assert "azure_dps" in report["targets"]
