@@ -1,10 +1,13 @@
 """`tessera-agent`: the device side.
 
     tessera-agent enroll --provisioner URL --serial S (--tpm TCTI | --pkcs11 SPEC)
+    tessera-agent enrollment-endpoint --serial S --tpm TCTI [--listen HOST:PORT]
     tessera-agent renew  --provisioner URL [--watch]
 
-Enrollment runs at the factory station, so it needs the operator's token
-(TESSERA_OPERATOR_TOKEN); renewal needs only the device's own hardware key.
+Enrollment runs at the factory: either on the device with the operator's token
+(TESSERA_OPERATOR_TOKEN), or from the station (`tessera enroll --device URL`) while the
+device runs its enrollment endpoint, which needs no token, only the pairing code it
+shows. Renewal needs only the device's own hardware key.
 """
 
 from __future__ import annotations
@@ -46,7 +49,6 @@ def _signer(state: dict[str, Any]) -> Any:
 
 def cmd_enroll(args: argparse.Namespace) -> None:
     from device.provisioner import (
-        CredentialStore,
         ProvisionerClient,
         enroll_tpm,
         enroll_witnessed,
@@ -75,12 +77,53 @@ def cmd_enroll(args: argparse.Namespace) -> None:
         finally:
             getattr(signer, "close", lambda: None)()
         state = {"backend": "pkcs11", "pkcs11": args.pkcs11}
-    state.update(
-        {"serial": args.serial, "provisioner": args.provisioner, "identity": issued["identity"]}
-    )
-    CredentialStore(args.state_dir).save(issued)
-    (args.state_dir / "agent.json").write_text(json.dumps(state, indent=1))
+    _save(args.state_dir, state, args.serial, args.provisioner, issued)
     print(f"enrolled as {issued['identity']} ({issued['attestation']})")
+
+
+def _save(
+    state_dir: Path, state: dict[str, Any], serial: str, provisioner: str | None,
+    issued: dict[str, Any],
+) -> None:
+    from device.provisioner import CredentialStore
+
+    state.update({"serial": serial, "provisioner": provisioner, "identity": issued["identity"]})
+    CredentialStore(state_dir).save(issued)
+    (state_dir / "agent.json").write_text(json.dumps(state, indent=1))
+
+
+def cmd_enrollment_endpoint(args: argparse.Namespace) -> None:
+    from device.enrollment_endpoint import EnrollmentEndpoint
+    from device.provisioner import LocalTpm
+    from hw.tpm import TpmBackend
+
+    host, _, port = args.listen.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigurationError(f"--listen {args.listen!r}: expected HOST:PORT")
+    code = None
+    if args.code_file and args.code_file.exists():
+        code = args.code_file.read_text().strip() or None
+    key_dir = args.key_dir or str(args.state_dir / "keys")
+    state = {"backend": "tpm", "tcti": args.tpm, "key_dir": key_dir}
+    with TpmBackend(args.tpm, Path(key_dir)) as backend:
+        endpoint = EnrollmentEndpoint(
+            LocalTpm(backend),
+            args.serial,
+            lambda issued: _save(args.state_dir, state, args.serial,
+                                 issued.get("provisioner"), issued),
+            host=host.strip("[]"),
+            port=int(port),
+            code=code,
+        )
+        if args.code_file and code is None:
+            args.code_file.write_text(endpoint.code + "\n")
+            args.code_file.chmod(0o600)
+        print(f"enrollment endpoint for {args.serial} on {endpoint.url}", flush=True)
+        print(f"pairing code: {endpoint.code}", flush=True)
+        if not endpoint.serve_until_enrolled(args.timeout):
+            raise ConfigurationError(f"not enrolled within {args.timeout:.0f} s; nothing stored")
+    assert endpoint.issued is not None
+    print(f"enrolled as {endpoint.issued['identity']} ({endpoint.issued['attestation']})")
 
 
 def renew_due(args: argparse.Namespace) -> dt.datetime:
@@ -149,6 +192,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--watch", action="store_true", help="keep renewing before expiry")
     s.set_defaults(func=cmd_enroll)
     r.set_defaults(func=cmd_renew)
+    e = sub.add_parser(
+        "enrollment-endpoint",
+        help="let a factory station enroll this device over the network (one enrollment)",
+    )
+    e.add_argument("--serial", required=True)
+    e.add_argument("--tpm", metavar="TCTI", required=True)
+    e.add_argument("--key-dir")
+    e.add_argument("--state-dir", type=Path, default=STATE_DIR)
+    e.add_argument("--listen", default="127.0.0.1:8790", metavar="HOST:PORT")
+    e.add_argument("--code-file", type=Path,
+                   help="read the pairing code from here, or write a new one here")
+    e.add_argument("--timeout", type=float, default=None, help="give up after SECONDS")
+    e.set_defaults(func=cmd_enrollment_endpoint)
     return p
 
 

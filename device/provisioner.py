@@ -4,6 +4,7 @@ service. Standard library only (urllib), so a Pi install pulls in nothing more."
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import json
 import os
 import ssl
@@ -12,11 +13,21 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
-from structauth.errors import ConfigurationError, Reason, TesseraError
+from device.attestation import (
+    DEFAULT_AK_NAME,
+    DEFAULT_KEY_NAME,
+    ActivationChallenge,
+    TpmEvidence,
+    answer_challenge,
+    build_evidence,
+)
+from structauth.errors import ConfigurationError, EnrollmentError, Reason, TesseraError
 from structauth.keys import Signer
 from structauth.possession import LABEL_ENROLL, LABEL_RENEW, possession_digest
 
@@ -85,6 +96,67 @@ def unb64(value: str) -> bytes:
     return base64.b64decode(value, validate=True)
 
 
+class Attester(Protocol):
+    """A TPM that can answer the enrollment's two questions: the device's own TPM
+    (:class:`LocalTpm`) or one reached over the network through its agent's
+    enrollment endpoint (``device.enrollment_endpoint.RemoteDevice``)."""
+
+    def evidence(self, nonce: bytes) -> TpmEvidence: ...
+
+    def activate(self, challenge: ActivationChallenge) -> bytes: ...
+
+
+@dataclass
+class LocalTpm:
+    backend: Any  # hw.tpm.TpmBackend
+    key_name: str = DEFAULT_KEY_NAME
+    ak_name: str = DEFAULT_AK_NAME
+
+    def evidence(self, nonce: bytes) -> TpmEvidence:
+        return build_evidence(
+            self.backend, key_name=self.key_name, ak_name=self.ak_name, qualifying_data=nonce
+        )
+
+    def activate(self, challenge: ActivationChallenge) -> bytes:
+        return answer_challenge(self.backend, challenge, ak_name=self.ak_name)
+
+    def public_key(self) -> ec.EllipticCurvePublicKey:
+        key: ec.EllipticCurvePublicKey = self.backend.get_or_create_signing_key(
+            self.key_name
+        ).public_key()
+        return key
+
+
+def enroll_attested(
+    client: ProvisionerClient,
+    attester: Attester,
+    serial: str,
+    *,
+    kind: str = "device",
+    device_class: str = "default",
+    reenroll: bool = False,
+) -> dict[str, Any]:
+    """The three-step TPM enrollment: nonce -> evidence -> activation -> credentials."""
+    start = client.call(
+        "POST",
+        "/v1/enroll/tpm/start",
+        {"serial": serial, "kind": kind, "device_class": device_class, "reenroll": reenroll},
+    )
+    evidence = attester.evidence(unb64(start["nonce"]))
+    step2 = client.call(
+        "POST",
+        "/v1/enroll/tpm/evidence",
+        {"enrollment_id": start["enrollment_id"], "evidence": evidence.to_json()},
+    )
+    secret = attester.activate(ActivationChallenge.from_json(step2["challenge"]))
+    result: dict[str, Any] = client.call(
+        "POST",
+        "/v1/enroll/tpm/finish",
+        {"enrollment_id": step2["enrollment_id"], "secret": b64(secret)},
+    )
+    return result
+
+
 def enroll_tpm(
     client: ProvisionerClient,
     backend: Any,
@@ -93,34 +165,56 @@ def enroll_tpm(
     kind: str = "device",
     device_class: str = "default",
     reenroll: bool = False,
-    key_name: str = "tessera-device",
-    ak_name: str = "tessera-ak",
+    key_name: str = DEFAULT_KEY_NAME,
+    ak_name: str = DEFAULT_AK_NAME,
 ) -> dict[str, Any]:
-    """Run the three-step TPM enrollment against ``backend`` (a hw.tpm.TpmBackend)."""
-    from device.attestation import ActivationChallenge, answer_challenge, build_evidence
+    """TPM enrollment of this device's own TPM (a hw.tpm.TpmBackend); the answer is
+    checked against the TPM's key before it is returned."""
+    local = LocalTpm(backend, key_name, ak_name)
+    issued = enroll_attested(
+        client, local, serial, kind=kind, device_class=device_class, reenroll=reenroll
+    )
+    check_issued(issued, local.public_key(), serial)
+    return issued
 
-    start = client.call(
-        "POST",
-        "/v1/enroll/tpm/start",
-        {"serial": serial, "kind": kind, "device_class": device_class, "reenroll": reenroll},
+
+def check_issued(
+    issued: Any, key: ec.EllipticCurvePublicKey, serial: str, *, now: dt.datetime | None = None
+) -> None:
+    """Refuse credentials that are not for this device's key and serial, or that do
+    not chain to the bundle they came with (a confused or hostile service, or a
+    station pushing someone else's credentials)."""
+    from structauth.credentials import Credential, TimePolicy, TrustStore
+
+    try:
+        bundle = x509.load_pem_x509_certificates(issued["bundle"].encode())
+        pems = [issued["operational_credential"]]
+        if issued.get("enrollment_credential"):
+            pems.append(issued["enrollment_credential"])
+        creds = [Credential.from_pem(p.encode()) for p in pems]
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:
+        raise EnrollmentError(
+            f"the issued credentials are malformed: {exc}", Reason.BAD_CREDENTIAL
+        ) from None
+    mine = key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    evidence = build_evidence(
-        backend, key_name=key_name, ak_name=ak_name, qualifying_data=unb64(start["nonce"])
-    )
-    step2 = client.call(
-        "POST",
-        "/v1/enroll/tpm/evidence",
-        {"enrollment_id": start["enrollment_id"], "evidence": evidence.to_json()},
-    )
-    secret = answer_challenge(
-        backend, ActivationChallenge.from_json(step2["challenge"]), ak_name=ak_name
-    )
-    result: dict[str, Any] = client.call(
-        "POST",
-        "/v1/enroll/tpm/finish",
-        {"enrollment_id": step2["enrollment_id"], "secret": b64(secret)},
-    )
-    return result
+    policy = TimePolicy.trusted(now or dt.datetime.now(dt.UTC))
+    for cred in creds:
+        theirs = cred.public_key.public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        if theirs != mine:
+            raise EnrollmentError(
+                "the issued credential is for another key than this device's",
+                Reason.BAD_CREDENTIAL,
+            )
+        if cred.identity.name != serial or cred.identity.uri != issued.get("identity"):
+            raise EnrollmentError(
+                f"the issued credential names {cred.identity.uri}, not serial {serial}",
+                Reason.WRONG_IDENTITY,
+            )
+        TrustStore(bundle, cred.identity.trust_domain).validate(cred, policy)
 
 
 def enroll_witnessed(
@@ -155,6 +249,7 @@ def enroll_witnessed(
         "/v1/enroll/witnessed/finish",
         {"enrollment_id": start["enrollment_id"], "signature": b64(sig)},
     )
+    check_issued(result, signer.public_key(), serial)
     return result
 
 
@@ -165,6 +260,7 @@ def renew(client: ProvisionerClient, signer: Signer, serial: str) -> dict[str, A
     result: dict[str, Any] = client.call(
         "POST", "/v1/renew", {"renewal_id": challenge["renewal_id"], "signature": b64(sig)}
     )
+    check_issued(result, signer.public_key(), serial)
     return result
 
 

@@ -2,7 +2,8 @@
 
     tessera init           create a fleet authority (key in a PKCS#11 token) and registry
     tessera serve          run the provisioning service (HTTP API)
-    tessera enroll         enroll a device (local TPM or PKCS#11 key, or --batch CSV)
+    tessera enroll         enroll a device (local TPM or PKCS#11 key, a device on the
+                           network with --device URL, or --batch CSV)
     tessera list | show    what the registry holds
     tessera revoke         revoke a device (its live sessions are cut by brokers)
     tessera renew          renew a local device's operational credential
@@ -234,6 +235,8 @@ def cmd_enroll(args: argparse.Namespace) -> None:
     client = _client(args)
     if args.batch:
         return _enroll_batch(args, client)
+    if args.device:
+        return _enroll_remote(args, client)
     if not args.serial:
         raise CliError("--serial is required (or --batch CSV)")
     issued = _enroll_one(
@@ -246,6 +249,37 @@ def cmd_enroll(args: argparse.Namespace) -> None:
         f"operational credential valid until {issued['operational_not_after']}"
         + (f"; credentials in {args.out}" if args.out else ""),
     )
+
+
+def _enroll_remote(args: argparse.Namespace, client: Any) -> None:
+    """Enroll a device on the network through its agent's enrollment endpoint."""
+    from device.enrollment_endpoint import RemoteDevice
+    from device.provisioner import enroll_attested
+
+    if args.tpm or args.pkcs11:
+        raise CliError("--device enrolls a remote device: leave out --tpm/--pkcs11")
+    code = args.device_code or os.environ.get("TESSERA_DEVICE_CODE", "")
+    device = RemoteDevice(args.device, code)
+    serial = device.info()["serial"]
+    if args.serial and args.serial != serial:
+        raise CliError(f"the device at {args.device} is {serial}, not {args.serial}")
+    issued = enroll_attested(
+        client, device, serial, kind=args.kind, device_class=args.device_class,
+        reenroll=args.reenroll,
+    )
+    try:
+        device.deliver({**issued, "provisioner": args.provisioner})
+    except TesseraError as exc:
+        raise CliError(
+            f"{serial} is enrolled but did not take its credentials ({_one_line(exc)}); "
+            "fix that and run again with --reenroll"
+        ) from None
+    if args.out:
+        from device.provisioner import CredentialStore
+
+        CredentialStore(args.out).save(issued)
+    _emit(args, issued, f"enrolled {issued['identity']} ({issued['attestation']}) over the "
+                        f"network; the device stored its credentials")
 
 
 def _enroll_batch(args: argparse.Namespace, client: Any) -> None:
@@ -437,6 +471,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tpm", metavar="TCTI", help="device TPM, e.g. device:/dev/tpmrm0")
     s.add_argument("--key-dir", help="where the TPM-wrapped key blobs live")
     s.add_argument("--pkcs11", metavar="SPEC", help="<module>#<token>/<key> (factory-witnessed)")
+    s.add_argument("--device", metavar="URL",
+                   help="a device on the network running 'tessera-agent enrollment-endpoint'")
+    s.add_argument("--device-code", help="its pairing code (else TESSERA_DEVICE_CODE)")
     s.add_argument("--kind", default="device", choices=("device", "broker"))
     s.add_argument("--device-class", default="default")
     s.add_argument(

@@ -393,3 +393,82 @@ def test_certify_of_another_key_refused(service: ProvisioningServer, swtpm_sessi
                         {"enrollment_id": enrollment_id, "evidence": old_evidence.to_json()})
         assert exc.value.reason is Reason.CERTIFY_MISMATCH
     assert devices(service) == []
+
+
+# -- a device on the network, through its agent's enrollment endpoint -------------------
+
+
+def _agent_endpoint(service: ProvisioningServer, tpm: Swtpm, serial: str,
+                    state: Path) -> tuple[object, str, str]:
+    import subprocess
+    import sys
+    import time
+
+    from simulator.provisioner import free_port
+
+    port = free_port()
+    code_file = state.parent / f"{serial}.code"
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "tessera-agent"), "enrollment-endpoint",
+         "--serial", serial, "--tpm", tpm.tcti, "--state-dir", str(state),
+         "--listen", f"127.0.0.1:{port}", "--code-file", str(code_file), "--timeout", "120"],
+        env={k: v for k, v in service.env.items() if k != "TESSERA_OPERATOR_TOKEN"},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 20
+    while not (code_file.exists() and code_file.read_text().strip()):
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(0.2)
+    return proc, f"http://127.0.0.1:{port}", code_file.read_text().strip()
+
+
+def test_enroll_device_over_the_network(service: ProvisioningServer, swtpm_session: Swtpm,
+                                        tmp_path: Path) -> None:
+    state = tmp_path / "device-state"
+    proc, url, code = _agent_endpoint(service, swtpm_session, "net-1", state)
+    try:
+        wrong = service.cli("enroll", "--device", url, "--device-code", "not-the-code")
+        assert wrong.returncode == 1 and len(wrong.stderr.strip().splitlines()) == 1
+        assert "pairing code" in wrong.stderr
+        assert devices(service) == []
+        done = service.cli("--json", "enroll", "--device", url, "--device-code", code)
+        assert done.returncode == 0, done.stderr
+        out, _ = proc.communicate(timeout=30)  # type: ignore[attr-defined]
+    finally:
+        proc.kill()  # type: ignore[attr-defined]
+    assert proc.returncode == 0 and "enrolled as" in out  # type: ignore[attr-defined]
+    issued = json.loads(done.stdout)
+    assert issued["attestation"] == "tpm-attested"
+    assert (state / "operational.pem").read_text() == issued["operational_credential"]
+    assert json.loads((state / "agent.json").read_text())["serial"] == "net-1"
+    assert [d["serial"] for d in devices(service)] == ["net-1"]
+    # the device renews on its own with what the endpoint stored
+    import subprocess
+    import sys
+
+    renewed = subprocess.run(
+        [str(Path(sys.executable).parent / "tessera-agent"), "renew", "--state-dir", str(state),
+         "--provisioner", service.url], capture_output=True, text=True, env=service.env)
+    assert renewed.returncode == 0, renewed.stderr
+
+
+def test_device_refuses_credentials_for_another_key(service: ProvisioningServer,
+                                                    swtpm_session: Swtpm,
+                                                    tmp_path: Path) -> None:
+    from device.enrollment_endpoint import EnrollmentEndpoint, RemoteDevice
+    from device.provisioner import LocalTpm
+    from hw.tpm import TpmBackend
+
+    other = enroll(service, swtpm_session, "someone-else", tmp_path / "other-keys")
+    stored: list[object] = []
+    with TpmBackend(swtpm_session.tcti, tmp_path / "keys") as backend:
+        endpoint = EnrollmentEndpoint(LocalTpm(backend), "net-2", stored.append).start()
+        try:
+            device = RemoteDevice(endpoint.url, endpoint.code)
+            with pytest.raises(Exception) as exc:
+                device.deliver(other)
+            assert getattr(exc.value, "reason", None) is Reason.BAD_CREDENTIAL
+            assert stored == [] and not endpoint.enrolled.is_set()
+        finally:
+            endpoint.close()
