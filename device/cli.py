@@ -187,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device-class", default="default")
     for sp in (s, r := sub.add_parser("renew", help="renew the operational credential")):
         sp.add_argument("--state-dir", type=Path, default=STATE_DIR)
-        sp.add_argument("--cafile")
+        sp.add_argument("--cafile", default=os.environ.get("TESSERA_CAFILE"),
+                        help="CA bundle for the service's TLS certificate")
     r.add_argument("--provisioner")
     r.add_argument("--watch", action="store_true", help="keep renewing before expiry")
     s.set_defaults(func=cmd_enroll)

@@ -431,7 +431,11 @@ def build_parser() -> argparse.ArgumentParser:
             help="service URL (env TESSERA_PROVISIONER; default %(default)s)",
         )
         sp.add_argument("--token-file", help="operator token file (else TESSERA_OPERATOR_TOKEN)")
-        sp.add_argument("--cafile", help="CA bundle to verify the service's TLS certificate")
+        sp.add_argument(
+            "--cafile",
+            default=os.environ.get("TESSERA_CAFILE"),
+            help="CA bundle to verify the service's TLS certificate (env TESSERA_CAFILE)",
+        )
 
     s = sub.add_parser("init", help="create a fleet authority and registry")
     s.add_argument("--dir", type=Path, default=DEFAULT_DIR, help="authority directory")

@@ -4,11 +4,14 @@ authority key in a SoftHSM2 token, then `tessera serve` as a child process on
 
 from __future__ import annotations
 
+import datetime as dt
+import ipaddress
 import json
 import os
 import secrets
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -20,6 +23,37 @@ from simulator.softhsm import SoftHsm
 from structauth.errors import ConfigurationError
 
 _BIN = Path(sys.executable).parent
+
+
+def _self_signed(directory: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key, for serving HTTPS in tests."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    directory.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "tessera test provisioner")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName(
+            [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    key_path.chmod(0o600)
+    return cert_path, key_path
 
 
 def free_port() -> int:
@@ -38,17 +72,23 @@ class ProvisioningServer:
         maker_roots: Sequence[str | os.PathLike[str]] = (),
         registry_url: str | None = None,
         operational_lifetime_minutes: int = 24 * 60,
+        tls: bool = False,
     ) -> None:
         self.directory = Path(directory)
         self.softhsm = softhsm
         self.trust_domain = trust_domain
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
+        self.directory.parent.mkdir(parents=True, exist_ok=True)
+        self.tls = _self_signed(self.directory.parent / "service-tls") if tls else None
+        self.cafile = str(self.tls[0]) if self.tls else None
         self.pin = secrets.token_hex(8)
         self.token_label = f"authority-{secrets.token_hex(3)}"
         softhsm.init_token(self.token_label, so_pin=secrets.token_hex(8), user_pin=self.pin)
         self.env = {**os.environ, "SOFTHSM2_CONF": str(softhsm.conf_path),
                     "TESSERA_PKCS11_PIN": self.pin, "TESSERA_PROVISIONER": self.url}
+        if self.cafile:
+            self.env["TESSERA_CAFILE"] = self.cafile
         cmd = [str(_BIN / "tessera"), "--json", "init", "--dir", str(self.directory),
                "--trust-domain", trust_domain, "--pkcs11-module", softhsm.module,
                "--token", self.token_label,
@@ -69,16 +109,19 @@ class ProvisioningServer:
         if self._proc is not None:
             return self
         log = open(self.log, "ab")  # noqa: SIM115 - handed to the child
-        self._proc = subprocess.Popen(
-            [str(_BIN / "tessera"), "serve", "--dir", str(self.directory),
-             "--port", str(self.port)], env=self.env, stdout=log, stderr=log)
+        cmd = [str(_BIN / "tessera"), "serve", "--dir", str(self.directory),
+               "--port", str(self.port)]
+        if self.tls:
+            cmd += ["--tls-cert", str(self.tls[0]), "--tls-key", str(self.tls[1])]
+        self._proc = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=log)
         log.close()
+        context = ssl.create_default_context(cafile=self.cafile) if self.tls else None
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
                 raise ConfigurationError(f"tessera serve exited: {self.log.read_text()[-500:]}")
             try:
-                with urllib.request.urlopen(self.url + "/healthz", timeout=1):
+                with urllib.request.urlopen(self.url + "/healthz", timeout=1, context=context):
                     return self
             except OSError:
                 time.sleep(0.05)

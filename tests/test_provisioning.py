@@ -472,3 +472,53 @@ def test_device_refuses_credentials_for_another_key(service: ProvisioningServer,
             assert stored == [] and not endpoint.enrolled.is_set()
         finally:
             endpoint.close()
+
+
+# -- HTTPS and the PostgreSQL registry, end to end -------------------------------------
+
+
+def test_https_service_on_postgresql(softhsm: SoftHsm, swtpm_session: Swtpm, tmp_path: Path,
+                                     postgres_server: object) -> None:
+    import datetime as dt
+
+    from structauth.errors import CredentialError
+
+    url = postgres_server.create_database()  # type: ignore[attr-defined]
+    with ProvisioningServer(tmp_path / "authority", softhsm, tls=True, registry_url=url,
+                            maker_roots=swtpm_session.manufacturer_ca_paths,
+                            operational_lifetime_minutes=5) as service:
+        assert service.url.startswith("https://")
+        issued = enroll(service, swtpm_session, "pg-1", tmp_path / "keys")
+        validate(issued)
+        # five-minute operational credential: unrenewed, it stops working like a revocation
+        cred = Credential.from_pem(issued["operational_credential"].encode())
+        assert cred.not_after - dt.datetime.now(dt.UTC) <= dt.timedelta(minutes=5)
+        store = TrustStore(x509.load_pem_x509_certificates(issued["bundle"].encode()),
+                           cred.identity.trust_domain)
+        later = dt.datetime.now(dt.UTC) + dt.timedelta(minutes=11)
+        with pytest.raises(CredentialError) as exc:
+            store.validate(cred, TimePolicy.trusted(later))
+        assert exc.value.reason is Reason.CREDENTIAL_EXPIRED
+        service.restart()
+        done = service.cli("--json", "renew", "--serial", "pg-1", "--tpm", swtpm_session.tcti,
+                           "--key-dir", str(tmp_path / "keys"))
+        assert done.returncode == 0, done.stderr
+        service.cli("revoke", "pg-1", check=True)
+        [record] = devices(service)
+        assert record["status"] == "revoked"
+        # without the service's CA the client refuses the connection, in one line
+        env = {k: v for k, v in service.env.items() if k != "TESSERA_CAFILE"}
+        import subprocess
+        import sys
+
+        done = subprocess.run([str(Path(sys.executable).parent / "tessera"), "list"],
+                              env=env, capture_output=True, text=True)
+        assert done.returncode == 1 and "CERTIFICATE_VERIFY_FAILED" in done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1
+    # the records are in PostgreSQL, not in a file next to the authority
+    assert not (tmp_path / "authority" / "registry.db").exists()
+    from provisioning.registry import open_registry
+
+    with open_registry(url) as registry:
+        assert [(r.serial, r.status) for r in registry.list()] == [("pg-1", "revoked")]
+        assert len(registry.revocations()) == 1
