@@ -9,6 +9,7 @@ feed are public, as a CRL is. Every refusal answers with one JSON object
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import threading
@@ -132,10 +133,20 @@ def build_app(service: EnrollmentService, operators: Operators) -> Starlette:
 
         return wrapped
 
+    # Long-poll waiters sleep on this until a revocation in this process wakes them;
+    # they also look again every second, for revocations made by another service
+    # instance sharing a PostgreSQL registry.
+    revoked_here: list[asyncio.Event] = []
+
+    def wake_feed() -> None:
+        for waiter in revoked_here:
+            waiter.set()
+
     def issued(result: Issued) -> JSONResponse:
         payload = result.to_json()
         if result.revoked_previous is not None:
             payload["revoked_previous"] = event_json(result.revoked_previous)
+            wake_feed()
         log.info("issued credentials to %s (%s)", result.record.identity, result.record.attestation)
         return JSONResponse(payload)
 
@@ -208,6 +219,7 @@ def build_app(service: EnrollmentService, operators: Operators) -> Starlette:
             service.revoke, request.path_params["serial"], reason=reason, operator=who
         )
         log.info("revoked %s by %s: %s", event.identity, who, reason)
+        wake_feed()
         return JSONResponse(event_json(event))
 
     @endpoint
@@ -219,12 +231,21 @@ def build_app(service: EnrollmentService, operators: Operators) -> Starlette:
             wait = min(float(request.query_params.get("wait", "0")), 60.0)
         except ValueError:
             raise _BadRequest("since must be an integer and wait a number") from None
-        deadline = asyncio.get_running_loop().time() + max(wait, 0.0)
-        while True:
-            events = await locked(service.registry.revocations, since, 1000)
-            if events or asyncio.get_running_loop().time() >= deadline:
-                return JSONResponse({"events": [event_json(e) for e in events]})
-            await asyncio.sleep(0.05)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(wait, 0.0)
+        waiter = asyncio.Event()
+        revoked_here.append(waiter)
+        try:
+            while True:
+                waiter.clear()
+                events = await locked(service.registry.revocations, since, 1000)
+                left = deadline - loop.time()
+                if events or left <= 0:
+                    return JSONResponse({"events": [event_json(e) for e in events]})
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(waiter.wait(), min(left, 1.0))
+        finally:
+            revoked_here.remove(waiter)
 
     @endpoint
     async def bundle(request: Request) -> Response:

@@ -522,3 +522,41 @@ def test_https_service_on_postgresql(softhsm: SoftHsm, swtpm_session: Swtpm, tmp
     with open_registry(url) as registry:
         assert [(r.serial, r.status) for r in registry.list()] == [("pg-1", "revoked")]
         assert len(registry.revocations()) == 1
+
+
+def test_revocation_feed_long_poll_and_catch_up(service: ProvisioningServer,
+                                                softhsm: SoftHsm) -> None:
+    """A broker long-polls the feed and is woken by a revocation; one that was offline
+    catches up from the last id it saw, in order, nothing missed."""
+    import threading
+    import time
+
+    from device.provisioner import enroll_witnessed
+    from hw.software import InsecureSoftwareSigner
+
+    operator = ProvisionerClient(service.url, operator_token=service.operator_token)
+    for i in range(3):
+        enroll_witnessed(operator, InsecureSoftwareSigner.generate(), f"feed-{i}")
+    feed = ProvisionerClient(service.url)
+    got: list[dict] = []  # type: ignore[type-arg]
+
+    def poll() -> None:
+        t0 = time.monotonic()
+        got.extend(feed.call("GET", "/v1/revocations?since=0&wait=30")["events"])
+        got.append({"elapsed": time.monotonic() - t0})
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    time.sleep(0.3)
+    service.cli("revoke", "feed-0", check=True)
+    poller.join(timeout=30)
+    assert [e.get("serial") for e in got[:-1]] == ["feed-0"]
+    assert got[-1]["elapsed"] < 20  # woken by the revocation, not by the 30 s deadline
+    # offline broker: last saw event 1; two more revocations happen; it catches up
+    service.cli("revoke", "feed-1", check=True)
+    service.cli("revoke", "feed-2", check=True)
+    events = feed.call("GET", "/v1/revocations?since=1")["events"]
+    assert [(e["id"], e["serial"]) for e in events] == [(2, "feed-1"), (3, "feed-2")]
+    assert feed.call("GET", "/v1/revocations?since=3&wait=0.2")["events"] == []
+    with pytest.raises(ServiceError):
+        feed.call("GET", "/v1/revocations?since=abc")
