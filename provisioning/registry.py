@@ -14,9 +14,11 @@ the ones it lacks and refuses a registry written by a newer Tessera.
 from __future__ import annotations
 
 import base64
+import builtins
 import datetime as dt
 import re
 import sqlite3
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -171,7 +173,11 @@ class Registry:
             self._driver_errors = (psycopg.Error,)
         else:
             self._driver_errors = (sqlite3.Error,)
-        self._migrate()
+        try:
+            self._migrate()
+        except BaseException:
+            self.close()  # a refused or failed open must not leak its connection
+            raise
 
     # -- transactions --------------------------------------------------------------
     @contextmanager
@@ -270,8 +276,9 @@ class Registry:
                     )
                 if same_ek is not None:
                     raise EnrollmentError(
-                        f"this TPM (EK {record.ek_fingerprint[:16]}...) is already enrolled as "
-                        f"device {same_ek}; use --reenroll to move it (this revokes {same_ek})",
+                        f"this TPM (EK {(record.ek_fingerprint or '')[:16]}...) is already "
+                        f"enrolled as device {same_ek}; use --reenroll to move it "
+                        f"(this revokes {same_ek})",
                         Reason.ALREADY_ENROLLED,
                     )
             first: RevocationEvent | None = None
@@ -382,7 +389,7 @@ class Registry:
         )
         return RevocationEvent(event_id, serial, identity, certs, reason, at, by)
 
-    def revocations(self, since_id: int = 0, limit: int = 1000) -> list[RevocationEvent]:
+    def revocations(self, since_id: int = 0, limit: int = 1000) -> builtins.list[RevocationEvent]:
         """Events with an id above ``since_id``, oldest first."""
         with self._tx(write=False) as q:
             rows = q.all(
@@ -393,7 +400,7 @@ class Registry:
 
     def revoked_cert_serials(
         self, still_valid_at: dt.datetime | None = None
-    ) -> list[tuple[str, dt.datetime]]:
+    ) -> builtins.list[tuple[str, dt.datetime]]:
         """(certificate serial in hex, revocation time) of every revoked credential;
         with ``still_valid_at``, only those that have not expired by then (an expired
         credential needs no CRL entry)."""
@@ -433,7 +440,7 @@ class Registry:
         return base64.b64decode(row[0])
 
     def close(self) -> None:
-        with suppress(self._driver_errors):
+        with suppress(*self._driver_errors):
             self._conn.close()
 
     def __enter__(self) -> Registry:
@@ -469,12 +476,25 @@ def open_registry(url: str) -> Registry:
 def _open_sqlite(path: str) -> Registry:
     if path != ":memory:" and not Path(path).parent.is_dir():
         raise ConfigurationError(f"registry {path}: directory {Path(path).parent} does not exist")
+    conn = None
     try:
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
-        conn.execute("PRAGMA journal_mode = WAL")
+        # Switching a new file to WAL takes an exclusive lock, and SQLite reports another
+        # opener's lock at once instead of waiting for it: retry, as the busy timeout would.
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                conn.execute("PRAGMA journal_mode = WAL")
+                break
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
         # FULL: a committed enrollment survives a power cut, not just a process crash.
         conn.execute("PRAGMA synchronous = FULL")
     except sqlite3.Error as exc:
+        if conn is not None:
+            conn.close()
         raise RegistryError(f"cannot open registry {path}: {exc}", Reason.REGISTRY_FAILURE) from exc
     return Registry(conn, postgres=False, where=path)
 
