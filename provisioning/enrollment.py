@@ -201,33 +201,34 @@ class EnrollmentService:
                 Reason.ALREADY_ENROLLED,
             )
 
-    # -- TPM-attested enrollment ------------------------------------------------
-    def tpm_start(self, request: dict[str, Any], *, operator: str) -> dict[str, Any]:
-        """Step 1: the operator names the device; the service answers with the
-        nonce the TPM must put in its Certify (so a captured Certify is useless)."""
+    def _begin(self, request: dict[str, Any], operator: str) -> dict[str, Any]:
+        """The operator's first step, common to both kinds of enrollment: check the
+        names, refuse a duplicate, and draw the nonce the device must answer."""
         serial = check_serial(request.get("serial"))
         kind = check_name(request.get("kind"), "kind", "device")
         self._identity(kind, serial)
         reenroll = bool(request.get("reenroll", False))
         self._refuse_duplicate(serial, reenroll)
+        return {
+            "serial": serial,
+            "kind": kind,
+            "reenroll": reenroll,
+            "operator": operator,
+            "device_class": check_name(request.get("device_class"), "device_class", "default"),
+            "nonce": b64(secrets.token_bytes(32)),
+        }
+
+    # -- TPM-attested enrollment ------------------------------------------------
+    def tpm_start(self, request: dict[str, Any], *, operator: str) -> dict[str, Any]:
+        """Step 1: the operator names the device; the service answers with the
+        nonce the TPM must put in its Certify (so a captured Certify is useless)."""
+        state = self._begin(request, operator)
         if self.maker_roots is None:
             raise EnrollmentError(
                 "this service has no TPM maker roots configured; TPM enrollment is disabled",
                 Reason.UNKNOWN_TPM_MAKER,
             )
-        nonce = secrets.token_bytes(32)
-        token = self._put(
-            "tpm-evidence",
-            {
-                "serial": serial,
-                "kind": kind,
-                "reenroll": reenroll,
-                "operator": operator,
-                "device_class": check_name(request.get("device_class"), "device_class", "default"),
-                "nonce": b64(nonce),
-            },
-        )
-        return {"enrollment_id": token, "nonce": b64(nonce)}
+        return {"enrollment_id": self._put("tpm-evidence", state), "nonce": state["nonce"]}
 
     def tpm_evidence(self, request: dict[str, Any]) -> dict[str, Any]:
         """Step 2: check the TPM evidence and send the activation challenge."""
@@ -268,11 +269,7 @@ class EnrollmentService:
 
     # -- factory-witnessed enrollment (PKCS#11) ---------------------------------
     def witnessed_start(self, request: dict[str, Any], *, operator: str) -> dict[str, Any]:
-        serial = check_serial(request.get("serial"))
-        kind = check_name(request.get("kind"), "kind", "device")
-        self._identity(kind, serial)
-        reenroll = bool(request.get("reenroll", False))
-        self._refuse_duplicate(serial, reenroll)
+        state = self._begin(request, operator)
         key = _load_p256(unb64(request.get("public_key"), "public_key"), "public_key")
         backend = check_name(request.get("key_backend"), "key_backend", "pkcs11")
         if backend not in ("pkcs11", "insecure-software"):
@@ -280,21 +277,8 @@ class EnrollmentService:
                 "key_backend must be pkcs11 (or insecure-software in development)",
                 Reason.ATTESTATION_FAILED,
             )
-        nonce = secrets.token_bytes(32)
-        token = self._put(
-            "witnessed-pop",
-            {
-                "serial": serial,
-                "kind": kind,
-                "reenroll": reenroll,
-                "operator": operator,
-                "device_class": check_name(request.get("device_class"), "device_class", "default"),
-                "nonce": b64(nonce),
-                "key": b64(_spki(key)),
-                "key_backend": backend,
-            },
-        )
-        return {"enrollment_id": token, "nonce": b64(nonce)}
+        state.update({"key": b64(_spki(key)), "key_backend": backend})
+        return {"enrollment_id": self._put("witnessed-pop", state), "nonce": state["nonce"]}
 
     def witnessed_finish(self, request: dict[str, Any]) -> Issued:
         state = self._take(request.get("enrollment_id"), "witnessed-pop")
