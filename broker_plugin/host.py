@@ -169,7 +169,10 @@ def on_basic_auth(client_id: str, username: str | None, password: bytes | None,
 
 
 def on_ext_auth_start(client_id: str, address: str, protocol: int, method: str,
-                      data: bytes | None) -> tuple[int, bytes | None]:
+                      data: bytes | None, *, reauth: bool = False) -> tuple[int, bytes | None]:
+    # reauth: an AUTH packet (0x19) on a live connection; the shim tells them apart. A
+    # successful one replaces the session in place (Enforcer.connect); a failed one
+    # makes Mosquitto close the connection.
     rc, out = _state["enforcer"].connect(client_id, address, method, data, time.monotonic())
     return rc, out
 

@@ -8,6 +8,7 @@
     tessera revoke         revoke a device (its live sessions are cut by brokers)
     tessera renew          renew a local device's operational credential
     tessera export-bundle  write the trust bundle devices and brokers need
+    tessera broker config  write mosquitto.conf lines that load the Tessera plugin
 
 Every error is one line on stderr and a non-zero exit; nothing is half-written.
 """
@@ -414,6 +415,68 @@ def cmd_export_bundle(args: argparse.Namespace) -> None:
             print(f"trust bundle written to {args.output}")
 
 
+def cmd_broker_config(args: argparse.Namespace) -> None:
+    """Write a mosquitto.conf snippet that loads the Tessera plugin, after checking
+    that the broker will be able to start with it."""
+    from broker_plugin.build import BuildError, ensure_built, readable_by
+    from broker_plugin.host import build_enforcer
+
+    host, _, port = args.listener.rpartition(":")
+    if not host or not port.isdigit():
+        raise CliError(f"--listener {args.listener!r}: expected HOST:PORT, e.g. 0.0.0.0:8883")
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise CliError("TLS needs both --tls-cert and --tls-key")
+    options = {
+        "python": sys.executable,
+        "trust_domain": args.trust_domain,
+        "bundle": args.bundle,
+        "credential": args.credential,
+        "key": args.key,
+        "policy": args.policy,
+    }
+    for name in ("provisioner", "cafile", "audit_log", "pin_file", "key_dir"):
+        value = getattr(args, name)
+        if value:
+            options[name] = value
+    for name in ("bundle", "credential", "policy", "pin_file"):
+        if name in options:
+            options[name] = str(Path(options[name]).resolve())
+    try:
+        plugin = ensure_built()
+    except BuildError as exc:
+        raise CliError(exc.detail) from None
+    # the broker starts with these options: refuse here, in one line, what it would refuse
+    enforcer, signer = build_enforcer(options)
+    getattr(signer, "close", lambda: None)()
+    if args.user:
+        blocked = readable_by(args.user)
+        if blocked:
+            raise CliError(
+                f"mosquitto drops to user {args.user} before it loads plugins, and that user "
+                f"cannot read {blocked[0]}: install Tessera where {args.user} can read it, "
+                "or pass --user with the account mosquitto runs as"
+            )
+    lines = [
+        "# Tessera: written by 'tessera broker config'",
+        "per_listener_settings false",
+        "allow_anonymous false  # clients without the tessera-sa1 method are refused too",
+        f"listener {port} {host}",
+    ]
+    if args.tls_cert:
+        lines += [f"certfile {Path(args.tls_cert).resolve()}",
+                  f"keyfile {Path(args.tls_key).resolve()}"]
+    lines.append(f"plugin {plugin}")
+    lines += [f"plugin_opt_{k} {v}" for k, v in options.items()]
+    text = "\n".join(lines) + "\n"
+    if args.output == "-":
+        sys.stdout.write(text)
+    else:
+        Path(args.output).write_text(text)
+        if not args.json:
+            print(f"mosquitto configuration written to {args.output} "
+                  f"(policy {enforcer.policy.digest.hex()[:12]})")
+
+
 # -- parser ------------------------------------------------------------------------
 
 
@@ -515,6 +578,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--pkcs11", metavar="SPEC")
     s.add_argument("--out", type=Path)
     s.set_defaults(func=cmd_renew)
+
+    s = sub.add_parser("broker", help="broker plugin helpers")
+    bsub = s.add_subparsers(dest="broker_command", required=True, metavar="COMMAND")
+    b = bsub.add_parser("config", help="write a mosquitto.conf snippet for the Tessera plugin")
+    b.add_argument("--trust-domain", required=True)
+    b.add_argument("--bundle", required=True, help="trust bundle PEM (tessera export-bundle)")
+    b.add_argument("--credential", required=True, help="this broker's credential PEM")
+    b.add_argument("--key", required=True,
+                   help="its key: pkcs11:<module>#<token>/<label> or tpm:<tcti>#<name>")
+    b.add_argument("--pin-file", help="PKCS#11 PIN file for the broker's key")
+    b.add_argument("--key-dir", help="TPM key blob directory (tpm: keys)")
+    b.add_argument("--policy", required=True, help="TOML topic policy")
+    b.add_argument("--provisioner", help="provisioning service URL (revocation feed)")
+    b.add_argument("--cafile", help="CA bundle for the provisioner's TLS certificate")
+    b.add_argument("--audit-log", help="hash-chained JSON-lines audit log path")
+    b.add_argument("--listener", default="0.0.0.0:8883", metavar="HOST:PORT")
+    b.add_argument("--tls-cert")
+    b.add_argument("--tls-key")
+    b.add_argument("--user", default="mosquitto",
+                   help="account mosquitto runs plugins as (checked for read access)")
+    b.add_argument("-o", "--output", default="-", help="file (default: stdout)")
+    b.set_defaults(func=cmd_broker_config)
 
     s = sub.add_parser("export-bundle", help="write the trust bundle")
     remote(s)
