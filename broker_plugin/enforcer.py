@@ -92,6 +92,34 @@ class Client:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+DEFAULT_DIRECT = ("devices/{id}/commands/#",)
+
+
+def direct_recipient(templates: tuple[tuple[str, ...], ...], topic: str) -> str | None:
+    """The device name a topic addresses, if it matches a ``direct`` template (one
+    ``{id}`` level; ``+`` and a final ``#`` as in MQTT); None otherwise."""
+    levels = topic.split("/")
+    for template in templates:
+        found = None
+        for i, part in enumerate(template):
+            if part == "#":
+                break
+            if i >= len(levels):
+                found = None
+                break
+            if part == "{id}":
+                found = levels[i]
+            elif part != "+" and part != levels[i]:
+                found = None
+                break
+        else:
+            if len(levels) != len(template):
+                found = None
+        if found:
+            return found
+    return None
+
+
 class Enforcer:
     def __init__(
         self,
@@ -99,6 +127,7 @@ class Enforcer:
         policy: Any,  # broker_plugin.policy.PolicyHolder or Policy (``.current`` or direct)
         *,
         wall_clock: Callable[[], dt.datetime],
+        direct: tuple[str, ...] = DEFAULT_DIRECT,
         device_class_of: Callable[[Identity], str] = lambda identity: "default",
         audit: Callable[..., None] = lambda event, **fields: None,
         count: Callable[[str, str], None] = lambda metric, label: None,
@@ -110,6 +139,8 @@ class Enforcer:
         self.audit = audit
         self.count = count
         self.clients: dict[str, Client] = {}
+        self.direct = tuple(tuple(t.split("/")) for t in direct)
+        self._device_prefix = f"spiffe://{responder.trust_domain}/device/"
         self.revoked_serials: set[str] = set()
         self._pending_kicks: list[str] = []
         self._outbox: list[tuple[Any, ...]] = []
@@ -235,7 +266,21 @@ class Enforcer:
         if not decision.allowed:
             return self._reject(client, client_id, topic, Reason.NOT_AUTHORIZED,
                                 decision.reason)
-        return MessageAnswer(MOSQ_ERR_SUCCESS, verified.payload, 0, None)
+        name = direct_recipient(self.direct, topic) if self.direct else None
+        if name is None:
+            return MessageAnswer(MOSQ_ERR_SUCCESS, verified.payload, 0, None)
+        # One named recipient: prove the message to it under its own session, so it
+        # knows the broker routed it from an authenticated sender.
+        recipient = self.clients.get(self._device_prefix + name)
+        if recipient is None:
+            return self._reject(client, client_id, topic, Reason.UNKNOWN_SESSION,
+                                f"{name} is not connected; direct messages are not queued")
+        try:
+            header, body = recipient.session.protect(topic.encode(), verified.payload, now)
+        except TesseraError as exc:
+            return self._reject(client, client_id, topic, exc.reason,
+                                f"cannot prove the message to {name}: {exc.detail}")
+        return MessageAnswer(MOSQ_ERR_SUCCESS, body + header, 0, None)
 
     def _reject(
         self, client: Client | None, client_id: str, topic: str, reason: Reason, detail: str

@@ -19,6 +19,9 @@ Options (``plugin_opt_<name>`` in mosquitto.conf; ``tessera broker config`` writ
     provisioner   URL of the provisioning service, to follow its revocation feed
     cafile        CA bundle for the provisioner's TLS certificate
     audit_log     JSON-lines audit log path (hash-chained)
+    direct        comma-separated topic templates that name one recipient device with
+                  ``{id}`` (default ``devices/{id}/commands/#``): messages on them are
+                  re-proven to that device under its own session
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ log = logging.getLogger("tessera.broker")
 
 _state: dict[str, Any] = {}
 REQUIRED = ("trust_domain", "bundle", "credential", "key", "policy")
+DEFAULT_DIRECT_OPTION = "devices/{id}/commands/#"
 
 
 def _option_path(options: dict[str, str], name: str) -> Path:
@@ -83,7 +87,16 @@ def build_enforcer(options: dict[str, str]) -> tuple[Enforcer, Any]:
     holder = PolicyHolder(_option_path(options, "policy"))
     trust = TrustStore(bundle, options["trust_domain"])
     responder = Responder(signer=signer, credential=credential, trust=trust, peer_kind=None)
-    return Enforcer(responder, holder, wall_clock=lambda: dt.datetime.now(dt.UTC)), signer
+    direct = tuple(t.strip() for t in options.get("direct", DEFAULT_DIRECT_OPTION).split(",")
+                   if t.strip())
+    for template in direct:
+        if template.split("/").count("{id}") != 1:
+            raise ConfigurationError(
+                f"plugin_opt_direct: {template!r} must name the recipient with one {{id}} level"
+            )
+    enforcer = Enforcer(responder, holder, wall_clock=lambda: dt.datetime.now(dt.UTC),
+                        direct=direct)
+    return enforcer, signer
 
 
 class RevocationFollower(threading.Thread):

@@ -13,6 +13,7 @@ the application has nothing to say yet.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -27,7 +28,9 @@ from structauth.credentials import Credential, Identity, TimePolicy, TrustStore
 from structauth.errors import Reason, TesseraError
 from structauth.handshake import Initiator
 from structauth.keys import Signer
-from structauth.session import Session
+from structauth.session import HEADER_SIZE, Session
+
+log = logging.getLogger("tessera.agent.mqtt")
 
 AUTH_METHOD = "tessera-sa1"
 CONFIRM_TOPIC = "sa1/confirm"
@@ -66,7 +69,8 @@ class TesseraMqttClient:
         self._connected = threading.Event()
         self._failure: MqttError | None = None
         self._initiator: Initiator | None = None
-        self._lock = threading.Lock()  # protect() from several application threads
+        self._lock = threading.Lock()  # protect()/verify() from several threads
+        self.rejected: list[Reason] = []
         self.client = mqtt.Client(
             CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv5
         )
@@ -138,14 +142,38 @@ class TesseraMqttClient:
     def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> Any:
         return self.client.publish(topic, self.proven(topic, payload), qos=qos, retain=retain)
 
-    def subscribe(self, topic: str, callback: Callable[[str, bytes], None], qos: int = 0) -> None:
+    def open_delivery(self, topic: str, data: bytes) -> bytes:
+        """The payload of a message the broker proved to us (``payload || header``
+        under this session, bound to ``topic``); raises a ProtocolError otherwise."""
+        if self.session is None or len(data) < HEADER_SIZE:
+            raise MqttError("message without the broker's proof", Reason.TRUNCATED)
+        cut = len(data) - HEADER_SIZE
+        with self._lock:
+            return self.session.verify(
+                data[cut:], topic.encode(), data[:cut], self.clock()
+            ).payload
+
+    def subscribe(self, topic: str, callback: Callable[[str, bytes], None], qos: int = 0,
+                  *, proven: bool = True) -> None:
         """Deliver messages on ``topic`` to ``callback(topic, payload)``.
 
-        Payloads arrive as the broker routed them (the publisher's proof already
-        checked and stripped at the broker); re-proving toward the recipient is the
-        broker's next step (docs/MQTT.md)."""
+        ``proven`` (the default for a device): each message must carry the broker's
+        proof under this session (the broker re-proves messages on topics that name one
+        recipient, e.g. ``devices/{id}/commands/#``); anything else is dropped, logged
+        and counted in :attr:`rejected`. ``proven=False`` hands payloads over as the
+        broker routed them (fan-out topics; see docs/MQTT.md)."""
         def on_message(client: Any, userdata: Any, msg: Any) -> None:
-            callback(msg.topic, bytes(msg.payload))
+            data = bytes(msg.payload)
+            if not proven:
+                callback(msg.topic, data)
+                return
+            try:
+                payload = self.open_delivery(msg.topic, data)
+            except TesseraError as exc:
+                self.rejected.append(exc.reason)
+                log.warning("dropped a message on %s: %s", msg.topic, exc)
+                return
+            callback(msg.topic, payload)
 
         self.client.message_callback_add(topic, on_message)
         done = threading.Event()

@@ -384,6 +384,11 @@ class Responder:
         self._entropy: Entropy = entropy or SystemEntropy()
         self._confirm_timeout = confirm_timeout
 
+    @property
+    def trust_domain(self) -> str:
+        """The trust domain whose credentials this responder accepts."""
+        return self._trust.trust_domain
+
     def accept(
         self,
         data: bytes,

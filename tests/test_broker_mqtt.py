@@ -27,7 +27,7 @@ from device.mqtt import MqttError, TesseraMqttClient
 from hw.software import InsecureSoftwareSigner
 from simulator.fleet import Fleet, Member
 from simulator.mosquitto import Mosquitto, find_mosquitto
-from structauth.errors import Reason
+from structauth.errors import Reason, TesseraError
 
 pytestmark = pytest.mark.broker
 
@@ -82,9 +82,10 @@ def setup(tmp_path: Path) -> Iterator[Setup]:
         yield Setup(fleet, broker, tmp_path)
 
 
-def _collector(client: TesseraMqttClient, topic: str) -> queue.Queue[tuple[str, bytes]]:
+def _collector(client: TesseraMqttClient, topic: str,
+               proven: bool = False) -> queue.Queue[tuple[str, bytes]]:
     got: queue.Queue[tuple[str, bytes]] = queue.Queue()
-    client.subscribe(topic, lambda t, p: got.put((t, p)))
+    client.subscribe(topic, lambda t, p: got.put((t, p)), proven=proven)
     return got
 
 
@@ -198,6 +199,8 @@ def test_subscription_outside_the_policy_is_refused(setup: Setup) -> None:
     device.subscribe("devices/pi-5/commands/#", lambda t, p: None)
     with pytest.raises(MqttError):
         device.subscribe("devices/+/commands/#", lambda t, p: None)
+    with pytest.raises(MqttError):
+        device.subscribe("devices/pi-5/telemetry/#", lambda t, p: None)
     device.close()
     time.sleep(0.1)
 
@@ -308,3 +311,55 @@ def test_revocation_cuts_the_live_session(tmp_path: Path, softhsm: object) -> No
             with pytest.raises(MqttError):
                 again.connect(timeout=5)
     assert elapsed < 5  # the benchmark measures the real figure (target < 1 s)
+
+
+def test_commands_are_proven_to_their_one_recipient(setup: Setup) -> None:
+    """A command to devices/pi-6/commands/... is re-proven by the broker under pi-6's own
+    session: pi-6 accepts it; a forged or replayed delivery is dropped on the device."""
+    backend = setup.device("backend", kind="broker")
+    backend.connect()
+    device = setup.device("pi-6")
+    device.connect()
+    got = _collector(device, "devices/pi-6/commands/#", proven=True)
+    backend.publish("devices/pi-6/commands/reboot", b"now", qos=1).wait_for_publish(5)
+    assert got.get(timeout=5) == ("devices/pi-6/commands/reboot", b"now")
+    # what the broker delivered, captured on the device's side of the connection
+    seen: list[bytes] = []
+    device.client.message_callback_add("devices/pi-6/commands/x",
+                                       lambda c, u, m: seen.append(bytes(m.payload)))
+    backend.publish("devices/pi-6/commands/x", b"later", qos=1).wait_for_publish(5)
+    deadline = time.monotonic() + 5
+    while not seen and time.monotonic() < deadline:
+        time.sleep(0.02)
+    [delivered] = seen
+    assert delivered[:-31] == b"later"  # payload || the broker's proof for pi-6
+    assert got.get(timeout=5) == ("devices/pi-6/commands/x", b"later")  # verified once
+    with pytest.raises(TesseraError) as exc:  # the same delivery again: replayed
+        device.open_delivery("devices/pi-6/commands/x", delivered)
+    assert exc.value.reason is Reason.REPLAYED
+    # a fresh delivery the device has not opened yet: moved or altered copies fail
+    device.client.message_callback_remove("devices/pi-6/commands/#")
+    backend.publish("devices/pi-6/commands/x", b"fresh", qos=1).wait_for_publish(5)
+    deadline = time.monotonic() + 5
+    while len(seen) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    fresh = seen[1]
+    for topic, data, reason in [
+        ("devices/pi-6/commands/y", fresh, Reason.BAD_TAG),  # moved to another topic
+        ("devices/pi-6/commands/x", b"evil" + fresh[5:], Reason.BAD_TAG),  # altered
+        ("devices/pi-6/commands/x", b"no proof", Reason.TRUNCATED),
+    ]:
+        with pytest.raises(TesseraError) as exc:
+            device.open_delivery(topic, data)
+        assert exc.value.reason is reason
+    assert device.open_delivery("devices/pi-6/commands/x", fresh) == b"fresh"
+    # backend's own session cannot prove a message to pi-6 (an impostor broker)
+    with pytest.raises(TesseraError):
+        device.open_delivery("devices/pi-6/commands/x", backend.proven(
+            "devices/pi-6/commands/x", b"fake"))
+    # a command to a device that is not connected is refused to its sender
+    info = backend.publish("devices/pi-404/commands/x", b"?", qos=1)
+    info.wait_for_publish(5)
+    assert device.rejected == []
+    device.close()
+    backend.close()
