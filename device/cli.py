@@ -3,6 +3,7 @@
     tessera-agent enroll --provisioner URL --serial S (--tpm TCTI | --pkcs11 SPEC)
     tessera-agent enrollment-endpoint --serial S --tpm TCTI [--listen HOST:PORT]
     tessera-agent renew  --provisioner URL [--watch]
+    tessera-agent run    --config /etc/tessera/agent.toml
 
 Enrollment runs at the factory: either on the device with the operator's token
 (TESSERA_OPERATOR_TOKEN), or from the station (`tessera enroll --device URL`) while the
@@ -18,6 +19,7 @@ import json
 import os
 import random
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,23 +30,6 @@ from cryptography import x509
 from structauth.errors import ConfigurationError, TesseraError
 
 STATE_DIR = Path(os.environ.get("TESSERA_STATE_DIR", "/var/lib/tessera"))
-
-
-def _state(args: argparse.Namespace) -> dict[str, Any]:
-    path = args.state_dir / "agent.json"
-    try:
-        data: dict[str, Any] = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigurationError(f"{path} missing: run 'tessera-agent enroll' first") from None
-    return data
-
-
-def _signer(state: dict[str, Any]) -> Any:
-    from hw import open_signer
-
-    if state["backend"] == "tpm":
-        return open_signer(f"tpm:{state['tcti']}#tessera-device", key_dir=state["key_dir"])
-    return open_signer(f"pkcs11:{state['pkcs11']}")
 
 
 def cmd_enroll(args: argparse.Namespace) -> None:
@@ -138,12 +123,16 @@ def renew_due(args: argparse.Namespace) -> dt.datetime:
 
 def renew_once(args: argparse.Namespace) -> dt.datetime:
     from device.provisioner import CredentialStore, ProvisionerClient, renew
+    from device.state import DeviceState
 
-    state = _state(args)
-    client = ProvisionerClient(args.provisioner or state["provisioner"], cafile=args.cafile)
-    signer = _signer(state)
+    state = DeviceState.load(args.state_dir)
+    url = args.provisioner or state.provisioner
+    if not url:
+        raise ConfigurationError("no provisioner URL: pass --provisioner")
+    client = ProvisionerClient(url, cafile=args.cafile)
+    signer = state.signer()
     try:
-        issued = renew(client, signer, state["serial"])
+        issued = renew(client, signer, state.serial)
     finally:
         getattr(signer, "close", lambda: None)()
     CredentialStore(args.state_dir).save(issued)
@@ -169,6 +158,24 @@ def cmd_renew(args: argparse.Namespace) -> None:
             print(f"tessera-agent: renewal failed: {exc}", file=sys.stderr, flush=True)
             time.sleep(backoff * random.uniform(0.5, 1.5))
             backoff = min(backoff * 2, 300)
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    import logging
+    import signal
+
+    from device.agent import Agent, AgentConfig
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    config = AgentConfig.load(args.config)
+    agent = Agent(config).start()
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"tessera-agent: running as {agent.identity} against "
+          f"{config.host}:{config.port}", flush=True)
+    stop.wait()
+    agent.stop()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -206,6 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="read the pairing code from here, or write a new one here")
     e.add_argument("--timeout", type=float, default=None, help="give up after SECONDS")
     e.set_defaults(func=cmd_enrollment_endpoint)
+    run = sub.add_parser("run", help="keep this device connected to its MQTT broker")
+    run.add_argument("--config", type=Path, default=Path("/etc/tessera/agent.toml"),
+                     help="agent configuration (docs/AGENT.md)")
+    run.set_defaults(func=cmd_run)
     return p
 
 

@@ -1,0 +1,379 @@
+"""The device agent: keeps one authenticated MQTT connection up, for the applications
+on the device (the SDK) and for its own heartbeat.
+
+    tessera-agent run --config /etc/tessera/agent.toml
+
+What it does on its own:
+
+* connects over MQTT 5 (TLS when configured) with an SA1 handshake signed by the
+  device's TPM or PKCS#11 key, and verifies what the broker proves to it;
+* re-authenticates inside the live connection before the session lifetime ends (an
+  MQTT 5 AUTH exchange, make-before-break), or reconnects where that fails;
+* renews its operational credential with the provisioning service once two thirds of
+  its lifetime have passed, and uses it from the next handshake on;
+* reconnects with exponential backoff and jitter when the broker goes away, and keeps a
+  bounded buffer of messages published meanwhile (oldest dropped first, counted);
+* answers the broker's step-up requests with fresh hardware proof.
+
+The SDK (:class:`Agent` in-process: ``publish``, ``subscribe`` with verified callbacks)
+is what applications use; docs/AGENT.md is the configuration reference.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime as dt
+import logging
+import random
+import threading
+import time
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from device.state import DeviceState
+from structauth.credentials import Identity
+from structauth.errors import ConfigurationError, TesseraError
+
+log = logging.getLogger("tessera.agent")
+
+_SECTIONS: dict[str, dict[str, type | tuple[type, ...]]] = {
+    "device": {"state_dir": str},
+    "mqtt": {"host": str, "port": int, "tls_cafile": str, "broker_identity": str,
+             "keepalive_s": int},
+    "session": {"rehandshake_margin_s": (int, float)},
+    "buffer": {"max_messages": int},
+    "reconnect": {"initial_s": (int, float), "max_s": (int, float)},
+    "renewal": {"enabled": bool, "provisioner": str, "cafile": str, "at_fraction": float},
+    "heartbeat": {"topic": str, "interval_s": (int, float)},
+}
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    state_dir: Path
+    host: str
+    port: int = 8883
+    tls_cafile: str | None = None
+    broker_identity: str | None = None
+    keepalive_s: int = 30
+    rehandshake_margin_s: float = 300.0
+    buffer_max: int = 1000
+    backoff_initial_s: float = 1.0
+    backoff_max_s: float = 60.0
+    renew: bool = True
+    provisioner: str | None = None
+    provisioner_cafile: str | None = None
+    renew_at_fraction: float = 2 / 3
+    heartbeat_topic: str | None = None
+    heartbeat_interval_s: float = 60.0
+
+    @classmethod
+    def load(cls, path: Path) -> AgentConfig:
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise ConfigurationError(f"cannot read {path}: {exc.strerror}") from None
+        return cls.parse(text, str(path))
+
+    @classmethod
+    def parse(cls, text: str, source: str = "<agent config>") -> AgentConfig:
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigurationError(f"{source}: {exc}") from None
+        for section, values in data.items():
+            if section not in _SECTIONS:
+                raise ConfigurationError(
+                    f"{source}: unknown section [{section}] (known: {', '.join(_SECTIONS)})"
+                )
+            if not isinstance(values, dict):
+                raise ConfigurationError(f"{source}: {section} must be a table")
+            for key, value in values.items():
+                want = _SECTIONS[section].get(key)
+                if want is None:
+                    raise ConfigurationError(f"{source}: unknown key {section}.{key}")
+                if (isinstance(value, bool) and want is not bool) or not isinstance(value, want):
+                    raise ConfigurationError(f"{source}: {section}.{key} has the wrong type")
+
+        def get(section: str, key: str, default: Any = None) -> Any:
+            return data.get(section, {}).get(key, default)
+
+        if not get("mqtt", "host"):
+            raise ConfigurationError(f"{source}: mqtt.host is required")
+        config = cls(
+            state_dir=Path(get("device", "state_dir", "/var/lib/tessera")),
+            host=get("mqtt", "host"),
+            port=get("mqtt", "port", 8883),
+            tls_cafile=get("mqtt", "tls_cafile"),
+            broker_identity=get("mqtt", "broker_identity"),
+            keepalive_s=get("mqtt", "keepalive_s", 30),
+            rehandshake_margin_s=float(get("session", "rehandshake_margin_s", 300)),
+            buffer_max=get("buffer", "max_messages", 1000),
+            backoff_initial_s=float(get("reconnect", "initial_s", 1)),
+            backoff_max_s=float(get("reconnect", "max_s", 60)),
+            renew=get("renewal", "enabled", True),
+            provisioner=get("renewal", "provisioner"),
+            provisioner_cafile=get("renewal", "cafile"),
+            renew_at_fraction=get("renewal", "at_fraction", 2 / 3),
+            heartbeat_topic=get("heartbeat", "topic"),
+            heartbeat_interval_s=float(get("heartbeat", "interval_s", 60)),
+        )
+        problems = [
+            (not 1 <= config.port <= 65535, "mqtt.port must be 1..65535"),
+            (config.buffer_max < 0, "buffer.max_messages must be >= 0"),
+            (not 0 < config.backoff_initial_s <= config.backoff_max_s,
+             "reconnect.initial_s must be > 0 and <= reconnect.max_s"),
+            (not 0.1 <= config.renew_at_fraction <= 0.95, "renewal.at_fraction must be 0.1..0.95"),
+            (config.heartbeat_interval_s <= 0, "heartbeat.interval_s must be > 0"),
+            (config.rehandshake_margin_s < 0, "session.rehandshake_margin_s must be >= 0"),
+        ]
+        for bad, why in problems:
+            if bad:
+                raise ConfigurationError(f"{source}: {why}")
+        return config
+
+
+@dataclass
+class _Subscription:
+    topic: str
+    callback: Callable[[str, bytes], None]
+    qos: int
+    proven: bool
+
+
+@dataclass
+class AgentStats:
+    connects: int = 0
+    reconnects: int = 0
+    rehandshakes: int = 0
+    renewals: int = 0
+    buffered_dropped: int = 0
+    published: int = 0
+    last_error: str = ""
+    errors: list[str] = field(default_factory=list)
+
+
+class Agent:
+    """The agent and its SDK: ``start()``, ``publish()``, ``subscribe()``, ``stop()``."""
+
+    def __init__(self, config: AgentConfig, *, client_factory: Any = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        from device.mqtt import TesseraMqttClient
+
+        self.config = config
+        self.state = DeviceState.load(config.state_dir)
+        self.identity: Identity = self.state.credential().identity
+        self._factory = client_factory or TesseraMqttClient
+        self.clock = clock
+        self.stats = AgentStats()
+        self.client: Any = None
+        self.connected = threading.Event()
+        self._lost = threading.Event()
+        self._stop = threading.Event()
+        self._lock = threading.RLock()
+        self._buffer: collections.deque[tuple[str, bytes, int, bool]] = collections.deque()
+        self._subscriptions: list[_Subscription] = []
+        self._signer: Any = None
+        self._thread: threading.Thread | None = None
+        self._renew_retry_at = 0.0
+
+    # -- SDK ------------------------------------------------------------------
+    def topic(self, template: str) -> str:
+        """``devices/{id}/telemetry`` with this device's name filled in."""
+        return template.replace("{id}", self.identity.name)
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> bool:
+        """Send now if connected (True), else keep it for the next connection (False).
+        The proof is made when the message is actually sent."""
+        with self._lock:
+            if self.connected.is_set() and self.client is not None:
+                try:
+                    self.client.publish(topic, payload, qos=qos, retain=retain)
+                    self.stats.published += 1
+                    return True
+                except TesseraError as exc:
+                    log.warning("publish on %s failed (%s); buffering it", topic, exc)
+            self._keep(topic, payload, qos, retain)
+            return False
+
+    def _keep(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
+        if self.config.buffer_max == 0:
+            self.stats.buffered_dropped += 1
+            return
+        if len(self._buffer) >= self.config.buffer_max:
+            self._buffer.popleft()
+            self.stats.buffered_dropped += 1
+        self._buffer.append((topic, payload, qos, retain))
+
+    def subscribe(self, topic: str, callback: Callable[[str, bytes], None], qos: int = 1,
+                  *, proven: bool = True) -> None:
+        """``callback(topic, payload)`` for each message the broker proves to this
+        device (``proven=False`` for fan-out topics); kept across reconnections."""
+        sub = _Subscription(topic, callback, qos, proven)
+        with self._lock:
+            self._subscriptions.append(sub)
+            if self.connected.is_set() and self.client is not None:
+                self.client.subscribe(topic, callback, qos, proven=proven)
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer)
+
+    # -- lifecycle -----------------------------------------------------------------
+    def start(self) -> Agent:
+        self._signer = self.state.signer()
+        self._thread = threading.Thread(target=self._run, name="tessera-agent", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._lost.set()
+        if self._thread is not None:
+            self._thread.join(timeout=15)
+        self._disconnect()
+        if self._signer is not None:
+            getattr(self._signer, "close", lambda: None)()
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self.connected.wait(timeout)
+
+    def _disconnect(self) -> None:
+        with self._lock:
+            self.connected.clear()
+            client, self.client = self.client, None
+        if client is not None:
+            try:
+                client.close()
+            except Exception as exc:  # a dead connection may fail to close; that is fine
+                log.debug("close: %s", exc)
+
+    def _connect(self) -> None:
+        credential = self.state.credential()
+        broker = Identity.parse(self.config.broker_identity) if self.config.broker_identity \
+            else None
+        client = self._factory(
+            signer=self._signer, credential=credential, trust=self.state.trust(),
+            host=self.config.host, port=self.config.port, broker=broker,
+            tls_cafile=self.config.tls_cafile,
+        )
+        client.connect()
+        previous = client.client.on_disconnect
+
+        def lost(*args: Any) -> None:
+            if previous is not None:
+                previous(*args)
+            if self.client is client:  # an old connection's late news changes nothing
+                self.connected.clear()
+                self._lost.set()
+
+        client.client.on_disconnect = lost
+        if hasattr(client, "answer_step_ups"):
+            client.answer_step_ups()
+        with self._lock:
+            self.client = client
+            for sub in self._subscriptions:
+                client.subscribe(sub.topic, sub.callback, sub.qos, proven=sub.proven)
+            # what was kept offline goes first, in order, before anything new
+            while self._buffer:
+                topic, payload, qos, retain = self._buffer.popleft()
+                client.publish(topic, payload, qos=qos, retain=retain)
+                self.stats.published += 1
+            self._lost.clear()
+            self.connected.set()
+
+    def _run(self) -> None:
+        backoff = self.config.backoff_initial_s
+        next_heartbeat = 0.0
+        while not self._stop.is_set():
+            if not self.connected.is_set():
+                try:
+                    self._disconnect()
+                    self._connect()
+                    self.stats.connects += 1
+                    if self.stats.connects > 1:
+                        self.stats.reconnects += 1
+                    log.info("connected to %s:%d as %s", self.config.host, self.config.port,
+                             self.identity)
+                    backoff = self.config.backoff_initial_s
+                except TesseraError as exc:
+                    self._note(f"connect: {exc}")
+                    delay = backoff * random.uniform(0.5, 1.5)
+                    backoff = min(backoff * 2, self.config.backoff_max_s)
+                    self._stop.wait(delay)
+                    continue
+            now = self.clock()
+            if self.config.heartbeat_topic and now >= next_heartbeat:
+                self.publish(self.topic(self.config.heartbeat_topic),
+                             dt.datetime.now(dt.UTC).isoformat().encode())
+                next_heartbeat = now + self.config.heartbeat_interval_s
+            self._maybe_renew()
+            self._maybe_rehandshake()
+            self._lost.wait(0.2)
+
+    def _note(self, text: str) -> None:
+        log.warning("%s", text)
+        self.stats.last_error = text
+        self.stats.errors = [*self.stats.errors[-19:], text]
+
+    def _maybe_rehandshake(self) -> None:
+        client = self.client
+        session = getattr(client, "session", None)
+        if client is None or session is None:
+            return
+        if self.clock() < session.expires_at - self.config.rehandshake_margin_s:
+            return
+        try:
+            if hasattr(client, "reauthenticate"):
+                client.reauthenticate()
+            else:
+                self.connected.clear()  # no AUTH support: a fresh CONNECT instead
+            self.stats.rehandshakes += 1
+        except TesseraError as exc:
+            self._note(f"re-handshake: {exc}")
+            self.connected.clear()
+
+    def _maybe_renew(self) -> None:
+        if not self.config.renew:
+            return
+        credential = self.state.credential()
+        cert = credential.chain[0]
+        start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
+        due = start + (end - start) * self.config.renew_at_fraction
+        if dt.datetime.now(dt.UTC) < due or self._renew_retry_at > self.clock():
+            return
+        url = self.config.provisioner or self.state.provisioner
+        if not url:
+            return
+        from device.provisioner import CredentialStore, ProvisionerClient, renew
+
+        try:
+            issued = renew(ProvisionerClient(url, cafile=self.config.provisioner_cafile),
+                           self._signer, self.state.serial)
+        except TesseraError as exc:
+            self._note(f"renewal: {exc}")
+            self._renew_retry_at = self.clock() + 30 * random.uniform(0.5, 1.5)
+            return
+        CredentialStore(self.state.directory).save(issued)
+        self.stats.renewals += 1
+        log.info("operational credential renewed; valid until %s",
+                 issued["operational_not_after"])
+        client = self.client
+        if client is not None:
+            client.credential = self.state.credential()  # the next handshake shows it
+            if hasattr(client, "reauthenticate"):
+                try:
+                    client.reauthenticate()
+                    self.stats.rehandshakes += 1
+                except TesseraError as exc:
+                    self._note(f"re-handshake after renewal: {exc}")
+                    self.connected.clear()
+
+    def __enter__(self) -> Agent:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
