@@ -4,7 +4,7 @@
     tessera-sim swtpm stop --state DIR
     tessera-sim softhsm init --dir DIR --label L     user PIN from $TESSERA_PKCS11_PIN
     tessera-sim softhsm delete --dir DIR --label L
-    tessera-sim demo [--workdir DIR]                 the end-to-end demo (simulator.demo)
+    tessera-sim demo [--workdir DIR] [--protocol-only]  the whole story (simulator.story)
 
 ``softhsm init`` prints shell lines (``eval "$(tessera-sim softhsm init ...)"``): the
 module path as a comment and the SOFTHSM2_CONF export. The SO PIN is taken from
@@ -75,7 +75,11 @@ def _softhsm_delete(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from simulator.demo import run_demo  # imported only when asked for
+    if not args.protocol_only:
+        from simulator.story import run_story  # imported only when asked for
+
+        return int(run_story(Path(args.workdir) if args.workdir else None))
+    from simulator.demo import run_demo
 
     return int(run_demo(Path(args.workdir) if args.workdir else None))
 
@@ -109,8 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
     delete.add_argument("--label", required=True)
     delete.set_defaults(func=_softhsm_delete)
 
-    demo = tools.add_parser("demo", help="run the swtpm device <-> SoftHSM2 broker demo")
+    demo = tools.add_parser(
+        "demo", help="the whole story: authority, TPM enrollment, broker, agents, attacks")
     demo.add_argument("--workdir", help="keep the demo's files here (default: a temp dir)")
+    demo.add_argument("--protocol-only", action="store_true",
+                      help="only the SA1 handshake and messages between two hardware keys")
     demo.set_defaults(func=_demo)
     return parser
 
