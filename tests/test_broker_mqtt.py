@@ -363,3 +363,35 @@ def test_commands_are_proven_to_their_one_recipient(setup: Setup) -> None:
     assert device.rejected == []
     device.close()
     backend.close()
+
+
+def test_a_device_flooding_garbage_disturbs_nobody(setup: Setup) -> None:
+    """2,000 junk publishes (random bytes, wrong proofs, empty, huge) from one device:
+    none is delivered, the broker stays up, another device's messages still flow."""
+    import random
+
+    backend = setup.device("backend", kind="broker")
+    backend.connect()
+    got = _collector(backend, "devices/#")
+    flooder, honest = setup.device("pi-flood"), setup.device("pi-ok")
+    flooder.connect()
+    honest.connect()
+    rng = random.Random(7)
+    topic = "devices/pi-flood/telemetry/t"
+    for i in range(2000):
+        size = rng.choice([0, 1, 30, 31, 32, 200, 5000])
+        flooder.client.publish(topic, rng.randbytes(size), qos=i % 2)
+    honest.publish("devices/pi-ok/telemetry/t", b"still here", qos=1).wait_for_publish(10)
+    deadline = time.monotonic() + 10
+    received = []
+    while time.monotonic() < deadline:
+        try:
+            received.append(got.get(timeout=0.5))
+        except queue.Empty:
+            break
+    assert ("devices/pi-ok/telemetry/t", b"still here") in received
+    assert all(t != topic for t, _ in received)  # nothing of the flood got through
+    assert setup.broker.running()  # the broker is up
+    honest.close()
+    backend.close()
+    flooder.client.loop_stop()
