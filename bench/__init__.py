@@ -33,5 +33,10 @@ SUBCOMMANDS: dict[str, Subcommand] = {
             "bench.enrollment",
             "end-to-end TPM enrollments per minute and renewals per second (vs Azure DPS)",
         ),
+        Subcommand(
+            "broker",
+            "bench.broker",
+            "Mosquitto with the Tessera plugin: throughput vs plain, connect storm, revocation",
+        ),
     )
 }

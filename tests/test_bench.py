@@ -99,3 +99,42 @@ def test_enrollment_quick_run_reports_rates() -> None:
     assert all(v > 0 for v in report["rates"].values())
     assert "enrollments_over_azure_dps" in report["ratios"]
     assert "azure_dps" in report["targets"]
+
+
+BROKER_RATES = {
+    "plain_msgs_per_s", "plugin_msgs_per_s", "plain_broker_cpu_us_per_msg",
+    "plugin_broker_cpu_us_per_msg", "host_python_us_per_msg", "plugin_rest_us_per_msg",
+    "plain_msgs_per_s_idle_fleet", "plugin_msgs_per_s_idle_fleet",
+    "handshakes_per_s", "handshake_latency_median_ms", "handshake_latency_p99_ms",
+    "handshake_broker_cpu_us", "handshakes_per_s_returning", "plain_connects_per_s",
+    "revocation_latency_median_ms", "revocation_latency_max_ms", "revoke_call_median_ms",
+}
+BROKER_FIGURES = {
+    "host_acl_write", "host_on_message", "host_acl_read", "host_on_tick", "host_handshake",
+    "host_on_tick_idle_fleet",
+}
+
+
+@pytest.mark.broker
+def test_broker_quick_run_reports_rates() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "broker", "--quick", "--json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["benchmark"] == "broker" and report["quick"] is True
+    assert set(report["rates"]) == BROKER_RATES
+    assert all(isinstance(v, float | int) and v >= 0 for v in report["rates"].values())
+    assert set(report["figures"]) == BROKER_FIGURES
+    assert set(report["ratios"]) == {
+        "plugin_over_plain_throughput", "plugin_over_plain_throughput_idle_fleet"
+    }
+    assert set(report["targets"]) == {"throughput_ratio", "revocation_max"}
+    for target in report["targets"].values():
+        assert isinstance(target["pass"], bool)  # a MISS is allowed; it is reported
+    assert report["env"].keys() >= {"python", "cpu_model", "mosquitto", "paho_mqtt"}
+    rounds = report["throughput"]["rounds_detail"]
+    assert {r["mode"] for r in rounds} == {"plain", "plugin"}
+    assert report["storm"]["first_contact"] and report["revocation"]["devices"] > 0
+    assert done.stdout.count("[PASS]") + done.stdout.count("[MISS]") == 2
