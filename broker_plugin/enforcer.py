@@ -19,19 +19,88 @@ On the wire (MQTT 5):
   device, e.g. ``devices/{id}/commands/#``) the broker re-proves the message under
   that device's session, so the device knows it came through the broker from an
   authenticated sender.
+
+Step-up (fresh hardware proof on a live connection; knobs in
+:class:`~broker_plugin.stepup.StepUpSettings`):
+
+* Triggers: a publish to a topic the policy's ``step_up`` rules name (that publish is
+  refused, PUBACK 0x87, until the device has stepped up within ``fresh_s`` on this
+  connection, with a TPM quote if the rule asks); a device connecting from a network
+  (IPv4 /24, IPv6 /64) it has not used before (its publishes are refused until it steps
+  up; the first connect an identity ever makes is learned, not questioned); a device's
+  message rate far above its own baseline (an EWMA per identity; the device is asked,
+  not blocked); a policy change, or a change of the broker's credential or trust bundle
+  (every live session is asked, with ``change_grace_s`` to answer).
+* The ask: a tick action ``("publish", client_id, "tessera/step-up", payload, 1,
+  False)``, payload ``{"nonce": b64 of 32 random bytes, "quote": bool, "reason":
+  trigger, "deadline_s": int}`` followed by an SA1 header proving it under the device's
+  session (as direct deliveries are), so only the broker can ask. One outstanding
+  challenge per identity, with a deadline.
+* The answer: an MQTT 5 AUTH packet, reason 0x19 (re-authenticate), method
+  ``tessera-sa1``, data a new SA1 msg1 whose signed ``context`` is the nonce (compared
+  in constant time) and whose ``quote`` is a TPM quote over it when asked (checked by
+  :func:`broker_plugin.stepup.verify_quote`; its docstring says what that proves). The
+  new session replaces the old one in the live connection and msg2 goes back in the
+  AUTH reply. A re-authentication with an empty context is a plain rotation (the
+  agent's make-before-break before the session lifetime ends), always allowed (an
+  outstanding challenge stays outstanding). While a challenge is outstanding, a context
+  that is not its nonce, or a missing or bad quote when one was asked, is a failed
+  step-up: refused (Mosquitto 2.0.11 then sends CONNACK 0x87 and closes the
+  connection; 2.0.15+ sends DISCONNECT 0x87). With no challenge outstanding a context
+  is a stale answer and is ignored: the handshake counts as a plain one.
+* In-flight messages across a swap: a replaced session keeps verifying messages whose
+  header names it (the header carries the session id, so nothing is tried twice) for
+  ``rotation_grace_s`` (30 s, the epoch window of the default parameters; at most
+  MAX_PREVIOUS replaced sessions per connection), so QoS 1 messages proven before the
+  swap and sent after it (paho holds back everything beyond its in-flight window, and
+  an agent flushing its offline buffer proves hundreds at once) still pass. A message
+  under a replaced session never counts as stepped up.
+* Fallback: a device that has not answered at the deadline is kicked (Mosquitto 2.0.11
+  offers plugins no DISCONNECT with a reason). The challenge outlives the connection for
+  ``reconnect_window_s``: a fresh CONNECT whose msg1 context carries the nonce answers
+  it; a CONNECT without it gets the request again on its new session.
+* Circuit breaker: ``quarantine_failures`` failed step-ups (wrong nonce, bad or missing
+  quote, no answer in time) or ``quarantine_rejections`` rejected messages within
+  ``quarantine_window_s`` quarantine the identity for ``quarantine_s``: it is kicked and
+  its handshakes are refused until the time has passed.
+
+Audit events: ``step_up_requested``, ``step_up_ok``, ``step_up_failed``,
+``quarantined``, ``released``, each with the session id where there is one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import hmac
+import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from broker_plugin.stepup import (
+    LRU,
+    NEW_NETWORK,
+    RATE_SPIKE,
+    SENSITIVE_TOPIC,
+    STEP_UP_TOPIC,
+    Challenge,
+    Counter,
+    NetworkMemory,
+    QuoteError,
+    RateMeter,
+    StepUpSettings,
+    VerifiedQuote,
+    network_of,
+    verify_quote,
+)
 from structauth.credentials import Credential, Identity, TimePolicy
 from structauth.errors import AuthorizationError, Reason, TesseraError
+from structauth.events import HandshakeAnswered
 from structauth.handshake import Responder
-from structauth.session import HEADER_SIZE, Session
+from structauth.params import SessionParams
+from structauth.session import HEADER_SIZE, Session, SessionState
 
 AUTH_METHOD = "tessera-sa1"
 CONFIRM_ACTION = b"sa1/confirm"
@@ -90,9 +159,25 @@ class Client:
     not_after: dt.datetime
     rejections: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    #: sessions this connection's re-authentications replaced, by session id, each
+    #: still verifying messages that name it until its time (in-flight QoS 1 across
+    #: swaps); newest last, at most MAX_PREVIOUS
+    previous: dict[bytes, tuple[Session, float]] = field(default_factory=dict)
+    #: last successful step-up on this connection (monotonic), and whether it carried a
+    #: verified TPM quote
+    stepped_up_at: float | None = None
+    stepped_up_quote: bool = False
+    #: the identity's message-rate baseline (devices, when the rate trigger is on)
+    rate: RateMeter | None = None
+    #: topic -> the policy's step-up rule for it (key None: the policy it came from)
+    step_ups: dict[Any, Any] = field(default_factory=dict)
 
 
 DEFAULT_DIRECT = ("devices/{id}/commands/#",)
+#: replaced sessions kept per connection (rotations faster than this lose the oldest)
+MAX_PREVIOUS = 4
+_UNKNOWN = object()
+_STEP_UP_CACHE = 256  # topics remembered per connection
 
 
 def direct_recipient(templates: tuple[tuple[str, ...], ...], topic: str) -> str | None:
@@ -131,6 +216,11 @@ class Enforcer:
         device_class_of: Callable[[Identity], str] = lambda identity: "default",
         audit: Callable[..., None] = lambda event, **fields: None,
         count: Callable[[str, str], None] = lambda metric, label: None,
+        settings: StepUpSettings | None = None,
+        metrics: Any = None,  # broker_plugin.metrics.BrokerMetrics
+        timer: Callable[[], float] | None = None,
+        random_bytes: Callable[[int], bytes] = os.urandom,
+        attestation_key_of: Callable[[Identity], bytes | None] = lambda identity: None,
     ) -> None:
         self.responder = responder
         self._policy = policy
@@ -138,16 +228,69 @@ class Enforcer:
         self.device_class_of = device_class_of
         self.audit = audit
         self.count = count
+        self.metrics = metrics
+        #: a high-resolution clock to time each verify for the metrics (None: not timed)
+        self.timer = timer
+        self.random_bytes = random_bytes
+        #: the enrolled attestation key (marshalled TPM2B_PUBLIC) of an identity, if known
+        self.attestation_key_of = attestation_key_of
+        self.settings = settings or StepUpSettings()
         self.clients: dict[str, Client] = {}
         self.direct = tuple(tuple(t.split("/")) for t in direct)
         self._device_prefix = f"spiffe://{responder.trust_domain}/device/"
         self.revoked_serials: set[str] = set()
         self._pending_kicks: list[str] = []
         self._outbox: list[tuple[Any, ...]] = []
+        s = self.settings
+        #: outstanding step-up challenges by identity URI (they outlive a kick)
+        self.challenges: dict[str, Challenge] = {}
+        self.networks = NetworkMemory(s.networks_per_identity, s.max_identities)
+        self.rates: LRU = LRU(s.max_identities)
+        self._failures: LRU = LRU(s.max_identities)
+        self._rejected: LRU = LRU(s.max_identities)
+        #: quarantined identity URI -> monotonic time it is released
+        self.quarantined: dict[str, float] = {}
+        self._params: tuple[bytes, SessionParams] | None = None
 
     @property
     def policy(self) -> Any:
         return getattr(self._policy, "current", self._policy)
+
+    def _session_params(self) -> SessionParams:
+        """The responder's parameters with the current policy's digest, so every session
+        (and every step-up after a policy change) tells the device which policy holds."""
+        digest = getattr(self.policy, "digest", None)
+        base = self.responder.params
+        if not isinstance(digest, bytes) or len(digest) != 32:
+            return base
+        cached = self._params
+        if cached is None or cached[0] != digest or cached[1].epoch_ms != base.epoch_ms:
+            cached = (digest, dataclasses.replace(base, policy_digest=digest))
+            self._params = cached
+        return cached[1]
+
+    # -- metrics ---------------------------------------------------------------------
+    def _handshake_counted(self, ok: bool) -> None:
+        self.count("handshakes", "ok" if ok else "refused")
+        m = self.metrics
+        if m is not None:
+            (m.handshakes_ok if ok else m.handshakes_refused).inc()
+
+    def _rejection_counted(self, name: str, reason: Reason | None = None) -> None:
+        self.count("rejections", name)
+        if self.metrics is not None:
+            self.metrics.rejected(reason if reason is not None else name)
+
+    def _step_up_counted(self, result: str) -> None:
+        self.count("step_ups", result)
+        m = self.metrics
+        if m is not None:
+            if result == "ok":
+                m.step_ups_ok.inc()
+            elif result == "failed":
+                m.step_ups_failed.inc()
+            else:
+                m.step_ups.labels(result=result).inc()
 
     # -- connect -----------------------------------------------------------------
     def basic_auth(self, client_id: str, address: str, protocol: int) -> int:
@@ -159,24 +302,35 @@ class Enforcer:
         )
         self.audit("handshake_refused", client_id=client_id, address=address,
                    reason="not_authorized", detail=why)
-        self.count("handshakes", "refused")
+        self._handshake_counted(False)
         return MOSQ_ERR_AUTH
 
     def _revoked(self, credential: Credential) -> bool:
         return _serial(credential) in self.revoked_serials
 
     def connect(
-        self, client_id: str, address: str, method: str, data: bytes | None, now: float
+        self, client_id: str, address: str, method: str, data: bytes | None, now: float,
+        *, reauth: bool = False,
     ) -> AuthAnswer:
-        """CONNECT with SA1 msg1 (or an AUTH re-authentication): answer with msg2."""
+        """CONNECT with SA1 msg1, or (``reauth``) an AUTH re-authentication inside the
+        live connection: answer with msg2. A msg1 whose context is the identity's
+        outstanding step-up nonce answers that step-up."""
         try:
             if method != AUTH_METHOD:
                 raise AuthorizationError(f"authentication method {method!r} is not {AUTH_METHOD!r}",
                                Reason.NOT_AUTHORIZED)
             if not data:
                 raise AuthorizationError("no SA1 msg1 in the authentication data", Reason.MALFORMED)
+            # the client id must be the identity, so a quarantined one is refused before
+            # any cryptography
+            until = self.quarantined.get(client_id)
+            if until is not None and now < until:
+                raise AuthorizationError(
+                    f"{client_id} is quarantined for another {until - now:.0f} s",
+                    Reason.NOT_AUTHORIZED)
             answered = self.responder.accept(
-                data, now, TimePolicy.trusted(self.wall_clock()), revoked=self._revoked
+                data, now, TimePolicy.trusted(self.wall_clock()), revoked=self._revoked,
+                params=self._session_params(),
             )
             identity = answered.peer
             if client_id != identity.uri:
@@ -189,10 +343,21 @@ class Enforcer:
                                Reason.WRONG_IDENTITY)
         except TesseraError as exc:
             self.audit("handshake_refused", client_id=client_id, address=address,
-                       reason=exc.reason.name.lower(), detail=exc.detail)
-            self.count("handshakes", "refused")
+                       reason=exc.reason.name.lower(), detail=exc.detail, reauth=reauth)
+            self._handshake_counted(False)
             return AuthAnswer(MOSQ_ERR_AUTH, None)
         previous = self.clients.get(client_id)
+        challenge = self.challenges.get(identity.uri)
+        answered_challenge: Challenge | None = None
+        quote: VerifiedQuote | None = None
+        if answered.context and challenge is not None:
+            problem = self._check_answer(identity, answered, challenge)
+            if isinstance(problem, tuple):
+                answered.session.close()
+                return self._step_up_refused(client_id, identity, address, previous,
+                                             challenge, *problem, now=now, reauth=reauth)
+            quote = problem
+            answered_challenge = challenge
         client = Client(
             client_id=client_id,
             identity=identity,
@@ -203,19 +368,108 @@ class Enforcer:
             address=address,
             not_after=answered.credential.not_after,
         )
-        self.clients[client_id] = client
+        rotated = reauth and previous is not None
         if previous is not None:
-            previous.session.close()
+            if rotated:
+                # same connection: the old session verifies what is still in flight
+                kept = previous.previous
+                kept[previous.session.session_id] = (
+                    previous.session, now + self.settings.rotation_grace_s)
+                while len(kept) > MAX_PREVIOUS:
+                    kept.pop(next(iter(kept)))[0].close()
+                client.previous = kept
+                client.stepped_up_at = previous.stepped_up_at
+                client.stepped_up_quote = previous.stepped_up_quote
+                client.rejections = previous.rejections
+            else:  # a new connection took the client id over
+                previous.session.close()
+                for old_session, _ in previous.previous.values():
+                    old_session.close()
+        if self.settings.rate_spike and identity.kind == "device":
+            client.rate = self.rates.touch(identity.uri, lambda: RateMeter(now))
+        self.clients[client_id] = client
+        network = network_of(address)
+        new_network = False
+        if not self.networks.seen_before(identity.uri) or answered_challenge is not None:
+            self.networks.learn(identity.uri, network)
+        elif self.networks.knows(identity.uri, network):
+            self.networks.learn(identity.uri, network)  # most recently used
+        else:
+            new_network = True
         self.audit("handshake_ok", client_id=client_id, identity=identity.uri,
                    session=answered.session.session_id.hex(), address=address,
-                   reauth=previous is not None)
-        self.count("handshakes", "ok")
+                   reauth=rotated, network=network, new_network=new_network,
+                   previous_session=previous.session.session_id.hex() if rotated and previous
+                   else None)
+        self._handshake_counted(True)
+        if answered_challenge is not None:
+            del self.challenges[identity.uri]
+            client.stepped_up_at = now
+            client.stepped_up_quote = quote is not None
+            self.audit("step_up_ok", client_id=client_id, identity=identity.uri,
+                       session=answered.session.session_id.hex(),
+                       new_session=answered.session.session_id.hex(),
+                       previous_session=previous.session.session_id.hex() if previous else None,
+                       trigger=answered_challenge.trigger, via="auth" if reauth else "connect",
+                       quote=quote is not None,
+                       ak_name=quote.ak_name.hex() if quote else None,
+                       enrolled_ak=quote.enrolled_ak if quote else None,
+                       pcr_selection=[[alg, list(pcrs)] for alg, pcrs in quote.pcr_selection]
+                       if quote else None,
+                       pcr_digest=quote.pcr_digest.hex() if quote else None,
+                       latency_s=round(now - answered_challenge.issued_at, 6))
+            self._step_up_counted("ok")
+        elif challenge is not None and not reauth:
+            # a fresh connection without the answer: ask again on its new session
+            challenge.sent = False
+            if challenge.timed_out:
+                challenge.timed_out = False
+                challenge.deadline = now + self.settings.deadline_s
+                challenge.expires = challenge.deadline + self.settings.reconnect_window_s
+        if new_network and self.settings.new_network and identity.kind == "device":
+            self._request(client, NEW_NETWORK, self.settings.new_network_quote, now,
+                          blocking=True,
+                          detail=f"{address} is in {network}, a network this device has "
+                                 "not used before")
         return AuthAnswer(MOSQ_ERR_SUCCESS, answered.reply)
+
+    def _check_answer(
+        self, identity: Identity, answered: HandshakeAnswered, challenge: Challenge
+    ) -> VerifiedQuote | tuple[str, str] | None:
+        """The verified quote (or None when none was asked) if msg1 answers the challenge;
+        (reason, detail) if it does not."""
+        if not hmac.compare_digest(answered.context, challenge.nonce):
+            return ("wrong_nonce", "the handshake's context is not the outstanding nonce")
+        if not challenge.quote:
+            return None
+        if not answered.quote:
+            return ("quote_missing", "the step-up asked for a TPM quote and got none")
+        try:
+            return verify_quote(answered.quote, challenge.nonce,
+                                self.attestation_key_of(identity))
+        except QuoteError as exc:
+            return ("bad_quote", exc.detail)
+
+    def _step_up_refused(
+        self, client_id: str, identity: Identity, address: str, previous: Client | None,
+        challenge: Challenge, reason: str, detail: str, *, now: float, reauth: bool,
+    ) -> AuthAnswer:
+        self.audit("step_up_failed", client_id=client_id, identity=identity.uri,
+                   session=previous.session.session_id.hex() if previous else None,
+                   trigger=challenge.trigger, reason=reason, detail=detail, address=address,
+                   via="auth" if reauth else "connect")
+        self._step_up_counted("failed")
+        self._handshake_counted(False)
+        self._failed(identity.uri, now)
+        return AuthAnswer(MOSQ_ERR_AUTH, None)
 
     def disconnect(self, client_id: str) -> None:
         client = self.clients.pop(client_id, None)
         if client is not None:
             client.session.close()
+            for old, _ in client.previous.values():
+                old.close()
+            client.previous.clear()
 
     # -- authorization -------------------------------------------------------------
     def acl(self, client_id: str, access: int, topic: str) -> int:
@@ -236,7 +490,7 @@ class Enforcer:
         self.audit("acl_denied", client_id=client_id, identity=client.identity.uri,
                    session=client.session.session_id.hex(), topic=topic,
                    access=access, detail=decision.reason)
-        self.count("rejections", "acl_denied")
+        self._rejection_counted("acl_denied")
         return MOSQ_ERR_ACL_DENIED
 
     # -- messages --------------------------------------------------------------------
@@ -249,23 +503,65 @@ class Enforcer:
             if not client_id:
                 return ROUTE_UNCHANGED
             return self._reject(None, client_id, topic, Reason.UNKNOWN_SESSION,
-                                "no Tessera session for this client")
+                                "no Tessera session for this client", now)
         if len(payload) < HEADER_SIZE:
             return self._reject(client, client_id, topic, Reason.TRUNCATED,
-                                "payload shorter than the SA1 proof")
+                                "payload shorter than the SA1 proof", now)
         cut = len(payload) - HEADER_SIZE
+        header = payload[cut:]
+        session = client.session
+        old = None
+        if client.previous and header[1:9] != session.session_id:
+            kept = client.previous.get(header[1:9])
+            if kept is not None and now < kept[1]:
+                session = old = kept[0]  # in flight across a re-authentication
         try:
-            verified = client.session.verify(
-                payload[cut:], topic.encode(), payload[:cut], now
-            )
+            timer = self.timer
+            if timer is None:
+                verified = session.verify(header, topic.encode(), payload[:cut], now)
+            else:
+                t0 = timer()
+                verified = session.verify(header, topic.encode(), payload[:cut], now)
+                self.metrics.verify_seconds.observe(timer() - t0)
         except TesseraError as exc:
-            return self._reject(client, client_id, topic, exc.reason, exc.detail)
+            return self._reject(client, client_id, topic, exc.reason, exc.detail, now)
+        if self.metrics is not None:
+            self.metrics.messages_in.inc()
         if topic == CONFIRM_ACTION.decode():
             return MessageAnswer(MOSQ_ERR_ACL_DENIED, None, 0, None)  # consumed here
-        decision = self.policy.may_publish(client.identity, client.device_class, topic)
+        s = self.settings
+        meter = client.rate
+        if meter is not None and meter.add(now, s):
+            self._request(client, RATE_SPIKE, False, now, detail=(
+                f"{meter.count} messages in under {s.rate_window_s:g} s against a "
+                f"baseline of {meter.baseline:.2f}/s"))
+        policy = self.policy
+        decision = policy.may_publish(client.identity, client.device_class, topic)
         if not decision.allowed:
             return self._reject(client, client_id, topic, Reason.NOT_AUTHORIZED,
-                                decision.reason)
+                                decision.reason, now)
+        challenge = self.challenges.get(client.identity.uri)
+        if challenge is not None and challenge.blocking:
+            return self._held(topic)
+        cache = client.step_ups
+        if cache.get(None) is not policy:  # the policy changed: forget what it said
+            cache.clear()
+            cache[None] = policy
+        step = cache.get(topic, _UNKNOWN)
+        if step is _UNKNOWN:
+            if len(cache) > _STEP_UP_CACHE:
+                cache.clear()
+                cache[None] = policy
+            step = cache[topic] = policy.step_up_for(client.identity, client.device_class, topic)
+        if step is not None and (
+            old is not None  # never on a replaced session
+            or client.stepped_up_at is None
+            or now - client.stepped_up_at > s.fresh_s
+            or (step.quote and not client.stepped_up_quote)
+        ):
+            self._request(client, SENSITIVE_TOPIC, step.quote, now, topic=topic,
+                          detail=f"{topic} matches the step-up template {step.template!r}")
+            return self._held(topic)
         name = direct_recipient(self.direct, topic) if self.direct else None
         if name is None:
             return MessageAnswer(MOSQ_ERR_SUCCESS, verified.payload, 0, None)
@@ -274,28 +570,140 @@ class Enforcer:
         recipient = self.clients.get(self._device_prefix + name)
         if recipient is None:
             return self._reject(client, client_id, topic, Reason.UNKNOWN_SESSION,
-                                f"{name} is not connected; direct messages are not queued")
+                                f"{name} is not connected; direct messages are not queued", now)
+        target = recipient.session
+        if target.state is not SessionState.ESTABLISHED and recipient.previous:
+            # it re-authenticated and has not confirmed yet: the newest session it holds
+            newest, until = next(reversed(recipient.previous.values()))
+            if now < until:
+                target = newest
         try:
-            header, body = recipient.session.protect(topic.encode(), verified.payload, now)
+            header, body = target.protect(topic.encode(), verified.payload, now)
         except TesseraError as exc:
             return self._reject(client, client_id, topic, exc.reason,
-                                f"cannot prove the message to {name}: {exc.detail}")
+                                f"cannot prove the message to {name}: {exc.detail}", now)
+        if self.metrics is not None:
+            self.metrics.messages_out.inc()
         return MessageAnswer(MOSQ_ERR_SUCCESS, body + header, 0, None)
 
+    def _held(self, topic: str) -> MessageAnswer:
+        """A genuine publish refused until the device steps up (not a breaker failure)."""
+        self._rejection_counted("step_up_required")
+        return MessageAnswer(MOSQ_ERR_ACL_DENIED, None, RC_NOT_AUTHORIZED,
+                             "tessera: step_up_required")
+
     def _reject(
-        self, client: Client | None, client_id: str, topic: str, reason: Reason, detail: str
+        self, client: Client | None, client_id: str, topic: str, reason: Reason, detail: str,
+        now: float | None = None,
     ) -> MessageAnswer:
         name = reason.name.lower()
         self.audit("message_rejected", client_id=client_id,
                    identity=client.identity.uri if client else None,
                    session=client.session.session_id.hex() if client else None,
                    topic=topic, reason=name, detail=detail)
-        self.count("rejections", name)
+        self._rejection_counted(name, reason)
         if client is not None:
             client.rejections += 1
+            s = self.settings
+            if now is not None and s.quarantine_rejections > 0:
+                counter: Counter = self._rejected.touch(client.identity.uri, Counter)
+                if counter.add(now, s.quarantine_window_s) >= s.quarantine_rejections:
+                    self._quarantine(client.identity.uri, now, "rejected_messages",
+                                     counter.count)
         rc = _PUBLISH_RC.get(reason, RC_NOT_AUTHORIZED if reason is Reason.NOT_AUTHORIZED
                              else RC_PAYLOAD_FORMAT_INVALID)
         return MessageAnswer(MOSQ_ERR_ACL_DENIED, None, rc, f"tessera: {name}")
+
+    # -- step-up -----------------------------------------------------------------------
+    def _request(
+        self, client: Client, trigger: str, quote: bool, now: float, *,
+        blocking: bool = False, deadline_s: float | None = None, detail: str = "",
+        topic: str | None = None,
+    ) -> Challenge:
+        """Ask ``client`` to step up, unless a challenge is already outstanding for its
+        identity (then that one stands; a blocking trigger makes it blocking)."""
+        uri = client.identity.uri
+        current = self.challenges.get(uri)
+        if current is not None:
+            current.blocking = current.blocking or blocking
+            return current
+        deadline = now + (self.settings.deadline_s if deadline_s is None else deadline_s)
+        challenge = Challenge(
+            nonce=self.random_bytes(32), quote=quote, trigger=trigger, detail=detail,
+            issued_at=now, deadline=deadline,
+            expires=deadline + self.settings.reconnect_window_s, blocking=blocking,
+        )
+        self.challenges[uri] = challenge
+        self.audit("step_up_requested", client_id=client.client_id, identity=uri,
+                   session=client.session.session_id.hex(), trigger=trigger, quote=quote,
+                   nonce=challenge.nonce.hex(), deadline_s=round(deadline - now, 3),
+                   blocking=blocking, topic=topic, detail=detail)
+        self._step_up_counted("requested")
+        self._send_challenge(client, challenge, now)
+        return challenge
+
+    def _send_challenge(self, client: Client, challenge: Challenge, now: float) -> None:
+        """Queue the proven request for the next tick, once the session can send (a
+        responder session is unconfirmed until the device's first message)."""
+        session = client.session
+        if session.state is not SessionState.ESTABLISHED:
+            return
+        body = json.dumps(challenge.payload(now), separators=(",", ":")).encode()
+        try:
+            header, body = session.protect(STEP_UP_TOPIC.encode(), body, now)
+        except TesseraError:
+            return
+        self._outbox.append(("publish", client.client_id, STEP_UP_TOPIC, body + header, 1,
+                             False))
+        if self.metrics is not None:
+            self.metrics.messages_out.inc()
+        challenge.sent = True
+
+    def require_step_up_all(self, trigger: str, now: float, detail: str = "") -> list[str]:
+        """A policy or key change: every live session must step up within
+        ``change_grace_s`` or is kicked. Returns the client ids asked."""
+        asked = []
+        for client in list(self.clients.values()):
+            self._request(client, trigger, False, now, deadline_s=self.settings.change_grace_s,
+                          detail=detail)
+            asked.append(client.client_id)
+        return asked
+
+    def _failed(self, uri: str, now: float) -> None:
+        s = self.settings
+        if s.quarantine_failures <= 0:
+            return
+        counter: Counter = self._failures.touch(uri, Counter)
+        if counter.add(now, s.quarantine_window_s) >= s.quarantine_failures:
+            self._quarantine(uri, now, "step_up_failures", counter.count)
+
+    def _quarantine(self, uri: str, now: float, cause: str, failures: int) -> None:
+        if uri in self.quarantined:
+            return
+        s = self.settings
+        self.quarantined[uri] = now + s.quarantine_s
+        self.challenges.pop(uri, None)
+        self._failures.pop(uri, None)
+        self._rejected.pop(uri, None)
+        client = self.clients.get(uri)
+        until = self.wall_clock() + dt.timedelta(seconds=s.quarantine_s)
+        self.audit("quarantined", client_id=uri, identity=uri,
+                   session=client.session.session_id.hex() if client else None,
+                   cause=cause, failures=failures, window_s=s.quarantine_window_s,
+                   quarantine_s=s.quarantine_s, until=until.isoformat())
+        if self.metrics is not None:
+            self.metrics.quarantined_devices.set(len(self.quarantined))
+        if client is not None:
+            self._pending_kicks.append(uri)
+
+    def release(self, uri: str, by: str = "operator") -> bool:
+        """Let a quarantined identity back in before its time (True if it was)."""
+        if self.quarantined.pop(uri, None) is None:
+            return False
+        self.audit("released", client_id=uri, identity=uri, by=by)
+        if self.metrics is not None:
+            self.metrics.quarantined_devices.set(len(self.quarantined))
+        return True
 
     # -- revocation and expiry ------------------------------------------------------
     def revoke(self, cert_serials: list[str], reason: str = "revoked") -> list[str]:
@@ -309,6 +717,8 @@ class Enforcer:
             self.audit("revoked_disconnect", client_id=client_id, identity=client.identity.uri,
                        session=client.session.session_id.hex(), reason=reason)
             self.count("revocation_disconnects", "")
+            if self.metrics is not None:
+                self.metrics.revocation_disconnects.inc()
         self._pending_kicks.extend(doomed)
         return doomed
 
@@ -326,13 +736,52 @@ class Enforcer:
                            identity=client.identity.uri,
                            session=client.session.session_id.hex(), detail="session ended")
                 self._pending_kicks.append(client.client_id)
+            if client.previous:
+                for sid, (old, until) in list(client.previous.items()):
+                    if now >= until:
+                        old.close()
+                        del client.previous[sid]
+        self._tick_challenges(now)
+        for uri, until in list(self.quarantined.items()):
+            if now >= until:
+                self.release(uri, by="timeout")
         actions: list[tuple[Any, ...]] = [("kick", c) for c in dict.fromkeys(self._pending_kicks)]
         for client_id in dict.fromkeys(self._pending_kicks):
             self.disconnect(client_id)
         self._pending_kicks.clear()
         actions.extend(self._outbox)
         self._outbox.clear()
+        if self.metrics is not None:
+            self.metrics.active_sessions.set(len(self.clients))
         return actions
+
+    def _tick_challenges(self, now: float) -> None:
+        for uri, challenge in list(self.challenges.items()):
+            client = self.clients.get(uri)
+            if now >= challenge.expires:
+                del self.challenges[uri]
+                if not challenge.timed_out:  # it went away before its deadline
+                    self.audit("step_up_failed", client_id=uri, identity=uri,
+                               session=client.session.session_id.hex() if client else None,
+                               trigger=challenge.trigger, reason="expired",
+                               detail="not answered, and the device did not come back")
+                    self._step_up_counted("failed")
+                continue
+            if client is None or uri in self._pending_kicks:
+                continue
+            if not challenge.sent:
+                self._send_challenge(client, challenge, now)
+            if now >= challenge.deadline and not challenge.timed_out:
+                challenge.timed_out = True
+                self.audit("step_up_failed", client_id=uri, identity=uri,
+                           session=client.session.session_id.hex(),
+                           trigger=challenge.trigger, reason="timeout",
+                           detail=f"no answer within {challenge.deadline - challenge.issued_at:g}"
+                                  " s: disconnected; a CONNECT carrying the nonce still answers "
+                                  f"for {self.settings.reconnect_window_s:g} s")
+                self._step_up_counted("failed")
+                self._pending_kicks.append(uri)
+                self._failed(uri, now)
 
 
 def _serial(credential: Credential) -> str:

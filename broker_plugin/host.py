@@ -22,11 +22,55 @@ Options (``plugin_opt_<name>`` in mosquitto.conf; ``tessera broker config`` writ
     direct        comma-separated topic templates that name one recipient device with
                   ``{id}`` (default ``devices/{id}/commands/#``): messages on them are
                   re-proven to that device under its own session
+    metrics_port  serve Prometheus metrics (``GET /metrics``) on 127.0.0.1:<port>
+                  from a host thread; 0 picks a free port (logged). Unset: no metrics.
+    attestation_keys
+                  directory of enrolled attestation keys, ``<device name>.akpub`` each
+                  holding the AK's marshalled TPM2B_PUBLIC (the enrollment evidence's
+                  ``ak_public``); a step-up quote from such a device must be signed by
+                  exactly that AK (re-read on SIGHUP). Without it a quote is checked
+                  for freshness and form only (broker_plugin/stepup.py says what that
+                  proves).
+
+Step-up, quarantine and rotation (broker_plugin/enforcer.py describes the flow; the
+defaults are those of broker_plugin.stepup.StepUpSettings). Durations in seconds,
+switches ``on``/``off``:
+
+    step_up_deadline_s          30   time to answer a step-up request before a kick
+    step_up_reconnect_window_s  60   after that kick, a CONNECT carrying the nonce
+                                     still answers the challenge
+    step_up_fresh_s            300   a step-up satisfies sensitive topics this long
+    step_up_change_grace_s      60   time live sessions get to step up after a policy
+                                     change or a new broker credential / trust bundle
+    rotation_grace_s            30   a replaced session keeps verifying in-flight
+                                     messages this long after a re-authentication
+    step_up_new_network         on   a device connecting from a network (IPv4 /24,
+                                     IPv6 /64) it has not used must step up first
+    step_up_new_network_quote  off   ... with a TPM quote
+    network_memory               8   networks remembered per device (LRU)
+    max_identities          100000   identities remembered for networks, rates, breaker
+    step_up_rate_spike          on   ask a device whose rate jumps far above its baseline
+    rate_factor                 10   ... above factor x its EWMA baseline
+    rate_min                    20   ... and above this many messages per second
+    rate_window_s               10   ... counted per window of this length
+    quarantine_failures          3   failed step-ups within the window that quarantine
+                                     an identity (0: never)
+    quarantine_rejections      500   rejected messages within the window that do (0:
+                                     never)
+    quarantine_window_s        300
+    quarantine_s               600   how long a quarantine lasts (kick, handshakes
+                                     refused)
+
+SIGHUP (``on_reload``): the policy is re-read; if its digest changed, every live session
+is asked to step up. The bundle and the broker credential are re-read too; if either
+changed, the responder is rebuilt (the key re-opened) and every live session is asked
+to step up (trigger ``key_change``).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import logging
 import queue
@@ -41,7 +85,8 @@ from broker_plugin.enforcer import (
     MOSQ_ERR_SUCCESS,
     Enforcer,
 )
-from structauth.errors import ConfigurationError
+from broker_plugin.stepup import KEY_CHANGE, POLICY_CHANGE, StepUpSettings
+from structauth.errors import ConfigurationError, TesseraError
 
 log = logging.getLogger("tessera.broker")
 
@@ -60,18 +105,97 @@ def _option_path(options: dict[str, str], name: str) -> Path:
     return path
 
 
-def build_enforcer(options: dict[str, str]) -> tuple[Enforcer, Any]:
-    """The enforcer for these options; ConfigurationError with one line if wrong."""
+# plugin option -> (StepUpSettings field, kind, minimum)
+_SETTINGS: dict[str, tuple[str, str, float]] = {
+    "step_up_deadline_s": ("deadline_s", "seconds", 0.1),
+    "step_up_reconnect_window_s": ("reconnect_window_s", "seconds", 0.0),
+    "step_up_fresh_s": ("fresh_s", "seconds", 0.0),
+    "step_up_change_grace_s": ("change_grace_s", "seconds", 0.1),
+    "rotation_grace_s": ("rotation_grace_s", "seconds", 0.0),
+    "step_up_new_network": ("new_network", "switch", 0),
+    "step_up_new_network_quote": ("new_network_quote", "switch", 0),
+    "network_memory": ("networks_per_identity", "count", 1),
+    "max_identities": ("max_identities", "count", 1),
+    "step_up_rate_spike": ("rate_spike", "switch", 0),
+    "rate_factor": ("rate_factor", "number", 1.0),
+    "rate_min": ("rate_min", "number", 0.0),
+    "rate_window_s": ("rate_window_s", "seconds", 0.1),
+    "quarantine_failures": ("quarantine_failures", "count", 0),
+    "quarantine_rejections": ("quarantine_rejections", "count", 0),
+    "quarantine_window_s": ("quarantine_window_s", "seconds", 0.1),
+    "quarantine_s": ("quarantine_s", "seconds", 0.0),
+}
+
+
+def parse_settings(options: dict[str, str]) -> StepUpSettings:
+    """StepUpSettings from ``plugin_opt_*`` values; ConfigurationError with one line."""
+    values: dict[str, object] = {}
+    for option, (name, kind, minimum) in _SETTINGS.items():
+        raw = options.get(option)
+        if raw is None:
+            continue
+        text = raw.strip().lower()
+        value: object
+        try:
+            if kind == "switch":
+                if text not in ("on", "off", "true", "false", "yes", "no", "1", "0"):
+                    raise ValueError
+                value = text in ("on", "true", "yes", "1")
+            elif kind == "count":
+                value = int(text)
+                if value < minimum:
+                    raise ValueError
+            else:
+                value = float(text)
+                if not value >= minimum or value == float("inf"):
+                    raise ValueError
+        except ValueError:
+            want = {"switch": "on or off", "count": f"a whole number >= {minimum:g}",
+                    "seconds": f"seconds >= {minimum:g}",
+                    "number": f"a number >= {minimum:g}"}[kind]
+            raise ConfigurationError(f"plugin_opt_{option}: {raw!r} is not {want}") from None
+        values[name] = value
+    return StepUpSettings(**values)  # type: ignore[arg-type]
+
+
+def load_attestation_keys(directory: str) -> dict[str, bytes]:
+    """``<device name>.akpub`` files of a directory: device name -> TPM2B_PUBLIC."""
+    from broker_plugin.stepup import parse_ak_public
+
+    path = Path(directory)
+    if not path.is_dir():
+        raise ConfigurationError(f"plugin_opt_attestation_keys: {path} is not a directory")
+    keys: dict[str, bytes] = {}
+    for file in sorted(path.glob("*.akpub")):
+        data = file.read_bytes()
+        try:
+            parse_ak_public(data)
+        except TesseraError as exc:
+            raise ConfigurationError(
+                f"plugin_opt_attestation_keys: {file} is not an attestation key's "
+                f"TPM2B_PUBLIC: {exc.detail}") from None
+        keys[file.name[: -len(".akpub")]] = data
+    return keys
+
+
+def _identity_files_digest(options: dict[str, str]) -> bytes:
+    """What the broker's own identity is made of: trust bundle, credential, key spec."""
+    h = hashlib.sha256()
+    for name in ("bundle", "credential"):
+        h.update(_option_path(options, name).read_bytes())
+        h.update(b"\0")
+    h.update(options.get("key", "").encode())
+    return h.digest()
+
+
+def build_responder(options: dict[str, str], nonces: Any = None) -> tuple[Any, Any]:
+    """(Responder, signer) for the broker identity these options name."""
     from cryptography import x509
 
-    from broker_plugin.policy import PolicyHolder
     from hw import open_signer
     from structauth.credentials import Credential, TrustStore
     from structauth.handshake import Responder
 
-    missing = [f"plugin_opt_{n}" for n in REQUIRED if not options.get(n)]
-    if missing:
-        raise ConfigurationError(f"missing {', '.join(missing)} (run 'tessera broker config')")
     bundle = x509.load_pem_x509_certificates(_option_path(options, "bundle").read_bytes())
     credential = Credential.from_pem(_option_path(options, "credential").read_bytes())
     if credential.identity.kind != "broker":
@@ -84,9 +208,22 @@ def build_enforcer(options: dict[str, str]) -> tuple[Enforcer, Any]:
     if options.get("pin_file"):
         extra["pin_file"] = options["pin_file"]
     signer = open_signer(options["key"], **extra)
-    holder = PolicyHolder(_option_path(options, "policy"))
     trust = TrustStore(bundle, options["trust_domain"])
-    responder = Responder(signer=signer, credential=credential, trust=trust, peer_kind=None)
+    responder = Responder(signer=signer, credential=credential, trust=trust, peer_kind=None,
+                          nonce_cache=nonces)
+    return responder, signer
+
+
+def build_enforcer(options: dict[str, str]) -> tuple[Enforcer, Any]:
+    """The enforcer for these options; ConfigurationError with one line if wrong."""
+    from broker_plugin.policy import PolicyHolder
+
+    missing = [f"plugin_opt_{n}" for n in REQUIRED if not options.get(n)]
+    if missing:
+        raise ConfigurationError(f"missing {', '.join(missing)} (run 'tessera broker config')")
+    settings = parse_settings(options)
+    responder, signer = build_responder(options)
+    holder = PolicyHolder(_option_path(options, "policy"))
     direct = tuple(t.strip() for t in options.get("direct", DEFAULT_DIRECT_OPTION).split(",")
                    if t.strip())
     for template in direct:
@@ -95,8 +232,17 @@ def build_enforcer(options: dict[str, str]) -> tuple[Enforcer, Any]:
                 f"plugin_opt_direct: {template!r} must name the recipient with one {{id}} level"
             )
     enforcer = Enforcer(responder, holder, wall_clock=lambda: dt.datetime.now(dt.UTC),
-                        direct=direct)
+                        direct=direct, settings=settings)
+    if options.get("attestation_keys"):
+        _use_attestation_keys(enforcer, load_attestation_keys(options["attestation_keys"]))
     return enforcer, signer
+
+
+def _use_attestation_keys(enforcer: Enforcer, keys: dict[str, bytes]) -> None:
+    def enrolled(identity: Any) -> bytes | None:
+        return keys.get(identity.name) if identity.kind == "device" else None
+
+    enforcer.attestation_key_of = enrolled
 
 
 class RevocationFollower(threading.Thread):
@@ -139,6 +285,23 @@ class RevocationFollower(threading.Thread):
 
 def plugin_init(options: dict[str, str]) -> None:
     enforcer, signer = build_enforcer(options)
+    metrics_server = None
+    if options.get("metrics_port"):
+        from broker_plugin.metrics import BrokerMetrics
+
+        try:
+            port = int(options["metrics_port"])
+            if not 0 <= port <= 65535:
+                raise ValueError
+        except ValueError:
+            raise ConfigurationError(
+                f"plugin_opt_metrics_port: {options['metrics_port']!r} is not a port "
+                "(0..65535)") from None
+        metrics = BrokerMetrics()
+        metrics_server = metrics.serve("127.0.0.1", port)
+        enforcer.metrics = metrics
+        enforcer.timer = time.perf_counter
+        log.warning("tessera: metrics on %s", metrics_server.url)
     audit = None
     if options.get("audit_log"):
         from broker_plugin.audit import AsyncAuditWriter, AuditLog
@@ -151,7 +314,8 @@ def plugin_init(options: dict[str, str]) -> None:
         follower = RevocationFollower(options["provisioner"], events, options.get("cafile"))
         follower.start()
     _state.update(enforcer=enforcer, signer=signer, events=events, follower=follower,
-                  audit=audit, options=options)
+                  audit=audit, options=options, metrics_server=metrics_server,
+                  identity_digest=_identity_files_digest(options))
 
 
 def plugin_cleanup() -> None:
@@ -161,17 +325,46 @@ def plugin_cleanup() -> None:
     audit = _state.get("audit")
     if audit is not None:
         audit.close()
+    server = _state.get("metrics_server")
+    if server is not None:
+        server.close()
     _state.clear()
 
 
 def on_reload(options: dict[str, str]) -> None:
+    """SIGHUP: re-read the policy, the attestation keys and the broker's own identity
+    files; a changed policy or identity asks every live session to step up."""
     enforcer: Enforcer = _state["enforcer"]
     holder = enforcer._policy
+    now = time.monotonic()
     try:
-        holder.reload(Path(options.get("policy", "")))
-        enforcer.audit("policy_reloaded", detail=str(options.get("policy")))
+        changed = holder.reload(Path(options.get("policy", "")))
+        enforcer.audit("policy_reloaded", detail=str(options.get("policy")), changed=changed,
+                       digest=holder.current.digest.hex())
+        if changed:
+            enforcer.require_step_up_all(POLICY_CHANGE, now,
+                                         detail=f"policy {holder.current.digest.hex()[:16]}")
     except ConfigurationError as exc:
         log.error("policy reload refused, keeping the old policy: %s", exc)
+    try:
+        if options.get("attestation_keys"):
+            _use_attestation_keys(enforcer, load_attestation_keys(options["attestation_keys"]))
+    except ConfigurationError as exc:
+        log.error("attestation keys reload refused, keeping the old ones: %s", exc)
+    try:
+        digest = _identity_files_digest(options)
+        if digest != _state.get("identity_digest"):
+            responder, signer = build_responder(options, enforcer.responder.nonces)
+            old_signer = _state.get("signer")
+            enforcer.responder = responder
+            _state.update(signer=signer, identity_digest=digest)
+            getattr(old_signer, "close", lambda: None)()
+            enforcer.audit("policy_reloaded", detail="broker credential or trust bundle "
+                           "changed", changed=True, digest=digest.hex())
+            enforcer.require_step_up_all(KEY_CHANGE, now, detail="broker credential or trust "
+                                         "bundle changed")
+    except (ConfigurationError, TesseraError, OSError) as exc:
+        log.error("broker identity reload refused, keeping the old one: %s", exc)
 
 
 def on_basic_auth(client_id: str, username: str | None, password: bytes | None,
@@ -186,7 +379,8 @@ def on_ext_auth_start(client_id: str, address: str, protocol: int, method: str,
     # reauth: an AUTH packet (0x19) on a live connection; the shim tells them apart. A
     # successful one replaces the session in place (Enforcer.connect); a failed one
     # makes Mosquitto close the connection.
-    rc, out = _state["enforcer"].connect(client_id, address, method, data, time.monotonic())
+    rc, out = _state["enforcer"].connect(client_id, address, method, data, time.monotonic(),
+                                         reauth=reauth)
     return rc, out
 
 

@@ -1,5 +1,5 @@
 """The agent's MQTT 5 transport: paho-mqtt with SA1 in CONNECT/CONNACK and a proof on
-every PUBLISH.
+every PUBLISH, plus re-authentication inside the live connection (MQTT 5 AUTH).
 
 CONNECT carries Authentication Method ``tessera-sa1`` and SA1 msg1 (signed by the
 device's hardware key) as Authentication Data; the broker answers msg2 in CONNACK, and
@@ -8,19 +8,55 @@ the session keys are derived on both sides. Each PUBLISH payload is then
 verifies it and strips it before routing. Right after the handshake the client sends
 an empty proven ``sa1/confirm`` message so the broker's session is confirmed even if
 the application has nothing to say yet.
+
+Re-authentication (:meth:`TesseraMqttClient.reauthenticate`): a new SA1 msg1 goes to the
+broker in an AUTH packet (reason 0x19 Re-authenticate, Authentication Method and Data
+properties); the broker answers msg2 in an AUTH packet with reason 0x00 and the new
+session replaces the old one without dropping the connection. paho-mqtt 2.2 does not
+implement AUTH: its packet dispatch (``Client._packet_handle``) treats an incoming AUTH
+as an unknown command and drops the connection (MQTT_ERR_PROTOCOL). :class:`_AuthClient`
+subclasses paho's client and handles AUTH (and the CONNACK 0x87 with which Mosquitto
+2.0.11 refuses a re-authentication) before handing every other packet to paho; outgoing
+AUTH packets are queued with paho's own ``_packet_queue``, behind whatever is already
+queued, exactly as paho queues a PUBLISH. Both are private paho APIs, checked at import.
+
+The swap and in-flight messages: publishes are proven and queued under one lock, and
+the swap takes the same lock, so every message goes out proven under the session that
+was current when it was queued. paho may still hold QoS 1/2 messages back (beyond its
+in-flight window) and send them after the swap, so the broker keeps the previous session
+for a grace period (``rotation_grace_s``, default 30 s) and verifies each message under
+the session its header names; the device does the same for deliveries the broker proved
+under a previous session (:attr:`TesseraMqttClient.rotation_grace_s`; Mosquitto queues
+QoS 1 deliveries beyond its own in-flight window after proving them at ingress). The
+first message under the new session is an ``sa1/confirm``, sent by the swap itself.
+
+Step-up: the broker asks with a message on ``tessera/step-up`` proven under this
+device's session (it is delivered without a subscription). Requests that do not verify
+are ignored and counted in :attr:`TesseraMqttClient.step_ups_ignored`; a verified one is
+kept in :attr:`TesseraMqttClient.pending_step_up` and handed to :attr:`on_step_up` (on
+its own thread). :meth:`TesseraMqttClient.answer_step_ups` installs the built-in
+answer: ``reauthenticate(context=nonce, quote=quote_fn(nonce))``. If the connection is
+lost before an answer got through, connect again with ``connect(context=nonce,
+quote=...)`` within the broker's reconnect window.
 """
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import datetime as dt
+import json
 import logging
+import socket
+import struct
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -34,14 +70,165 @@ log = logging.getLogger("tessera.agent.mqtt")
 
 AUTH_METHOD = "tessera-sa1"
 CONFIRM_TOPIC = "sa1/confirm"
+STEP_UP_TOPIC = "tessera/step-up"
+
+# MQTT 5 control packet types (upper nibble) and AUTH reason codes
+PACKET_CONNACK = 0x20
+PACKET_AUTH = 0xF0
+RC_SUCCESS = 0x00
+RC_CONTINUE_AUTHENTICATION = 0x18
+RC_REAUTHENTICATE = 0x19
+PROP_AUTHENTICATION_METHOD = 0x15
+PROP_AUTHENTICATION_DATA = 0x16
+
+if not all(hasattr(mqtt.Client, name) for name in ("_packet_handle", "_packet_queue")):
+    raise ImportError("this paho-mqtt has no Client._packet_handle / _packet_queue, which "
+                      "device.mqtt hooks for MQTT 5 AUTH: use paho-mqtt 2.x (tested on 2.2)")
 
 
 class MqttError(TesseraError):
     """The broker refused us, or the connection failed."""
 
 
+def _varint(n: int) -> bytes:
+    """MQTT Variable Byte Integer."""
+    if not 0 <= n <= 268_435_455:
+        raise ValueError("too large for an MQTT variable byte integer")
+    out = bytearray()
+    while True:
+        n, digit = divmod(n, 128)
+        out.append(digit | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def encode_auth(reason: int, method: str, data: bytes | None) -> bytes:
+    """An MQTT 5 AUTH packet: fixed header 0xF0, remaining length, reason code, then the
+    properties Authentication Method (0x15, UTF-8 string) and Authentication Data (0x16,
+    binary data), each a two-byte length and its bytes."""
+    m = method.encode()
+    props = bytes([PROP_AUTHENTICATION_METHOD]) + struct.pack("!H", len(m)) + m
+    if data:
+        if len(data) > 0xFFFF:
+            raise ValueError("authentication data longer than 65535 bytes")
+        props += bytes([PROP_AUTHENTICATION_DATA]) + struct.pack("!H", len(data)) + data
+    body = bytes([reason]) + _varint(len(props)) + props
+    return bytes([PACKET_AUTH]) + _varint(len(body)) + body
+
+
+def decode_auth(body: bytes) -> tuple[int, str | None, bytes | None]:
+    """(reason code, authentication method, authentication data) of an AUTH packet's
+    variable header (what follows the fixed header). An empty body is reason 0x00."""
+    if not body:
+        return RC_SUCCESS, None, None
+    reason = body[0]
+    if len(body) == 1:
+        return reason, None, None
+    props = Properties(PacketTypes.AUTH)
+    props.unpack(bytes(body[1:]))
+    method = getattr(props, "AuthenticationMethod", None)
+    data = getattr(props, "AuthenticationData", None)
+    return reason, method, bytes(data) if data is not None else None
+
+
+def encode_quote(attest: bytes, signature: bytes, ak_public: bytes) -> bytes:
+    """The msg1 ``quote`` field: ``"TQ1" || var16 attest || var16 signature || var16
+    ak_public`` (the format broker_plugin/stepup.py verifies)."""
+    def var16(b: bytes) -> bytes:
+        return struct.pack("!H", len(b)) + b
+
+    return b"TQ1" + var16(attest) + var16(signature) + var16(ak_public)
+
+
+def tpm_quote_fn(backend: Any, ak_name: str, pcrs: tuple[int, ...] = tuple(range(8))
+                 ) -> Callable[[bytes], bytes]:
+    """A ``quote_fn`` for :meth:`TesseraMqttClient.answer_step_ups`: TPM2_Quote of
+    ``pcrs`` (SHA-256 bank) by the attestation key ``ak_name`` of a
+    :class:`hw.tpm.TpmBackend`, with the nonce as qualifying data."""
+    ak_public = backend.load_attestation_key(ak_name).public_area_bytes()
+
+    def quote(nonce: bytes) -> bytes:
+        attest, signature = backend.quote(ak_name, nonce, pcrs)
+        return encode_quote(attest, signature, ak_public)
+
+    return quote
+
+
+@dataclass(frozen=True)
+class StepUpRequest:
+    """A verified ``tessera/step-up`` request from the broker."""
+
+    nonce: bytes
+    quote: bool
+    reason: str
+    deadline_s: int
+    received_at: float  # the client's clock
+
+    @classmethod
+    def parse(cls, payload: bytes, now: float) -> StepUpRequest:
+        try:
+            data = json.loads(payload)
+            nonce = base64.b64decode(data["nonce"], validate=True)
+            quote, reason, deadline = data["quote"], data["reason"], data["deadline_s"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise MqttError(f"malformed step-up request: {exc}", Reason.MALFORMED) from None
+        if (not isinstance(quote, bool) or not isinstance(reason, str) or len(reason) > 64
+                or type(deadline) is not int or deadline < 0 or not 16 <= len(nonce) <= 64):
+            raise MqttError("malformed step-up request", Reason.MALFORMED)
+        return cls(nonce, quote, reason, deadline, now)
+
+
+class _Reauth:
+    """One re-authentication waiting for the broker's AUTH reply."""
+
+    def __init__(self, initiator: Initiator, context: bytes) -> None:
+        self.initiator = initiator
+        self.context = context
+        self.done = threading.Event()
+        self.session: Session | None = None
+        self.error: MqttError | None = None
+
+    def fail(self, error: MqttError) -> None:
+        self.error = error
+        self.done.set()
+
+
+class _AuthClient(mqtt.Client):
+    """paho's client plus MQTT 5 AUTH: incoming AUTH packets (and a CONNACK while a
+    re-authentication is pending) go to ``auth_handler``; everything else to paho."""
+
+    auth_handler: Callable[[int, bytes], int] | None = None
+
+    def _packet_handle(self) -> Any:
+        command = self._in_packet["command"] & 0xF0
+        handler = self.auth_handler
+        if handler is not None and (command == PACKET_AUTH or (
+                command == PACKET_CONNACK and self.is_connected())):
+            return handler(command, bytes(self._in_packet["packet"]))
+        return super()._packet_handle()
+
+    def _call_socket_open(self, sock: Any) -> None:
+        # TCP_NODELAY: a re-authentication sends msg1 right behind the small sa1/confirm
+        # of the previous one; with Nagle on, it waits for the broker's delayed ACK of
+        # that confirm (40 ms on Linux; measured: re-auth 45-50 ms -> a few ms)
+        with contextlib.suppress(OSError, AttributeError):  # not TCP: nothing to tune
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        super()._call_socket_open(sock)
+
+    def send_auth(self, reason: int, method: str, data: bytes | None) -> Any:
+        """Queue an AUTH packet behind what paho has queued already."""
+        if self._sock is None:
+            return MQTTErrorCode.MQTT_ERR_NO_CONN
+        return self._packet_queue(PACKET_AUTH, encode_auth(reason, method, data), 0, 0)
+
+
 class TesseraMqttClient:
     """One device connection. ``connect()`` blocks until the handshake is done."""
+
+    #: how long deliveries the broker proved under a replaced session still open
+    rotation_grace_s: float = 30.0
+    #: replaced sessions kept (newest last)
+    max_previous: int = 4
 
     def __init__(
         self,
@@ -66,28 +253,52 @@ class TesseraMqttClient:
         self.wall_clock = wall_clock
         self.client_id = client_id or credential.identity.uri
         self.session: Session | None = None
+        self._previous: dict[bytes, tuple[Session, float]] = {}
         self._connected = threading.Event()
         self._failure: MqttError | None = None
         self._initiator: Initiator | None = None
-        self._lock = threading.Lock()  # protect()/verify() from several threads
+        self._context = b""
+        # protect()/verify() from several threads, and the session swap
+        self._lock = threading.RLock()
+        self._reauth: _Reauth | None = None
+        self._reauth_serial = threading.Lock()  # one re-authentication at a time
         self.rejected: list[Reason] = []
-        self.client = mqtt.Client(
+        #: step-up: what to do with a verified request (on its own thread)
+        self.on_step_up: Callable[[StepUpRequest], None] | None = None
+        #: the last verified step-up request not answered yet
+        self.pending_step_up: StepUpRequest | None = None
+        self.step_ups_ignored = 0  # requests that did not verify
+        self.step_ups_answered = 0
+        self.step_ups_failed = 0
+        self.reauthentications = 0
+        self._quote_fn: Callable[[bytes], bytes] | None = None
+        self.client = _AuthClient(
             CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv5
         )
+        self.client.auth_handler = self._on_auth_packet
         if tls_cafile:
             self.client.tls_set(ca_certs=tls_cafile)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
+        self.client.message_callback_add(STEP_UP_TOPIC, self._on_step_up_message)
 
     # -- connection ------------------------------------------------------------
-    def connect(self, timeout: float = 15.0) -> Session:
-        self._initiator = Initiator(
+    def _new_initiator(self) -> Initiator:
+        return Initiator(
             signer=self.signer, credential=self.credential, trust=self.trust,
             expected_peer=self.broker, peer_kind="broker",
         )
+
+    def connect(self, timeout: float = 15.0, *, context: bytes = b"",
+                quote: bytes = b"") -> Session:
+        """Connect with a fresh handshake. ``context`` / ``quote``: to answer a step-up
+        request after the connection it came on was lost (the nonce, and a quote over
+        it when the request asked for one)."""
+        self._initiator = self._new_initiator()
         props = Properties(PacketTypes.CONNECT)
         props.AuthenticationMethod = AUTH_METHOD
-        props.AuthenticationData = self._initiator.start()
+        props.AuthenticationData = self._initiator.start(context=context, quote=quote)
+        self._context = context
         self._connected.clear()
         self._failure = None
         try:
@@ -104,6 +315,8 @@ class TesseraMqttClient:
             raise self._failure
         assert self.session is not None
         self.publish(CONFIRM_TOPIC, b"")
+        if context:
+            self._answered(context)
         return self.session
 
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason_code: Any,
@@ -119,7 +332,9 @@ class TesseraMqttClient:
             done = self._initiator.receive(
                 bytes(msg2), self.clock(), TimePolicy.trusted(self.wall_clock())
             )
-            self.session = done.session
+            with self._lock:
+                self.session = done.session
+                self._drop_previous()
         except TesseraError as exc:
             self._failure = exc if isinstance(exc, MqttError) else MqttError(exc.detail,
                                                                               exc.reason)
@@ -128,19 +343,172 @@ class TesseraMqttClient:
             self._connected.set()
 
     def _on_disconnect(self, *args: Any) -> None:
-        pass
+        waiter = self._reauth
+        if waiter is not None:
+            self._reauth = None
+            waiter.fail(MqttError("the connection closed during re-authentication",
+                                  Reason.NOT_AUTHORIZED))
+
+    # -- re-authentication --------------------------------------------------------
+    def reauthenticate(self, context: bytes = b"", quote: bytes = b"",
+                       timeout: float = 10.0) -> Session:
+        """A new SA1 handshake inside the live connection (MQTT 5 AUTH, reason 0x19);
+        blocks until the broker answers. The new session replaces the current one
+        atomically; the connection stays up. Raises MqttError if the broker refuses (it
+        then closes the connection) or does not answer within ``timeout``."""
+        if threading.current_thread() is getattr(self.client, "_thread", None):
+            raise MqttError("reauthenticate() waits for a packet paho's network thread must "
+                            "read: call it from another thread, not a paho callback",
+                            Reason.INVALID_STATE)
+        with self._reauth_serial:
+            if self.session is None or not self.client.is_connected():
+                raise MqttError("not connected", Reason.INVALID_STATE)
+            initiator = self._new_initiator()
+            msg1 = initiator.start(context=context, quote=quote)  # the hardware signature
+            waiter = _Reauth(initiator, context)
+            self._reauth = waiter
+            rc = self.client.send_auth(RC_REAUTHENTICATE, AUTH_METHOD, msg1)
+            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                self._reauth = None
+                raise MqttError(f"cannot send AUTH: {mqtt.error_string(rc)}",
+                                Reason.BACKEND_UNAVAILABLE)
+            if not waiter.done.wait(timeout):
+                # A late answer still completes the swap (the broker has switched by
+                # then); the caller only learns it did not come in time.
+                raise MqttError(f"no AUTH reply within {timeout:g} s",
+                                Reason.BACKEND_UNAVAILABLE)
+            if waiter.error is not None:
+                raise waiter.error
+            assert waiter.session is not None
+            self.reauthentications += 1
+            if context:
+                self._answered(context)
+            return waiter.session
+
+    def _on_auth_packet(self, command: int, body: bytes) -> Any:
+        """paho's network thread: an AUTH packet, or a CONNACK on a live connection."""
+        ok = MQTTErrorCode.MQTT_ERR_SUCCESS
+        waiter = self._reauth
+        if command == PACKET_CONNACK:
+            # Mosquitto 2.0.11 refuses a re-authentication with CONNACK 0x87, then closes
+            reason = body[1] if len(body) > 1 else -1
+            if waiter is not None:
+                self._reauth = None
+                waiter.fail(MqttError(
+                    f"broker refused the re-authentication (CONNACK {reason:#04x})",
+                    Reason.NOT_AUTHORIZED))
+            log.warning("CONNACK %#04x on a live connection: the broker refused us", reason)
+            return MQTTErrorCode.MQTT_ERR_CONN_REFUSED
+        try:
+            reason, method, data = decode_auth(body)
+        except Exception as exc:  # paho raises its own exceptions for bad properties
+            reason, method, data = -1, None, None
+            log.warning("malformed AUTH packet: %s", exc)
+        if waiter is None:
+            log.warning("AUTH (reason %s) without a re-authentication of ours: "
+                        "protocol error, disconnecting", reason)
+            return MQTTErrorCode.MQTT_ERR_PROTOCOL
+        self._reauth = None
+        if reason != RC_SUCCESS or method != AUTH_METHOD or not data:
+            why = ("SA1 completes in one round trip; continue-authentication is out of step"
+                   if reason == RC_CONTINUE_AUTHENTICATION else
+                   f"AUTH reason {reason:#04x}, method {method!r}, "
+                   f"{'with' if data else 'without'} msg2")
+            waiter.fail(MqttError(f"re-authentication failed: {why}", Reason.MALFORMED))
+            return MQTTErrorCode.MQTT_ERR_PROTOCOL
+        now = self.clock()
+        try:
+            done = waiter.initiator.receive(data, now, TimePolicy.trusted(self.wall_clock()))
+        except TesseraError as exc:
+            # the broker has switched to a session we cannot use: start over cleanly
+            waiter.fail(MqttError(f"broker's re-authentication answer refused: {exc.detail}",
+                                  exc.reason))
+            return MQTTErrorCode.MQTT_ERR_PROTOCOL
+        with self._lock:
+            old = self.session
+            self.session = done.session
+            if old is not None:
+                self._previous[old.session_id] = (old, now + self.rotation_grace_s)
+                while len(self._previous) > self.max_previous:
+                    self._previous.pop(next(iter(self._previous)))[0].close()
+            # first message under the new session: confirms it at the broker
+            header, payload = done.session.protect(CONFIRM_TOPIC.encode(), b"", now)
+            self.client.publish(CONFIRM_TOPIC, payload + header)
+        waiter.session = done.session
+        waiter.done.set()
+        return ok
+
+    # -- step-up -------------------------------------------------------------------
+    def answer_step_ups(self, quote_fn: Callable[[bytes], bytes] | None = None) -> None:
+        """Answer the broker's step-up requests by re-authenticating with the nonce as
+        context, and ``quote_fn(nonce)`` (e.g. :func:`tpm_quote_fn`) as quote when the
+        request asks for one. A request already received is answered now."""
+        self._quote_fn = quote_fn
+        self.on_step_up = self._answer_step_up
+        pending = self.pending_step_up
+        if pending is not None:
+            self._dispatch(pending)
+
+    def _on_step_up_message(self, client: Any, userdata: Any, msg: Any) -> None:
+        data = bytes(msg.payload)
+        try:
+            request = StepUpRequest.parse(self.open_delivery(msg.topic, data), self.clock())
+        except TesseraError as exc:
+            self.step_ups_ignored += 1
+            self.rejected.append(exc.reason)
+            log.warning("ignored a step-up request that the broker did not prove: %s", exc)
+            return
+        log.info("step-up requested by the broker (%s, quote %s, %d s)", request.reason,
+                 request.quote, request.deadline_s)
+        self.pending_step_up = request
+        if self.on_step_up is not None:
+            self._dispatch(request)
+
+    def _dispatch(self, request: StepUpRequest) -> None:
+        handler = self.on_step_up
+        if handler is None:
+            return
+
+        def run() -> None:
+            try:
+                handler(request)
+            except Exception as exc:  # the answer failed; the broker's deadline decides
+                self.step_ups_failed += 1
+                log.warning("step-up (%s) not answered: %s", request.reason, exc)
+
+        # never on paho's network thread: the answer waits for a packet it must read
+        threading.Thread(target=run, name="tessera-step-up", daemon=True).start()
+
+    def _answer_step_up(self, request: StepUpRequest) -> None:
+        quote = b""
+        if request.quote:
+            if self._quote_fn is None:
+                raise MqttError("the broker asks for a TPM quote and this client has no "
+                                "quote_fn", Reason.BAD_CONFIGURATION)
+            quote = self._quote_fn(request.nonce)
+        self.reauthenticate(context=request.nonce, quote=quote)
+        self.step_ups_answered += 1
+
+    def _answered(self, context: bytes) -> None:
+        pending = self.pending_step_up
+        if pending is not None and pending.nonce == context:
+            self.pending_step_up = None
 
     # -- messages ----------------------------------------------------------------
     def proven(self, topic: str, payload: bytes) -> bytes:
         """``payload || header``: what goes on the wire for ``topic``."""
-        if self.session is None:
-            raise MqttError("not connected", Reason.INVALID_STATE)
         with self._lock:
+            if self.session is None:
+                raise MqttError("not connected", Reason.INVALID_STATE)
             header, body = self.session.protect(topic.encode(), payload, self.clock())
         return body + header
 
     def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> Any:
-        return self.client.publish(topic, self.proven(topic, payload), qos=qos, retain=retain)
+        # proven and queued under the lock the session swap takes, so nothing proven
+        # under an old session is queued after a newer session's first message
+        with self._lock:
+            return self.client.publish(topic, self.proven(topic, payload), qos=qos,
+                                       retain=retain)
 
     def open_delivery(self, topic: str, data: bytes) -> bytes:
         """The payload of a message the broker proved to us (``payload || header``
@@ -148,10 +516,24 @@ class TesseraMqttClient:
         if self.session is None or len(data) < HEADER_SIZE:
             raise MqttError("message without the broker's proof", Reason.TRUNCATED)
         cut = len(data) - HEADER_SIZE
+        header = data[cut:]
+        now = self.clock()
         with self._lock:
-            return self.session.verify(
-                data[cut:], topic.encode(), data[:cut], self.clock()
-            ).payload
+            session = self.session
+            if self._previous and header[1:9] != session.session_id:
+                kept = self._previous.get(header[1:9])
+                if kept is not None and now < kept[1]:
+                    session = kept[0]  # proven before the broker switched
+                for sid, (old, until) in list(self._previous.items()):
+                    if now >= until:
+                        old.close()
+                        del self._previous[sid]
+            return session.verify(header, topic.encode(), data[:cut], now).payload
+
+    def _drop_previous(self) -> None:
+        for old, _ in self._previous.values():
+            old.close()
+        self._previous.clear()
 
     def subscribe(self, topic: str, callback: Callable[[str, bytes], None], qos: int = 0,
                   *, proven: bool = True) -> None:
@@ -191,5 +573,7 @@ class TesseraMqttClient:
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
-        if self.session is not None:
-            self.session.close()
+        with self._lock:
+            if self.session is not None:
+                self.session.close()
+            self._drop_previous()

@@ -21,6 +21,10 @@
  *   plugin_init(options: dict[str, str]) -> None           raise to refuse to start
  *   plugin_cleanup() -> None
  *   on_reload(options: dict[str, str]) -> None             the options given at init
+ *       On SIGHUP Mosquitto 2.0.x also re-checks every connected client: it drops those
+ *       without a username (allow_anonymous false) and puts the others through basic
+ *       auth.  A connection authenticated by extended auth gets its client id as
+ *       username and is not re-asked (on_basic_auth is not called), so it survives.
  *   on_basic_auth(client_id: str, username: str | None, password: bytes | None,
  *                 address: str, protocol: int) -> int      protocol 3, 4, 5 = MQTT 3.1,
  *                                                          3.1.1, 5; 0 / AUTH / DEFER
@@ -124,8 +128,9 @@ static PyObject *g_options;       /* dict given to plugin_init; reused by on_rel
 static PyObject *g_format;        /* exc -> (one-line summary, [traceback lines]) */
 static PyObject *g_reauth_kw;     /* {"reauth": True} */
 /* Connections we authenticated or are authenticating: int(struct mosquitto *) ->
- * (client_id, authenticated).  Tells a re-authentication from a CONNECT (2.0.x passes
- * no reauth flag to v5 plugins) and an AUTH CONTINUE of ours from another plugin's. */
+ * (client_id, authenticated, by extended auth).  Tells a re-authentication from a
+ * CONNECT (2.0.x passes no reauth flag to v5 plugins), an AUTH CONTINUE of ours from
+ * another plugin's, and a SIGHUP re-check of a connection we authenticated. */
 static PyObject *g_conns;
 /* client_id -> int(struct mosquitto *) of the connection currently authenticated
  * under that id, to spot the stale disconnect of a connection taken over. */
@@ -241,9 +246,10 @@ static PyObject *call_host(int f, PyObject *args, PyObject *kwargs)
 }
 
 /* Record the connection as authenticated under its client id. */
-static void remember(PyObject *key, PyObject *cid, bool authenticated)
+static void remember(PyObject *key, PyObject *cid, bool authenticated, bool ext)
 {
-	PyObject *entry = Py_BuildValue("(OO)", cid, authenticated ? Py_True : Py_False);
+	PyObject *entry = Py_BuildValue("(OOO)", cid, authenticated ? Py_True : Py_False,
+			ext ? Py_True : Py_False);
 	if(entry == NULL || PyDict_SetItem(g_conns, key, entry)
 			|| (authenticated && PyDict_SetItem(g_holder, cid, key))){
 		log_exception("cannot record a connection", false);
@@ -263,7 +269,22 @@ static int handle_basic_auth(int event, void *event_data, void *userdata)
 	PyGILState_STATE gil = PyGILState_Ensure();
 	PyObject *cid = str_or_empty(mosquitto_client_id(ed->client));
 	PyObject *key = PyLong_FromVoidPtr(ed->client);
-	PyObject *res = NULL;
+	PyObject *res = NULL, *prior = key ? PyDict_GetItemWithError(g_conns, key) : NULL;
+	PyErr_Clear();
+	/* SIGHUP: Mosquitto 2.0.x re-checks every connected client (security_apply_default)
+	 * and puts those with a username through basic auth again.  A connection we
+	 * authenticated with extended auth has no password to check and stays; its username
+	 * is its client id (see handle_ext_auth), so the anonymous check lets it through. */
+	if(cid && prior && PyTuple_GET_SIZE(prior) == 3 && PyTuple_GET_ITEM(prior, 1) == Py_True
+			&& PyTuple_GET_ITEM(prior, 2) == Py_True
+			&& PyObject_RichCompareBool(PyTuple_GET_ITEM(prior, 0), cid, Py_EQ) == 1){
+		PyErr_Clear();
+		Py_DECREF(cid);
+		Py_DECREF(key);
+		PyGILState_Release(gil);
+		return MOSQ_ERR_SUCCESS;
+	}
+	PyErr_Clear();
 	if(cid && key){
 		res = call_host(F_BASIC_AUTH, Py_BuildValue("(ONNNi)", cid,
 				str_or_none(ed->username),
@@ -276,7 +297,7 @@ static int handle_basic_auth(int event, void *event_data, void *userdata)
 	}else if(int_in(res, MOSQ_ERR_SUCCESS, MOSQ_ERR_PLUGIN_DEFER, &v)
 			&& (v == MOSQ_ERR_SUCCESS || v == MOSQ_ERR_AUTH || v == MOSQ_ERR_PLUGIN_DEFER)){
 		rc = (int)v;
-		if(rc == MOSQ_ERR_SUCCESS) remember(key, cid, true);
+		if(rc == MOSQ_ERR_SUCCESS) remember(key, cid, true, false);
 	}else{
 		mosquitto_log_printf(MOSQ_LOG_ERR, "tessera: on_basic_auth returned %s, expected 0, "
 				"MOSQ_ERR_AUTH or MOSQ_ERR_PLUGIN_DEFER: client refused", Py_TYPE(res)->tp_name);
@@ -366,8 +387,17 @@ static int handle_ext_auth(int event, void *event_data, void *userdata)
 		ed->data_out_len = (uint16_t)PyBytes_GET_SIZE(data);
 	}
 	rc = (int)v;
-	if(rc == MOSQ_ERR_SUCCESS) remember(key, cid, true);
-	if(rc == MOSQ_ERR_AUTH_CONTINUE) remember(key, cid, authenticated);
+	if(rc == MOSQ_ERR_SUCCESS){
+		remember(key, cid, true, true);
+		/* Mosquitto 2.0.x drops every connected client without a username on SIGHUP
+		 * when allow_anonymous is false (security_apply_default): name it by its id. */
+		int urc = mosquitto_set_username(ed->client, mosquitto_client_id(ed->client));
+		if(urc != MOSQ_ERR_SUCCESS){
+			mosquitto_log_printf(MOSQ_LOG_WARNING, "tessera: cannot set the username of %s "
+					"(error %d): a SIGHUP will disconnect it", mosquitto_client_id(ed->client), urc);
+		}
+	}
+	if(rc == MOSQ_ERR_AUTH_CONTINUE) remember(key, cid, authenticated, true);
 	goto done;
 error:
 	snprintf(msg, sizeof(msg), "%s raised, client refused", what);
