@@ -103,6 +103,7 @@ from structauth.params import SessionParams
 from structauth.session import HEADER_SIZE, Session, SessionState
 
 AUTH_METHOD = "tessera-sa1"
+SCAN_INTERVAL_S = 0.05
 CONFIRM_ACTION = b"sa1/confirm"
 
 # Mosquitto return codes (mosquitto.h)
@@ -235,6 +236,7 @@ class Enforcer:
         #: the enrolled attestation key (marshalled TPM2B_PUBLIC) of an identity, if known
         self.attestation_key_of = attestation_key_of
         self.settings = settings or StepUpSettings()
+        self._next_scan = float("-inf")
         self.clients: dict[str, Client] = {}
         self.direct = tuple(tuple(t.split("/")) for t in direct)
         self._device_prefix = f"spiffe://{responder.trust_domain}/device/"
@@ -724,6 +726,25 @@ class Enforcer:
 
     def tick(self, now: float) -> list[tuple[Any, ...]]:
         """Actions for the broker thread: ("kick", client_id) and ("publish", ...)."""
+        # Mosquitto ticks on every pass of its event loop (under load, once per message
+        # or more): the scan over all sessions runs at most every SCAN_INTERVAL_S, which
+        # bounds expiry kicks to that much late; revocations, challenges and kicks
+        # queued by other events go out on every tick.
+        if now >= self._next_scan:
+            self._next_scan = now + SCAN_INTERVAL_S
+            self._scan(now)
+        self._tick_challenges(now)
+        actions: list[tuple[Any, ...]] = [("kick", c) for c in dict.fromkeys(self._pending_kicks)]
+        for client_id in dict.fromkeys(self._pending_kicks):
+            self.disconnect(client_id)
+        self._pending_kicks.clear()
+        actions.extend(self._outbox)
+        self._outbox.clear()
+        if self.metrics is not None:
+            self.metrics.active_sessions.set(len(self.clients))
+        return actions
+
+    def _scan(self, now: float) -> None:
         wall = self.wall_clock()
         for client in list(self.clients.values()):
             if client.not_after <= wall:
@@ -741,19 +762,9 @@ class Enforcer:
                     if now >= until:
                         old.close()
                         del client.previous[sid]
-        self._tick_challenges(now)
         for uri, until in list(self.quarantined.items()):
             if now >= until:
                 self.release(uri, by="timeout")
-        actions: list[tuple[Any, ...]] = [("kick", c) for c in dict.fromkeys(self._pending_kicks)]
-        for client_id in dict.fromkeys(self._pending_kicks):
-            self.disconnect(client_id)
-        self._pending_kicks.clear()
-        actions.extend(self._outbox)
-        self._outbox.clear()
-        if self.metrics is not None:
-            self.metrics.active_sessions.set(len(self.clients))
-        return actions
 
     def _tick_challenges(self, now: float) -> None:
         for uri, challenge in list(self.challenges.items()):
