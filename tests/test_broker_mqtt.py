@@ -395,3 +395,22 @@ def test_a_device_flooding_garbage_disturbs_nobody(setup: Setup) -> None:
     honest.close()
     backend.close()
     flooder.client.loop_stop()
+
+
+def test_a_will_message_cannot_carry_unproven_data(setup: Setup) -> None:
+    """Wills never reach the plugin's message check (Mosquitto 2.0 only asks the ACL),
+    so they must not be published at all: even on the device's own topic."""
+    backend = setup.device("backend", kind="broker")
+    backend.connect()
+    got = _collector(backend, "#")
+    device = setup.device("pi-w")
+    device.client.will_set("devices/pi-w/telemetry/last", b"UNPROVEN WILL", qos=1)
+    device.connect()
+    time.sleep(0.3)
+    device.client.socket().close()  # an ungraceful end: the broker would send the will
+    time.sleep(1.5)
+    payloads = []
+    while not got.empty():
+        payloads.append(got.get()[1])
+    assert b"UNPROVEN WILL" not in payloads
+    backend.close()
