@@ -38,5 +38,10 @@ SUBCOMMANDS: dict[str, Subcommand] = {
             "bench.broker",
             "Mosquitto with the Tessera plugin: throughput vs plain, connect storm, revocation",
         ),
+        Subcommand(
+            "coap",
+            "bench.coap",
+            "CoAP requests/s: plain vs Tessera proven/sealed vs OSCORE; first request vs EDHOC",
+        ),
     )
 }

@@ -16,6 +16,10 @@ A policy is one TOML file::
     inherits  = "default"           # everything of "default", plus:
     publish   = ["sites/{id}/+/telemetry/#"]
 
+    [classes.default.coap]          # CoAP (broker_plugin.coap_site): method -> path templates
+    GET       = ["sensors/{id}/#", "fleet/config"]
+    POST      = ["sensors/{id}/readings"]
+
     [brokers]                       # identities of kind "broker" (bridges, the broker itself)
     publish   = ["#"]
     subscribe = ["#"]
@@ -40,6 +44,14 @@ Rules:
 * Devices (``spiffe://<td>/device/<name>``) get their class's templates, brokers
   (``.../broker/<name>``) get ``[brokers]``; any other identity, an unknown class or a
   missing ``[brokers]`` means deny.
+
+CoAP (``[classes.X.coap]``, also ``[brokers.coap]``): keys are request methods (``GET``,
+``POST``, ``PUT``, ``DELETE``, ``FETCH``, ``PATCH``, ``iPATCH``), values arrays of the
+same templates, matched against the request's full Uri-Path with each path segment as
+one level (a segment that itself contains ``/`` stays one level; the root path ``/`` is
+one empty level, matched only by ``+`` or ``#``). A method with no key is denied.
+Inheritance unites them per method like the other lists. A policy without any ``coap``
+table has the same digest as before the table existed.
 
 Checks: a PUBLISH topic (no wildcards) is allowed if some ``publish`` template matches
 it. A subscription filter is allowed only if every topic it can match is matched by one
@@ -75,6 +87,8 @@ from structauth.errors import ConfigurationError
 
 VERSION = 1
 CLASS_PLACEHOLDERS = ("id", "class", "td")
+#: CoAP request methods a ``coap`` table may name (RFC 7252, RFC 8132)
+COAP_METHODS = ("GET", "POST", "PUT", "DELETE", "FETCH", "PATCH", "iPATCH")
 BROKER_PLACEHOLDERS = ("id", "td")
 
 _CLASS_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -110,16 +124,24 @@ class Rules:
     publish: tuple[str, ...] = ()
     subscribe: tuple[str, ...] = ()
     step_up: tuple[StepUp, ...] = ()
+    #: CoAP grants as (method, path template) pairs
+    coap: tuple[tuple[str, str], ...] = ()
 
     def canonical(self) -> dict[str, Any]:
         quotes: dict[str, bool] = {}
         for rule in self.step_up:
             quotes[rule.template] = quotes.get(rule.template, False) or rule.quote
-        return {
+        canonical: dict[str, Any] = {
             "publish": sorted(set(self.publish)),
             "subscribe": sorted(set(self.subscribe)),
             "step_up": sorted(quotes.items()),
         }
+        if self.coap:  # absent when empty, so MQTT-only policies keep their digest
+            methods: dict[str, set[str]] = {}
+            for method, template in self.coap:
+                methods.setdefault(method, set()).add(template)
+            canonical["coap"] = {m: sorted(t) for m, t in sorted(methods.items())}
+        return canonical
 
 
 # -- matching -------------------------------------------------------------------------
@@ -205,6 +227,8 @@ class _Grant:
     step_up: tuple[tuple[Levels, StepUp], ...]
     no_publish: Decision
     no_subscribe: Decision
+    coap: dict[str, tuple[tuple[Levels, Decision], ...]] = field(default_factory=dict)
+    no_coap: Decision = Decision(False, "no CoAP template matches")
 
     @classmethod
     def compile(cls, label: str, rules: Rules, placeholders: Sequence[str]) -> _Grant:
@@ -215,12 +239,19 @@ class _Grant:
             return Decision(True, f"{label}: {action} allowed by {text!r}")
 
         steps = sorted(rules.step_up, key=lambda s: not s.quote)  # a quote wins
+        coap: dict[str, list[tuple[Levels, Decision]]] = {}
+        for method, t in rules.coap:
+            coap.setdefault(method, []).append(
+                (levels(t, f"coap.{method}"), allow(f"CoAP {method}", t))
+            )
         return cls(
             tuple((levels(t, "publish"), allow("publish", t)) for t in rules.publish),
             tuple((levels(t, "subscribe"), allow("subscribe", t)) for t in rules.subscribe),
             tuple((levels(s.template, "step_up"), s) for s in steps),
             Decision(False, f"{label}: no publish template matches"),
             Decision(False, f"{label}: no subscribe template covers the filter"),
+            {m: tuple(grants) for m, grants in coap.items()},
+            Decision(False, f"{label}: no CoAP template matches the method and path"),
         )
 
     def fill(self, values: Mapping[str, str]) -> _Grant:
@@ -233,6 +264,8 @@ class _Grant:
             tuple((expand(lv), s) for lv, s in self.step_up),
             self.no_publish,
             self.no_subscribe,
+            {m: tuple((expand(lv), d) for lv, d in g) for m, g in self.coap.items()},
+            self.no_coap,
         )
 
 
@@ -273,6 +306,7 @@ def _grant_for(
 
 _WILDCARD_TOPIC = Decision(False, "a PUBLISH topic must be non-empty, without wildcards or NUL")
 _BAD_FILTER = Decision(False, "not a valid MQTT topic filter")
+_BAD_PATH = Decision(False, "a CoAP path segment contains NUL")
 
 
 # -- the policy -----------------------------------------------------------------------
@@ -340,6 +374,22 @@ class Policy:
             if _covers(template, levels):
                 return decision
         return grant.no_subscribe
+
+    def may_request(
+        self, identity: Identity, device_class: str, method: str, path: Sequence[str]
+    ) -> Decision:
+        """May ``identity`` of ``device_class`` send a CoAP ``method`` request (``"GET"``,
+        ``"POST"``, ...) to ``path``, the full Uri-Path as a sequence of segments?"""
+        grant = self._grant(identity.uri, device_class)
+        if isinstance(grant, Decision):
+            return grant
+        levels = tuple(path) or ("",)
+        if any("\0" in level for level in levels):
+            return _BAD_PATH
+        for template, decision in grant.coap.get(method, ()):
+            if _covers(template, levels):
+                return decision
+        return grant.no_coap
 
     def step_up_for(self, identity: Identity, device_class: str, topic: str) -> StepUp | None:
         """The step-up a publish to ``topic`` demands, or None. Says nothing about
@@ -419,12 +469,25 @@ def _step_ups(body: Mapping[str, Any], where: str) -> tuple[StepUp, ...]:
     return tuple(found)
 
 
+def _coap(
+    body: Mapping[str, Any], where: str, placeholders: Sequence[str]
+) -> tuple[tuple[str, str], ...]:
+    if "coap" not in body:
+        return ()
+    here = f"{where}.coap"
+    table = _table(body["coap"], here)
+    _only(table, here, COAP_METHODS)
+    return tuple(
+        (method, t) for method in table for t in _templates(table, method, here, placeholders)
+    )
+
+
 def _class_rules(doc: Mapping[str, Any]) -> dict[str, Rules]:
     declared: dict[str, tuple[str | None, Rules]] = {}
     for name, body in _table(doc.get("classes", {}), "classes").items():
         where = f"classes.{name}"
         body = _table(body, where)
-        _only(body, where, ("inherits", "publish", "subscribe", "step_up"))
+        _only(body, where, ("inherits", "publish", "subscribe", "step_up", "coap"))
         parent = body.get("inherits")
         if parent is not None and not isinstance(parent, str):
             raise ConfigurationError(
@@ -436,6 +499,7 @@ def _class_rules(doc: Mapping[str, Any]) -> dict[str, Rules]:
                 _templates(body, "publish", where, CLASS_PLACEHOLDERS),
                 _templates(body, "subscribe", where, CLASS_PLACEHOLDERS),
                 _step_ups(body, where),
+                _coap(body, where, CLASS_PLACEHOLDERS),
             ),
         )
     resolved = {}
@@ -460,6 +524,7 @@ def _class_rules(doc: Mapping[str, Any]) -> dict[str, Rules]:
             tuple(dict.fromkeys(t for r in own for t in r.publish)),
             tuple(dict.fromkeys(t for r in own for t in r.subscribe)),
             tuple(dict.fromkeys(s for r in own for s in r.step_up)),
+            tuple(dict.fromkeys(c for r in own for c in r.coap)),
         )
     return resolved
 
@@ -483,10 +548,11 @@ def _parse(text: str, cache_size: int) -> Policy:
         )
     classes = _class_rules(doc)
     brokers = _table(doc.get("brokers", {}), "brokers")
-    _only(brokers, "brokers", ("publish", "subscribe"))
+    _only(brokers, "brokers", ("publish", "subscribe", "coap"))
     rules = Rules(
         _templates(brokers, "publish", "brokers", BROKER_PLACEHOLDERS),
         _templates(brokers, "subscribe", "brokers", BROKER_PLACEHOLDERS),
+        coap=_coap(brokers, "brokers", BROKER_PLACEHOLDERS),
     )
     return Policy(classes, rules, cache_size)
 
