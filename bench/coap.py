@@ -518,7 +518,7 @@ async def _collect(report: Report, quick: bool, requests: int, batches: int) -> 
 
     for width, tag in ((1, "seq"), (INFLIGHT, "inflight")):
         words = "sequential" if width == 1 else "100 in flight"
-        m = results[width]
+        by_mode = results[width]
         ratios = {}
         for mode, base in (
             ("proven", "plain"),
@@ -530,7 +530,7 @@ async def _collect(report: Report, quick: bool, requests: int, batches: int) -> 
                 report,
                 f"{mode}_over_{base}_{tag}",
                 f"{mode} / {base} requests/s, {words} (paired by round)",
-                paired_speedup(m[mode], m[base]),
+                paired_speedup(by_mode[mode], by_mode[base]),
             )
         report.target(
             f"proven_vs_plain_{tag}",

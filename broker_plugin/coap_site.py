@@ -69,6 +69,9 @@ LABEL_RESPONSE = b"coap-res\x00"
 ABSENT = 0xFFFFFFFF
 #: the largest request payload assembled from block1 transfers (413 beyond it)
 MAX_PAYLOAD = 64 * 1024
+#: the largest msg1 the handshake resource assembles: the biggest valid msg1 (four
+#: 4 KB certificates, a 512-byte context, a 4 KB quote) is about 26 KB
+MAX_MSG1 = 32 * 1024
 
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
@@ -350,6 +353,8 @@ class TesseraSite(interfaces.Resource, resource.PathCapable):  # type: ignore[mi
         self._count = count
         #: session id -> peer; one identity may hold several sessions (make-before-break)
         self.sessions: dict[bytes, CoapPeer] = {}
+        #: identity URI -> its session ids, oldest first
+        self._by_identity: dict[str, list[bytes]] = {}
         self.revoked_serials: set[str] = set()
         #: refusals and events by name (also reported through ``count``)
         self.stats: Counter[str] = Counter()
@@ -383,6 +388,14 @@ class TesseraSite(interfaces.Resource, resource.PathCapable):  # type: ignore[mi
             pipe.add_response(refusal, is_last=True)
             return
         if tuple(request.opt.uri_path) == HANDSHAKE_PATH:  # below where this site sits
+            block1 = request.opt.block1
+            if block1 is not None and block1.start + len(request.payload) > MAX_MSG1:
+                self.count("handshakes", "too_large")
+                pipe.add_response(
+                    aiocoap.Message(code=codes.REQUEST_ENTITY_TOO_LARGE, size1=MAX_MSG1),
+                    is_last=True,
+                )
+                return
             await self._handshake_resource.render_to_pipe(pipe)
             return
         path, query = _full_path_and_query(request)
@@ -408,7 +421,8 @@ class TesseraSite(interfaces.Resource, resource.PathCapable):  # type: ignore[mi
     # -- handshake ----------------------------------------------------------------------
     def _handshake(self, request: aiocoap.Message) -> aiocoap.Message:
         now = self.clock()
-        self.sweep(now)
+        if now >= self._next_sweep or len(self.sessions) >= self.max_sessions:
+            self.sweep(now)
         address = _address(request)
         if len(self.sessions) >= self.max_sessions:
             self.count("handshakes", "refused")
@@ -446,10 +460,15 @@ class TesseraSite(interfaces.Resource, resource.PathCapable):  # type: ignore[mi
             device_class=self.device_class_of(identity),
             address=address,
         )
-        mine = [p for p in self.sessions.values() if p.identity == identity]
-        for old in mine[: max(0, len(mine) - self.max_sessions_per_peer + 1)]:
+        mine = self._by_identity.setdefault(identity.uri, [])
+        while len(mine) >= self.max_sessions_per_peer:  # oldest first
+            old = self.sessions.get(mine[0])
+            if old is None:  # removed from ``sessions`` directly
+                mine.pop(0)
+                continue
             self._drop(old, "replaced by newer sessions of the same peer")
         self.sessions[answered.session.session_id] = peer
+        mine.append(answered.session.session_id)
         self.audit(
             "handshake_ok",
             identity=identity.uri,
@@ -591,7 +610,14 @@ class TesseraSite(interfaces.Resource, resource.PathCapable):  # type: ignore[mi
                 self._drop(peer, "session ended" if ended is None else ended.reason.name.lower())
 
     def _drop(self, peer: CoapPeer, why: str) -> None:
-        self.sessions.pop(peer.session.session_id, None)
+        sid = peer.session.session_id
+        self.sessions.pop(sid, None)
+        mine = self._by_identity.get(peer.identity.uri)
+        if mine is not None:
+            if sid in mine:
+                mine.remove(sid)
+            if not mine:
+                del self._by_identity[peer.identity.uri]
         peer.session.close()
         self.audit(
             "session_closed",
@@ -610,7 +636,15 @@ class TesseraSite(interfaces.Resource, resource.PathCapable):  # type: ignore[mi
         return doomed
 
     def sessions_of(self, identity: Identity) -> list[CoapPeer]:
-        return [p for p in self.sessions.values() if p.identity == identity]
+        """The sessions ``identity`` holds, oldest first."""
+        sessions = self.sessions
+        return [sessions[s] for s in self._by_identity.get(identity.uri, ()) if s in sessions]
+
+    def forget_all(self) -> None:
+        """Drop every session (what a restart does); devices re-handshake on their
+        next request."""
+        for peer in list(self.sessions.values()):
+            self._drop(peer, "forgotten")
 
 
 # ------------------------------------------------------------------ helpers

@@ -23,6 +23,8 @@
   re-handshakes once and retries.
 * Confirmable retransmissions are aiocoap's: the same bytes, so the same proof; the
   gateway answers duplicates from its deduplication cache.
+* Credential time checks on msg2 follow ``time_policy`` (default: trust the wall
+  clock); a device without an RTC passes ``lambda: TimePolicy.unknown(floor)``.
 
 docs/COAP.md defines the option, the action strings and the refusals.
 """

@@ -10,11 +10,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import json
 import os
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import aiocoap
@@ -681,6 +685,11 @@ def test_malformed_handshakes_are_refused_cleanly(world: World) -> None:
                     )
                     assert bytes(resp.payload).startswith(b"tessera: ")
                 assert not gw.site.sessions
+                # a block-wise upload beyond any valid msg1 is cut off early
+                huge = await raw_request(
+                    ctx, gw.uri + "/.well-known/sa1", codes.POST, bytes(40 * 1024)
+                )
+                assert huge.code == codes.REQUEST_ENTITY_TOO_LARGE
             finally:
                 await ctx.shutdown()
             # the gateway is still fine
@@ -712,7 +721,7 @@ def test_rehandshake_before_the_lifetime_ends_and_after_loss(world: World) -> No
             assert client.handshakes == 3
             assert first.session_id not in gw.site.sessions
             # the gateway restarts and forgets every session: one retry, new handshake
-            gw.site.sessions.clear()
+            gw.site.forget_all()
             gw.clock.offset += 2
             reply = await client.request("POST", "sensors/pi-1/temp", b"after")
             assert reply.payload == b"pi-1:after" and client.handshakes == 4
@@ -879,3 +888,31 @@ def test_plain_aiocoap_site_ignores_unknown_critical_options() -> None:
             await server.shutdown()
 
     run(scenario())
+
+
+def test_benchmark_quick_run_reports_every_figure() -> None:
+    """``python -m bench coap --quick --json``: shape only; timing is the benchmark's
+    business (a MISS is reported, never a failure)."""
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "coap", "--quick", "--json"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["benchmark"] == "coap" and report["quick"] is True
+    for mode in ("plain", "proven", "sealed", "oscore"):
+        for tag in ("seq", "inflight"):
+            assert report["rates"][f"{mode}_{tag}_rps"] > 0
+            assert report["rates"][f"{mode}_{tag}_server_cpu_us"] > 0
+    assert report["medians_us"]["tessera_first_request_us"] > 0
+    assert set(report["targets"]) == {
+        "proven_vs_plain_seq",
+        "proven_vs_oscore_seq",
+        "proven_vs_plain_inflight",
+        "proven_vs_oscore_inflight",
+    }
+    assert done.stdout.count("[PASS]") + done.stdout.count("[MISS]") == 4
