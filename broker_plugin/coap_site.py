@@ -34,10 +34,9 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import logging
-import struct
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +47,12 @@ from aiocoap.numbers import codes
 from aiocoap.numbers.optionnumbers import OptionNumber
 from aiocoap.optiontypes import OpaqueOption
 
+from structauth.coap_actions import (
+    HANDSHAKE_PATH,
+    PROOF_OPTION_NUMBER,
+    request_action,
+    response_action,
+)
 from structauth.credentials import Credential, Identity, TimePolicy
 from structauth.errors import MalformedMessage, ProtocolError, Reason, TesseraError
 from structauth.handshake import Responder
@@ -59,22 +64,16 @@ log = logging.getLogger("tessera.coap")
 #: critical (a server that does not know it must refuse the request, never serve it
 #: unauthenticated), and bit 1 set, so unsafe to forward (a proxy that does not know it
 #: must not forward it: the proof binds the exact request). Opaque, exactly 31 bytes.
-PROOF_OPTION = OptionNumber(65003)
+PROOF_OPTION = OptionNumber(PROOF_OPTION_NUMBER)
 PROOF_OPTION.set_format(OpaqueOption)
 
-HANDSHAKE_PATH = (".well-known", "sa1")
-LABEL_REQUEST = b"coap-req\x00"
-LABEL_RESPONSE = b"coap-res\x00"
 #: the value standing for an absent Content-Format, Accept or Observe option
-ABSENT = 0xFFFFFFFF
 #: the largest request payload assembled from block1 transfers (413 beyond it)
 MAX_PAYLOAD = 64 * 1024
 #: the largest msg1 the handshake resource assembles: the biggest valid msg1 (four
 #: 4 KB certificates, a 512-byte context, a 4 KB quote) is about 26 KB
 MAX_MSG1 = 32 * 1024
 
-_U16 = struct.Struct(">H")
-_U32 = struct.Struct(">I")
 
 METHODS = {1: "GET", 2: "POST", 3: "PUT", 4: "DELETE", 5: "FETCH", 6: "PATCH", 7: "iPATCH"}
 
@@ -100,60 +99,7 @@ _PROXY_OPTIONS = frozenset({int(OptionNumber.PROXY_URI), int(OptionNumber.PROXY_
 # ------------------------------------------------------------------ action strings
 
 
-def _u32_or_absent(value: int | None) -> bytes:
-    return _U32.pack(ABSENT if value is None else int(value))
-
-
-def _strings(items: Sequence[str]) -> bytes:
-    out = [_U16.pack(len(items))]
-    for item in items:
-        raw = item.encode("utf-8")
-        out.append(_U16.pack(len(raw)))
-        out.append(raw)
-    return b"".join(out)
-
-
-def request_action(
-    code: int,
-    path: Sequence[str],
-    query: Sequence[str] = (),
-    content_format: int | None = None,
-    accept: int | None = None,
-    observe: int | None = None,
-) -> bytes:
-    """The SA1 action of a CoAP request (docs/COAP.md, "Action strings")::
-
-        "coap-req" 0x00 | u8 code | u16 n | n x (u16 len | Uri-Path segment, UTF-8)
-                        | u16 m | m x (u16 len | Uri-Query item, UTF-8)
-                        | u32 Content-Format | u32 Accept | u32 Observe
-
-    with 0xFFFFFFFF for an absent option. Every field has a length or a fixed size, so
-    two different requests never share an action (``a/b`` as one segment is not ``a``,
-    ``b``). The payload is not here: SA1 binds it separately.
-    """
-    return b"".join(
-        (
-            LABEL_REQUEST,
-            bytes((code,)),
-            _strings(path),
-            _strings(query),
-            _u32_or_absent(content_format),
-            _u32_or_absent(accept),
-            _u32_or_absent(observe),
-        )
-    )
-
-
-#: the same, memoized: a gateway sees the same few actions over and over
 _request_action = functools.lru_cache(maxsize=4096)(request_action)
-
-
-def response_action(request_header: bytes, code: int, content_format: int | None) -> bytes:
-    """The SA1 action of a response: ``"coap-res" 0x00 | request header (31) | u8 code
-    | u32 Content-Format``. The request's header carries its session, sequence number
-    and tag, and the tag covers the request's action and payload, so the response is
-    bound to exactly one request."""
-    return LABEL_RESPONSE + request_header + bytes((code,)) + _u32_or_absent(content_format)
 
 
 def diagnostic(reason: Reason, detail: str = "") -> bytes:

@@ -35,7 +35,6 @@ import asyncio
 import datetime as dt
 import functools
 import re
-import struct
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -47,6 +46,12 @@ from aiocoap.numbers import codes
 from aiocoap.numbers.optionnumbers import OptionNumber
 from aiocoap.optiontypes import OpaqueOption
 
+from structauth.coap_actions import (
+    HANDSHAKE_PATH,
+    PROOF_OPTION_NUMBER,
+    request_action,
+    response_action,
+)
 from structauth.credentials import Credential, Identity, TimePolicy, TrustStore
 from structauth.errors import Reason, TesseraError
 from structauth.handshake import Initiator
@@ -56,16 +61,10 @@ from structauth.session import HEADER_SIZE, Session, SessionState
 #: Tessera-Proof, 65003: experimental range, critical (odd), unsafe to forward (bit 1).
 #: Must equal broker_plugin.coap_site.PROOF_OPTION (device and broker_plugin are
 #: independent layers, so each defines it; tests/test_coap.py checks they agree).
-PROOF_OPTION = OptionNumber(65003)
+PROOF_OPTION = OptionNumber(PROOF_OPTION_NUMBER)
 PROOF_OPTION.set_format(OpaqueOption)
 
-HANDSHAKE_PATH = (".well-known", "sa1")
-LABEL_REQUEST = b"coap-req\x00"
-LABEL_RESPONSE = b"coap-res\x00"
-ABSENT = 0xFFFFFFFF
 
-_U16 = struct.Struct(">H")
-_U32 = struct.Struct(">I")
 _DIAGNOSTIC = re.compile(rb"^tessera: ([a-z_]+) \((\d+)\)")
 #: refusals after which a fresh handshake can help (the gateway lost or ended our session)
 _RETRY_REASONS = frozenset(
@@ -80,48 +79,7 @@ METHODS = {"GET": 1, "POST": 2, "PUT": 3, "DELETE": 4, "FETCH": 5, "PATCH": 6, "
 _CODES = {name: codes.Code(number) for name, number in METHODS.items()}
 
 
-def _u32_or_absent(value: int | None) -> bytes:
-    return _U32.pack(ABSENT if value is None else int(value))
-
-
-def _strings(items: Sequence[str]) -> bytes:
-    out = [_U16.pack(len(items))]
-    for item in items:
-        raw = item.encode("utf-8")
-        out.append(_U16.pack(len(raw)))
-        out.append(raw)
-    return b"".join(out)
-
-
-def request_action(
-    code: int,
-    path: Sequence[str],
-    query: Sequence[str] = (),
-    content_format: int | None = None,
-    accept: int | None = None,
-    observe: int | None = None,
-) -> bytes:
-    """``"coap-req" 0x00 | u8 code | path | query | u32 cf | u32 accept | u32 observe``
-    (docs/COAP.md; identical to broker_plugin.coap_site.request_action)."""
-    return b"".join(
-        (
-            LABEL_REQUEST,
-            bytes((code,)),
-            _strings(path),
-            _strings(query),
-            _u32_or_absent(content_format),
-            _u32_or_absent(accept),
-            _u32_or_absent(observe),
-        )
-    )
-
-
 _request_action = functools.lru_cache(maxsize=1024)(request_action)
-
-
-def response_action(request_header: bytes, code: int, content_format: int | None) -> bytes:
-    """``"coap-res" 0x00 | request header (31) | u8 code | u32 Content-Format``."""
-    return LABEL_RESPONSE + request_header + bytes((code,)) + _u32_or_absent(content_format)
 
 
 # ------------------------------------------------------------------ errors and results
