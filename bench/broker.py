@@ -85,17 +85,6 @@ TARGET_THROUGHPUT_RATIO = 0.70
 TARGET_REVOCATION_MS = 1000.0
 REVOCATION_TIMEOUT_S = 10.0
 
-POLICY = """
-version = 1
-
-[classes.default]
-publish   = ["devices/{id}/telemetry/#"]
-subscribe = ["devices/{id}/commands/#"]
-
-[brokers]
-publish   = ["#"]
-subscribe = ["#"]
-"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -336,19 +325,14 @@ class Lab:
 def _plugin_options(directory: Path, fleet: Any, broker: Member) -> dict[str, str]:
     from cryptography.hazmat.primitives.serialization import Encoding
 
-    (directory / "bundle.pem").write_bytes(fleet.root.public_bytes(Encoding.PEM))
-    (directory / "broker.pem").write_bytes(
-        broker.credential.chain[0].public_bytes(Encoding.PEM))
+    from simulator.mosquitto import plugin_files
+
     key = broker.signer.save(directory / "broker-key.pem")  # type: ignore[attr-defined]
-    (directory / "policy.toml").write_text(POLICY)
-    return {
-        "trust_domain": fleet.trust_domain,
-        "bundle": str(directory / "bundle.pem"),
-        "credential": str(directory / "broker.pem"),
-        "key": f"insecure-software:{key}",
-        "policy": str(directory / "policy.toml"),
-        "audit_log": str(directory / "audit.jsonl"),
-    }
+    return plugin_files(
+        directory, trust_domain=fleet.trust_domain,
+        bundle_pem=fleet.root.public_bytes(Encoding.PEM),
+        credential_pem=broker.credential.chain[0].public_bytes(Encoding.PEM),
+        key=f"insecure-software:{key}", audit_log=str(directory / "audit.jsonl"))
 
 
 # ---------------------------------------------------------------- 1. throughput
@@ -882,7 +866,7 @@ def _revocation(report: Report, base: Path, count: int) -> None:
     from device.provisioner import ProvisionerClient, enroll_witnessed
     from hw.software import InsecureSoftwareSigner
     from simulator.fleet import Member
-    from simulator.mosquitto import Mosquitto
+    from simulator.mosquitto import Mosquitto, plugin_files
     from simulator.provisioner import ProvisioningServer
     from simulator.softhsm import SoftHsm
     from structauth.credentials import Credential, TrustStore
@@ -900,14 +884,11 @@ def _revocation(report: Report, base: Path, count: int) -> None:
                                   zip(serials, keys, strict=True)))
         d = base / "revocation"
         d.mkdir()
-        (d / "bundle.pem").write_text(issued["bundle"])
-        (d / "broker.pem").write_text(issued["operational_credential"])
-        (d / "policy.toml").write_text(POLICY)
-        options = {"trust_domain": service.trust_domain, "bundle": str(d / "bundle.pem"),
-                   "credential": str(d / "broker.pem"),
-                   "key": f"insecure-software:{broker_key.save(d / 'broker-key.pem')}",
-                   "policy": str(d / "policy.toml"), "audit_log": str(d / "audit.jsonl"),
-                   "provisioner": service.url}
+        options = plugin_files(
+            d, trust_domain=service.trust_domain, bundle_pem=issued["bundle"],
+            credential_pem=issued["operational_credential"],
+            key=f"insecure-software:{broker_key.save(d / 'broker-key.pem')}",
+            audit_log=str(d / "audit.jsonl"), provisioner=service.url)
         trust = TrustStore(x509.load_pem_x509_certificates(issued["bundle"].encode()),
                            service.trust_domain)
         members = [Member(k, Credential.from_pem(c["operational_credential"].encode()))

@@ -32,6 +32,47 @@ __all__ = ["Mosquitto", "find_mosquitto"]
 SETUP_HINT = "run the README setup command './run setup' (Debian package mosquitto)"
 
 
+#: the topic policy the simulators, tests and benchmarks run the plugin with
+FLEET_POLICY = """version = 1
+
+[classes.default]
+publish   = ["devices/{id}/telemetry/#"]
+subscribe = ["devices/{id}/commands/#"]
+
+[brokers]
+publish   = ["#"]
+subscribe = ["#"]
+"""
+
+
+def plugin_files(
+    directory: str | os.PathLike[str],
+    *,
+    trust_domain: str,
+    bundle_pem: bytes | str,
+    credential_pem: bytes | str,
+    key: str,
+    policy: str = FLEET_POLICY,
+    **options: str,
+) -> dict[str, str]:
+    """Write what the Tessera plugin reads (``bundle.pem``, ``broker.pem``,
+    ``policy.toml``) into ``directory`` and return the plugin options naming them,
+    with ``key`` (a signer spec) and any further ``options``."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    for name, data in (("bundle.pem", bundle_pem), ("broker.pem", credential_pem),
+                       ("policy.toml", policy)):
+        (d / name).write_bytes(data.encode() if isinstance(data, str) else data)
+    return {
+        "trust_domain": trust_domain,
+        "bundle": str(d / "bundle.pem"),
+        "credential": str(d / "broker.pem"),
+        "key": key,
+        "policy": str(d / "policy.toml"),
+        **options,
+    }
+
+
 def find_mosquitto() -> str:
     """Path of the mosquitto binary (often in /usr/sbin, off a user's PATH)."""
     path = shutil.which("mosquitto", path=os.pathsep.join(

@@ -24,22 +24,12 @@ from typing import Any
 
 from cryptography import x509
 
-from simulator.mosquitto import Mosquitto
+from simulator.mosquitto import Mosquitto, plugin_files
 from simulator.provisioner import ProvisioningServer
 from simulator.softhsm import SoftHsm
 from simulator.swtpm import Swtpm
 
 DEVICES = ("pi-0001", "pi-0002", "pi-0003")
-POLICY = """version = 1
-
-[classes.default]
-publish   = ["devices/{id}/telemetry/#"]
-subscribe = ["devices/{id}/commands/#"]
-
-[brokers]
-publish   = ["#"]
-subscribe = ["#"]
-"""
 _BIN = Path(sys.executable).parent
 
 
@@ -132,20 +122,14 @@ def run_story(workdir: Path | None = None) -> int:
                     step = _Step("broker and console identities (PKCS#11, witnessed)")
                     step.done()
                     broker_issued = issued["mqtt-1"][0]
-                    (base / "bundle.pem").write_text(broker_issued["bundle"])
-                    (base / "broker.pem").write_text(broker_issued["operational_credential"])
-                    (base / "policy.toml").write_text(POLICY)
                     audit = base / "audit.jsonl"
-                    options = {
-                        "trust_domain": server.trust_domain,
-                        "bundle": str(base / "bundle.pem"),
-                        "credential": str(base / "broker.pem"),
-                        "key": f"pkcs11:{hsm.module}#broker/mqtt-1",
-                        "pin_file": str(base / "broker.pin"),
-                        "policy": str(base / "policy.toml"),
-                        "provisioner": server.url,
-                        "audit_log": str(audit),
-                    }
+                    options = plugin_files(
+                        base, trust_domain=server.trust_domain,
+                        bundle_pem=broker_issued["bundle"],
+                        credential_pem=broker_issued["operational_credential"],
+                        key=f"pkcs11:{hsm.module}#broker/mqtt-1",
+                        pin_file=str(base / "broker.pin"), provisioner=server.url,
+                        audit_log=str(audit))
                     _say("\n[2] Mosquitto with the Tessera plugin, agents, a subscriber")
                     with Mosquitto(base / "mosquitto", plugin_options=options) as broker:
                         code = _broker_part(broker, base, server, issued, audit, results,

@@ -20,21 +20,12 @@ from device.mqtt import TesseraMqttClient
 from hw.software import InsecureSoftwareSigner
 from hw.tpm import TpmBackend
 from simulator.fleet import Fleet
-from simulator.mosquitto import Mosquitto
+from simulator.mosquitto import Mosquitto, plugin_files
 from simulator.swtpm import Swtpm
 from structauth.errors import ConfigurationError
 
 pytestmark = [pytest.mark.broker, pytest.mark.hardware]
 
-POLICY = """
-version = 1
-[classes.default]
-publish   = ["devices/{id}/telemetry/#"]
-subscribe = ["devices/{id}/commands/#"]
-[brokers]
-publish   = ["#"]
-subscribe = ["#"]
-"""
 
 
 class World:
@@ -43,15 +34,12 @@ class World:
         self.fleet = Fleet(t0=dt.datetime.now(dt.UTC) - dt.timedelta(days=1))
         broker_key = InsecureSoftwareSigner.generate()
         member = self.fleet.member("broker", "mqtt-1", signer=broker_key)
-        (base / "bundle.pem").write_bytes(self.fleet.root.public_bytes(Encoding.PEM))
-        (base / "broker.pem").write_bytes(member.credential.chain[0].public_bytes(Encoding.PEM))
-        (base / "policy.toml").write_text(POLICY)
-        self.options = {"trust_domain": self.fleet.trust_domain,
-                        "bundle": str(base / "bundle.pem"),
-                        "credential": str(base / "broker.pem"),
-                        "key": f"insecure-software:{broker_key.save(base / 'bk.pem')}",
-                        "policy": str(base / "policy.toml"),
-                        "audit_log": str(base / "audit.jsonl")}
+        self.options = plugin_files(
+            base, trust_domain=self.fleet.trust_domain,
+            bundle_pem=self.fleet.root.public_bytes(Encoding.PEM),
+            credential_pem=member.credential.chain[0].public_bytes(Encoding.PEM),
+            key=f"insecure-software:{broker_key.save(base / 'bk.pem')}",
+            audit_log=str(base / "audit.jsonl"))
         self.broker = Mosquitto(base / "mosquitto", plugin_options=self.options)
         # the device: its key in the TPM, its state directory as enrollment leaves it
         self.state = base / "device"

@@ -26,22 +26,11 @@ from paho.mqtt.properties import Properties
 from device.mqtt import MqttError, TesseraMqttClient
 from hw.software import InsecureSoftwareSigner
 from simulator.fleet import Fleet, Member
-from simulator.mosquitto import Mosquitto, find_mosquitto
+from simulator.mosquitto import Mosquitto, find_mosquitto, plugin_files
 from structauth.errors import Reason, TesseraError
 
 pytestmark = pytest.mark.broker
 
-POLICY = """
-version = 1
-
-[classes.default]
-publish   = ["devices/{id}/telemetry/#"]
-subscribe = ["devices/{id}/commands/#"]
-
-[brokers]
-publish   = ["#"]
-subscribe = ["#"]
-"""
 
 
 @dataclass
@@ -65,19 +54,12 @@ def setup(tmp_path: Path) -> Iterator[Setup]:
     fleet = Fleet(t0=dt.datetime.now(dt.UTC) - dt.timedelta(days=1))
     broker_signer = InsecureSoftwareSigner.generate()
     broker_member = fleet.member("broker", "mqtt-1", signer=broker_signer)
-    (tmp_path / "bundle.pem").write_bytes(fleet.root.public_bytes(Encoding.PEM))
-    (tmp_path / "broker.pem").write_bytes(broker_member.credential.chain[0].public_bytes(
-        Encoding.PEM))
     key = broker_signer.save(tmp_path / "broker-key.pem")
-    (tmp_path / "policy.toml").write_text(POLICY)
-    options = {
-        "trust_domain": fleet.trust_domain,
-        "bundle": str(tmp_path / "bundle.pem"),
-        "credential": str(tmp_path / "broker.pem"),
-        "key": f"insecure-software:{key}",
-        "policy": str(tmp_path / "policy.toml"),
-        "audit_log": str(tmp_path / "audit.jsonl"),
-    }
+    options = plugin_files(
+        tmp_path, trust_domain=fleet.trust_domain,
+        bundle_pem=fleet.root.public_bytes(Encoding.PEM),
+        credential_pem=broker_member.credential.chain[0].public_bytes(Encoding.PEM),
+        key=f"insecure-software:{key}", audit_log=str(tmp_path / "audit.jsonl"))
     with Mosquitto(tmp_path / "mosquitto", plugin_options=options) as broker:
         yield Setup(fleet, broker, tmp_path)
 
@@ -283,14 +265,11 @@ def test_revocation_cuts_the_live_session(tmp_path: Path, softhsm: object) -> No
         broker_key, device_key = (InsecureSoftwareSigner.generate() for _ in range(2))
         b = enroll_witnessed(operator, broker_key, "mqtt-1", kind="broker",)
         d = enroll_witnessed(operator, device_key, "pi-rv")
-        (tmp_path / "bundle.pem").write_text(b["bundle"])
-        (tmp_path / "broker.pem").write_text(b["operational_credential"])
-        (tmp_path / "policy.toml").write_text(POLICY)
-        options = {"trust_domain": service.trust_domain,
-                   "bundle": str(tmp_path / "bundle.pem"),
-                   "credential": str(tmp_path / "broker.pem"),
-                   "key": f"insecure-software:{broker_key.save(tmp_path / 'bk.pem')}",
-                   "policy": str(tmp_path / "policy.toml"), "provisioner": service.url}
+        options = plugin_files(
+            tmp_path, trust_domain=service.trust_domain, bundle_pem=b["bundle"],
+            credential_pem=b["operational_credential"],
+            key=f"insecure-software:{broker_key.save(tmp_path / 'bk.pem')}",
+            provisioner=service.url)
         trust = TrustStore(x509.load_pem_x509_certificates(d["bundle"].encode()),
                            service.trust_domain)
         credential = Credential.from_pem(d["operational_credential"].encode())

@@ -30,7 +30,7 @@ from broker_plugin.policy import parse_policy
 from device.mqtt import STEP_UP_TOPIC, MqttError, StepUpRequest, TesseraMqttClient, tpm_quote_fn
 from hw.software import InsecureSoftwareSigner
 from simulator.fleet import Fleet, Member
-from simulator.mosquitto import Mosquitto
+from simulator.mosquitto import Mosquitto, plugin_files
 from simulator.provisioner import free_port
 
 pytestmark = pytest.mark.broker
@@ -144,19 +144,12 @@ def world(tmp_path: Path) -> Iterator[Callable[..., World]]:
             fleet = Fleet(t0=dt.datetime.now(dt.UTC) - dt.timedelta(days=1))
             key = InsecureSoftwareSigner.generate()
             member = fleet.member("broker", "mqtt-1", signer=key)
-            (tmp_path / "bundle.pem").write_bytes(fleet.root.public_bytes(Encoding.PEM))
-            (tmp_path / "broker.pem").write_bytes(
-                member.credential.chain[0].public_bytes(Encoding.PEM))
-            (tmp_path / "policy.toml").write_text(policy)
-            opts = {
-                "trust_domain": fleet.trust_domain,
-                "bundle": str(tmp_path / "bundle.pem"),
-                "credential": str(tmp_path / "broker.pem"),
-                "key": f"insecure-software:{key.save(tmp_path / 'broker-key.pem')}",
-                "policy": str(tmp_path / "policy.toml"),
-                "audit_log": str(tmp_path / "audit.jsonl"),
-                **options,
-            }
+            opts = plugin_files(
+                tmp_path, trust_domain=fleet.trust_domain,
+                bundle_pem=fleet.root.public_bytes(Encoding.PEM),
+                credential_pem=member.credential.chain[0].public_bytes(Encoding.PEM),
+                key=f"insecure-software:{key.save(tmp_path / 'broker-key.pem')}",
+                policy=policy, audit_log=str(tmp_path / "audit.jsonl"), **options)
             broker = stack.enter_context(Mosquitto(tmp_path / "mosquitto", plugin_options=opts))
             return World(fleet, broker, tmp_path, clients)
 
