@@ -104,7 +104,7 @@ from structauth.session import HEADER_SIZE, Session, SessionState
 
 AUTH_METHOD = "tessera-sa1"
 SCAN_INTERVAL_S = 0.05
-CONFIRM_ACTION = b"sa1/confirm"
+CONFIRM_TOPIC = "sa1/confirm"
 
 # Mosquitto return codes (mosquitto.h)
 MOSQ_ERR_SUCCESS = 0
@@ -529,7 +529,7 @@ class Enforcer:
             return self._reject(client, client_id, topic, exc.reason, exc.detail, now)
         if self.metrics is not None:
             self.metrics.messages_in.inc()
-        if topic == CONFIRM_ACTION.decode():
+        if topic == CONFIRM_TOPIC:
             return MessageAnswer(MOSQ_ERR_ACL_DENIED, None, 0, None)  # consumed here
         s = self.settings
         meter = client.rate
