@@ -31,14 +31,12 @@ import json
 import logging
 import secrets
 import threading
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from device.attestation import ActivationChallenge, TpmEvidence
-from device.provisioner import LocalTpm, check_issued
+from device.provisioner import LocalTpm, ProvisionerClient, check_issued
 from structauth.errors import (
     ConfigurationError,
     EnrollmentError,
@@ -197,10 +195,6 @@ def _unb64(value: Any, field: str) -> bytes:
         raise EnrollmentError(f"field {field!r} must be base64", Reason.MALFORMED) from None
 
 
-class DeviceError(TesseraError):
-    """The device's enrollment endpoint refused or could not be reached."""
-
-
 class RemoteDevice:
     """The station's view of a device's enrollment endpoint (an ``Attester``)."""
 
@@ -211,31 +205,14 @@ class RemoteDevice:
             raise ConfigurationError(
                 "the device's pairing code is missing: pass --device-code (the agent shows it)"
             )
-        self.url = url.rstrip("/")
-        self.code = code
-        self.timeout = timeout
+        # the same JSON-over-HTTP client as for the provisioning service; the pairing
+        # code goes where the operator token would
+        self._http = ProvisionerClient(url, operator_token=code, timeout=timeout,
+                                       peer="the device")
+        self.url = self._http.url
 
     def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(self.url + path, data=data, method=method)
-        req.add_header("Authorization", f"Bearer {self.code}")
-        if data is not None:
-            req.add_header("Content-Type", "application/json")
-        try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                return json.loads(resp.read())
-        except urllib.error.HTTPError as exc:
-            try:
-                info = json.loads(exc.read())
-                raise DeviceError(f"device refused: {info['detail']}",
-                                  Reason(int(info["code"]))) from None
-            except (ValueError, KeyError, TypeError):
-                raise DeviceError(f"device answered HTTP {exc.code}", Reason.MALFORMED) from None
-        except (urllib.error.URLError, OSError) as exc:
-            raise DeviceError(
-                f"cannot reach the device at {self.url}: {getattr(exc, 'reason', exc)}",
-                Reason.BACKEND_UNAVAILABLE,
-            ) from None
+        return self._http.call(method, path, body)
 
     def info(self) -> dict[str, Any]:
         data: dict[str, Any] = self._call("GET", "/v1/device")

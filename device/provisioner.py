@@ -48,12 +48,14 @@ class ProvisionerClient:
         operator_token: str | None = None,
         cafile: str | None = None,
         timeout: float = 30.0,
+        peer: str = "the provisioning service",
     ) -> None:
         if not url.startswith(("http://", "https://")):
             raise ConfigurationError(f"provisioner URL {url!r} must start with http:// or https://")
         self.url = url.rstrip("/")
         self.token = operator_token
         self.timeout = timeout
+        self.peer = peer  # who we talk to, for error messages
         self._ctx = ssl.create_default_context(cafile=cafile) if url.startswith("https") else None
 
     def call(
@@ -69,23 +71,23 @@ class ProvisionerClient:
             with urllib.request.urlopen(req, timeout=self.timeout, context=self._ctx) as resp:
                 payload = resp.read()
         except urllib.error.HTTPError as exc:
-            raise _service_error(exc) from None
+            raise _service_error(exc, self.peer) from None
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
             raise ServiceError(
-                f"cannot reach the provisioning service at {self.url}: {reason}",
+                f"cannot reach {self.peer} at {self.url}: {reason}",
                 Reason.BACKEND_UNAVAILABLE,
             ) from None
         return payload if raw else json.loads(payload)
 
 
-def _service_error(exc: urllib.error.HTTPError) -> ServiceError:
+def _service_error(exc: urllib.error.HTTPError, peer: str) -> ServiceError:
     try:
         info = json.loads(exc.read())
         reason = Reason(int(info["code"]))
         return ServiceError(str(info["detail"]), reason)
     except (ValueError, KeyError, TypeError):
-        return ServiceError(f"provisioning service answered HTTP {exc.code}", Reason.MALFORMED)
+        return ServiceError(f"{peer} answered HTTP {exc.code}", Reason.MALFORMED)
 
 
 def b64(data: bytes) -> str:
