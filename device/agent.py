@@ -179,6 +179,7 @@ class Agent:
         self._signer: Any = None
         self._thread: threading.Thread | None = None
         self._renew_retry_at = 0.0
+        self._renew_due: dt.datetime | None = None
 
     # -- SDK ------------------------------------------------------------------
     def topic(self, template: str) -> str:
@@ -289,6 +290,9 @@ class Agent:
         backoff = self.config.backoff_initial_s
         next_heartbeat = 0.0
         while not self._stop.is_set():
+            # renewal needs only the provisioning service: an agent that cannot reach
+            # its broker must still renew, or it would come back with an expired credential
+            self._maybe_renew()
             if not self.connected.is_set():
                 try:
                     self._disconnect()
@@ -310,7 +314,6 @@ class Agent:
                 self.publish(self.topic(self.config.heartbeat_topic),
                              dt.datetime.now(dt.UTC).isoformat().encode())
                 next_heartbeat = now + self.config.heartbeat_interval_s
-            self._maybe_renew()
             self._maybe_rehandshake()
             self._lost.wait(0.2)
 
@@ -339,11 +342,11 @@ class Agent:
     def _maybe_renew(self) -> None:
         if not self.config.renew:
             return
-        credential = self.state.credential()
-        cert = credential.chain[0]
-        start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
-        due = start + (end - start) * self.config.renew_at_fraction
-        if dt.datetime.now(dt.UTC) < due or self._renew_retry_at > self.clock():
+        if self._renew_due is None:  # read once per credential, not on every loop pass
+            cert = self.state.credential().chain[0]
+            start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
+            self._renew_due = start + (end - start) * self.config.renew_at_fraction
+        if dt.datetime.now(dt.UTC) < self._renew_due or self._renew_retry_at > self.clock():
             return
         url = self.config.provisioner or self.state.provisioner
         if not url:
@@ -358,6 +361,7 @@ class Agent:
             self._renew_retry_at = self.clock() + 30 * random.uniform(0.5, 1.5)
             return
         CredentialStore(self.state.directory).save(issued)
+        self._renew_due = None
         self.stats.renewals += 1
         log.info("operational credential renewed; valid until %s",
                  issued["operational_not_after"])

@@ -9,10 +9,12 @@ import json
 import queue
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from device.agent import Agent, AgentConfig
@@ -157,3 +159,38 @@ def test_run_without_enrollment_fails_in_one_line(tmp_path: Path) -> None:
     assert done.returncode == 1
     assert done.stderr.strip().splitlines() == [done.stderr.strip()]
     assert "enroll this device first" in done.stderr
+
+
+def test_agent_renews_its_credential_even_without_a_broker(tmp_path: Path,
+                                                           swtpm_session: Swtpm,
+                                                           softhsm: object) -> None:
+    """Renewal needs only the provisioning service and the TPM key: an agent whose broker
+    is unreachable still renews (proof of possession), and keeps the new credential."""
+    from simulator.provisioner import ProvisioningServer, free_port
+
+    with ProvisioningServer(tmp_path / "authority", softhsm,  # type: ignore[arg-type]
+                            maker_roots=swtpm_session.manufacturer_ca_paths,
+                            operational_lifetime_minutes=1) as server:
+        state = tmp_path / "device"
+        done = subprocess.run(
+            [str(Path(sys.executable).parent / "tessera-agent"), "enroll", "--provisioner",
+             server.url, "--serial", "pi-r", "--tpm", swtpm_session.tcti,
+             "--state-dir", str(state)], env=server.env, capture_output=True, text=True,
+            timeout=120)
+        assert done.returncode == 0, done.stderr
+        before = (state / "operational.pem").read_bytes()
+        config = AgentConfig.parse(
+            f'[device]\nstate_dir = "{state}"\n'
+            f'[mqtt]\nhost = "127.0.0.1"\nport = {free_port()}\n'  # nobody listens there
+            '[renewal]\nat_fraction = 0.1\n')
+        with Agent(config) as agent:
+            deadline = time.monotonic() + 20
+            while agent.stats.renewals == 0 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert agent.stats.renewals >= 1, agent.stats.errors
+            assert not agent.connected.is_set()
+        after = (state / "operational.pem").read_bytes()
+        assert after != before
+        renewed = x509.load_pem_x509_certificate(after)
+        assert renewed.not_valid_after_utc > x509.load_pem_x509_certificate(
+            before).not_valid_after_utc
