@@ -191,6 +191,6 @@ def test_agent_renews_its_credential_even_without_a_broker(tmp_path: Path,
             assert not agent.connected.is_set()
         after = (state / "operational.pem").read_bytes()
         assert after != before
-        renewed = x509.load_pem_x509_certificate(after)
-        assert renewed.not_valid_after_utc > x509.load_pem_x509_certificate(
-            before).not_valid_after_utc
+        renewed, old = (x509.load_pem_x509_certificate(pem) for pem in (after, before))
+        assert renewed.serial_number != old.serial_number  # a new credential was issued
+        assert renewed.not_valid_after_utc >= old.not_valid_after_utc
