@@ -13,7 +13,11 @@ What it does on its own:
   its lifetime have passed, and uses it from the next handshake on;
 * reconnects with exponential backoff and jitter when the broker goes away, and keeps a
   bounded buffer of messages published meanwhile (oldest dropped first, counted);
-* answers the broker's step-up requests with fresh hardware proof.
+* answers the broker's step-up requests with fresh hardware proof: a re-authentication
+  signed by the device key with the nonce as context, and a TPM quote over the nonce by
+  the device's attestation key when the request asks for one; a request the connection
+  lost before answering is answered by the next CONNECT (the nonce in its msg1), as
+  long as the broker still keeps it.
 
 The SDK (:class:`Agent` in-process: ``publish``, ``subscribe`` with verified callbacks)
 is what applications use; docs/AGENT.md is the configuration reference.
@@ -35,9 +39,14 @@ from typing import Any
 
 from device.state import DeviceState
 from structauth.credentials import Identity
-from structauth.errors import ConfigurationError, TesseraError
+from structauth.errors import ConfigurationError, Reason, TesseraError
 
 log = logging.getLogger("tessera.agent")
+
+#: how long after its deadline the broker keeps an unanswered step-up for a CONNECT that
+#: carries its nonce (the broker's step_up_reconnect_window_s default); past it the agent
+#: connects plainly and the broker, if it still has the challenge, asks again
+STEP_UP_RECONNECT_WINDOW_S = 60.0
 
 _SECTIONS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "device": {"state_dir": str},
@@ -152,6 +161,7 @@ class AgentStats:
     renewals: int = 0
     buffered_dropped: int = 0
     published: int = 0
+    step_ups_on_connect: int = 0  # step-ups answered by a reconnect carrying the nonce
     last_error: str = ""
     errors: list[str] = field(default_factory=list)
 
@@ -177,6 +187,11 @@ class Agent:
         self._buffer: collections.deque[tuple[str, bytes, int, bool]] = collections.deque()
         self._subscriptions: list[_Subscription] = []
         self._signer: Any = None
+        self._tpm: Any = None  # the TpmBackend of a TPM-backed device
+        self._quote_fn: Callable[[bytes], bytes] | None = None
+        #: a step-up a lost connection left unanswered, and until when (self.clock) the
+        #: broker may still take its nonce in a CONNECT
+        self._outstanding: tuple[Any, float] | None = None
         self._thread: threading.Thread | None = None
         self._renew_retry_at = 0.0
         self._renew_due: dt.datetime | None = None
@@ -225,7 +240,7 @@ class Agent:
 
     # -- lifecycle -----------------------------------------------------------------
     def start(self) -> Agent:
-        self._signer = self.state.signer()
+        self._open_key()
         self._thread = threading.Thread(target=self._run, name="tessera-agent", daemon=True)
         self._thread.start()
         return self
@@ -238,6 +253,37 @@ class Agent:
         self._disconnect()
         if self._signer is not None:
             getattr(self._signer, "close", lambda: None)()
+        if self._tpm is not None:
+            self._tpm.close()
+
+    def _open_key(self) -> None:
+        """The device key; for a TPM, also the quote function step-ups need, on the same
+        TPM connection (one backend: a TPM behind a socket serves one connection)."""
+        settings = self.state.settings
+        if settings["backend"] != "tpm":
+            self._signer = self.state.signer()
+            return
+        from device.attestation import DEFAULT_AK_NAME
+        from device.mqtt import tpm_quote_fn
+        from device.state import DEVICE_KEY_NAME
+        from hw.tpm import TpmBackend
+
+        backend = TpmBackend(settings["tcti"], settings["key_dir"])
+        try:
+            self._signer = backend.load_signing_key(DEVICE_KEY_NAME)
+        except BaseException:
+            backend.close()
+            raise
+        self._tpm = backend
+        quote: list[Callable[[bytes], bytes]] = []
+
+        def quote_fn(nonce: bytes) -> bytes:
+            # the AK (enrollment made it) is opened at the first quote, not at start
+            if not quote:
+                quote.append(tpm_quote_fn(backend, DEFAULT_AK_NAME))
+            return quote[0](nonce)
+
+        self._quote_fn = quote_fn
 
     def wait_connected(self, timeout: float) -> bool:
         return self.connected.wait(timeout)
@@ -247,6 +293,7 @@ class Agent:
             self.connected.clear()
             client, self.client = self.client, None
         if client is not None:
+            self._keep_step_up(client)
             try:
                 client.close()
             except Exception as exc:  # a dead connection may fail to close; that is fine
@@ -261,7 +308,19 @@ class Agent:
             host=self.config.host, port=self.config.port, broker=broker,
             tls_cafile=self.config.tls_cafile,
         )
-        client.connect()
+        context, quote = self._step_up_answer()
+        if context:
+            try:
+                client.connect(context=context, quote=quote)
+            except TesseraError as exc:
+                if exc.reason != Reason.BACKEND_UNAVAILABLE:
+                    self._outstanding = None  # refused: the next attempt connects plainly
+                raise
+            self.stats.step_ups_on_connect += 1
+            log.info("answered the outstanding step-up in the CONNECT")
+        else:
+            client.connect()
+        self._outstanding = None
         previous = client.client.on_disconnect
 
         def lost(*args: Any) -> None:
@@ -273,7 +332,7 @@ class Agent:
 
         client.client.on_disconnect = lost
         if hasattr(client, "answer_step_ups"):
-            client.answer_step_ups()
+            client.answer_step_ups(self._quote_fn)
         with self._lock:
             self.client = client
             for sub in self._subscriptions:
@@ -285,6 +344,38 @@ class Agent:
                 self.stats.published += 1
             self._lost.clear()
             self.connected.set()
+
+    def _keep_step_up(self, client: Any) -> None:
+        """Keep the step-up request ``client`` (a connection being dropped) received and
+        did not answer: the broker takes its nonce in a CONNECT until the request's
+        deadline plus its reconnect window have passed."""
+        request = getattr(client, "pending_step_up", None)
+        clock = getattr(client, "clock", None)
+        if request is None or clock is None:
+            return
+        left = request.received_at + request.deadline_s + STEP_UP_RECONNECT_WINDOW_S - clock()
+        if left > 0:
+            self._outstanding = (request, self.clock() + left)
+
+    def _step_up_answer(self) -> tuple[bytes, bytes]:
+        """(context, quote) for the next CONNECT: the outstanding step-up's nonce and, if
+        it asked for one, a TPM quote over it; empty when there is nothing to answer."""
+        kept = self._outstanding
+        if kept is None or self.clock() >= kept[1]:
+            self._outstanding = None
+            return b"", b""
+        request = kept[0]
+        if not request.quote:
+            return request.nonce, b""
+        if self._quote_fn is None:
+            self._outstanding = None  # cannot answer it: connect, and be asked again
+            return b"", b""
+        try:
+            return request.nonce, self._quote_fn(request.nonce)
+        except TesseraError as exc:
+            self._note(f"step-up quote: {exc}")
+            self._outstanding = None
+            return b"", b""
 
     def _run(self) -> None:
         backoff = self.config.backoff_initial_s

@@ -250,6 +250,9 @@ class EnrollmentService:
                 "secret": b64(secret),
                 "key": b64(_spki(verified.key)),
                 "ek_fingerprint": verified.ek_fingerprint,
+                # the AK whose name the activation challenge is sealed to: recorded with
+                # the device once activation proves it (brokers check quotes against it)
+                "ak_public": b64(evidence.ak_public),
             }
         )
         token = self._put("tpm-activation", state)
@@ -265,6 +268,7 @@ class EnrollmentService:
             key_backend="tpm",
             attestation="tpm-attested",
             ek_fingerprint=state["ek_fingerprint"],
+            ak_public=unb64(state["ak_public"], "ak_public") if "ak_public" in state else None,
         )
 
     # -- factory-witnessed enrollment (PKCS#11) ---------------------------------
@@ -303,6 +307,7 @@ class EnrollmentService:
         key_backend: str,
         attestation: str,
         ek_fingerprint: str | None,
+        ak_public: bytes | None = None,
     ) -> Issued:
         serial, kind = state["serial"], state["kind"]
         identity = self._identity(kind, serial)
@@ -339,6 +344,7 @@ class EnrollmentService:
             operational_cert_serial=format(operational.serial_number, "x"),
             operational_not_after=operational.not_valid_after_utc,
             enrollment_not_after=enrollment.not_valid_after_utc,
+            ak_public=ak_public,
         )
         event = self.registry.enroll(
             record, reenroll=bool(state["reenroll"]), revoked_by=state["operator"]

@@ -74,6 +74,9 @@ class DeviceRecord:
     operational_cert_serial: str
     operational_not_after: dt.datetime | None
     enrollment_not_after: dt.datetime | None = None
+    #: the attestation key's marshalled TPM2B_PUBLIC, proven by credential activation at
+    #: enrollment (TPM-attested devices enrolled with schema version 2 or later)
+    ak_public: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -90,7 +93,7 @@ class RevocationEvent:
 _DEVICE_COLUMNS = (
     "serial, identity, kind, public_key, key_backend, attestation, ek_fingerprint, "
     "device_class, status, enrolled_at, updated_at, enrolled_by, enrollment_cert_serial, "
-    "operational_cert_serial, operational_not_after"
+    "operational_cert_serial, operational_not_after, ak_public"
 )
 _EVENT_COLUMNS = "id, serial, identity, cert_serials, reason, revoked_at, revoked_by"
 
@@ -112,6 +115,7 @@ def _device(row: Sequence[Any]) -> DeviceRecord:
         enrollment_cert_serial=row[12],
         operational_cert_serial=row[13],
         operational_not_after=_dt(row[14]),
+        ak_public=base64.b64decode(row[15]) if row[15] is not None else None,
     )
 
 
@@ -252,6 +256,16 @@ class Registry:
                 )
         return [_device(r) for r in rows]
 
+    def attestation_keys(self) -> dict[str, bytes]:
+        """serial -> AK TPM2B_PUBLIC of every active device (kind ``device``) enrolled
+        with one: what brokers check step-up quotes against, read in one snapshot."""
+        with self._tx(write=False) as q:
+            rows = q.all(
+                "SELECT serial, ak_public FROM devices WHERE status = 'active' AND "
+                "kind = 'device' AND ak_public IS NOT NULL ORDER BY serial"
+            )
+        return {r[0]: base64.b64decode(r[1]) for r in rows}
+
     def enroll(
         self, record: DeviceRecord, *, reenroll: bool = False, revoked_by: str = ""
     ) -> RevocationEvent | None:
@@ -291,7 +305,7 @@ class Registry:
             q.run("DELETE FROM devices WHERE serial = ?", record.serial)
             q.run(
                 f"INSERT INTO devices ({_DEVICE_COLUMNS}) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 record.serial,
                 record.identity,
                 record.kind,
@@ -307,6 +321,7 @@ class Registry:
                 record.enrollment_cert_serial,
                 record.operational_cert_serial,
                 _ts(record.operational_not_after) if record.operational_not_after else None,
+                base64.b64encode(record.ak_public).decode() if record.ak_public else None,
             )
             _crash_point("enroll:device-inserted")
             far = record.enrolled_at + dt.timedelta(days=365 * 30)

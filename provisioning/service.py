@@ -64,6 +64,7 @@ def record_json(r: DeviceRecord) -> dict[str, Any]:
             r.operational_not_after.isoformat() if r.operational_not_after else None
         ),
         "public_key": b64(r.public_key_der),
+        "ak_public": b64(r.ak_public) if r.ak_public is not None else None,
     }
 
 

@@ -185,15 +185,15 @@ def reg(registry_url: str) -> Iterator[Registry]:
 # -- schema and migrations ------------------------------------------------------------------
 def test_fresh_open_migrates_and_reopen_is_idempotent(registry_url: str) -> None:
     with open_registry(registry_url) as reg:
-        assert reg.schema_version() == 1
+        assert reg.schema_version() == 2
         reg.enroll(make_record("pi-0001"))
         assert reg.next_crl_number() == 1
     before = dump(registry_url)
-    assert [r[0] for r in before["schema_version"]] == [1]
+    assert [r[0] for r in before["schema_version"]] == [1, 2]
     assert before["counters"] == [("crl_number", 1)]
     for _ in range(2):
         with open_registry(registry_url) as reg:
-            assert reg.schema_version() == 1
+            assert reg.schema_version() == 2
             assert reg.list() == [as_read(make_record("pi-0001"))]
         assert dump(registry_url) == before
 
@@ -228,7 +228,7 @@ def test_newer_schema_refused_before_creating_any_table(registry_url: str) -> No
 def test_plain_path_and_sqlite_url(tmp_path: Path) -> None:
     plain = tmp_path / "plain.db"
     with open_registry(str(plain)) as reg:
-        assert reg.schema_version() == 1
+        assert reg.schema_version() == 2
         assert reg.where == str(plain)
         reg.enroll(make_record("pi-0001"))
     assert plain.is_file()
@@ -238,7 +238,7 @@ def test_plain_path_and_sqlite_url(tmp_path: Path) -> None:
     with open_registry(f"sqlite:///{plain}") as reg:
         assert reg.get("pi-0001") is not None
     with open_registry(f"sqlite:///{str(spaced).replace(' ', '%20')}") as reg:
-        assert reg.schema_version() == 1
+        assert reg.schema_version() == 2
     assert spaced.is_file()
 
 
@@ -716,12 +716,12 @@ def test_concurrent_opens_of_a_fresh_registry(registry_url: str) -> None:
         t.join(60)
     try:
         assert errors == []
-        assert [r.schema_version() for r in opened] == [1] * 4
+        assert [r.schema_version() for r in opened] == [2] * 4
     finally:
         for r in opened:
             r.close()
     raw_now = dump(registry_url)
-    assert [r[0] for r in raw_now["schema_version"]] == [1]
+    assert [r[0] for r in raw_now["schema_version"]] == [1, 2]
     assert raw_now["counters"] == [("crl_number", 0)]
 
 
@@ -747,7 +747,7 @@ def test_first_sqlite_open_waits_for_another_writer(tmp_path: Path) -> None:
     writer.execute("COMMIT")
     writer.close()
     opener.join(60)
-    assert outcome == [1]
+    assert outcome == [2]
 
 
 def test_concurrent_revocations_get_unique_contiguous_ids(registry_url: str) -> None:
