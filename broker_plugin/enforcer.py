@@ -172,6 +172,8 @@ class Client:
     rate: RateMeter | None = None
     #: topic -> the policy's step-up rule for it (key None: the policy it came from)
     step_ups: dict[Any, Any] = field(default_factory=dict)
+    #: the session's receive direction is in the broker's C fast lane
+    fast: bool = False
 
 
 DEFAULT_DIRECT = ("devices/{id}/commands/#",)
@@ -222,6 +224,7 @@ class Enforcer:
         timer: Callable[[], float] | None = None,
         random_bytes: Callable[[int], bytes] = os.urandom,
         attestation_key_of: Callable[[Identity], bytes | None] = lambda identity: None,
+        fast: Any = None,  # broker_plugin.fastlane.FastLane, inside the broker
     ) -> None:
         self.responder = responder
         self._policy = policy
@@ -253,6 +256,10 @@ class Enforcer:
         #: quarantined identity URI -> monotonic time it is released
         self.quarantined: dict[str, float] = {}
         self._params: tuple[bytes, SessionParams] | None = None
+        #: the C fast lane (None: everything in Python) and the policy its cached
+        #: decisions came from
+        self.fast = fast
+        self._fast_policy: Any = None
 
     @property
     def policy(self) -> Any:
@@ -374,6 +381,8 @@ class Enforcer:
         if previous is not None:
             if rotated:
                 # same connection: the old session verifies what is still in flight
+                if previous.fast:
+                    self.fast.take_back(client_id, previous.session)
                 kept = previous.previous
                 kept[previous.session.session_id] = (
                     previous.session, now + self.settings.rotation_grace_s)
@@ -384,6 +393,8 @@ class Enforcer:
                 client.stepped_up_quote = previous.stepped_up_quote
                 client.rejections = previous.rejections
             else:  # a new connection took the client id over
+                if previous.fast:
+                    self.fast.release(client_id)
                 previous.session.close()
                 for old_session, _ in previous.previous.values():
                     old_session.close()
@@ -468,6 +479,8 @@ class Enforcer:
     def disconnect(self, client_id: str) -> None:
         client = self.clients.pop(client_id, None)
         if client is not None:
+            if client.fast:
+                self.fast.release(client_id)
             client.session.close()
             for old, _ in client.previous.values():
                 old.close()
@@ -527,10 +540,40 @@ class Enforcer:
                 self.metrics.verify_seconds.observe(timer() - t0)
         except TesseraError as exc:
             return self._reject(client, client_id, topic, exc.reason, exc.detail, now)
+        if old is None and self.fast is not None and not client.fast:
+            # confirmed: from now on the C fast lane verifies this session
+            client.fast = self.fast.adopt(client_id, session)
+        return self._after_verify(client, client_id, topic, verified.payload, now, old)[0]
+
+    def verified(self, client_id: str, topic: str, payload: bytes,
+                 now: float) -> tuple[MessageAnswer, bool]:
+        """A PUBLISH the fast lane verified (proof stripped) on a topic it has no
+        decision for: the answer, and whether the fast lane may route this topic for
+        this client from now on without asking."""
+        client = self.clients.get(client_id)
+        if client is None:  # cannot happen while the fast lane holds a record for it
+            return self._reject(None, client_id, topic, Reason.UNKNOWN_SESSION,
+                                "no Tessera session for this client", now), False
+        return self._after_verify(client, client_id, topic, payload, now, None)
+
+    def rejected(self, client_id: str, topic: str, reason: str, detail: str,
+                 now: float) -> MessageAnswer:
+        """A PUBLISH the fast lane refused: recorded like one refused here."""
+        try:
+            why = Reason[reason.upper()]
+        except KeyError:
+            why = Reason.MALFORMED
+        return self._reject(self.clients.get(client_id), client_id, topic, why, detail, now)
+
+    def _after_verify(self, client: Client, client_id: str, topic: str, payload: bytes,
+                      now: float, old: Session | None) -> tuple[MessageAnswer, bool]:
+        """Everything after the proof: confirmation, rate, ACL, step-up, re-proving to
+        a direct recipient. The flag: the answer depends on nothing but the policy and
+        the topic (a plain route), so the fast lane may repeat it."""
         if self.metrics is not None:
             self.metrics.messages_in.inc()
         if topic == CONFIRM_TOPIC:
-            return MessageAnswer(MOSQ_ERR_ACL_DENIED, None, 0, None)  # consumed here
+            return MessageAnswer(MOSQ_ERR_ACL_DENIED, None, 0, None), False  # consumed here
         s = self.settings
         meter = client.rate
         if meter is not None and meter.add(now, s):
@@ -541,10 +584,10 @@ class Enforcer:
         decision = policy.may_publish(client.identity, client.device_class, topic)
         if not decision.allowed:
             return self._reject(client, client_id, topic, Reason.NOT_AUTHORIZED,
-                                decision.reason, now)
+                                decision.reason, now), False
         challenge = self.challenges.get(client.identity.uri)
         if challenge is not None and challenge.blocking:
-            return self._held(topic)
+            return self._held(topic), False
         cache = client.step_ups
         if cache.get(None) is not policy:  # the policy changed: forget what it said
             cache.clear()
@@ -563,16 +606,19 @@ class Enforcer:
         ):
             self._request(client, SENSITIVE_TOPIC, step.quote, now, topic=topic,
                           detail=f"{topic} matches the step-up template {step.template!r}")
-            return self._held(topic)
+            return self._held(topic), False
         name = direct_recipient(self.direct, topic) if self.direct else None
         if name is None:
-            return MessageAnswer(MOSQ_ERR_SUCCESS, verified.payload, 0, None)
+            # a plain route; repeatable unless a step-up rule or a challenge decides
+            plain = step is None and old is None and challenge is None
+            return MessageAnswer(MOSQ_ERR_SUCCESS, payload, 0, None), plain
         # One named recipient: prove the message to it under its own session, so it
         # knows the broker routed it from an authenticated sender.
         recipient = self.clients.get(self._device_prefix + name)
         if recipient is None:
             return self._reject(client, client_id, topic, Reason.UNKNOWN_SESSION,
-                                f"{name} is not connected; direct messages are not queued", now)
+                                f"{name} is not connected; direct messages are not queued",
+                                now), False
         target = recipient.session
         if target.state is not SessionState.ESTABLISHED and recipient.previous:
             # it re-authenticated and has not confirmed yet: the newest session it holds
@@ -580,13 +626,14 @@ class Enforcer:
             if now < until:
                 target = newest
         try:
-            header, body = target.protect(topic.encode(), verified.payload, now)
+            header, body = target.protect(topic.encode(), payload, now)
         except TesseraError as exc:
             return self._reject(client, client_id, topic, exc.reason,
-                                f"cannot prove the message to {name}: {exc.detail}", now)
+                                f"cannot prove the message to {name}: {exc.detail}",
+                                now), False
         if self.metrics is not None:
             self.metrics.messages_out.inc()
-        return MessageAnswer(MOSQ_ERR_SUCCESS, body + header, 0, None)
+        return MessageAnswer(MOSQ_ERR_SUCCESS, body + header, 0, None), False
 
     def _held(self, topic: str) -> MessageAnswer:
         """A genuine publish refused until the device steps up (not a breaker failure)."""
@@ -625,6 +672,8 @@ class Enforcer:
         """Ask ``client`` to step up, unless a challenge is already outstanding for its
         identity (then that one stands; a blocking trigger makes it blocking)."""
         uri = client.identity.uri
+        if blocking and client.fast:
+            self.fast.forget_topics(client.client_id)  # its publishes are held from now
         current = self.challenges.get(uri)
         if current is not None:
             current.blocking = current.blocking or blocking
@@ -657,6 +706,8 @@ class Enforcer:
             return
         self._outbox.append(("publish", client.client_id, STEP_UP_TOPIC, body + header, 1,
                              False))
+        if self.fast is not None:
+            self.fast.tick_soon()
         if self.metrics is not None:
             self.metrics.messages_out.inc()
         challenge.sent = True
@@ -697,6 +748,8 @@ class Enforcer:
             self.metrics.quarantined_devices.set(len(self.quarantined))
         if client is not None:
             self._pending_kicks.append(uri)
+            if self.fast is not None:
+                self.fast.tick_soon()
 
     def release(self, uri: str, by: str = "operator") -> bool:
         """Let a quarantined identity back in before its time (True if it was)."""
@@ -716,6 +769,9 @@ class Enforcer:
                   if c.cert_serial in self.revoked_serials]
         for client_id in doomed:
             client = self.clients[client_id]
+            if client.fast:  # refuse its messages now, not only after the kick
+                self.fast.release(client_id)
+                client.fast = False
             self.audit("revoked_disconnect", client_id=client_id, identity=client.identity.uri,
                        session=client.session.session_id.hex(), reason=reason)
             self.count("revocation_disconnects", "")
@@ -730,8 +786,14 @@ class Enforcer:
         # or more): the scan over all sessions runs at most every SCAN_INTERVAL_S, which
         # bounds expiry kicks to that much late; revocations, challenges and kicks
         # queued by other events go out on every tick.
+        fast = self.fast
+        if fast is not None and self._fast_policy is not self.policy:
+            fast.forget_topics(None)  # decisions of the old policy
+            self._fast_policy = self.policy
         if now >= self._next_scan:
             self._next_scan = now + SCAN_INTERVAL_S
+            if fast is not None:
+                self._fast_tally(now)
             self._scan(now)
         self._tick_challenges(now)
         actions: list[tuple[Any, ...]] = [("kick", c) for c in dict.fromkeys(self._pending_kicks)]
@@ -743,6 +805,22 @@ class Enforcer:
         if self.metrics is not None:
             self.metrics.active_sessions.set(len(self.clients))
         return actions
+
+    def _fast_tally(self, now: float) -> None:
+        """What the fast lane routed since the last scan: metrics and rate baselines."""
+        s = self.settings
+        for client_id, n in self.fast.take_counts():
+            if self.metrics is not None:
+                self.metrics.messages_in.inc(n)
+            client = self.clients.get(client_id)
+            meter = client.rate if client is not None else None
+            if client is not None and meter is not None and meter.add_many(now, n, s):
+                self._request(client, RATE_SPIKE, False, now, detail=(
+                    f"{meter.count} messages in under {s.rate_window_s:g} s against a "
+                    f"baseline of {meter.baseline:.2f}/s"))
+        timing = self.fast.take_timing() if self.metrics is not None else None
+        if timing is not None and timing[2]:
+            self.metrics.verify_seconds.add_counts(timing[0], timing[1])
 
     def _scan(self, now: float) -> None:
         wall = self.wall_clock()

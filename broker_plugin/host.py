@@ -85,6 +85,7 @@ from broker_plugin.enforcer import (
     MOSQ_ERR_SUCCESS,
     Enforcer,
 )
+from broker_plugin.fastlane import FastLane
 from broker_plugin.stepup import KEY_CHANGE, POLICY_CHANGE, StepUpSettings
 from structauth.errors import ConfigurationError, TesseraError
 
@@ -285,6 +286,7 @@ class RevocationFollower(threading.Thread):
 
 def plugin_init(options: dict[str, str]) -> None:
     enforcer, signer = build_enforcer(options)
+    enforcer.fast = FastLane.load()  # built into the plugin; None elsewhere
     metrics_server = None
     if options.get("metrics_port"):
         from broker_plugin.metrics import BrokerMetrics
@@ -301,6 +303,8 @@ def plugin_init(options: dict[str, str]) -> None:
         metrics_server = metrics.serve("127.0.0.1", port)
         enforcer.metrics = metrics
         enforcer.timer = time.perf_counter
+        if enforcer.fast is not None:
+            enforcer.fast.set_timing(metrics.verify_seconds.buckets)
         log.warning("tessera: metrics on %s", metrics_server.url)
     audit = None
     if options.get("audit_log"):
@@ -339,6 +343,8 @@ def on_reload(options: dict[str, str]) -> None:
     now = time.monotonic()
     try:
         changed = holder.reload(Path(options.get("policy", "")))
+        if changed and enforcer.fast is not None:
+            enforcer.fast.forget_topics(None)
         enforcer.audit("policy_reloaded", detail=str(options.get("policy")), changed=changed,
                        digest=holder.current.digest.hex())
         if changed:
@@ -401,6 +407,19 @@ def on_message(client_id: str, topic: str, payload: bytes, qos: int,
     return answer.rc, answer.payload, answer.reason_code, answer.reason
 
 
+def on_verified(client_id: str, topic: str, payload: bytes, qos: int,
+                retain: bool) -> tuple[int, bytes | None, int, str | None, bool]:
+    answer, repeatable = _state["enforcer"].verified(client_id, topic, payload,
+                                                     time.monotonic())
+    return answer.rc, answer.payload, answer.reason_code, answer.reason, repeatable
+
+
+def on_rejected(client_id: str, topic: str, reason: str,
+                detail: str) -> tuple[int, bytes | None, int, str | None]:
+    answer = _state["enforcer"].rejected(client_id, topic, reason, detail, time.monotonic())
+    return answer.rc, answer.payload, answer.reason_code, answer.reason
+
+
 def on_tick() -> list[tuple[Any, ...]]:
     enforcer: Enforcer = _state["enforcer"]
     events: queue.SimpleQueue[dict[str, Any]] = _state["events"]
@@ -426,8 +445,10 @@ __all__ = [
     "on_ext_auth_continue",
     "on_ext_auth_start",
     "on_message",
+    "on_rejected",
     "on_reload",
     "on_tick",
+    "on_verified",
     "plugin_cleanup",
     "plugin_init",
 ]

@@ -277,6 +277,19 @@ class Histogram(_Metric):
             self._counts[i] += 1
             self._sum += value
 
+    def add_counts(self, counts: Sequence[int], total: float) -> None:
+        """Merge observations counted elsewhere in the same buckets (per bucket, not
+        cumulative, the last beyond every bound), e.g. by the broker's C fast lane."""
+        if self.labelnames:
+            self._unlabelled()
+        if len(counts) != len(self._counts):
+            raise _bad(f"{self.name}: {len(counts)} bucket counts for "
+                       f"{len(self._counts)} buckets")
+        with self._lock:
+            for i, c in enumerate(counts):
+                self._counts[i] += c
+            self._sum += total
+
     @contextmanager
     def time(self) -> Iterator[None]:
         """Observe the wall time of a ``with`` block, in seconds."""

@@ -236,6 +236,16 @@ class RateMeter:
             return True
         return False
 
+    def add_many(self, now: float, n: int, s: StepUpSettings) -> bool:
+        """:meth:`add` for ``n`` messages counted elsewhere (the broker's fast lane)."""
+        if now - self.start >= s.rate_window_s:
+            self._roll(now, s)
+        self.count += n
+        if self.count > self.limit:
+            self.limit = math.inf
+            return True
+        return False
+
     def _roll(self, now: float, s: StepUpSettings) -> None:
         window = s.rate_window_s
         elapsed = int((now - self.start) // window)

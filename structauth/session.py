@@ -19,7 +19,7 @@ import enum
 import hmac
 import struct
 from hashlib import blake2s
-from typing import Any
+from typing import Any, NamedTuple
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
@@ -70,13 +70,41 @@ class SessionState(enum.Enum):
     CLOSED = "closed"
 
 
+class ReceiveState(NamedTuple):
+    """A session's receive direction, as handed to and back from another verifier (the
+    broker's C fast lane): the replay window and the key ratchet."""
+
+    top: int  # highest accepted sequence number, -1 before the first
+    mask: int  # bit i: sequence number top - i was accepted
+    chain_key: bytes | None  # chain key of next_epoch
+    next_epoch: int
+    floor: int  # lowest epoch whose keys are kept
+    keys: tuple[tuple[int, bytes], ...]  # (epoch, message key) for kept epochs
+
+
+class ReceiveHandover(NamedTuple):
+    """What a verifier outside this object needs to check the session's messages."""
+
+    session_id: bytes
+    flags: int
+    start: float
+    epoch_seconds: float
+    skew_epochs: int
+    expires_at: float
+    last_epoch: int
+    replay_window: int
+    state: ReceiveState
+
+
 class _EpochKey:
     """Keys of one direction for one epoch, pre-keyed so a tag costs one state copy."""
 
-    __slots__ = ("aead", "mac")
+    __slots__ = ("aead", "mac", "raw")
 
-    def __init__(self, chain_key: bytes, sealed: bool) -> None:
-        message_key = blake2s(LABEL_MESSAGE, key=chain_key).digest()
+    def __init__(self, chain_key: bytes, sealed: bool, message_key: bytes | None = None) -> None:
+        if message_key is None:
+            message_key = blake2s(LABEL_MESSAGE, key=chain_key).digest()
+        self.raw = message_key
         self.mac = blake2s(key=message_key, digest_size=TAG_SIZE)
         self.aead = (
             ChaCha20Poly1305(blake2s(LABEL_SEAL, key=chain_key).digest()) if sealed else None
@@ -91,18 +119,23 @@ class _Chain:
     CPython cannot scrub immutable bytes, so erasure means dropping every reference.
     """
 
-    __slots__ = ("chain_key", "keys", "next_epoch", "sealed")
+    __slots__ = ("chain_key", "delegated", "keys", "next_epoch", "sealed")
 
     def __init__(self, chain_key: bytes, sealed: bool) -> None:
         self.chain_key: bytes | None = chain_key
         self.next_epoch = 0
         self.sealed = sealed
         self.keys: dict[int, _EpochKey] = {}
+        #: the keys were handed to another verifier (Session.export_receive)
+        self.delegated = False
 
     def key(self, epoch: int) -> _EpochKey:
         k = self.keys.get(epoch)
         if k is not None:
             return k
+        if self.delegated:
+            raise StateError("this session's receive keys are held by another verifier",
+                             Reason.UNKNOWN_SESSION)
         if epoch < self.next_epoch or self.chain_key is None:
             raise StaleMessage(f"keys for epoch {epoch} were erased", Reason.EPOCH_OUT_OF_WINDOW)
         ck = self.chain_key
@@ -215,6 +248,46 @@ class Session:
         if floor > self._recv_floor:
             self._recv_floor = floor
             self._recv.erase_before(floor)
+
+    # -- handing the receive direction over -----------------------------------------
+    def export_receive(self) -> ReceiveHandover:
+        """Move the receive direction (window and keys) out of this object, for a
+        faster verifier; :meth:`verify` refuses until :meth:`import_receive`. Only an
+        established, tagged (not sealed) session can be handed over. Sending stays."""
+        if self.state is not SessionState.ESTABLISHED:
+            raise StateError(f"cannot hand over a {self.state.value} session")
+        if self._sealed:
+            raise StateError("sealed sessions are verified here only")
+        if self._recv.delegated:
+            raise StateError("receive direction already handed over")
+        chain = self._recv
+        state = ReceiveState(
+            top=self._window.top, mask=self._window.mask, chain_key=chain.chain_key,
+            next_epoch=chain.next_epoch, floor=self._recv_floor,
+            keys=tuple((e, k.raw) for e, k in sorted(chain.keys.items())),
+        )
+        chain.keys = {}
+        chain.chain_key = None
+        chain.delegated = True
+        return ReceiveHandover(
+            self.session_id, self._flags, self.start, self._period, self._w,
+            self.expires_at, self._last_epoch, self._window.size, state,
+        )
+
+    def import_receive(self, state: ReceiveState) -> None:
+        """Take the receive direction back (what the other verifier returned)."""
+        chain = self._recv
+        if not chain.delegated:
+            raise StateError("receive direction was not handed over")
+        chain.delegated = False
+        if self.state is SessionState.CLOSED:
+            return
+        chain.chain_key = state.chain_key
+        chain.next_epoch = state.next_epoch
+        chain.keys = {e: _EpochKey(b"", chain.sealed, raw) for e, raw in state.keys}
+        self._recv_floor = max(self._recv_floor, state.floor)
+        self._window.top = state.top
+        self._window.mask = state.mask & self._window.full
 
     # -- sending ------------------------------------------------------------------
     def protect(self, action: bytes, payload: bytes, now: float) -> tuple[bytes, bytes]:

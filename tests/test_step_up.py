@@ -415,6 +415,42 @@ def test_a_policy_change_asks_every_live_session(world: Callable[..., World]) ->
     w.chain_ok()
 
 
+def test_a_policy_that_takes_a_topic_away_stops_cached_routes(
+        world: Callable[..., World]) -> None:
+    # The broker's C fast lane routes a topic without asking Python once Python has
+    # judged it plain, and grants READs it has granted before; a policy reload must end
+    # both at once, not when the cache happens to fill.
+    w = world()
+    backend, device = w.client("backend", kind="broker"), w.client("pi-6")
+    for c in (backend, device):
+        c.connect()  # not answering step-ups: a re-authentication would reset the caches
+    got = w.collect(backend, "devices/#")
+    for i in range(20):  # the first verifies in Python, the rest take the fast lane
+        device.publish("devices/pi-6/telemetry/t", str(i).encode(), qos=1).wait_for_publish(5)
+    assert [got.get(timeout=5)[1] for _ in range(20)] == [str(i).encode() for i in range(20)]
+    # 1. the backend loses its subscribe right: its cached READ grant must go
+    (w.directory / "policy.toml").write_text(
+        POLICY.replace('subscribe = ["#"]', 'subscribe = ["devices/+/firmware/#"]', 1))
+    w.broker.reload()
+    w.events("policy_reloaded")
+    device.publish("devices/pi-6/telemetry/t", b"unseen", qos=1).wait_for_publish(5)
+    denied = w.events("acl_denied")
+    assert denied[-1]["identity"] == backend.client_id
+    assert denied[-1]["topic"] == "devices/pi-6/telemetry/t"
+    assert got.empty()
+    # 2. the device loses its publish right: its cached route must go
+    (w.directory / "policy.toml").write_text(
+        POLICY.replace('"devices/{id}/telemetry/#", ', "", 1))
+    w.broker.reload()
+    w.events("policy_reloaded", count=2)
+    device.publish("devices/pi-6/telemetry/t", b"refused", qos=1).wait_for_publish(5)
+    rejected = w.events("message_rejected")
+    assert rejected[-1]["reason"] == "not_authorized"
+    assert rejected[-1]["topic"] == "devices/pi-6/telemetry/t"
+    assert got.empty()
+    w.chain_ok()
+
+
 def test_a_new_broker_credential_asks_every_live_session(world: Callable[..., World]) -> None:
     w = world()
     device = w.client("pi-11")

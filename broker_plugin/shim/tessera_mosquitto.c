@@ -84,6 +84,8 @@
 #include <mosquitto_broker.h>
 #include <mosquitto_plugin.h>
 
+#include "fastlane.h"
+
 #if defined(__has_include)
 #  if __has_include(<mosquitto.h>)
 #    include <mosquitto.h>
@@ -114,15 +116,19 @@ enum {
 #define MQTT_RC_NOT_AUTHORIZED 0x87
 
 enum { F_INIT, F_CLEANUP, F_RELOAD, F_BASIC_AUTH, F_EXT_START, F_EXT_CONTINUE,
-       F_ACL, F_MESSAGE, F_TICK, F_DISCONNECT, F_COUNT };
+       F_ACL, F_MESSAGE, F_TICK, F_DISCONNECT, F_VERIFIED, F_REJECTED, F_COUNT };
+/* the fast-lane functions are optional: a host without them never opens a record */
+#define F_REQUIRED F_VERIFIED
 static const char *const FN_NAMES[F_COUNT] = {
 	"plugin_init", "plugin_cleanup", "on_reload", "on_basic_auth", "on_ext_auth_start",
 	"on_ext_auth_continue", "on_acl_check", "on_message", "on_tick", "on_disconnect",
+	"on_verified", "on_rejected",
 };
 
 static mosquitto_plugin_id_t *g_pid;
 static char *g_auth_method;       /* the MQTT 5 authentication method we answer */
 static bool g_registered;         /* the host is up and our callbacks are registered */
+static bool g_fast;               /* the host has on_verified and on_rejected */
 static PyObject *g_fn[F_COUNT];   /* host callables */
 static PyObject *g_options;       /* dict given to plugin_init; reused by on_reload */
 static PyObject *g_format;        /* exc -> (one-line summary, [traceback lines]) */
@@ -417,6 +423,16 @@ static int handle_acl_check(int event, void *event_data, void *userdata)
 	long v;
 	(void)event; (void)userdata;
 
+	/* Fast lane: a client with a record is authenticated, and the host answers WRITE
+	 * with "yes" for every authenticated client (the publish itself is judged with its
+	 * proof); a READ the host granted before for this (client, topic) stands until the
+	 * host forgets it (policy reload, disconnect). */
+	const char *cid = mosquitto_client_id(ed->client);
+	if(g_fast && cid){
+		if(ed->access == MOSQ_ACL_WRITE && fl_known(cid)) return MOSQ_ERR_SUCCESS;
+		if(ed->access == MOSQ_ACL_READ && fl_read_cached(cid, ed->topic)) return MOSQ_ERR_SUCCESS;
+	}
+
 	PyGILState_STATE gil = PyGILState_Ensure();
 	PyObject *res = call_host(F_ACL, Py_BuildValue("(NiNNiO)",
 			str_or_empty(mosquitto_client_id(ed->client)), ed->access,
@@ -427,6 +443,9 @@ static int handle_acl_check(int event, void *event_data, void *userdata)
 	}else if(int_in(res, MOSQ_ERR_SUCCESS, MOSQ_ERR_PLUGIN_DEFER, &v)
 			&& (v == MOSQ_ERR_SUCCESS || v == MOSQ_ERR_ACL_DENIED || v == MOSQ_ERR_PLUGIN_DEFER)){
 		rc = (int)v;
+		if(g_fast && cid && rc == MOSQ_ERR_SUCCESS && ed->access == MOSQ_ACL_READ){
+			fl_cache_read(cid, ed->topic);
+		}
 	}else{
 		mosquitto_log_printf(MOSQ_LOG_ERR, "tessera: on_acl_check returned %s, expected 0, "
 				"MOSQ_ERR_ACL_DENIED or MOSQ_ERR_PLUGIN_DEFER: access denied", Py_TYPE(res)->tp_name);
@@ -455,32 +474,27 @@ static int handle_acl_check(int event, void *event_data, void *userdata)
  * to QoS 1 / 2 publishers.  So every drop returns MOSQ_ERR_ACL_DENIED; the host's
  * reason code goes into event reason_code for brokers that may read it, its reason
  * string only to the debug log (nobody owns or frees that pointer in 2.0.x). */
-static int handle_message(int event, void *event_data, void *userdata)
+/* Apply a host answer (rc, payload | None, reason code, reason[, repeatable]) to the
+ * event; the return value for Mosquitto.  `what` names the host function for the log.
+ * *repeatable is set when the answer routes and the host says the fast lane may repeat
+ * it. */
+static int apply_answer(struct mosquitto_evt_message *ed, PyObject *res, const char *what,
+		Py_ssize_t fields, bool *repeatable)
 {
-	struct mosquitto_evt_message *ed = event_data;
-	int rc = MOSQ_ERR_ACL_DENIED;
 	long v, reason;
-	PyObject *payload = NULL, *text = NULL;
-	(void)event; (void)userdata;
+	PyObject *payload = NULL, *text = NULL, *again = NULL;
 
-	PyGILState_STATE gil = PyGILState_Ensure();
-	PyObject *res = call_host(F_MESSAGE, Py_BuildValue("(NNNiO)",
-			str_or_empty(mosquitto_client_id(ed->client)), str_or_empty(ed->topic),
-			bytes_of(ed->payload, ed->payloadlen), (int)ed->qos,
-			ed->retain ? Py_True : Py_False), NULL);
-	if(res == NULL){
-		log_exception("on_message raised, message dropped", true);
-		goto done;
-	}
-	if(!PyTuple_Check(res) || PyTuple_GET_SIZE(res) != 4
+	if(!PyTuple_Check(res) || PyTuple_GET_SIZE(res) != fields
 			|| !int_in(PyTuple_GET_ITEM(res, 0), INT_MIN, INT_MAX, &v)
 			|| ((payload = PyTuple_GET_ITEM(res, 1)) != Py_None
 				&& (!PyBytes_Check(payload) || (size_t)PyBytes_GET_SIZE(payload) >= UINT32_MAX))
 			|| !int_in(PyTuple_GET_ITEM(res, 2), 0, 255, &reason)
-			|| ((text = PyTuple_GET_ITEM(res, 3)) != Py_None && !PyUnicode_Check(text))){
-		mosquitto_log_printf(MOSQ_LOG_ERR, "tessera: on_message returned a %s, expected "
-				"(int, bytes | None, int 0-255, str | None): message dropped", Py_TYPE(res)->tp_name);
-		goto done;
+			|| ((text = PyTuple_GET_ITEM(res, 3)) != Py_None && !PyUnicode_Check(text))
+			|| (fields == 5 && !PyBool_Check(again = PyTuple_GET_ITEM(res, 4)))){
+		mosquitto_log_printf(MOSQ_LOG_ERR, "tessera: %s returned a %s, expected (int, bytes | "
+				"None, int 0-255, str | None%s): message dropped", what, Py_TYPE(res)->tp_name,
+				fields == 5 ? ", bool" : "");
+		return MOSQ_ERR_ACL_DENIED;
 	}
 	if(v != 0){
 		ed->reason_code = reason >= 0x80 ? (uint8_t)reason : MQTT_RC_NOT_AUTHORIZED;
@@ -490,22 +504,91 @@ static int handle_message(int event, void *event_data, void *userdata)
 					mosquitto_client_id(ed->client), ed->topic, reason, s ? s : "");
 			PyErr_Clear();
 		}
-		goto done;
+		return MOSQ_ERR_ACL_DENIED;
 	}
 	if(payload != Py_None){
 		size_t len = (size_t)PyBytes_GET_SIZE(payload);
 		char *copy = mosquitto_malloc(len + 1);
 		if(copy == NULL){
 			mosquitto_log_printf(MOSQ_LOG_ERR, "tessera: out of memory: message dropped");
-			goto done;
+			return MOSQ_ERR_ACL_DENIED;
 		}
 		memcpy(copy, PyBytes_AS_STRING(payload), len);
 		copy[len] = '\0';
 		ed->payload = copy;
 		ed->payloadlen = (uint32_t)len;
 	}
-	rc = MOSQ_ERR_SUCCESS;
-done:
+	if(repeatable) *repeatable = again == Py_True;
+	return MOSQ_ERR_SUCCESS;
+}
+
+/* The fast lane's answer for a PUBLISH, or -1 when it is not its to answer. */
+static int fast_message(struct mosquitto_evt_message *ed)
+{
+	const char *cid = mosquitto_client_id(ed->client);
+	fl_result fr;
+	int rc = MOSQ_ERR_ACL_DENIED;
+	int out = fl_message(cid, ed->topic, ed->payload, ed->payloadlen, fl_monotonic(), &fr);
+
+	if(out == FL_PASS) return -1;
+	if(out == FL_ROUTE){ /* the common case: no Python at all */
+		char *copy = mosquitto_malloc((size_t)fr.body_len + 1);
+		if(copy == NULL){
+			mosquitto_log_printf(MOSQ_LOG_ERR, "tessera: out of memory: message dropped");
+			return MOSQ_ERR_ACL_DENIED;
+		}
+		memcpy(copy, ed->payload, fr.body_len);
+		copy[fr.body_len] = '\0';
+		ed->payload = copy;
+		ed->payloadlen = fr.body_len;
+		return MOSQ_ERR_SUCCESS;
+	}
+	PyGILState_STATE gil = PyGILState_Ensure();
+	PyObject *res;
+	bool repeatable = false;
+	if(out == FL_VERIFIED){
+		res = call_host(F_VERIFIED, Py_BuildValue("(NNNiO)", str_or_empty(cid),
+				str_or_empty(ed->topic), bytes_of(ed->payload, fr.body_len), (int)ed->qos,
+				ed->retain ? Py_True : Py_False), NULL);
+		if(res == NULL){
+			log_exception("on_verified raised, message dropped", true);
+		}else{
+			rc = apply_answer(ed, res, "on_verified", 5, &repeatable);
+			if(rc == MOSQ_ERR_SUCCESS && repeatable) fl_cache_topic(cid, ed->topic);
+		}
+	}else{
+		res = call_host(F_REJECTED, Py_BuildValue("(NNss)", str_or_empty(cid),
+				str_or_empty(ed->topic), fr.reason, fr.detail), NULL);
+		if(res == NULL){
+			log_exception("on_rejected raised, message dropped", true);
+		}else if(apply_answer(ed, res, "on_rejected", 4, NULL) == MOSQ_ERR_SUCCESS){
+			/* a host cannot route what the fast lane refused */
+			mosquitto_log_printf(MOSQ_LOG_ERR, "tessera: on_rejected answered 'route': dropped");
+		}
+	}
+	Py_XDECREF(res);
+	PyGILState_Release(gil);
+	return rc;
+}
+
+static int handle_message(int event, void *event_data, void *userdata)
+{
+	struct mosquitto_evt_message *ed = event_data;
+	int rc = MOSQ_ERR_ACL_DENIED;
+	(void)event; (void)userdata;
+
+	if(g_fast && (rc = fast_message(ed)) >= 0) return rc;
+	rc = MOSQ_ERR_ACL_DENIED;
+	PyGILState_STATE gil = PyGILState_Ensure();
+	PyObject *res = call_host(F_MESSAGE, Py_BuildValue("(NNNiO)",
+			str_or_empty(mosquitto_client_id(ed->client)), str_or_empty(ed->topic),
+			bytes_of(ed->payload, ed->payloadlen), (int)ed->qos,
+			ed->retain ? Py_True : Py_False), NULL);
+	if(res == NULL){
+		log_exception("on_message raised, message dropped", true);
+	}else{
+		rc = apply_answer(ed, res, "on_message", 4, NULL);
+	}
 	Py_XDECREF(res);
 	PyGILState_Release(gil);
 	return rc;
@@ -558,10 +641,22 @@ static bool tick_action(PyObject *a)
 	return false;
 }
 
+/* Under load Mosquitto ticks once per event-loop pass, i.e. about once per message; a
+ * Python call each time costs more than the fast lane's whole per-message work.  With a
+ * fast-lane host, on_tick runs at most every TICK_INTERVAL_S unless the host asked for
+ * the next pass (tessera_fast.tick_soon(): kicks or publishes waiting). */
+#define TICK_INTERVAL_S 0.005
+static double g_next_tick;
+
 static int handle_tick(int event, void *event_data, void *userdata)
 {
 	(void)event; (void)event_data; (void)userdata;
 
+	if(g_fast){
+		double now = fl_monotonic();
+		if(!fl_take_tick_soon() && now < g_next_tick) return MOSQ_ERR_SUCCESS;
+		g_next_tick = now + TICK_INTERVAL_S;
+	}
 	PyGILState_STATE gil = PyGILState_Ensure();
 	PyObject *res = call_host(F_TICK, PyTuple_New(0), NULL);
 	PyObject *seq = NULL;
@@ -691,6 +786,11 @@ static bool start_python(const char *python)
 	PyStatus status;
 	char *argv[] = {(char *)"mosquitto-tessera"};
 
+	/* the fast lane's Python side, importable by the host as `tessera_fast` */
+	if(PyImport_AppendInittab("tessera_fast", PyInit_tessera_fast) != 0){
+		mosquitto_log_printf(MOSQ_LOG_ERR, "tessera: cannot register the tessera_fast module");
+		return false;
+	}
 	PyConfig_InitIsolatedConfig(&config);
 	config.install_signal_handlers = 0;
 	status = PyConfig_SetBytesString(&config, &config.program_name, python);
@@ -748,6 +848,11 @@ static bool start_host(struct mosquitto_opt *options, int count, const char *mod
 	if(mod == NULL) goto error;
 	for(int f = 0; f < F_COUNT; f++){
 		g_fn[f] = PyObject_GetAttrString(mod, FN_NAMES[f]);
+		if(f >= F_REQUIRED && (g_fn[f] == NULL || !PyCallable_Check(g_fn[f]))){
+			PyErr_Clear();
+			Py_CLEAR(g_fn[f]);
+			continue;
+		}
 		if(g_fn[f] == NULL || !PyCallable_Check(g_fn[f])){
 			PyErr_Clear();
 			mosquitto_log_printf(MOSQ_LOG_ERR, "tessera: host module %s has no function %s() "
@@ -755,6 +860,7 @@ static bool start_host(struct mosquitto_opt *options, int count, const char *mod
 			goto out;
 		}
 	}
+	g_fast = g_fn[F_VERIFIED] && g_fn[F_REJECTED];
 	snprintf(what, sizeof(what), "%s.plugin_init refused to start", module);
 	res = call_host(F_INIT, PyTuple_Pack(1, g_options), NULL);
 	if(res == NULL) goto error;
