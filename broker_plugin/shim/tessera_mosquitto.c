@@ -58,6 +58,22 @@
  *       drop the new session).  Not called for a connection whose CONNECT was refused
  *       (Mosquitto has already forgotten its client id).  reason is -1 in 2.0.x.
  *
+ * Optional, the fast lane (fastlane.h; both or neither):
+ *   on_verified(client_id, topic, payload, qos, retain)
+ *       -> tuple[int, bytes | None, int, str | None, bool]
+ *       A PUBLISH whose proof the fast lane verified (payload: proof stripped) on a
+ *       topic it has no decision for: on_message's answer plus "repeatable": True lets
+ *       the fast lane route this (client, topic) from now on without calling the host.
+ *   on_rejected(client_id, topic, reason: str, detail: str)
+ *       -> tuple[int, bytes | None, int, str | None]
+ *       A PUBLISH the fast lane refused (reason: a structauth Reason name in lower
+ *       case): the host records it; the message is dropped whatever rc says.
+ *   The host drives the fast lane through the built-in module `tessera_fast` (open /
+ *   close a client's record, forget cached decisions, collect counts and timings,
+ *   tick_soon).  With a fast-lane host, on_tick is called at most every 5 ms under
+ *   load unless tessera_fast.tick_soon() asked for the next pass; WRITE checks for a
+ *   client with a record and READ checks the host granted before are answered here.
+ *
  * Strings from the broker are UTF-8 decoded with "surrogateescape" (never fails, never
  * aliases a valid string).  The MQTT password reaches plugins NUL-terminated without a
  * length in 2.0.x, so `password` ends at its first NUL byte.
