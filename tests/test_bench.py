@@ -111,7 +111,7 @@ BROKER_RATES = {
 }
 BROKER_FIGURES = {
     "host_acl_write", "host_on_message", "host_acl_read", "host_on_tick", "host_handshake",
-    "host_on_tick_idle_fleet",
+    "host_on_tick_idle_fleet", "fast_lane_route",
 }
 
 
