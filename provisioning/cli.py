@@ -8,6 +8,8 @@
     tessera revoke         revoke a device (its live sessions are cut by brokers)
     tessera renew          renew a local device's operational credential
     tessera export-bundle  write the trust bundle devices and brokers need
+    tessera export-attestation-keys
+                           write enrolled attestation keys for the broker plugin
     tessera broker config  write mosquitto.conf lines that load the Tessera plugin
 
 Every error is one line on stderr and a non-zero exit; nothing is half-written.
@@ -415,6 +417,126 @@ def cmd_export_bundle(args: argparse.Namespace) -> None:
             print(f"trust bundle written to {args.output}")
 
 
+def cmd_export_attestation_keys(args: argparse.Namespace) -> None:
+    """Fill a broker's ``plugin_opt_attestation_keys`` directory from the registry: one
+    ``<serial>.akpub`` (the attestation key's marshalled TPM2B_PUBLIC, as enrollment
+    proved it) per active device enrolled with a TPM, the layout
+    ``broker_plugin.host.load_attestation_keys`` reads. ``*.akpub`` files of devices no
+    longer active are removed; other files are left alone."""
+    import base64
+    import binascii
+
+    from broker_plugin.stepup import parse_ak_public
+    from provisioning.enrollment import check_serial
+
+    if args.dir is not None:
+        from provisioning.registry import open_registry
+
+        with open_registry(_service_config(args.dir)["registry"]) as registry:
+            keys = registry.attestation_keys()
+        source = str(args.dir)
+    else:
+        devices = _client(args).call("GET", "/v1/devices?status=active")["devices"]
+        if any("ak_public" not in d for d in devices):
+            raise CliError(f"the provisioning service at {args.provisioner} does not report "
+                           "attestation keys: upgrade it, or use --dir on its host")
+        try:
+            keys = {d["serial"]: base64.b64decode(d["ak_public"], validate=True)
+                    for d in devices if d["kind"] == "device" and d["ak_public"]}
+        except (binascii.Error, TypeError) as exc:
+            raise CliError(f"the provisioning service sent a malformed ak_public: {exc}") from None
+        source = args.provisioner
+    for serial, ak_public in keys.items():
+        try:
+            check_serial(serial)  # it becomes a file name: no path separators
+            parse_ak_public(ak_public)
+        except TesseraError as exc:
+            raise CliError(f"device {serial!r}: not exported, the broker plugin would refuse "
+                           f"its attestation key ({exc.detail}); nothing written") from None
+    target = Path(args.directory)
+    removed = _write_akpub_files(target, keys)
+    _emit(
+        args,
+        {"directory": str(target), "source": source, "written": sorted(keys),
+         "removed": removed},
+        f"{len(keys)} attestation key(s) written to {target}"
+        + (f", removed {', '.join(removed)}" if removed else "")
+        + "; SIGHUP the broker to load them",
+    )
+
+
+def _write_akpub_files(target: Path, keys: dict[str, bytes]) -> list[str]:
+    """Make ``target`` hold exactly ``keys`` as ``<serial>.akpub`` files; the serials
+    whose stale files were removed. Atomic where it matters: a new directory is filled
+    under a temporary name and renamed into place; in an existing one every file is
+    written (and synced) under a temporary name first, and only when all are written
+    are they renamed over the old ones, so an error leaves the directory as it was and
+    the broker never reads a half-written file."""
+    import shutil
+    import tempfile
+
+    def write(path: Path, data: bytes) -> None:
+        with open(path, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        path.chmod(0o644)  # the broker reads it as its own user
+
+    def sync_dir(path: Path) -> None:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    if not target.exists():
+        try:
+            staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        except OSError as exc:
+            raise CliError(f"cannot create {target}: {exc.strerror or exc}") from None
+        try:
+            for serial, data in keys.items():
+                write(staging / f"{serial}.akpub", data)
+            staging.chmod(0o755)
+            staging.rename(target)
+            sync_dir(target.parent)
+        except OSError as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise CliError(f"cannot create {target}: {exc.strerror or exc}; "
+                           "nothing written") from None
+        return []
+    if not target.is_dir():
+        raise CliError(f"{target} exists and is not a directory")
+    staged: list[tuple[Path, Path]] = []
+    renaming = False
+    try:
+        for serial, data in keys.items():
+            final = target / f"{serial}.akpub"
+            if final.is_dir():
+                raise CliError(f"{final} is a directory; nothing changed in {target}")
+            fd, name = tempfile.mkstemp(prefix=f".{serial}.", suffix=".tmp", dir=target)
+            os.close(fd)
+            staged.append((Path(name), final))
+            write(Path(name), data)
+        stale = sorted(p for p in target.glob("*.akpub")
+                       if p.name[: -len(".akpub")] not in keys and not p.is_dir())
+        renaming = True
+        for tmp, final in staged:
+            os.replace(tmp, final)
+        staged = []
+        for path in stale:
+            path.unlink()
+        sync_dir(target)
+    except OSError as exc:
+        done = "some files were replaced; run it again" if renaming else "nothing changed"
+        raise CliError(f"cannot write attestation keys to {target}: "
+                       f"{exc.strerror or exc}; {done}") from None
+    finally:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+    return [p.name[: -len(".akpub")] for p in stale]
+
+
 def cmd_broker_config(args: argparse.Namespace) -> None:
     """Write a mosquitto.conf snippet that loads the Tessera plugin, after checking
     that the broker will be able to start with it."""
@@ -606,6 +728,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dir", type=Path, help="read it from an authority directory instead")
     s.add_argument("-o", "--output", default="-", help="file (default: stdout)")
     s.set_defaults(func=cmd_export_bundle)
+
+    s = sub.add_parser("export-attestation-keys",
+                       help="write enrolled attestation keys for the broker plugin")
+    remote(s)
+    s.add_argument("directory", type=Path,
+                   help="the broker's plugin_opt_attestation_keys directory")
+    s.add_argument("--dir", type=Path,
+                   help="read the registry of this authority directory instead of the service")
+    s.set_defaults(func=cmd_export_attestation_keys)
     return p
 
 
