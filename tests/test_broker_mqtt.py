@@ -202,10 +202,14 @@ def test_broker_config_writes_a_working_snippet(setup: Setup, tmp_path: Path) ->
               str(d / "policy.toml")]
     port = free_port()
     done = _tessera(*common, "--listener", f"127.0.0.1:{port}", "--user", "root",
-                    "-o", str(tmp_path / "tessera.conf"))
+                    "--plugin-opt", "quarantine_failures=4", "-o", str(tmp_path / "tessera.conf"))
     assert done.returncode == 0, done.stderr
     conf = (tmp_path / "tessera.conf").read_text()
     assert "allow_anonymous false" in conf and "plugin_opt_policy" in conf
+    lines = conf.splitlines()
+    # the real broker below accepts every line, set_tcp_nodelay included
+    assert "set_tcp_nodelay true" in lines and "plugin_opt_quarantine_failures 4" in lines
+    assert not any(ln.startswith("memory_limit") for ln in lines)
     conf += f"user root\nlog_dest file {tmp_path / 'm.log'}\npersistence false\n"
     (tmp_path / "tessera.conf").write_text(conf)
     proc = subprocess.Popen([find_mosquitto(), "-c", str(tmp_path / "tessera.conf")])
@@ -233,6 +237,11 @@ def test_broker_config_writes_a_working_snippet(setup: Setup, tmp_path: Path) ->
     (["--bundle", "/nonexistent.pem"], "plugin_opt_bundle"),
     (["--listener", "nonsense"], "HOST:PORT"),
     (["--user", "mosquitto"], "cannot read"),
+    (["--plugin-opt", "quarantine_failures=-1"], "plugin_opt_quarantine_failures"),
+    (["--plugin-opt", "no_such_knob=1"], "NAME=VALUE"),
+    (["--check", "memory_limit 1000000\n"], ":1: remove memory_limit"),
+    (["--check", "# ok\nper_listener_settings true\n"], ":2: per_listener_settings true"),
+    (["--check", "include_dir conf.d\n"], "already loaded"),
 ])
 def test_broker_config_refuses_what_the_broker_would(setup: Setup, tmp_path: Path,
                                                      change: list[str], expect: str) -> None:
@@ -242,6 +251,11 @@ def test_broker_config_refuses_what_the_broker_would(setup: Setup, tmp_path: Pat
             "--key": f"insecure-software:{d / 'broker-key.pem'}",
             "--policy": str(d / "policy.toml"), "--user": "root"}
     args[change[0]] = change[1]
+    if change[0] == "--check":  # a mosquitto.conf the snippet would join
+        (tmp_path / "conf.d").mkdir()
+        (tmp_path / "conf.d" / "old.conf").write_text("plugin /opt/x/tessera_mosquitto.so\n")
+        (tmp_path / "mosquitto.conf").write_text(change[1])
+        args["--check"] = str(tmp_path / "mosquitto.conf")
     if change[0] == "--user" and os.geteuid() != 0:
         pytest.skip("only root's files are hidden from the mosquitto user here")
     out = tmp_path / "x.conf"
