@@ -98,6 +98,7 @@ from broker_plugin.stepup import (
 from structauth.credentials import Credential, Identity, TimePolicy
 from structauth.errors import AuthorizationError, Reason, TesseraError
 from structauth.events import HandshakeAnswered
+from structauth.fanout import ANCHOR_TOPIC, HELLO_TOPIC, FanoutSigner
 from structauth.handshake import Responder
 from structauth.params import SessionParams
 from structauth.session import HEADER_SIZE, Session, SessionState
@@ -260,6 +261,9 @@ class Enforcer:
         #: decisions came from
         self.fast = fast
         self._fast_policy: Any = None
+        #: fan-out proofs (structauth.fanout), when configured, and who said hello
+        self.fanout: FanoutSigner | None = None
+        self.fanout_subscribers: dict[str, None] = {}
 
     @property
     def policy(self) -> Any:
@@ -574,6 +578,12 @@ class Enforcer:
             self.metrics.messages_in.inc()
         if topic == CONFIRM_TOPIC:
             return MessageAnswer(MOSQ_ERR_ACL_DENIED, None, 0, None), False  # consumed here
+        if topic == HELLO_TOPIC and self.fanout is not None:
+            # a subscriber asks for fan-out proofs: the anchor goes back, proven under its
+            # session (the time bound starts from when it sent this), then every key
+            self.fanout_subscribers[client_id] = None
+            self._send(client, ANCHOR_TOPIC, self.fanout.anchor(now), now)
+            return MessageAnswer(MOSQ_ERR_ACL_DENIED, None, 0, None), False
         s = self.settings
         meter = client.rate
         if meter is not None and meter.add(now, s):
@@ -611,6 +621,10 @@ class Enforcer:
         if name is None:
             # a plain route; repeatable unless a step-up rule or a challenge decides
             plain = step is None and old is None and challenge is None
+            if self.fanout is not None:  # sealed per message here, so not repeatable in C
+                return MessageAnswer(MOSQ_ERR_SUCCESS,
+                                     self.fanout.seal(topic.encode(), payload, now), 0,
+                                     None), False
             return MessageAnswer(MOSQ_ERR_SUCCESS, payload, 0, None), plain
         # One named recipient: prove the message to it under its own session, so it
         # knows the broker routed it from an authenticated sender.
@@ -700,17 +714,24 @@ class Enforcer:
         if session.state is not SessionState.ESTABLISHED:
             return
         body = json.dumps(challenge.payload(now), separators=(",", ":")).encode()
+        if self._send(client, STEP_UP_TOPIC, body, now):
+            challenge.sent = True
+
+    def _send(self, client: Client, topic: str, body: bytes, now: float) -> bool:
+        """Queue a message from the broker to ``client`` alone, proven under its
+        session (QoS 1, for the next tick); False if the session cannot send."""
+        if client.session.state is not SessionState.ESTABLISHED:
+            return False
         try:
-            header, body = session.protect(STEP_UP_TOPIC.encode(), body, now)
+            header, body = client.session.protect(topic.encode(), body, now)
         except TesseraError:
-            return
-        self._outbox.append(("publish", client.client_id, STEP_UP_TOPIC, body + header, 1,
-                             False))
+            return False
+        self._outbox.append(("publish", client.client_id, topic, body + header, 1, False))
         if self.fast is not None:
             self.fast.tick_soon()
         if self.metrics is not None:
             self.metrics.messages_out.inc()
-        challenge.sent = True
+        return True
 
     def require_step_up_all(self, trigger: str, now: float, detail: str = "") -> list[str]:
         """A policy or key change: every live session must step up within
@@ -796,6 +817,14 @@ class Enforcer:
                 self._fast_tally(now)
             self._scan(now)
         self._tick_challenges(now)
+        if self.fanout is not None and self.fanout_subscribers:
+            for topic, body in self.fanout.due(now):
+                for client_id in list(self.fanout_subscribers):
+                    client = self.clients.get(client_id)
+                    if client is None:
+                        del self.fanout_subscribers[client_id]
+                    else:
+                        self._send(client, topic, body, now)
         actions: list[tuple[Any, ...]] = [("kick", c) for c in dict.fromkeys(self._pending_kicks)]
         for client_id in dict.fromkeys(self._pending_kicks):
             self.disconnect(client_id)

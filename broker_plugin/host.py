@@ -73,6 +73,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import os
 import queue
 import threading
 import time
@@ -88,6 +89,7 @@ from broker_plugin.enforcer import (
 from broker_plugin.fastlane import FastLane
 from broker_plugin.stepup import KEY_CHANGE, POLICY_CHANGE, StepUpSettings
 from structauth.errors import ConfigurationError, TesseraError
+from structauth.fanout import FanoutSigner
 
 log = logging.getLogger("tessera.broker")
 
@@ -157,6 +159,27 @@ def parse_settings(options: dict[str, str]) -> StepUpSettings:
             raise ConfigurationError(f"plugin_opt_{option}: {raw!r} is not {want}") from None
         values[name] = value
     return StepUpSettings(**values)  # type: ignore[arg-type]
+
+
+FANOUT_OPTIONS = ("fanout_interval_ms", "fanout_delay")
+
+
+def parse_fanout(options: dict[str, str], now: float) -> FanoutSigner | None:
+    """Fan-out proofs (structauth.fanout) when ``plugin_opt_fanout_interval_ms`` is set;
+    ConfigurationError with one line for a bad value."""
+    raw = options.get("fanout_interval_ms")
+    if raw is None:
+        return None
+    try:
+        interval_ms = int(raw)
+        delay = int(options.get("fanout_delay", "2"))
+        return FanoutSigner(os.urandom, now, interval_s=interval_ms / 1000.0, delay=delay,
+                            length=max(3600, 2 * delay + 2))
+    except ValueError:
+        raise ConfigurationError(
+            f"plugin_opt_fanout_interval_ms {raw!r} / plugin_opt_fanout_delay "
+            f"{options.get('fanout_delay')!r}: a whole number of ms 50..60000 and a delay of "
+            "1..16 intervals") from None
 
 
 def load_attestation_keys(directory: str) -> dict[str, bytes]:
@@ -287,6 +310,7 @@ class RevocationFollower(threading.Thread):
 def plugin_init(options: dict[str, str]) -> None:
     enforcer, signer = build_enforcer(options)
     enforcer.fast = FastLane.load()  # built into the plugin; None elsewhere
+    enforcer.fanout = parse_fanout(options, time.monotonic())
     metrics_server = None
     if options.get("metrics_port"):
         from broker_plugin.metrics import BrokerMetrics
