@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from structauth.params import SessionParams
@@ -67,3 +69,12 @@ class SessionPair:
     def confirm(self) -> None:
         h, b = self.up(b"sa1/confirm", b"")
         self.responder.verify(h, b"sa1/confirm", b, self.clock.now)
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 5.0, what: str = "") -> None:
+    """Poll ``predicate`` until it is true; AssertionError after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or predicate}")
+        time.sleep(0.01)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import queue
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from hw.tpm import TpmBackend
 from simulator.fleet import Fleet
 from simulator.mosquitto import Mosquitto, plugin_files
 from simulator.swtpm import Swtpm
+from tests.support import wait_for
 
 pytestmark = [pytest.mark.broker, pytest.mark.hardware]
 
@@ -42,14 +42,6 @@ quote     = true
 publish   = ["#"]
 subscribe = ["#"]
 """
-
-
-def wait_for(predicate: Callable[[], object], timeout: float = 5.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or predicate}")
-        time.sleep(0.01)
 
 
 class World:

@@ -12,7 +12,6 @@ import os
 import sqlite3
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from simulator.mosquitto import Mosquitto, plugin_files
 from simulator.provisioner import ProvisioningServer
 from simulator.softhsm import SoftHsm
 from simulator.swtpm import Swtpm
+from tests.support import wait_for
 
 pytestmark = pytest.mark.hardware
 
@@ -50,14 +50,6 @@ quote     = true
 publish   = ["#"]
 subscribe = ["#"]
 """
-
-
-def wait_for(predicate: Callable[[], object], timeout: float = 5.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or predicate}")
-        time.sleep(0.01)
 
 
 @dataclass

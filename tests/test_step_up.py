@@ -32,6 +32,7 @@ from hw.software import InsecureSoftwareSigner
 from simulator.fleet import Fleet, Member
 from simulator.mosquitto import Mosquitto, plugin_files
 from simulator.provisioner import free_port
+from tests.support import wait_for
 
 pytestmark = pytest.mark.broker
 
@@ -53,14 +54,6 @@ quote     = true
 publish   = ["#"]
 subscribe = ["#"]
 """
-
-
-def wait_for(predicate: Callable[[], object], timeout: float = 5.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or predicate}")
-        time.sleep(0.01)
 
 
 @dataclass
