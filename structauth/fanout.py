@@ -192,7 +192,7 @@ class FanoutVerifier:
         else:
             if not self.chains:
                 raise MalformedMessage("fan-out anchor before any hello", Reason.MALFORMED)
-            ref = next(iter(self.chains.values()))
+            ref = next(reversed(self.chains.values()))  # the newest
             # a later chain starts where the previous ended: same bound, shifted
             offset = ref.offset - ref.length * ref.interval_s
         self.chains[cid] = _Known(interval_s, delay, length, offset, (0, anchor))

@@ -143,6 +143,25 @@ def test_a_new_chain_takes_over_and_the_old_keys_still_come() -> None:
     assert verifier.on_key(key)[0] == [(T.decode(), b"new")]
 
 
+def test_the_time_bound_follows_every_later_chain() -> None:
+    # each new chain starts where the newest one ended, not the oldest still known
+    signer, verifier, (b0, l0) = _pair(delay=1, length=5)
+    for n in (1, 2, 3):
+        start = b0 + 5.0 * n
+        for topic, body in signer.due(start + 0.1):
+            if topic.endswith("anchor"):
+                verifier.on_anchor(body, None)
+            else:
+                verifier.on_key(body)
+        msg = signer.seal(T, f"chain {n}".encode(), start + 0.5)  # interval 1
+        verifier.on_message(T.decode(), msg, l0 + 5.0 * n + 0.5)  # in time
+        late = signer.seal(T, b"late", start + 0.5)
+        assert _reason(verifier.on_message, T.decode(), late,
+                       l0 + 5.0 * n + 1.0) is Reason.EPOCH_OUT_OF_WINDOW
+        [key] = _keys(signer, start + 1.1)
+        assert verifier.on_key(key)[0] == [(T.decode(), f"chain {n}".encode())]
+
+
 def test_plugin_options_for_fan_out_are_checked() -> None:
     assert parse_fanout({}, 0.0) is None
     assert parse_fanout({"fanout_interval_ms": "200"}, 0.0) is not None
