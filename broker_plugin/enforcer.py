@@ -544,7 +544,7 @@ class Enforcer:
                 self.metrics.verify_seconds.observe(timer() - t0)
         except TesseraError as exc:
             return self._reject(client, client_id, topic, exc.reason, exc.detail, now)
-        if old is None and self.fast is not None and not client.fast:
+        if old is None and self.fast is not None and not client.fast and not session.params.sealed:
             # confirmed: from now on the C fast lane verifies this session
             client.fast = self.fast.adopt(client_id, session)
         return self._after_verify(client, client_id, topic, verified.payload, now, old)[0]

@@ -274,8 +274,8 @@ static inline uint32_t be32(const uint8_t *p)
 
 /* --- the per-message path ------------------------------------------------------------ */
 
-static int verify(record *r, const char *topic, const uint8_t *payload, uint32_t len,
-		double now, fl_result *out)
+static int verify(record *r, const char *topic, size_t tlen, const uint8_t *payload,
+		uint32_t len, double now, fl_result *out)
 {
 	const uint8_t *hdr = payload + len - HEADER;
 	if(hdr[0] != r->flags || memcmp(hdr + 1, r->sid, 8)) return FL_PASS;
@@ -311,7 +311,6 @@ static int verify(record *r, const char *topic, const uint8_t *payload, uint32_t
 	s.t[1] = 0;
 	s.buflen = 0;
 	s.outlen = TAG;
-	size_t tlen = strlen(topic);
 	uint8_t n[2] = {(uint8_t)(tlen >> 8), (uint8_t)tlen};
 	uint8_t tag[TAG];
 	b2s_update(&s, hdr, PREFIX);
@@ -331,11 +330,12 @@ int fl_message(const char *client_id, const char *topic, const uint8_t *payload,
 		uint32_t len, double now, fl_result *out)
 {
 	record *r = lookup(client_id);
-	if(r == NULL || !r->session || len < HEADER || topic == NULL || strlen(topic) > 0xFFFF){
+	size_t tlen = topic ? strlen(topic) : 0;
+	if(r == NULL || !r->session || len < HEADER || topic == NULL || tlen > 0xFFFF){
 		return FL_PASS;
 	}
 	double t0 = g_hist ? fl_monotonic() : 0;
-	int rc = verify(r, topic, payload, len, now, out);
+	int rc = verify(r, topic, tlen, payload, len, now, out);
 	if(rc == FL_VERIFIED && set_has(&r->pub, topic)){
 		r->routed++;
 		rc = FL_ROUTE;
