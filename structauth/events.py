@@ -9,17 +9,28 @@ from .errors import Reason
 
 if TYPE_CHECKING:
     from .credentials import Credential, Identity
+    from .handshake import PendingHandshake
     from .session import Session
 
 
 @dataclass(frozen=True, slots=True)
 class HandshakeAnswered:
-    """Responder side: msg1 was valid; send ``reply`` (msg2) and keep ``session``.
+    """Responder side: msg1 was valid; send ``reply`` (msg2) and keep ``pending``.
 
-    The session stays unconfirmed until the initiator's first valid message.
+    Nothing is granted yet: ``pending`` is not a session and names no peer. Only
+    :meth:`~structauth.handshake.Responder.confirm` with the initiator's msg3 yields
+    :class:`HandshakeConfirmed`.
     """
 
     reply: bytes
+    pending: PendingHandshake
+
+
+@dataclass(frozen=True, slots=True)
+class HandshakeConfirmed:
+    """Responder side: msg3 proved the initiator holds the session keys. Only now is
+    there a session, an authenticated peer to log in and a "handshake ok" to audit."""
+
     session: Session
     peer: Identity
     credential: Credential
@@ -29,11 +40,13 @@ class HandshakeAnswered:
 
 @dataclass(frozen=True, slots=True)
 class HandshakeCompleted:
-    """Initiator side: msg2 was valid and confirmed; ``session`` is ready."""
+    """Initiator side: msg2 was valid and confirmed; ``session`` is ready once
+    ``reply`` (msg3) has been sent to the responder."""
 
     session: Session
     peer: Identity
     credential: Credential
+    reply: bytes
 
 
 class MessageVerified(NamedTuple):
@@ -47,8 +60,6 @@ class MessageVerified(NamedTuple):
     payload: bytes
     epoch: int
     seq: int
-    #: True for the first verified message of an unconfirmed responder session
-    session_confirmed: bool
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,6 +14,9 @@ from .errors import Reason, ReplayDetected
 
 
 class ReplayWindow:
+    """Bound: one Python int of ``size`` bits (128 bytes at the default 1024) and the
+    top sequence number, whatever the peer sends."""
+
     __slots__ = ("full", "mask", "size", "top")
 
     def __init__(self, size: int) -> None:
@@ -38,7 +41,10 @@ class ReplayWindow:
     def commit(self, seq: int) -> None:
         top = self.top
         if seq > top:
-            self.mask = ((self.mask << (seq - top)) | 1) & self.full
+            jump = seq - top
+            # a jump of at least the window leaves nothing of the old mask: O(1) time
+            # and memory for any jump, even to 2**32 - 1
+            self.mask = ((self.mask << jump) | 1) & self.full if jump < self.size else 1
             self.top = seq
         else:
             self.mask |= 1 << (top - seq)

@@ -42,8 +42,6 @@ VERSION = 0x10
 FLAG_SEALED = 0x01
 MAX_SEQ = 0xFFFFFFFF
 MAX_ACTION = 0xFFFF
-#: an unconfirmed responder session is dropped if the initiator stays silent this long
-DEFAULT_CONFIRM_TIMEOUT = 60.0
 
 _PREFIX = struct.Struct(">B8sHI")  # the 15 bytes before the tag
 _PREFIX_UNPACK = _PREFIX.unpack_from
@@ -63,10 +61,9 @@ class Role(enum.Enum):
 
 
 class SessionState(enum.Enum):
-    #: responder side, before the initiator proved it holds the keys
-    UNCONFIRMED = "unconfirmed"
+    #: both sides confirmed the keys (a responder creates its session only after msg3)
     ESTABLISHED = "established"
-    #: final: lifetime over, confirmation timed out, or closed by its owner
+    #: final: lifetime over, or closed by its owner
     CLOSED = "closed"
 
 
@@ -176,7 +173,6 @@ class Session:
         params: SessionParams,
         start: float,
         peer: Any = None,
-        confirm_timeout: float = DEFAULT_CONFIRM_TIMEOUT,
     ) -> None:
         self.role = role
         self.session_id = session_id
@@ -184,10 +180,7 @@ class Session:
         self.peer = peer  # the peer's Identity; typed loosely to keep this module leaf-level
         self.start = start
         self.expires_at = start + params.lifetime_s
-        self.state = (
-            SessionState.UNCONFIRMED if role is Role.RESPONDER else SessionState.ESTABLISHED
-        )
-        self.confirm_deadline = start + confirm_timeout
+        self.state = SessionState.ESTABLISHED
         self._period = params.epoch_ms / 1000.0
         self._w = params.skew_epochs
         self._last_epoch = params.lifetime_s * 1000 // params.epoch_ms + params.skew_epochs
@@ -206,24 +199,31 @@ class Session:
             return 0
         return int((now - self.start) / self._period)
 
+    def next_deadline_at(self, now: float) -> float:
+        """When the adapter should call :meth:`poll` next (re-arm its timer to this):
+        the next epoch boundary, where keys fall out of the window and are erased, or
+        the end of the lifetime, whichever comes first."""
+        if self.state is SessionState.CLOSED:
+            return float("inf")
+        boundary = self.start + (self.epoch_at(now) + 1) * self._period
+        return min(boundary, self.expires_at)
+
     @property
     def next_deadline(self) -> float:
-        """When the adapter should call :meth:`poll` next (re-arm its timer to this)."""
-        if self.state is SessionState.UNCONFIRMED:
-            return min(self.confirm_deadline, self.expires_at)
+        """The end of the lifetime (see :meth:`next_deadline_at` for key erasure)."""
         return self.expires_at
 
     def poll(self, now: float) -> SessionExpired | None:
-        """Advance timers; returns the final event once the session has ended."""
+        """Advance timers: erase keys that fell out of the window in both directions;
+        returns the final event once the session has ended."""
         if self.state is SessionState.CLOSED:
             return None
         if now >= self.expires_at:
             self.close()
             return SessionExpired(self.session_id, Reason.SESSION_EXPIRED)
-        if self.state is SessionState.UNCONFIRMED and now >= self.confirm_deadline:
-            self.close()
-            return SessionExpired(self.session_id, Reason.BAD_CONFIRMATION)
-        self._erase_receive_keys(self.epoch_at(now))
+        current = self.epoch_at(now)
+        self._erase_receive_keys(current)
+        self._erase_send_keys(current)
         return None
 
     def close(self) -> None:
@@ -237,17 +237,19 @@ class Session:
         if now >= self.expires_at:
             self.close()
             raise SessionExpiredError("session lifetime exceeded", Reason.SESSION_EXPIRED)
-        if self.state is SessionState.UNCONFIRMED and now >= self.confirm_deadline:
-            self.close()
-            raise SessionExpiredError(
-                "initiator never confirmed the session", Reason.BAD_CONFIRMATION
-            )
 
     def _erase_receive_keys(self, current: int) -> None:
         floor = current - self._w
         if floor > self._recv_floor:
             self._recv_floor = floor
             self._recv.erase_before(floor)
+
+    def _erase_send_keys(self, current: int) -> None:
+        # a sender needs only the current epoch's key; anything older goes, so memory
+        # captured later cannot open or forge what this side sent before
+        if current > self._send_epoch:
+            self._send_epoch = current
+            self._send.erase_before(current)
 
     # -- handing the receive direction over -----------------------------------------
     def export_receive(self) -> ReceiveHandover:
@@ -297,10 +299,6 @@ class Session:
         payload itself, or its ciphertext in sealed mode).
         """
         if self.state is not SessionState.ESTABLISHED:
-            if self.state is SessionState.UNCONFIRMED:
-                # A replayed msg1 also yields an unconfirmed session; sending on it
-                # would hand proven (or sealed) data to whoever replayed it.
-                raise StateError("session not confirmed by the initiator yet")
             raise SessionExpiredError("session is closed", Reason.SESSION_EXPIRED)
         if now >= self.expires_at:
             self.close()
@@ -314,10 +312,12 @@ class Session:
             )
         self._next_seq = seq + 1
         epoch = self.epoch_at(now)
-        key = self._send.key(epoch)
         if epoch != self._send_epoch:
-            self._send_epoch = epoch
-            self._send.erase_before(epoch)
+            self._erase_send_keys(epoch)
+        current = epoch - self._w
+        if current > self._recv_floor:  # the receive side ages on the same schedule
+            self._erase_receive_keys(epoch)
+        key = self._send.key(epoch)
         prefix = _PREFIX.pack(self._flags, self.session_id, epoch, seq)
         bound = prefix + len(action).to_bytes(2, "big") + action
         if key.aead is not None:
@@ -359,8 +359,13 @@ class Session:
             window.check(seq)
         if current - w > self._recv_floor:
             self._erase_receive_keys(current)
+        if current > self._send_epoch:
+            self._erase_send_keys(current)
         key = self._recv.keys.get(epoch) or self._recv.key(epoch)
-        bound = header[:15] + len(action).to_bytes(2, "big") + action
+        try:
+            bound = header[:15] + len(action).to_bytes(2, "big") + action
+        except OverflowError:
+            raise MalformedMessage("action longer than 65535 bytes", Reason.MALFORMED) from None
         aead = key.aead
         if aead is None:
             mac = key.mac.copy()
@@ -374,12 +379,11 @@ class Session:
                 payload = aead.decrypt(header[9:15] + _ZERO6, body + header[15:], bound)
             except InvalidTag:
                 raise VerificationFailed("sealed message failed to open", Reason.BAD_TAG) from None
-        if seq > window.top:
-            window.mask = ((window.mask << (seq - window.top)) | 1) & window.full
+        jump = seq - window.top
+        if jump > 0:
+            # a jump of at least the window starts a fresh mask: O(1) for any jump
+            window.mask = ((window.mask << jump) | 1) & window.full if jump < window.size else 1
             window.top = seq
         else:
             window.commit(seq)
-        if self.state is SessionState.UNCONFIRMED:
-            self.state = SessionState.ESTABLISHED
-            return _new_verified(MessageVerified, (payload, epoch, seq, True))
-        return _new_verified(MessageVerified, (payload, epoch, seq, False))
+        return _new_verified(MessageVerified, (payload, epoch, seq))
