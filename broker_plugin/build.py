@@ -33,7 +33,7 @@ from structauth.errors import ConfigurationError
 
 __all__ = [
     "BuildError", "build_fast_module", "ensure_built", "is_up_to_date", "plugin_path",
-    "readable_by",
+    "readable_by", "sanitizer_env", "sanitizing",
 ]
 
 PACKAGE = Path(__file__).resolve().parent
@@ -45,19 +45,61 @@ NATIVE = PACKAGE / "_native"
 SETUP_HINT = "./run setup"
 _HEADER_DIRS = ("/usr/include", "/usr/local/include")
 _CFLAGS = ("-shared", "-fPIC", "-O2", "-g", "-std=gnu11", "-Wall", "-Wextra", "-Werror")
+#: ``TESSERA_SANITIZE=1`` builds a separate plugin and fast lane with AddressSanitizer and
+#: UndefinedBehaviorSanitizer (any UB report aborts), for the sanitizer test run; the
+#: process that loads them needs the sanitizer runtimes preloaded (:func:`sanitizer_env`).
+SANITIZE_ENV = "TESSERA_SANITIZE"
+_SANITIZE_FLAGS = ("-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
+                   "-fno-omit-frame-pointer")
+
+
+def sanitizing() -> bool:
+    """True when this process builds and uses the sanitizer variant."""
+    return os.environ.get(SANITIZE_ENV, "") not in ("", "0")
+
+
+def _cflags() -> tuple[str, ...]:
+    return _CFLAGS + _SANITIZE_FLAGS if sanitizing() else _CFLAGS
+
+
+def sanitizer_env(report_dir: Path) -> dict[str, str]:
+    """Environment for a process (mosquitto, python) that loads sanitized code: the ASan
+    and UBSan runtimes preloaded, reports written under ``report_dir`` (one file per
+    report, so a test asserts there are none). Leak detection is off: CPython keeps
+    memory alive until exit by design, which is not what this run looks for."""
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        raise BuildError(f"gcc missing: install gcc ({SETUP_HINT})")
+    libs = []
+    for name in ("libasan.so", "libubsan.so"):
+        found = subprocess.run([gcc, f"-print-file-name={name}"], capture_output=True,
+                               text=True).stdout.strip()
+        if not found or not Path(found).exists():
+            raise BuildError(f"{name} missing: install gcc's sanitizer runtimes")
+        libs.append(str(Path(found).resolve()))
+    report_dir.mkdir(parents=True, exist_ok=True)
+    return {
+        "LD_PRELOAD": " ".join(libs),
+        "ASAN_OPTIONS": f"detect_leaks=0:log_path={report_dir}/asan:abort_on_error=0",
+        "UBSAN_OPTIONS": f"print_stacktrace=1:halt_on_error=1:log_path={report_dir}/ubsan",
+    }
 
 
 class BuildError(ConfigurationError):
     """The plugin cannot be built here; the message says what to install or fix."""
 
 
+def _native() -> Path:
+    return NATIVE / "sanitize" if sanitizing() else NATIVE
+
+
 def plugin_path() -> Path:
     """Where the built plugin is (or will be)."""
-    return NATIVE / "tessera_mosquitto.so"
+    return _native() / "tessera_mosquitto.so"
 
 
 def _stamp_path() -> Path:
-    return NATIVE / "tessera_mosquitto.stamp"
+    return _native() / "tessera_mosquitto.stamp"
 
 
 def _mosquitto_include() -> Path:
@@ -95,7 +137,7 @@ def _recipe() -> tuple[list[str], str]:
         raise BuildError(f"plugin source missing: {SOURCE} (reinstall tessera)")
     mosq = _mosquitto_include()
     include, libdir, lib = _libpython()
-    cmd = [gcc, *_CFLAGS, f"-I{include}", f"-I{mosq}", str(SOURCE), *map(str, FAST_SOURCES),
+    cmd = [gcc, *_cflags(), f"-I{include}", f"-I{mosq}", str(SOURCE), *map(str, FAST_SOURCES),
            f"-L{libdir}", f"-l{lib}", f"-Wl,-rpath,{libdir}", "-o"]
     digest = hashlib.sha256()
     for part in (SOURCE, *FAST_SOURCES, *_FAST_HEADERS, mosq / "mosquitto_broker.h",
@@ -116,7 +158,7 @@ def build_fast_module(directory: Path) -> Path:
         raise BuildError(f"gcc missing: install gcc ({SETUP_HINT})")
     include, _, _ = _libpython()
     out = Path(directory) / f"tessera_fast{sysconfig.get_config_var('EXT_SUFFIX')}"
-    done = subprocess.run([gcc, *_CFLAGS, f"-I{include}", *map(str, FAST_SOURCES), "-o",
+    done = subprocess.run([gcc, *_cflags(), f"-I{include}", *map(str, FAST_SOURCES), "-o",
                            str(out)], capture_output=True, text=True)
     if done.returncode != 0:
         raise BuildError(f"building the fast lane failed: {(done.stderr or done.stdout).strip()}")
@@ -136,9 +178,9 @@ def ensure_built() -> Path:
     out, stamp = plugin_path(), _stamp_path()
     if out.is_file() and stamp.is_file() and stamp.read_text().strip() == digest:
         return out
-    NATIVE.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
     # build beside the target and rename: a broker or a concurrent build never sees half a file
-    fd, tmp = tempfile.mkstemp(prefix=".tessera_mosquitto.", suffix=".so", dir=NATIVE)
+    fd, tmp = tempfile.mkstemp(prefix=".tessera_mosquitto.", suffix=".so", dir=out.parent)
     os.close(fd)
     try:
         done = subprocess.run([*cmd, tmp], capture_output=True, text=True)

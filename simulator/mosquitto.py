@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from broker_plugin.build import ensure_built, readable_by
+from broker_plugin.build import ensure_built, readable_by, sanitizer_env, sanitizing
 from simulator.provisioner import free_port
 from structauth.errors import ConfigurationError
 
@@ -171,8 +171,14 @@ class Mosquitto:
         if self.running():
             return self
         out = open(self.out_path, "ab")  # noqa: SIM115 - handed to the child
+        env = None
+        if self.plugin is not None and sanitizing():
+            # the sanitizer variant of the plugin: runtimes preloaded, reports collected
+            reports = os.environ.get("TESSERA_SANITIZER_REPORTS") or self.directory / "sanitizer"
+            env = {**os.environ, **sanitizer_env(Path(reports))}
         self._proc = subprocess.Popen([self.binary, "-c", str(self.conf_path)],
-                                      stdout=out, stderr=out, stdin=subprocess.DEVNULL)
+                                      stdout=out, stderr=out, stdin=subprocess.DEVNULL,
+                                      env=env)
         out.close()
         self.returncode = None
         deadline = time.monotonic() + timeout
