@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
-from cryptography.x509.oid import ExtensionOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID
 
 from .errors import CredentialError, Reason
 
@@ -158,9 +159,17 @@ class Credential:
     def not_after(self) -> dt.datetime:
         return self.chain[0].not_valid_after_utc
 
+    @property
+    def serials(self) -> tuple[str, ...]:
+        """Serial numbers (lower-case hex) of every certificate in the chain, leaf first:
+        a revocation check looks at all of them, so revoking an intermediate revokes
+        every credential under it."""
+        return tuple(format(c.serial_number, "x") for c in self.chain)
+
 
 RevocationCheck = Callable[[Credential], bool]
-"""Returns True when the credential is revoked (the broker and service plug in here)."""
+"""Returns True when the credential, or any certificate above it in its chain
+(:attr:`Credential.serials`), is revoked (the broker and service plug in here)."""
 
 
 @dataclass(frozen=True)
@@ -205,6 +214,35 @@ class TimePolicy:
             raise CredentialError(
                 f"{what} expired at {cert.not_valid_after_utc}", Reason.CREDENTIAL_EXPIRED
             )
+
+
+#: certificate signature digests accepted in a chain (SHA-1 and MD5 are collision-broken)
+_STRONG_HASHES = (hashes.SHA256, hashes.SHA384, hashes.SHA512)
+#: what a leaf's extended key usage, where present, must allow for each kind
+_EKU_FOR_KIND = {
+    "device": ExtendedKeyUsageOID.CLIENT_AUTH,
+    "broker": ExtendedKeyUsageOID.SERVER_AUTH,
+}
+
+
+def _key_usage(cert: x509.Certificate) -> x509.KeyUsage | None:
+    try:
+        return cert.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        return None
+
+
+def _check_eku(leaf: x509.Certificate) -> None:
+    try:
+        eku = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return
+    kind = _identity_of(leaf).kind
+    need = _EKU_FOR_KIND[kind]
+    if need not in eku and ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE not in eku:
+        raise CredentialError(
+            f"a {kind} credential's extended key usage must include {need._name}",
+            Reason.BAD_CREDENTIAL)
 
 
 def _basic_constraints(cert: x509.Certificate) -> x509.BasicConstraints | None:
@@ -314,16 +352,27 @@ class TrustStore:
         leaf_bc = _basic_constraints(leaf)
         if leaf_bc is not None and leaf_bc.ca:
             raise CredentialError("a CA certificate cannot be a credential")
-        try:
-            usage = leaf.extensions.get_extension_for_class(x509.KeyUsage).value
-        except x509.ExtensionNotFound:
-            usage = None
+        for i, cert in enumerate(chain):
+            algorithm = cert.signature_hash_algorithm
+            if not isinstance(algorithm, _STRONG_HASHES):
+                name = algorithm.name if algorithm is not None else "no digest"
+                what = "credential" if i == 0 else f"intermediate {i}"
+                raise CredentialError(
+                    f"{what} is signed with {name}; only SHA-256/384/512 are accepted",
+                    Reason.BAD_CREDENTIAL)
+        usage = _key_usage(leaf)
         if usage is not None and not usage.digital_signature:
             raise CredentialError("credential key usage lacks digitalSignature")
+        _check_eku(leaf)
         for depth, (cert, issuer) in enumerate(itertools.pairwise(chain)):
             bc = _basic_constraints(issuer)
             if bc is None or not bc.ca:
                 raise CredentialError("chain issuer is not a CA", Reason.UNKNOWN_AUTHORITY)
+            issuer_usage = _key_usage(issuer)
+            if issuer_usage is None or not issuer_usage.key_cert_sign:
+                # RFC 5280 4.2.1.3: a CA's key usage must be present and allow keyCertSign
+                raise CredentialError("chain issuer's key usage does not allow keyCertSign",
+                                      Reason.UNKNOWN_AUTHORITY)
             if bc.path_length is not None and bc.path_length < depth:
                 raise CredentialError(
                     "chain exceeds an issuer's path length", Reason.UNKNOWN_AUTHORITY

@@ -13,7 +13,6 @@ from cryptography.x509.oid import NameOID
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from provisioning.certificates import issue_credential, make_authority
 from simulator.fleet import NOW, T0, Fleet
 from structauth.credentials import Credential, Identity, TimePolicy, TrustStore
 from structauth.errors import CredentialError, Reason
@@ -266,9 +265,16 @@ def test_san_shapes_refused(fleet: Fleet, sans: list[str]) -> None:
     assert exc.value.reason is Reason.BAD_CREDENTIAL
 
 
-def test_intermediate_chain() -> None:
+_two_level_keys: dict[int, ec.EllipticCurvePrivateKey] = {}
+_CA_USAGE = x509.KeyUsage(False, False, False, False, False, True, True, False, False)
+
+
+def _two_level(
+    *, inter_usage: x509.KeyUsage | None = _CA_USAGE,
+    eku: list[x509.ObjectIdentifier] | None = None, kind: str = "device",
+) -> tuple[Fleet, x509.Certificate, x509.Certificate, x509.Certificate, Identity]:
+    """root (path length 1) -> intermediate -> leaf, with the knobs the chain rules test."""
     fleet = Fleet()
-    # a root allowing one intermediate
     root_key = ec.generate_private_key(ec.SECP256R1())
     root = (
         x509.CertificateBuilder()
@@ -279,26 +285,46 @@ def test_intermediate_chain() -> None:
         .not_valid_before(T0)
         .not_valid_after(T0 + 3650 * DAY)
         .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
+        .add_extension(_CA_USAGE, critical=True)
         .sign(root_key, hashes.SHA256())
     )
     inter_key = ec.generate_private_key(ec.SECP256R1())
-    inter = make_authority(fleet.trust_domain, inter_key, not_before=T0, not_after=T0 + 365 * DAY)
-    inter = (
+    b = (
         x509.CertificateBuilder()
-        .subject_name(inter.subject)
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "intermediate")]))
         .issuer_name(root.subject)
         .public_key(inter_key.public_key())
         .serial_number(2)
         .not_valid_before(T0)
         .not_valid_after(T0 + 365 * DAY)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .sign(root_key, hashes.SHA256())
     )
+    if inter_usage is not None:
+        b = b.add_extension(inter_usage, critical=True)
+    inter = b.sign(root_key, hashes.SHA256())
+    _two_level_keys[id(inter)] = inter_key
     key = ec.generate_private_key(ec.SECP256R1())
-    ident = Identity.parse(f"spiffe://{fleet.trust_domain}/device/deep")
-    cert = issue_credential(
-        inter, inter_key, key.public_key(), ident, not_before=T0, not_after=T0 + 30 * DAY
+    ident = Identity.parse(f"spiffe://{fleet.trust_domain}/{kind}/deep")
+    lb = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "deep")]))
+        .issuer_name(inter.subject)
+        .public_key(key.public_key())
+        .serial_number(3)
+        .not_valid_before(T0)
+        .not_valid_after(T0 + 30 * DAY)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(ident.uri)]),
+                       critical=False)
     )
+    if eku is not None:
+        lb = lb.add_extension(x509.ExtendedKeyUsage(eku), critical=False)
+    cert = lb.sign(inter_key, hashes.SHA256())
+    return fleet, root, inter, cert, ident
+
+
+def test_intermediate_chain() -> None:
+    fleet, root, inter, cert, ident = _two_level()
     store = TrustStore([root], fleet.trust_domain)
     cred = Credential.from_der_chain([der(cert), der(inter)])
     assert store.validate(cred, NOW) == ident
@@ -306,6 +332,86 @@ def test_intermediate_chain() -> None:
     with pytest.raises(CredentialError) as exc:
         store.validate(Credential.from_der_chain([der(cert)]), NOW)
     assert exc.value.reason is Reason.UNKNOWN_AUTHORITY
+
+
+
+
+def _refused(store: TrustStore, chain: list[x509.Certificate]) -> CredentialError:
+    with pytest.raises(CredentialError) as exc:
+        store.validate(Credential.from_der_chain([der(c) for c in chain]), NOW)
+    return exc.value
+
+
+@pytest.mark.parametrize("usage", [None, x509.KeyUsage(
+    True, False, False, False, False, False, True, False, False)], ids=["none", "no-certsign"])
+def test_intermediate_must_be_allowed_to_sign_certificates(usage: x509.KeyUsage | None) -> None:
+    fleet, root, inter, cert, _ = _two_level(inter_usage=usage)
+    store = TrustStore([root], fleet.trust_domain)
+    err = _refused(store, [cert, inter])
+    assert err.reason is Reason.UNKNOWN_AUTHORITY and "keyCertSign" in err.detail
+    assert not store._verified  # nothing cached from a refused chain
+
+
+def _der_len(n: int) -> bytes:
+    if n < 0x80:
+        return bytes([n])
+    body = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes([0x80 | len(body)]) + body
+
+
+def _resign_sha1(cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> x509.Certificate:
+    """The same certificate signed with ecdsa-with-SHA1 (cryptography refuses to build
+    one, so the DER is re-assembled by hand: TBS with the SHA-1 algorithm identifier,
+    outer algorithm identifier, signature bit string)."""
+    sha256_alg = bytes.fromhex("300a06082a8648ce3d040302")
+    sha1_alg = bytes.fromhex("300906072a8648ce3d0401")
+    tbs = cert.tbs_certificate_bytes
+    assert tbs.count(sha256_alg) == 1
+    head = 2 if tbs[1] < 0x80 else 2 + (tbs[1] & 0x7F)  # SEQUENCE tag and length
+    body = tbs[head:].replace(sha256_alg, sha1_alg)
+    new_tbs = b"\x30" + _der_len(len(body)) + body
+    sig = key.sign(new_tbs, ec.ECDSA(hashes.SHA1()))
+    bits = b"\x03" + _der_len(len(sig) + 1) + b"\x00" + sig
+    outer = new_tbs + sha1_alg + bits
+    return x509.load_der_x509_certificate(b"\x30" + _der_len(len(outer)) + outer)
+
+
+def test_sha1_signed_credential_refused() -> None:
+    fleet, root, inter, cert, _ = _two_level()
+    inter_key = _two_level_keys[id(inter)]
+    weak = _resign_sha1(cert, inter_key)
+    err = _refused(TrustStore([root], fleet.trust_domain), [weak, inter])
+    assert err.reason is Reason.BAD_CREDENTIAL and "sha1" in err.detail
+
+
+@pytest.mark.parametrize("kind,eku,ok", [
+    ("device", [x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH], True),
+    ("device", [x509.oid.ExtendedKeyUsageOID.SERVER_AUTH], False),
+    ("device", [x509.oid.ExtendedKeyUsageOID.CODE_SIGNING], False),
+    ("broker", [x509.oid.ExtendedKeyUsageOID.SERVER_AUTH], True),
+    ("broker", [x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH], False),
+    ("broker", [x509.oid.ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE], True),
+])
+def test_extended_key_usage_where_present(kind: str, eku: list, ok: bool) -> None:  # type: ignore[type-arg]
+    fleet, root, inter, cert, ident = _two_level(eku=eku, kind=kind)
+    store = TrustStore([root], fleet.trust_domain)
+    if ok:
+        cred = Credential.from_der_chain([der(cert), der(inter)])
+        assert store.validate(cred, NOW) == ident
+    else:
+        err = _refused(store, [cert, inter])
+        assert err.reason is Reason.BAD_CREDENTIAL and "extended key usage" in err.detail
+
+
+def test_revoking_an_intermediate_revokes_everything_under_it() -> None:
+    fleet, root, inter, cert, _ = _two_level()
+    store = TrustStore([root], fleet.trust_domain)
+    cred = Credential.from_der_chain([der(cert), der(inter)])
+    assert cred.serials == ("3", "2")
+    revoked = {format(inter.serial_number, "x")}
+    with pytest.raises(CredentialError) as exc:
+        store.validate(cred, NOW, revoked=lambda c: bool(revoked & set(c.serials)))
+    assert exc.value.reason is Reason.CREDENTIAL_REVOKED
 
 
 def test_too_many_or_no_certificates(fleet: Fleet) -> None:
