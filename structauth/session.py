@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import enum
 import hmac
+import math
 import struct
 from hashlib import blake2s
 from typing import Any, NamedTuple
@@ -205,7 +206,12 @@ class Session:
         the end of the lifetime, whichever comes first."""
         if self.state is SessionState.CLOSED:
             return float("inf")
-        boundary = self.start + (self.epoch_at(now) + 1) * self._period
+        current = self.epoch_at(now)
+        boundary = self.start + (current + 1) * self._period
+        # start + n*P can round to a time epoch_at() still puts in epoch n-1; a timer
+        # re-armed to it would fire, poll, and get the same deadline back forever
+        while self.epoch_at(boundary) <= current:
+            boundary = math.nextafter(boundary, math.inf)
         return min(boundary, self.expires_at)
 
     @property
