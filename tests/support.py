@@ -1,4 +1,5 @@
-"""Test helpers shared by the suite: a fake clock and a pair of sessions."""
+"""Test helpers shared by the suite: a fake clock, a pair of sessions and a full
+three-message SA1 handshake."""
 
 from __future__ import annotations
 
@@ -6,6 +7,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from structauth.credentials import TimePolicy
+from structauth.events import HandshakeCompleted, HandshakeConfirmed
+from structauth.handshake import Initiator, Responder
 from structauth.params import SessionParams
 from structauth.session import Role, Session
 
@@ -25,13 +29,18 @@ class FakeClock:
 class SessionPair:
     """Both ends of one session, sharing a fake clock.
 
-    ``direct()`` builds them from fixed chain keys (for session-only tests); the
-    handshake tests build them from a real SA1 handshake.
+    ``direct()`` builds them from fixed chain keys (for session-only tests);
+    ``handshake()`` from a real three-message SA1 handshake. Either way both ends are
+    established: a responder only ever gets its session from ``Responder.confirm``.
     """
 
     initiator: Session
     responder: Session
     clock: FakeClock = field(default_factory=FakeClock)
+
+    #: the chain keys ``direct()`` uses (initiator-to-responder, responder-to-initiator)
+    DIRECT_I2R = b"\x01" * 32
+    DIRECT_R2I = b"\x02" * 32
 
     @classmethod
     def direct(
@@ -40,24 +49,35 @@ class SessionPair:
         params = params or SessionParams()
         clock = clock or FakeClock()
         sid = bytes(range(8))
-        i2r, r2i = b"\x01" * 32, b"\x02" * 32
         ini = Session(
             role=Role.INITIATOR,
             session_id=sid,
-            send_chain_key=i2r,
-            receive_chain_key=r2i,
+            send_chain_key=cls.DIRECT_I2R,
+            receive_chain_key=cls.DIRECT_R2I,
             params=params,
             start=clock.now,
         )
         res = Session(
             role=Role.RESPONDER,
             session_id=sid,
-            send_chain_key=r2i,
-            receive_chain_key=i2r,
+            send_chain_key=cls.DIRECT_R2I,
+            receive_chain_key=cls.DIRECT_I2R,
             params=params,
             start=clock.now,
         )
         return cls(ini, res, clock)
+
+    @classmethod
+    def handshake(
+        cls,
+        initiator: Initiator,
+        responder: Responder,
+        policy: TimePolicy,
+        clock: FakeClock | None = None,
+    ) -> SessionPair:
+        clock = clock or FakeClock()
+        done, confirmed = run_handshake(initiator, responder, clock.now, policy)
+        return cls(done.session, confirmed.session, clock)
 
     def up(self, action: bytes, payload: bytes) -> tuple[bytes, bytes]:
         """Initiator protects a message; returns (header, body)."""
@@ -66,9 +86,22 @@ class SessionPair:
     def down(self, action: bytes, payload: bytes) -> tuple[bytes, bytes]:
         return self.responder.protect(action, payload, self.clock.now)
 
-    def confirm(self) -> None:
-        h, b = self.up(b"sa1/confirm", b"")
-        self.responder.verify(h, b"sa1/confirm", b, self.clock.now)
+
+def run_handshake(
+    initiator: Initiator,
+    responder: Responder,
+    now: float,
+    policy: TimePolicy,
+    *,
+    initiator_policy: TimePolicy | None = None,
+    context: bytes = b"",
+    quote: bytes = b"",
+) -> tuple[HandshakeCompleted, HandshakeConfirmed]:
+    """msg1 -> accept -> msg2 -> receive -> msg3 -> confirm, all at ``now``."""
+    answered = responder.accept(initiator.start(context=context, quote=quote), now, policy)
+    done = initiator.receive(answered.reply, now, initiator_policy or policy)
+    confirmed = responder.confirm(answered.pending, done.reply, now)
+    return done, confirmed
 
 
 def wait_for(predicate: Callable[[], object], timeout: float = 5.0, what: str = "") -> None:
