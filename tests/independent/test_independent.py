@@ -1,0 +1,296 @@
+"""The independent SA1 v2 implementation (written from docs/PROTOCOL.md only): that it
+imports nothing of Tessera's, that it is self-consistent and follows the document's
+rules, and (test_vectors.py beside it) that it reproduces the committed vectors."""
+
+from __future__ import annotations
+
+import ast
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import mlkem
+
+from . import fixtures as fx
+from . import sa1_reference as sa1
+
+HERE = Path(__file__).parent
+PACKAGE = "tests.independent"
+ALLOWED_THIRD_PARTY = {"cryptography", "pytest"}
+FORBIDDEN = {"structauth", "hw", "device", "broker_plugin", "provisioning", "simulator", "bench"}
+
+
+def _imports(path: Path) -> list[tuple[str, int]]:
+    """(absolute module name, line) of every import in the file; relative imports are
+    resolved against this package, and ``from m import a`` also yields ``m.a`` (``a``
+    may be a module)."""
+    out: list[tuple[str, int]] = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out += [(alias.name, node.lineno) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                parts = PACKAGE.split(".")
+                base = parts[: len(parts) - (node.level - 1)]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            out += [(f"{mod}.{alias.name}", node.lineno) for alias in node.names]
+        elif isinstance(node, ast.Call) and getattr(node.func, "id", None) == "__import__":
+            out.append(("__import__", node.lineno))
+        elif isinstance(node, ast.Attribute) and node.attr == "import_module":
+            out.append(("importlib.import_module", node.lineno))
+    return out
+
+
+def _allowed(mod: str) -> bool:
+    top = mod.split(".")[0]
+    if mod == PACKAGE or mod.startswith(PACKAGE + "."):
+        return True
+    if top in FORBIDDEN or top == "tests" or mod in ("__import__", "importlib.import_module"):
+        return False
+    return top in ALLOWED_THIRD_PARTY or top in sys.stdlib_module_names
+
+
+def test_imports_only_stdlib_cryptography_and_itself() -> None:
+    files = sorted(HERE.glob("*.py"))
+    assert {f.name for f in files} >= {"__init__.py", "sa1_reference.py", "test_independent.py"}
+    bad = [f"{path.name}:{line} imports {mod}"
+           for path in files for mod, line in _imports(path) if not _allowed(mod)]
+    assert not bad, bad
+    # the implementation proper (not the tests) does not even need pytest
+    assert all(mod.split(".")[0] != "pytest"
+               for mod, _ in _imports(HERE / "sa1_reference.py"))
+
+
+def test_import_checker_catches_forbidden_imports(tmp_path: Path) -> None:
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "import structauth.session\nfrom tests.make_vectors import run\nfrom .. import support\n"
+        "import json\nfrom . import sa1_reference\n__import__('hw')\nimport hw.software\n"
+        "from broker_plugin import enforcer\nimport importlib\nimportlib.import_module('x')\n"
+    )
+    found = sorted((m, _allowed(m)) for m, _ in _imports(probe))
+    assert found == sorted([
+        ("structauth.session", False), ("tests.make_vectors.run", False),
+        ("tests.support", False), ("json", True), ("tests.independent.sa1_reference", True),
+        ("__import__", False), ("hw.software", False), ("broker_plugin.enforcer", False),
+        ("importlib", True), ("importlib.import_module", False),
+    ])
+
+
+# ------------------------------------------------------------------- primitives (§2)
+
+
+def test_blake2s_128_is_a_digest_length_not_a_truncation() -> None:
+    k = b"k" * 32
+    assert sa1.b128(k, b"x").hex() == "a5ee80d192128b85369c25344d5ada2f"
+    assert sa1.b256(k, b"x")[:16].hex() == "943f1c914db52e2247f734e28b0c5cb7"
+
+
+def test_hkdf_written_out_matches_rfc5869_case_1() -> None:
+    ikm = bytes.fromhex("0b" * 22)
+    salt = bytes.fromhex("000102030405060708090a0b0c")
+    info = bytes.fromhex("f0f1f2f3f4f5f6f7f8f9")
+    prk = sa1.hkdf_extract(salt, ikm)
+    assert prk.hex() == "077709362c2e32df0ddc3f0dc47bba6390b6c73bb50f9c3122ec844ad7c2b3e5"
+    assert sa1.hkdf_expand(prk, info, 42).hex() == (
+        "3cb25f25faacd57a90434f64d0362f2a2d2d0a90cf1a5a4c5db02d56ecc4c5bf34007208d5b887185865")
+
+
+def test_mlkem_modulus_check_agrees_with_the_library() -> None:
+    ek = bytearray(mlkem.MLKEM768PrivateKey.generate().public_key().public_bytes_raw())
+    assert sa1.mlkem_modulus_ok(bytes(ek))
+    sa1.mlkem_import(bytes(ek))
+    for i, patch in ((0, (0xFF, 0x0F)), (1150, (0xF0, 0xFF))):  # first and last coefficient
+        bad = bytearray(ek)
+        bad[i] |= patch[0]
+        bad[i + 1] |= patch[1]
+        assert not sa1.mlkem_modulus_ok(bytes(bad))
+        with pytest.raises(sa1.Refused) as e:
+            sa1.mlkem_import(bytes(bad))
+        assert e.value.reason == "BAD_KEY_SHARE"
+    rho = bytearray(ek)
+    rho[-1] ^= 0xFF  # rho is not range-checked
+    sa1.mlkem_import(bytes(rho))
+
+
+@pytest.mark.parametrize("point", [bytes(32), (1).to_bytes(32, "little")])
+def test_x25519_low_order_share_is_refused(point: bytes) -> None:
+    with pytest.raises(sa1.Refused) as e:
+        sa1.x25519_shared(bytes(range(32)), point)
+    assert e.value.reason == "BAD_KEY_SHARE"
+
+
+def test_coap_request_action_example_of_the_document() -> None:
+    got = sa1.coap_request_action(0x02, ["sensors", "pi-1", "readings"], ["unit=C"],
+                                  content_format=0)
+    want = (b"coap-req\x00\x02\x00\x03\x00\x07sensors\x00\x04pi-1\x00\x08readings"
+            b"\x00\x01\x00\x06unit=C\x00\x00\x00\x00" + b"\xff" * 8)
+    assert got == want
+
+
+# ------------------------------------------------------------------- handshake (§4)
+
+
+@pytest.fixture(scope="module")
+def world() -> fx.World:
+    return fx.world()
+
+
+def test_handshake_runs_and_both_sides_agree(world: fx.World) -> None:
+    run = fx.handshake(world)
+    assert len(run.completed.msg3) == 46
+    assert run.initiator.session_id == run.responder.session_id == run.answer.keys.session_id
+    assert run.completed.keys.okm == run.answer.keys.okm and len(run.answer.keys.okm) == 136
+    m1 = sa1.parse_msg1(run.msg1)
+    assert run.msg1[:6] == b"SA1\x21\x00\x01" and m1.responder == fx.BROKER
+    assert run.answer.msg2[:6] == b"SA1\x22\x00\x01"
+    assert run.answer.msg2[1158:1202] == sa1.Params().encode()
+    assert sa1.parse_msg2(run.answer.msg2).params == sa1.Params()
+
+
+@pytest.mark.parametrize("sealed", [False, True])
+def test_messages_both_ways(world: fx.World, sealed: bool) -> None:
+    run = fx.handshake(world, params=sa1.Params(sealed=sealed))
+    for t, (src, dst) in enumerate([(run.initiator, run.responder), (run.responder, run.initiator)]
+                                   * 3):
+        now = 100.0 + 7.5 * t
+        header, body = src.protect(b"devices/d1/x", b"payload %d" % t, now)
+        assert header[0] == (0x11 if sealed else 0x10) and len(header) == 31
+        assert (body != b"payload %d" % t) == sealed
+        assert dst.verify(header, b"devices/d1/x", body, now) == b"payload %d" % t
+        with pytest.raises(sa1.Refused) as e:
+            dst.verify(header, b"devices/d1/x", body, now)
+        assert e.value.reason == "REPLAYED"
+        with pytest.raises(sa1.Refused) as e:
+            dst.verify(header, b"devices/d1/y", body, now)
+        assert e.value.reason == "REPLAYED"
+
+
+def test_message_refusals_in_document_order(world: fx.World) -> None:
+    run = fx.handshake(world)
+    i, r = run.initiator, run.responder
+    header, _ = i.protect(b"t", b"p", 100.0)
+
+    def reason(h: bytes, a: bytes = b"t", b: bytes = b"p", now: float = 100.0) -> str:
+        with pytest.raises(sa1.Refused) as e:
+            r.verify(h, a, b, now)
+        return e.value.reason
+
+    assert reason(header[:30]) == "MALFORMED"
+    assert reason(b"\x20" + header[1:]) == "BAD_VERSION"
+    assert reason(b"\x11" + header[1:]) == "MALFORMED"
+    assert reason(header[:1] + bytes(8) + header[9:]) == "UNKNOWN_SESSION"
+    assert reason(header[:9] + (3).to_bytes(2, "big") + header[11:]) == "EPOCH_OUT_OF_WINDOW"
+    assert reason(header, b"u") == "BAD_TAG"
+    assert reason(header, b"t", b"q") == "BAD_TAG"
+    assert reason(header, b"t", b"p", 100.0 + 3600) == "SESSION_EXPIRED"
+
+
+def test_responder_name_checked_before_any_cryptography(world: fx.World) -> None:
+    run = fx.handshake(world)
+    other = "spiffe://independent.test/broker/b2"
+    with pytest.raises(sa1.Refused) as e:
+        sa1.responder_check_msg1(run.msg1, 1.0, own_identity=other, trust=world.trust,
+                                 policy=fx.POLICY)
+    assert e.value.reason == "WRONG_IDENTITY"
+
+
+def test_replayed_msg1_refused_by_cache_and_useless_without_it(world: fx.World) -> None:
+    run = fx.handshake(world)
+    cache = sa1.NonceCache()
+    checked = sa1.responder_check_msg1(run.msg1, 1.0, own_identity=fx.BROKER, trust=world.trust,
+                                       policy=fx.POLICY, nonces=cache)
+    ek = mlkem.MLKEM768PublicKey.from_public_bytes(checked.msg1.mlkem_ek)
+    answer = sa1.responder_answer(
+        checked, 1.0, nonce_r=bytes(32), x25519_private=bytes(range(32)),
+        encapsulation=ek.encapsulate(), params=sa1.Params(), chain=world.broker_chain,
+        signature=lambda th: sa1.sign(world.broker_key, sa1.LABEL_MSG2_SIG, th), nonces=cache)
+    with pytest.raises(sa1.Refused) as e:
+        sa1.responder_check_msg1(run.msg1, 2.0, own_identity=fx.BROKER, trust=world.trust,
+                                 policy=fx.POLICY, nonces=cache)
+    assert e.value.reason == "HANDSHAKE_REPLAYED"
+    # a fresh responder (restart, replica) answers, but the replayer cannot make msg3: the
+    # old msg3 names another session, a guessed one fails, and the pending gets one try
+    with pytest.raises(sa1.Refused) as e:
+        sa1.responder_confirm(answer.pending, run.completed.msg3, 2.0)
+    assert e.value.reason == "UNKNOWN_SESSION"
+    forged = sa1.build_msg3(answer.pending.session_id, bytes(32))
+    with pytest.raises(sa1.Refused) as e:
+        sa1.responder_confirm(answer.pending, forged, 2.0)
+    assert e.value.reason == "BAD_CONFIRMATION"
+    assert run.msg1[6:38] in cache.seen
+
+
+def test_msg3_one_try_and_deadline(world: fx.World) -> None:
+    run = fx.handshake(world)
+    # the fixture confirmed at start + 0.01; a second msg3 on the same pending is refused
+    with pytest.raises(sa1.Refused) as e:
+        sa1.responder_confirm(run.answer.pending, run.completed.msg3, 100.02)
+    assert e.value.reason == "BAD_CONFIRMATION"
+    late = fx.handshake(world, seed=b"late")
+    late.answer.pending.used = False
+    with pytest.raises(sa1.Refused) as e:
+        sa1.responder_confirm(late.answer.pending, late.completed.msg3, 110.0)
+    assert e.value.reason == "BAD_CONFIRMATION"
+
+
+@pytest.mark.parametrize("kind,want", [
+    (0x01, "BAD_VERSION"), (0x02, "BAD_VERSION"), (0x22, "MALFORMED"), (0x23, "MALFORMED"),
+])
+def test_msg1_types(world: fx.World, kind: int, want: str) -> None:
+    run = fx.handshake(world)
+    with pytest.raises(sa1.Refused) as e:
+        sa1.parse_msg1(run.msg1[:3] + bytes((kind,)) + run.msg1[4:])
+    assert e.value.reason == want
+
+
+def test_parse_reasons(world: fx.World) -> None:
+    m1 = fx.handshake(world).msg1
+    cases = {
+        m1[:3]: "TRUNCATED", b"SA2" + m1[3:]: "BAD_VERSION",
+        m1[:4] + b"\x00\x02" + m1[6:]: "UNKNOWN_SUITE", m1[:-1]: "TRUNCATED",
+        m1 + b"\x00": "TRAILING_BYTES", m1[:1254] + b"\x05" + m1[1255:]: "MALFORMED",
+    }
+    for data, want in cases.items():
+        with pytest.raises(sa1.Refused) as e:
+            sa1.parse_msg1(data)
+        assert e.value.reason == want
+
+
+# ------------------------------------------------------------------- bounds (§5, §7)
+
+
+def test_replay_window_jump_is_constant_time(world: fx.World) -> None:
+    run = fx.handshake(world)
+    i, r = run.initiator, run.responder
+    i.next_seq = 0xFFFFFFFF
+    header, body = i.protect(b"t", b"p", 100.0)
+    t0 = time.perf_counter()
+    r.verify(header, b"t", body, 100.0)
+    assert time.perf_counter() - t0 < 0.05
+    assert r.top == 0xFFFFFFFF and r.mask == 1
+    with pytest.raises(sa1.Refused) as e:
+        i.protect(b"t", b"p", 100.0)
+    assert e.value.reason == "SEQUENCE_EXHAUSTED"
+
+
+def test_receive_keys_bounded_and_old_epochs_erased(world: fx.World) -> None:
+    run = fx.handshake(world, params=sa1.Params(epoch_ms=1000, skew_epochs=2))
+    i, r = run.initiator, run.responder
+    old = i.protect(b"t", b"old", 100.0)
+    for k in range(1, 40):
+        now = 100.0 + k
+        header, body = i.protect(b"t", b"x", now)
+        r.verify(header, b"t", body, now)
+        future = r.epoch_at(now) + 2
+        r.recv.key(future)
+        assert len(r.kept_receive_epochs()) <= 2 * 2 + 1
+        assert len(i.send.keys) == 1
+    with pytest.raises(sa1.Refused) as e:
+        r.verify(old[0], b"t", old[1], 139.0)
+    assert e.value.reason == "EPOCH_OUT_OF_WINDOW"
+    # the captured state has no key for epoch 0 in either direction
+    assert 0 not in r.recv.keys and r.recv.next_epoch > 0 and i.send.next_epoch > 0
