@@ -438,6 +438,12 @@ class Credential:
     kind: str
     key: ec.EllipticCurvePublicKey
 
+    @property
+    def serials(self) -> tuple[str, ...]:
+        """Serial numbers (lower-case hex) of every chain certificate, leaf first: what a
+        revocation check looks at (§6 step 6)."""
+        return tuple(format(c.serial_number, "x") for c in self.certs)
+
 
 def parse_credential(ders: Sequence[bytes]) -> Credential:
     certs: list[x509.Certificate] = []
@@ -479,6 +485,14 @@ class TimePolicy:
                 raise Refused("CREDENTIAL_EXPIRED", str(cert.subject))
         elif self.floor is not None and cert.not_valid_after_utc < self.floor:
             raise Refused("CREDENTIAL_EXPIRED", str(cert.subject))
+
+
+_EKU = {"device": "1.3.6.1.5.5.7.3.2", "broker": "1.3.6.1.5.5.7.3.1"}
+
+
+def parse_credential_kind(leaf: x509.Certificate) -> str:
+    san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    return parse_spiffe(san.get_values_for_type(x509.UniformResourceIdentifier)[0])[1]
 
 
 def _bc(cert: x509.Certificate) -> x509.BasicConstraints | None:
@@ -531,17 +545,36 @@ class Trust:
         bc = _bc(leaf)
         if bc is not None and bc.ca:
             raise Refused("BAD_CREDENTIAL", "CA leaf")
+        for cert in certs:
+            algorithm = cert.signature_hash_algorithm
+            if algorithm is None or algorithm.name not in ("sha256", "sha384", "sha512"):
+                raise Refused("BAD_CREDENTIAL", "certificate not signed with SHA-2")
         try:
             usage = leaf.extensions.get_extension_for_class(x509.KeyUsage).value
         except x509.ExtensionNotFound:
             usage = None
         if usage is not None and not usage.digital_signature:
             raise Refused("BAD_CREDENTIAL", "leaf without digitalSignature")
+        try:
+            eku = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        except x509.ExtensionNotFound:
+            eku = None
+        if eku is not None:
+            kind = parse_credential_kind(leaf)
+            purposes = {oid.dotted_string for oid in eku}
+            if not purposes & {_EKU[kind], "2.5.29.37.0"}:
+                raise Refused("BAD_CREDENTIAL", f"a {kind} leaf's EKU lacks {_EKU[kind]}")
         for depth in range(len(certs) - 1):
             cert, issuer = certs[depth], certs[depth + 1]
             ibc = _bc(issuer)
             if ibc is None or not ibc.ca:
                 raise Refused("UNKNOWN_AUTHORITY", "issuer is not a CA")
+            try:
+                iku = issuer.extensions.get_extension_for_class(x509.KeyUsage).value
+            except x509.ExtensionNotFound:
+                raise Refused("UNKNOWN_AUTHORITY", "issuer without keyUsage") from None
+            if not iku.key_cert_sign:
+                raise Refused("UNKNOWN_AUTHORITY", "issuer without keyCertSign")
             if ibc.path_length is not None and ibc.path_length < depth:
                 raise Refused("UNKNOWN_AUTHORITY", "path length")
             if cert.issuer != issuer.subject or not _signed_by(cert, issuer.public_key()):
