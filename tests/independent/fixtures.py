@@ -11,7 +11,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, mlkem
 from cryptography.hazmat.primitives.serialization import Encoding
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import NameOID, ObjectIdentifier
 
 from . import sa1_reference as sa1
 
@@ -56,6 +56,38 @@ def make_leaf(
         .sign(ca_key, hashes.SHA256())
     )
     return cert.public_bytes(Encoding.DER)
+
+
+def intermediate(
+    w: World, *, key_usage: bool = True,
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate, bytes]:
+    """An intermediate CA under the world's root (keyCertSign unless told otherwise)."""
+    ik = key("intermediate")
+    b = (x509.CertificateBuilder().subject_name(_name("intermediate"))
+         .issuer_name(w.root.subject).public_key(ik.public_key()).serial_number(77)
+         .not_valid_before(T0).not_valid_after(T0 + dt.timedelta(days=1000))
+         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True))
+    if key_usage:
+        b = b.add_extension(x509.KeyUsage(
+            digital_signature=False, content_commitment=False, key_encipherment=False,
+            data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
+            encipher_only=False, decipher_only=False), critical=True)
+    cert = b.sign(w.ca_key, hashes.SHA256())
+    return ik, cert, cert.public_bytes(Encoding.DER)
+
+
+def leaf(
+    issuer_key: ec.EllipticCurvePrivateKey, issuer: x509.Certificate, uri: str, *,
+    eku: str | None = None, digest: hashes.SHA224 | hashes.SHA256 | None = None,
+) -> bytes:
+    b = (x509.CertificateBuilder().subject_name(_name("leaf")).issuer_name(issuer.subject)
+         .public_key(key(uri).public_key()).serial_number(x509.random_serial_number())
+         .not_valid_before(T0).not_valid_after(T0 + dt.timedelta(days=100))
+         .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]),
+                        critical=False))
+    if eku:
+        b = b.add_extension(x509.ExtendedKeyUsage([ObjectIdentifier(eku)]), critical=False)
+    return b.sign(issuer_key, digest or hashes.SHA256()).public_bytes(Encoding.DER)
 
 
 @dataclass

@@ -7,7 +7,9 @@ from __future__ import annotations
 import ast
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import mlkem
@@ -294,3 +296,75 @@ def test_receive_keys_bounded_and_old_epochs_erased(world: fx.World) -> None:
     assert e.value.reason == "EPOCH_OUT_OF_WINDOW"
     # the captured state has no key for epoch 0 in either direction
     assert 0 not in r.recv.keys and r.recv.next_epoch > 0 and i.send.next_epoch > 0
+
+
+# ------------------------------------------------------------------- credentials (§6)
+
+
+def _validate(w: fx.World, chain: list[bytes], **kw: Any) -> str:
+    try:
+        cred = sa1.parse_credential(chain)
+        w.trust.validate(cred, fx.POLICY, **kw)
+    except sa1.Refused as e:
+        return e.reason
+    return "OK"
+
+
+def test_chain_rules(world: fx.World) -> None:
+    from cryptography.hazmat.primitives import hashes
+
+    ik, icert, ider = fx.intermediate(world)
+    nk, ncert, nder = fx.intermediate(world, key_usage=False)
+    dev = fx.DEVICE
+    assert _validate(world, [fx.leaf(ik, icert, dev), ider], kind="device") == "OK"
+    assert _validate(world, [fx.leaf(nk, ncert, dev), nder]) == "UNKNOWN_AUTHORITY"
+    assert _validate(world, [fx.leaf(ik, icert, dev)]) == "UNKNOWN_AUTHORITY"
+    assert _validate(world, [fx.leaf(ik, icert, dev, eku="1.3.6.1.5.5.7.3.2"), ider]) == "OK"
+    assert _validate(world, [fx.leaf(ik, icert, dev, eku="2.5.29.37.0"), ider]) == "OK"
+    assert _validate(world, [fx.leaf(ik, icert, dev, eku="1.3.6.1.5.5.7.3.1"), ider]) == \
+        "BAD_CREDENTIAL"
+    assert _validate(world, [fx.leaf(ik, icert, fx.BROKER, eku="1.3.6.1.5.5.7.3.1"), ider]) == "OK"
+    assert _validate(world, [fx.leaf(ik, icert, dev, digest=hashes.SHA224()), ider]) == \
+        "BAD_CREDENTIAL"
+    assert _validate(world, [fx.leaf(ik, icert, dev), ider], kind="broker") == "WRONG_IDENTITY"
+    revoked_serials = {"4d"}  # the intermediate's serial, 77
+    chain = [fx.leaf(ik, icert, dev), ider]
+    assert _validate(world, chain, revoked=lambda c: bool(set(c.serials) & revoked_serials)) == \
+        "CREDENTIAL_REVOKED"
+
+
+# ------------------------------------------------------------------- fan-out (§8)
+
+
+def test_fanout_round_trip_and_refusals() -> None:
+    import json
+
+    keys = sa1.fanout_chain(b"\x42" * 32, 10)
+    cid = sa1.fanout_chain_id(keys[0])
+    anchor = json.dumps({"chain": cid.hex(), "anchor": keys[0].hex(), "interval_ms": 1000,
+                         "delay": 2, "length": 10, "elapsed_ms": 500.0},
+                        separators=(",", ":")).encode()
+    sub = sa1.FanoutSubscriber()
+    sub.on_anchor(anchor, hello_sent_at=0.0)  # broker chain time = local time + 0.5
+    msg = sa1.fanout_seal(keys[1], cid, 1, b"t/a", b"hello")
+    assert len(msg) == len(b"hello") + 31 and msg[5] == 0x12
+    sub.on_message("t/a", msg, 0.6)
+    forged = sa1.fanout_seal(keys[1], cid, 1, b"t/b", b"hello")
+    sub.on_message("t/a", forged, 0.6)  # buffered: its tag is checked at disclosure
+
+    def reason(f: Callable[[], object]) -> str:
+        with pytest.raises(sa1.Refused) as e:
+            f()
+        return e.value.reason
+
+    late = sa1.fanout_seal(keys[1], cid, 1, b"t/a", b"late")
+    assert reason(lambda: sub.on_message("t/a", late, 1.5)) == "EPOCH_OUT_OF_WINDOW"
+    assert reason(lambda: sub.on_message("t/a", msg[-30:], 0.6)) == "TRUNCATED"
+    assert reason(lambda: sub.on_message("t/a", b"x" * 40, 0.6)) == "MALFORMED"
+    wrong = keys[2]
+    assert reason(lambda: sub.on_key(json.dumps(
+        {"chain": cid.hex(), "interval": 1, "key": wrong.hex()}).encode())) == "BAD_TAG"
+    good, bad = sub.on_key(json.dumps(
+        {"chain": cid.hex(), "interval": 1, "key": keys[1].hex()}).encode())
+    assert good == [("t/a", b"hello")] and bad == [("t/a", "BAD_TAG")]
+    assert reason(lambda: sub.on_message("t/a", msg, 0.6)) == "REPLAYED"
