@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import math
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ HELLO_TOPIC = "tessera/fanout/hello"
 ANCHOR_TOPIC = "tessera/fanout/anchor"
 KEY_TOPIC = "tessera/fanout/key"
 _PREFIX = struct.Struct(">B8sHI")
+_U32_MAX = 0xFFFFFFFF
 
 
 def _h(label: bytes, key: bytes) -> bytes:
@@ -181,9 +183,13 @@ class FanoutVerifier:
             cid = bytes.fromhex(a["chain"])
             interval_s = a["interval_ms"] / 1000.0
             delay, length, elapsed = int(a["delay"]), int(a["length"]), float(a["elapsed_ms"])
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as exc:
             raise MalformedMessage(f"fan-out anchor unreadable: {exc}", Reason.MALFORMED) from None
-        if len(anchor) != 32 or chain_id(anchor) != cid or interval_s <= 0 or delay < 1:
+        # NaN or infinite times would make the time check below always pass; delay and
+        # length beyond the u32 interval field would overflow float arithmetic later
+        if (len(anchor) != 32 or chain_id(anchor) != cid or not math.isfinite(interval_s)
+                or not math.isfinite(elapsed) or interval_s <= 0
+                or not 1 <= delay <= _U32_MAX or not 1 <= length <= _U32_MAX):
             raise MalformedMessage("fan-out anchor inconsistent", Reason.MALFORMED)
         if hello_sent_at is not None:
             # the broker made this after our hello left: its time now is at most
@@ -232,7 +238,7 @@ class FanoutVerifier:
         try:
             k = json.loads(body)
             cid, i, key = bytes.fromhex(k["chain"]), int(k["interval"]), bytes.fromhex(k["key"])
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as exc:
             raise MalformedMessage(f"fan-out key unreadable: {exc}", Reason.MALFORMED) from None
         known = self.chains.get(cid)
         if known is None:
