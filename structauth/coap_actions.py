@@ -1,7 +1,11 @@
-"""The SA1 action strings of CoAP requests and responses (docs/COAP.md).
+"""The SA1 action strings of CoAP requests, request blocks and responses (docs/COAP.md).
 
 Part of the wire format, so it lives in the core and both adapters (the gateway's site
 wrapper and the device's client) build the same bytes from the same code.
+
+An action is at most 65,535 bytes (SA1 binds it with a u16 length); a request whose
+path, query or number of segments does not fit raises :class:`MalformedMessage`
+(reason ``malformed``), which the gateway answers 4.00 and the device refuses to send.
 """
 
 from __future__ import annotations
@@ -9,29 +13,55 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 
+from .errors import MalformedMessage, Reason
+
 #: CoAP option that carries the 31-byte SA1 header: experimental range, odd (critical),
 #: bit 1 set (unsafe to forward)
 PROOF_OPTION_NUMBER = 65003
+#: CoAP option that carries SA1 msg3 (46 bytes) on the first proven request(s) of a new
+#: session: critical, unsafe to forward, like the proof option
+CONFIRM_OPTION_NUMBER = 65007
 HANDSHAKE_PATH = (".well-known", "sa1")
 LABEL_REQUEST = b"coap-req\x00"
+LABEL_BLOCK = b"coap-blk\x00"
 LABEL_RESPONSE = b"coap-res\x00"
 ABSENT = 0xFFFFFFFF
+#: the longest action SA1 can bind (u16 length)
+MAX_ACTION = 0xFFFF
+#: the 31-byte header, as in structauth.session.HEADER_SIZE
+HEADER_SIZE = 31
+NO_PREVIOUS = bytes(HEADER_SIZE)
 
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
+_BLOCK = struct.Struct(">IBB")
 
 
-def _u32_or_absent(value: int | None) -> bytes:
-    return _U32.pack(ABSENT if value is None else int(value))
+def _u32_or_absent(value: int | None, what: str) -> bytes:
+    if value is None:
+        return _U32.pack(ABSENT)
+    if not 0 <= value < ABSENT:
+        raise MalformedMessage(f"{what} {value} does not fit the action", Reason.MALFORMED)
+    return _U32.pack(value)
 
 
-def _strings(items: Sequence[str]) -> bytes:
+def _strings(items: Sequence[str], what: str) -> list[bytes]:
+    if len(items) > MAX_ACTION:
+        raise MalformedMessage(f"{len(items)} {what} items do not fit the action",
+                               Reason.MALFORMED)
     out = [_U16.pack(len(items))]
     for item in items:
-        raw = item.encode("utf-8")
+        try:
+            raw = item.encode("utf-8")
+        except UnicodeEncodeError:
+            raise MalformedMessage(f"a {what} item is not valid UTF-8",
+                                   Reason.MALFORMED) from None
+        if len(raw) > MAX_ACTION:
+            raise MalformedMessage(f"a {what} item of {len(raw)} bytes does not fit the action",
+                                   Reason.MALFORMED)
         out.append(_U16.pack(len(raw)))
         out.append(raw)
-    return b"".join(out)
+    return out
 
 
 def request_action(
@@ -50,24 +80,62 @@ def request_action(
 
     with 0xFFFFFFFF for an absent option. Every field has a length or a fixed size, so
     two different requests never share an action (``a/b`` as one segment is not ``a``,
-    ``b``). The payload is not here: SA1 binds it separately.
+    ``b``). The payload is not here: SA1 binds it separately. Raises
+    :class:`MalformedMessage` when the result would exceed 65,535 bytes.
     """
-    return b"".join(
-        (
-            LABEL_REQUEST,
-            bytes((code,)),
-            _strings(path),
-            _strings(query),
-            _u32_or_absent(content_format),
-            _u32_or_absent(accept),
-            _u32_or_absent(observe),
-        )
+    if not 0 <= code <= 0xFF:
+        raise MalformedMessage(f"code {code} does not fit the action", Reason.MALFORMED)
+    parts = [LABEL_REQUEST, bytes((code,))]
+    parts += _strings(path, "Uri-Path")
+    parts += _strings(query, "Uri-Query")
+    parts.append(_u32_or_absent(content_format, "Content-Format"))
+    parts.append(_u32_or_absent(accept, "Accept"))
+    parts.append(_u32_or_absent(observe, "Observe"))
+    action = b"".join(parts)
+    if len(action) > MAX_ACTION:
+        raise MalformedMessage(
+            f"request action of {len(action)} bytes exceeds {MAX_ACTION} "
+            "(path or query too long)", Reason.MALFORMED)
+    return action
+
+
+def block_action(request: bytes, number: int, size_exponent: int, more: bool,
+                 previous: bytes) -> bytes:
+    """The SA1 action of one Block1 block of a request (every block is proven on its own,
+    so a gateway spools only bytes whose proof it checked)::
+
+        "coap-blk" 0x00 | u32 block number | u8 SZX | u8 more (0/1)
+                        | 31 bytes: the previous block's SA1 header (zeros for block 0)
+                        | the request action (request_action above)
+
+    Chaining each block to the previous block's header binds the blocks into one
+    transfer in order: no block can be dropped, reordered or spliced in from another
+    transfer, and the proof of the last block (to which the response is bound) covers
+    the whole body. ``request`` is the request action; the result is at most 65,535
+    bytes (:class:`MalformedMessage` otherwise).
+    """
+    if len(previous) != HEADER_SIZE:
+        raise MalformedMessage("previous block header is not 31 bytes", Reason.MALFORMED)
+    if not 0 <= number <= 0xFFFFF or not 0 <= size_exponent <= 7:
+        raise MalformedMessage("block number or size does not fit", Reason.MALFORMED)
+    action = b"".join(
+        (LABEL_BLOCK, _BLOCK.pack(number, size_exponent, 1 if more else 0), previous, request)
     )
+    if len(action) > MAX_ACTION:
+        raise MalformedMessage(
+            f"block action of {len(action)} bytes exceeds {MAX_ACTION}", Reason.MALFORMED)
+    return action
 
 
 def response_action(request_header: bytes, code: int, content_format: int | None) -> bytes:
     """The SA1 action of a response: ``"coap-res" 0x00 | request header (31) | u8 code
     | u32 Content-Format``. The request's header carries its session, sequence number
     and tag, and the tag covers the request's action and payload, so the response is
-    bound to exactly one request."""
-    return LABEL_RESPONSE + request_header + bytes((code,)) + _u32_or_absent(content_format)
+    bound to exactly one request (for a block-wise request: to its last block, whose
+    proof chains every block before it)."""
+    return (
+        LABEL_RESPONSE
+        + request_header
+        + bytes((code,))
+        + _u32_or_absent(content_format, "Content-Format")
+    )
