@@ -152,7 +152,11 @@ async def _serve(material: dict[str, Any], conn: Connection) -> None:
     contexts = {}
     ports = {}
     for mode, root in roots.items():
-        ctx = await aiocoap.Context.create_server_context(root, bind=("127.0.0.1", 0))
+        ctx = await aiocoap.Context.create_server_context(
+            root, bind=("127.0.0.1", 0), transports=["udp6"]
+        )
+        if isinstance(root, TesseraSite):
+            root.attach(ctx)  # what start_gateway does: the message layer bounded
         contexts[mode] = ctx
         ports[mode] = local_port(ctx)
     e = material["edhoc"]
@@ -238,6 +242,7 @@ def _material() -> tuple[dict[str, Any], Any, Any]:
         "root": fleet.root.public_bytes(Encoding.DER),
         "gw_seed": gw_seed,
         "gw_chain": gateway.credential.der_chain(),
+        "gw_identity": gateway.credential.identity.uri,
         "oscore_secret": os.urandom(16),
         "oscore_salt": bytes.fromhex("9e7ca92223786340"),
         "edhoc": edhoc,
@@ -343,8 +348,11 @@ async def _clients(server: Server, material: dict[str, Any], fleet: Any, device:
     from aiocoap.numbers import codes
 
     from device.coap import TesseraCoapClient
+    from structauth.credentials import Identity
 
     from .oscore_peer import MemoryContext
+
+    gateway = Identity.parse(material["gw_identity"])
 
     contexts = {mode: await aiocoap.Context.create_client_context() for mode in (*MODES, "first")}
     base = {mode: f"coap://127.0.0.1:{port}" for mode, port in server.ports.items()}
@@ -376,6 +384,7 @@ async def _clients(server: Server, material: dict[str, Any], fleet: Any, device:
             credential=device.credential,
             trust=fleet.trust,
             uri=base[mode],
+            gateway=gateway,
             context=contexts[context],
         )
 

@@ -3,37 +3,51 @@
 ::
 
     site = TesseraSite(inner_site, responder, policy, device_class_of=...)
-    await aiocoap.Context.create_server_context(site, bind=("127.0.0.1", 5683))
+    context = await start_gateway(site, bind=("::", 5683))
 
 * ``POST /.well-known/sa1`` carries SA1 msg1 and is answered ``2.04`` with msg2
-  (aiocoap's block1/block2 moves the ~2 KB messages). Nothing else is reachable without
-  a session.
-* Every other request carries its 31-byte SA1 header in the **Tessera-Proof** option
-  (:data:`PROOF_OPTION`, number 65003: experimental range, critical, unsafe to
-  forward). The site looks the session up by the session id in the header, verifies the
-  proof over the request's action (:func:`request_action`: method, full Uri-Path,
-  Uri-Query, Content-Format, Accept, Observe) and payload, checks the policy
-  (``[classes.X.coap]``), and only then hands the request to the inner site, with the
-  payload opened (sealed mode) and the proof removed.
+  (block-wise both ways; broker_plugin/coap_handshake.py). The gateway then holds only
+  a pending handshake: no session, no identity, nothing granted.
+* The device's first proven request carries msg3 in the **Tessera-Confirm** option
+  (65007) beside its proof: the gateway confirms the session (only now is the device
+  logged in and ``handshake_ok`` audited), then verifies and serves the request. msg3
+  costs no round trip.
+* Every request carries its 31-byte SA1 header in the **Tessera-Proof** option
+  (:data:`PROOF_OPTION`, 65003: experimental range, critical, unsafe to forward). The
+  site looks the session up by the session id in the header, verifies the proof over
+  the request's action (method, full Uri-Path, Uri-Query, Content-Format, Accept,
+  Observe) and payload, checks the policy (``[classes.X.coap]``), and only then hands
+  the request to the inner site, with the payload opened (sealed mode) and the proof
+  removed. A Block1 upload is proven block by block (each block's proof chained to the
+  previous one), so nothing is spooled that was not proven.
 * Every response is proven under the session's other direction, bound to the request it
-  answers (:func:`response_action` contains the request's whole header), so the device
-  knows the gateway answered; Observe notifications are proven one by one.
-* Refusals: ``4.02`` for an unknown critical option (aiocoap's own Site does not check),
-  ``4.01`` with a diagnostic payload ``tessera: <reason> (<code>)`` for a missing,
-  malformed, forged, replayed or stale proof or an unknown session (never proven: there
-  is no authenticated peer to prove it to), ``4.03`` proven when the policy denies.
-* A confirmable retransmission carries the same bytes; aiocoap's message deduplication
-  answers it from its cache before it reaches this site, so the replay window only ever
-  sees new message ids.
+  answers, so the device knows the gateway answered; Observe notifications are proven
+  one by one.
+* Refusals: ``4.02`` for an unknown critical option, ``4.00`` for a request that does not
+  fit the wire format (malformed Uri-Host, an action beyond 65,535 bytes), ``4.01`` with
+  a diagnostic payload ``tessera: <reason> (<code>)`` for a missing, malformed, forged,
+  replayed or stale proof or an unknown session (never proven: there is no
+  authenticated peer to prove it to), ``4.03`` proven when the policy denies. Each
+  refusal is one log line (rate-limited) and a counter; refusals are audited as
+  per-interval counts by reason and source, so a flood cannot fill the audit log.
+* Everything kept before authentication is bounded per source address and in total
+  (:class:`GatewayLimits`, docs/COAP.md "Bounds"), including aiocoap's own message
+  deduplication (:func:`start_gateway` / :func:`~broker_plugin.coap_transport.harden`).
+* Session keys are erased on schedule: a timer re-armed to each session's
+  ``next_deadline_at`` calls ``poll`` (no request needed).
 
 The wire format and its rationale are in docs/COAP.md.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import functools
+import heapq
+import ipaddress
 import logging
+import re
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -42,21 +56,27 @@ from typing import Any
 
 import aiocoap
 from aiocoap import error, interfaces, resource
-from aiocoap.blockwise import Block1Spool, Block2Cache
 from aiocoap.numbers import codes
 from aiocoap.numbers.optionnumbers import OptionNumber
 from aiocoap.optiontypes import OpaqueOption
 
 from structauth.coap_actions import (
+    CONFIRM_OPTION_NUMBER,
     HANDSHAKE_PATH,
+    NO_PREVIOUS,
     PROOF_OPTION_NUMBER,
+    block_action,
     request_action,
     response_action,
 )
-from structauth.credentials import Credential, Identity, TimePolicy
-from structauth.errors import MalformedMessage, ProtocolError, Reason, TesseraError
-from structauth.handshake import Responder
+from structauth.credentials import Credential, Identity
+from structauth.errors import MalformedMessage, Reason, TesseraError
+from structauth.handshake import HandshakeConfirmed, Responder
 from structauth.session import HEADER_SIZE, Session, SessionState
+
+from .coap_handshake import MAX_MSG1, ConfirmRefused, HandshakeEndpoint, HandshakeLimits
+from .coap_limits import BoundedTable, Limits, source_of, source_of_host
+from .coap_transport import BoundedDedup, DedupLimits, harden
 
 log = logging.getLogger("tessera.coap")
 
@@ -66,14 +86,13 @@ log = logging.getLogger("tessera.coap")
 #: must not forward it: the proof binds the exact request). Opaque, exactly 31 bytes.
 PROOF_OPTION = OptionNumber(PROOF_OPTION_NUMBER)
 PROOF_OPTION.set_format(OpaqueOption)
+#: Tessera-Confirm: 65007 = 0xFDEF, critical and unsafe to forward too; SA1 msg3
+#: (46 bytes) on the first proven request(s) of a new session.
+CONFIRM_OPTION = OptionNumber(CONFIRM_OPTION_NUMBER)
+CONFIRM_OPTION.set_format(OpaqueOption)
 
-#: the value standing for an absent Content-Format, Accept or Observe option
-#: the largest request payload assembled from block1 transfers (413 beyond it)
+#: the largest request payload assembled from Block1 transfers (4.13 beyond it)
 MAX_PAYLOAD = 64 * 1024
-#: the largest msg1 the handshake resource assembles: the biggest valid msg1 (four
-#: 4 KB certificates, a 512-byte context, a 4 KB quote) is about 26 KB
-MAX_MSG1 = 32 * 1024
-
 
 METHODS = {1: "GET", 2: "POST", 3: "PUT", 4: "DELETE", 5: "FETCH", 6: "PATCH", 7: "iPATCH"}
 
@@ -91,15 +110,58 @@ UNDERSTOOD_CRITICAL = frozenset(
         int(OptionNumber.BLOCK2),
         int(OptionNumber.BLOCK1),
         int(PROOF_OPTION),
+        int(CONFIRM_OPTION),
     }
 )
 _PROXY_OPTIONS = frozenset({int(OptionNumber.PROXY_URI), int(OptionNumber.PROXY_SCHEME)})
+_SINGLE = (int(PROOF_OPTION), int(CONFIRM_OPTION))
+_URI_HOST = int(OptionNumber.URI_HOST)
+#: a Uri-Host must be an IPv4 address, an IPv6 address (bracketed or not) or a
+#: reg-name made of unreserved and sub-delim characters (RFC 3986 3.2.2, RFC 7252 6.4);
+#: non-ASCII letters are allowed for internationalized names
+_REG_NAME = re.compile(r"^[A-Za-z0-9\-._~!$&'()*+,;=]+$")
+
+
+def _valid_host(host: str) -> bool:
+    if not host or len(host.encode("utf-8")) > 255:
+        return False
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            return False
+        return True
+    if ":" in host:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            return False
+        return True
+    if host.isascii():
+        return bool(_REG_NAME.match(host))
+    return all(ch.isalnum() or ch in "-._~" for ch in host)
 
 
 # ------------------------------------------------------------------ action strings
 
 
-_request_action = functools.lru_cache(maxsize=4096)(request_action)
+_cached_request_action = functools.lru_cache(maxsize=1024)(request_action)
+
+
+def _request_action(
+    code: int,
+    path: tuple[str, ...],
+    query: tuple[str, ...],
+    content_format: Any,
+    accept: Any,
+    observe: Any,
+) -> bytes:
+    """The request action; cached only for short paths, so that nobody can fill the
+    cache with large ones before proving anything (at most 1024 x ~600 bytes)."""
+    if len(path) + len(query) <= 16 and sum(map(len, path)) + sum(map(len, query)) <= 512:
+        return _cached_request_action(code, path, query, content_format, accept, observe)
+    return request_action(code, path, query, content_format, accept, observe)
 
 
 def diagnostic(reason: Reason, detail: str = "") -> bytes:
@@ -108,8 +170,8 @@ def diagnostic(reason: Reason, detail: str = "") -> bytes:
     return (text + (f": {detail}" if detail else "")).encode()
 
 
-def _refusal(code: Any, reason: Reason, detail: str = "") -> aiocoap.Message:
-    return aiocoap.Message(code=code, max_age=0, payload=diagnostic(reason, detail))
+def _is_proven(message: Any) -> bool:
+    return bool(message.opt._options.get(PROOF_OPTION_NUMBER))
 
 
 # ------------------------------------------------------------------ state
@@ -128,6 +190,34 @@ class CoapPeer:
     requests: int = 0
     rejections: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _default_block1() -> Limits:
+    # Block1 transfers, every block already proven; owner: the device's identity
+    return Limits(per_owner=4, per_owner_bytes=MAX_PAYLOAD, total=1024,
+                  total_bytes=8 * 1024 * 1024, idle=20.0, max_age=120.0)
+
+
+def _default_block2() -> Limits:
+    # proven responses larger than one block, for their later blocks; owner: identity
+    return Limits(per_owner=8, per_owner_bytes=256 * 1024, total=2048,
+                  total_bytes=16 * 1024 * 1024, idle=20.0, max_age=120.0)
+
+
+@dataclass(frozen=True)
+class GatewayLimits:
+    """Every bound of the gateway's state (docs/COAP.md "Bounds")."""
+
+    handshake: HandshakeLimits = field(default_factory=HandshakeLimits)
+    block1: Limits = field(default_factory=_default_block1)
+    block2: Limits = field(default_factory=_default_block2)
+    dedup: DedupLimits = field(default_factory=DedupLimits)
+    #: refusal log lines per second (the rest are counted and summarized)
+    log_per_second: int = 20
+    #: how often the aggregated refusal counts are audited (seconds)
+    audit_interval: float = 10.0
+    #: distinct (reason, source) pairs counted per audit interval (the rest: "other")
+    audit_keys: int = 256
 
 
 class ProvenAddress(interfaces.EndpointAddress):  # type: ignore[misc]
@@ -224,7 +314,9 @@ class _ProvingPipe:
         if proven is None:  # the session ended under an observation
             self.closed = True
             self._outer.add_response(
-                _refusal(codes.UNAUTHORIZED, Reason.SESSION_EXPIRED), is_last=True
+                aiocoap.Message(code=codes.UNAUTHORIZED, max_age=0,
+                                payload=diagnostic(Reason.SESSION_EXPIRED)),
+                is_last=True,
             )
             return
         self._count += 1
@@ -246,18 +338,22 @@ class _ProvingPipe:
         self._outer.on_interest_end(callback)
 
 
-class _HandshakeResource(resource.Resource):  # type: ignore[misc]
-    """``/.well-known/sa1``: POST msg1, get msg2. Block-wise both ways by aiocoap."""
+class _Transfer:
+    """A Block1 upload in progress: the proven (opened) bytes so far."""
 
-    def __init__(self, site: TesseraSite) -> None:
-        super().__init__()
-        self._site = site
+    __slots__ = ("body", "next", "previous", "szx")
 
-    async def render_post(self, request: aiocoap.Message) -> aiocoap.Message:
-        return self._site._handshake(request)
+    def __init__(self, szx: int) -> None:
+        self.body = bytearray()
+        self.next = 0
+        self.previous = NO_PREVIOUS
+        self.szx = szx
 
-    def get_link_description(self) -> None:
-        return None
+
+class _Refused(Exception):
+    def __init__(self, response: aiocoap.Message) -> None:
+        super().__init__(str(response))
+        self.response = response
 
 
 # ------------------------------------------------------------------ the site
@@ -285,6 +381,7 @@ class TesseraSite(interfaces.Resource, resource.PathCapable):  # type: ignore[mi
         understood_options: Iterable[int] = (),
         audit: Callable[..., None] = lambda event, **fields: None,
         count: Callable[[str, str], None] = lambda metric, label: None,
+        limits: GatewayLimits | None = None,
     ) -> None:
         self.inner = inner
         self.responder = responder
@@ -297,6 +394,7 @@ class TesseraSite(interfaces.Resource, resource.PathCapable):  # type: ignore[mi
         self.understood = UNDERSTOOD_CRITICAL | {int(o) for o in understood_options}
         self.audit = audit
         self._count = count
+        self.limits = limits or GatewayLimits()
         #: session id -> peer; one identity may hold several sessions (make-before-break)
         self.sessions: dict[bytes, CoapPeer] = {}
         #: identity URI -> its session ids, oldest first
@@ -304,10 +402,26 @@ class TesseraSite(interfaces.Resource, resource.PathCapable):  # type: ignore[mi
         self.revoked_serials: set[str] = set()
         #: refusals and events by name (also reported through ``count``)
         self.stats: Counter[str] = Counter()
-        self._handshake_resource = _HandshakeResource(self)
-        self._block1 = Block1Spool()
-        self._block2 = Block2Cache()
+        self.handshakes = HandshakeEndpoint(self, self.limits.handshake)
+        #: Block1 uploads in progress, by (session id, request action); owner: identity
+        self.transfers: BoundedTable[tuple[bytes, bytes], _Transfer] = BoundedTable(
+            self.limits.block1)
+        #: proven responses larger than a block, by the request's header; owner: identity
+        self.responses: BoundedTable[bytes, aiocoap.Message] = BoundedTable(
+            self.limits.block2)
+        #: aiocoap's message-layer store, once :meth:`attach` ran
+        self.dedup: list[BoundedDedup] = []
         self._next_sweep = 0.0
+        # key erasure: (deadline, session id), soonest first, and the armed timer
+        self._timers: list[tuple[float, bytes]] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = float("inf")
+        # refusal log and audit aggregation
+        self._log_second = 0
+        self._log_lines = 0
+        self._log_suppressed = 0
+        self._refusals: Counter[tuple[str, str]] = Counter()
+        self._refusals_since = 0.0
 
     @property
     def policy(self) -> Any:
@@ -316,6 +430,24 @@ class TesseraSite(interfaces.Resource, resource.PathCapable):  # type: ignore[mi
     def count(self, metric: str, label: str) -> None:
         self.stats[f"{metric}:{label}" if label else metric] += 1
         self._count(metric, label)
+
+    def attach(self, context: Any) -> None:
+        """Bound the message-layer state of the aiocoap ``context`` serving this site
+        and catch undecodable datagrams (broker_plugin/coap_transport.py)."""
+        self.dedup = harden(
+            context,
+            limits=self.limits.dedup,
+            is_proven=_is_proven,
+            on_malformed=self._malformed_datagram,
+            clock=self.clock,
+        )
+
+    def close(self) -> None:
+        """Cancel the key-erasure timer (the context is shutting down)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_at = float("inf")
 
     # -- aiocoap resource interface -------------------------------------------------
     async def render(self, request: aiocoap.Message) -> aiocoap.Message:
@@ -329,80 +461,163 @@ class TesseraSite(interfaces.Resource, resource.PathCapable):  # type: ignore[mi
 
     async def render_to_pipe(self, pipe: Any) -> None:
         request: aiocoap.Message = pipe.request
-        refusal = self._check_options(request)
-        if refusal is not None:
-            pipe.add_response(refusal, is_last=True)
-            return
-        if tuple(request.opt.uri_path) == HANDSHAKE_PATH:  # below where this site sits
-            block1 = request.opt.block1
-            if block1 is not None and block1.start + len(request.payload) > MAX_MSG1:
-                self.count("handshakes", "too_large")
-                pipe.add_response(
-                    aiocoap.Message(code=codes.REQUEST_ENTITY_TOO_LARGE, size1=MAX_MSG1),
-                    is_last=True,
-                )
-                return
-            await self._handshake_resource.render_to_pipe(pipe)
-            return
-        path, query = _full_path_and_query(request)
-        answer = await self._serve(pipe, request, path, query)
+        try:
+            answer = await self._dispatch(pipe, request)
+        except _Refused as refused:
+            answer = refused.response
+        except MalformedMessage as exc:
+            answer = self.refuse(request, codes.BAD_REQUEST, exc.reason, exc.detail)
         if answer is not None:
             pipe.add_response(answer, is_last=True)
 
-    def _check_options(self, request: aiocoap.Message) -> aiocoap.Message | None:
+    async def _dispatch(self, pipe: Any, request: aiocoap.Message) -> aiocoap.Message | None:
+        self._check_options(request)
+        if tuple(request.opt.uri_path) == HANDSHAKE_PATH:  # below where this site sits
+            if request.opt._options.get(PROOF_OPTION_NUMBER) or request.opt._options.get(
+                CONFIRM_OPTION_NUMBER
+            ):
+                return self.refuse(request, codes.BAD_OPTION, Reason.MALFORMED,
+                                   "proof or confirmation on the handshake resource")
+            return self.handshakes.render(request)
+        path, query = self._full_path_and_query(request)
+        return await self._serve(pipe, request, path, query)
+
+    def _check_options(self, request: aiocoap.Message) -> None:
         for number, options in request.opt._options.items():
             if number & 1 and number not in self.understood:
                 if number in _PROXY_OPTIONS:
-                    self.count("rejections", "proxying_not_supported")
-                    return aiocoap.Message(code=codes.PROXYING_NOT_SUPPORTED)
-                self.count("rejections", "bad_option")
-                return aiocoap.Message(
-                    code=codes.BAD_OPTION, payload=f"unknown critical option {number}".encode()
-                )
-            if number == PROOF_OPTION and len(options) > 1:
-                self.count("rejections", "bad_option")
-                return aiocoap.Message(code=codes.BAD_OPTION, payload=b"repeated proof option")
-        return None
+                    raise _Refused(self.refuse(request, codes.PROXYING_NOT_SUPPORTED,
+                                               Reason.MALFORMED, "proxying is not offered"))
+                raise _Refused(self.refuse(request, codes.BAD_OPTION, Reason.MALFORMED,
+                                           f"unknown critical option {number}"))
+            if len(options) > 1 and number in _SINGLE:
+                raise _Refused(self.refuse(request, codes.BAD_OPTION, Reason.MALFORMED,
+                                           f"option {number} repeated"))
+            if number == _URI_HOST and not all(_valid_host(str(o.value)) for o in options):
+                raise _Refused(self.refuse(request, codes.BAD_REQUEST, Reason.MALFORMED,
+                                           "malformed Uri-Host"))
 
-    # -- handshake ----------------------------------------------------------------------
-    def _handshake(self, request: aiocoap.Message) -> aiocoap.Message:
-        now = self.clock()
-        if now >= self._next_sweep or len(self.sessions) >= self.max_sessions:
-            self.sweep(now)
-        address = _address(request)
-        if len(self.sessions) >= self.max_sessions:
-            self.count("handshakes", "refused")
-            msg = aiocoap.Message(
-                code=codes.SERVICE_UNAVAILABLE, max_age=5, payload=b"tessera: too many sessions"
-            )
-            return msg
+    def _full_path_and_query(
+        self, request: aiocoap.Message
+    ) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The request's full Uri-Path and Uri-Query, also when this site is mounted
+        below another Site (which strips the path it mounts on, keeping the original
+        URI)."""
+        original = getattr(request, "_original_request_uri", None)
+        if original is None:
+            return tuple(request.opt.uri_path), tuple(request.opt.uri_query)
         try:
-            answered = self.responder.accept(
-                bytes(request.payload),
-                now,
-                TimePolicy.trusted(self.wall_clock()),
-                revoked=lambda credential: _serial(credential) in self.revoked_serials,
-            )
-        except TesseraError as exc:
+            parsed = aiocoap.Message(uri=original)
+        except (ValueError, error.Error):
+            raise _Refused(self.refuse(request, codes.BAD_REQUEST, Reason.MALFORMED,
+                                       "request URI does not parse")) from None
+        return tuple(parsed.opt.uri_path), tuple(parsed.opt.uri_query)
+
+    # -- refusals ------------------------------------------------------------------------
+    def refuse(
+        self,
+        request: aiocoap.Message,
+        code: Any,
+        reason: Reason,
+        detail: str,
+        metric: str = "rejections",
+        *,
+        peer: CoapPeer | None = None,
+        max_age: int = 0,
+        size1: int | None = None,
+    ) -> aiocoap.Message:
+        """An unproven refusal: counted, one log line (rate-limited), counted for the
+        interval's audit record by reason and source; the diagnostic payload names
+        the reason. ``peer``: the session the proof named (its counter only: the
+        refusal is not attributed to the device, anyone can name a session)."""
+        name = reason.name.lower()
+        self.count(metric, name)
+        address = _address(request)
+        self._log(f"refused {code} {name} from {address}: {detail}")
+        self._note_refusal(name, source_of(request.remote))
+        if peer is not None:
+            peer.rejections += 1
+        payload = diagnostic(reason)
+        if code == codes.BAD_OPTION and detail.startswith("unknown critical option"):
+            payload = diagnostic(reason, detail)
+        message = aiocoap.Message(code=code, max_age=max_age, payload=payload)
+        if size1 is not None:
+            message.opt.size1 = size1
+        return message
+
+    def _malformed_datagram(self, address: str, detail: str) -> None:
+        self.count("rejections", "bad_option")
+        self._log(f"refused 4.02 undecodable datagram from {address}: {detail}")
+        self._note_refusal("bad_option", source_of_text(address))
+
+    def _log(self, line: str) -> None:
+        second = int(time.monotonic())
+        if second != self._log_second:
+            if self._log_suppressed:
+                log.info("%d more refusals not logged in the last second (see metrics)",
+                         self._log_suppressed)
+            self._log_second, self._log_lines, self._log_suppressed = second, 0, 0
+        if self._log_lines < self.limits.log_per_second:
+            self._log_lines += 1
+            log.info("%s", line)
+        else:
+            self._log_suppressed += 1
+
+    def _note_refusal(self, reason: str, source: str) -> None:
+        refusals = self._refusals
+        key = (reason, source)
+        if key not in refusals and len(refusals) >= self.limits.audit_keys:
+            key = (reason, "other")
+        refusals[key] += 1
+
+    def flush_refusals(self, now: float) -> None:
+        """Audit the refusals counted since the last flush as one record."""
+        if self._refusals:
             self.audit(
-                "handshake_refused",
-                address=address,
-                reason=exc.reason.name.lower(),
-                detail=exc.detail,
+                "refusals",
+                seconds=round(now - self._refusals_since, 3),
+                counts=[
+                    {"reason": reason, "source": source, "count": n}
+                    for (reason, source), n in sorted(self._refusals.items())
+                ],
             )
-            self.count("handshakes", "refused")
-            if isinstance(exc, MalformedMessage):
-                return _refusal(codes.BAD_REQUEST, exc.reason)
-            if isinstance(exc, ProtocolError):
-                return _refusal(codes.UNAUTHORIZED, exc.reason)
-            log.error("handshake failed on our side: %s", exc)
-            return _refusal(codes.SERVICE_UNAVAILABLE, exc.reason)
-        identity = answered.peer
+            self._refusals.clear()
+        self._refusals_since = now
+
+    # -- handshake (msg3 on the first proven request) ------------------------------------
+    def full(self, now: float) -> bool:
+        """True if no new session can be admitted (after dropping ended ones)."""
+        if len(self.sessions) >= self.max_sessions:
+            self.sweep(now)
+        return len(self.sessions) >= self.max_sessions
+
+    def is_revoked(self, credential: Credential) -> bool:
+        return _serial(credential) in self.revoked_serials
+
+    def admit(
+        self, request: aiocoap.Message, confirmed: HandshakeConfirmed, now: float
+    ) -> CoapPeer:
+        """msg3 verified: the session exists. Log the device in (unless its credential
+        was revoked meanwhile or the gateway is full)."""
+        session, identity = confirmed.session, confirmed.peer
+        serial = _serial(confirmed.credential)
+        if serial in self.revoked_serials:
+            session.close()
+            raise ConfirmRefused(self.refuse(request, codes.UNAUTHORIZED,
+                                             Reason.CREDENTIAL_REVOKED,
+                                             "credential revoked during the handshake",
+                                             "handshakes"))
+        if self.full(now):
+            session.close()
+            raise ConfirmRefused(self.refuse(request, codes.SERVICE_UNAVAILABLE,
+                                             Reason.BACKEND_UNAVAILABLE, "too many sessions",
+                                             "handshakes", max_age=5))
+        address = _address(request)
         peer = CoapPeer(
-            session=answered.session,
+            session=session,
             identity=identity,
-            credential=answered.credential,
-            cert_serial=_serial(answered.credential),
+            credential=confirmed.credential,
+            cert_serial=serial,
             device_class=self.device_class_of(identity),
             address=address,
         )
@@ -412,103 +627,206 @@ class TesseraSite(interfaces.Resource, resource.PathCapable):  # type: ignore[mi
             if old is None:  # removed from ``sessions`` directly
                 mine.pop(0)
                 continue
-            self._drop(old, "replaced by newer sessions of the same peer")
-        self.sessions[answered.session.session_id] = peer
-        mine.append(answered.session.session_id)
-        self.audit(
-            "handshake_ok",
-            identity=identity.uri,
-            session=answered.session.session_id.hex(),
-            address=address,
-        )
+            self._drop(old, "replaced by newer confirmed sessions of the same device")
+        sid = session.session_id
+        self.sessions[sid] = peer
+        mine.append(sid)
+        self._arm(session, now)
+        self.audit("handshake_ok", identity=identity.uri, session=sid.hex(), address=address)
         self.count("handshakes", "ok")
-        return aiocoap.Message(code=codes.CHANGED, payload=answered.reply)
+        return peer
 
     # -- requests -------------------------------------------------------------------------
     async def _serve(
         self, pipe: Any, request: aiocoap.Message, path: tuple[str, ...], query: tuple[str, ...]
     ) -> aiocoap.Message | None:
-        proofs = request.opt._options.get(PROOF_OPTION)
+        opt = request.opt
+        proofs = opt._options.get(PROOF_OPTION_NUMBER)
         if not proofs:
-            return self._reject(None, request, Reason.MALFORMED, "missing proof")
+            return self.refuse(request, codes.UNAUTHORIZED, Reason.MALFORMED, "missing proof")
         header = bytes(proofs[0].value)
         if len(header) != HEADER_SIZE:
-            return self._reject(None, request, Reason.MALFORMED, "proof is not 31 bytes")
-        peer = self.sessions.get(header[1:9])
-        if peer is None:
-            return self._reject(None, request, Reason.UNKNOWN_SESSION, "unknown session")
-        block2 = request.opt.block2
-        if block2 is not None and block2.block_number > 0:
-            # a later block of a response proven whole: served from the cache, whose key
-            # includes this very proof (and the remote address)
-            return await self._block2.extract_or_insert(request, _nothing_cached)
-        if request.opt.block1 is not None:
-            block1 = request.opt.block1
-            if block1.start + len(request.payload) > MAX_PAYLOAD:
-                return aiocoap.Message(code=codes.REQUEST_ENTITY_TOO_LARGE, size1=MAX_PAYLOAD)
-            request = self._block1.feed_and_take(request)  # raises 2.31 Continue until whole
+            return self.refuse(request, codes.UNAUTHORIZED, Reason.MALFORMED,
+                               "proof is not 31 bytes")
         now = self.clock()
         if now >= self._next_sweep:
             self.sweep(now)
+        sid = header[1:9]
+        peer = self.sessions.get(sid)
+        confirms = opt._options.get(CONFIRM_OPTION_NUMBER)
+        if confirms and peer is None:
+            try:
+                peer = self.handshakes.confirm(request, sid, bytes(confirms[0].value), now)
+            except ConfirmRefused as refused:
+                return refused.response
+        if peer is None:
+            return self.refuse(request, codes.UNAUTHORIZED, Reason.UNKNOWN_SESSION,
+                               "unknown session")
+        block2 = opt.block2
+        if block2 is not None and block2.block_number > 0:
+            # a later block of a response proven whole, found by the request's proof
+            return self._later_block(request, header, block2)
         code = int(request.code)
-        opt = request.opt
         action = _request_action(code, path, query, opt.content_format, opt.accept, opt.observe)
+        block1 = opt.block1
+        if block1 is not None:
+            return await self._block(pipe, request, peer, header, action, path, block1, now)
         try:
             verified = peer.session.verify(header, action, bytes(request.payload), now)
         except TesseraError as exc:
-            return self._reject(peer, request, exc.reason, exc.detail)
+            return self.refuse(request, codes.UNAUTHORIZED, exc.reason, exc.detail, peer=peer)
         peer.requests += 1
-        if verified.session_confirmed:
-            self.audit(
-                "session_confirmed",
-                identity=peer.identity.uri,
-                session=peer.session.session_id.hex(),
-            )
-        method = METHODS.get(code, str(code))
+        return await self._authorized(pipe, request, peer, header, path, verified.payload)
+
+    async def _block(
+        self,
+        pipe: Any,
+        request: aiocoap.Message,
+        peer: CoapPeer,
+        header: bytes,
+        action: bytes,
+        path: tuple[str, ...],
+        block1: Any,
+        now: float,
+    ) -> aiocoap.Message | None:
+        """One block of a Block1 upload: verified on its own (its proof chains to the
+        previous block's), spooled only then, within the device's budget."""
+        payload = bytes(request.payload)
+        sid = peer.session.session_id
+        key = (sid, action)
+        if block1.size_exponent > 6 or (block1.more and len(payload) != block1.size):
+            return self.refuse(request, codes.BAD_REQUEST, Reason.MALFORMED,
+                               "block size does not match Block1", peer=peer)
+        if block1.start + len(payload) > MAX_PAYLOAD:
+            self.transfers.pop(key)
+            return self.refuse(request, codes.REQUEST_ENTITY_TOO_LARGE, Reason.MALFORMED,
+                               f"request body beyond {MAX_PAYLOAD} bytes", peer=peer,
+                               size1=MAX_PAYLOAD)
+        transfer: _Transfer | None
+        if block1.block_number == 0:
+            transfer = _Transfer(block1.size_exponent)
+        else:
+            transfer = self.transfers.get(key, now)
+            if (transfer is None or transfer.next != block1.block_number
+                    or transfer.szx != block1.size_exponent):
+                return self.refuse(request, codes.REQUEST_ENTITY_INCOMPLETE, Reason.MALFORMED,
+                                   "block out of sequence, or its transfer expired", peer=peer)
+        bound = block_action(action, block1.block_number, block1.size_exponent,
+                             bool(block1.more), transfer.previous)
+        try:
+            verified = peer.session.verify(header, bound, payload, now)
+        except TesseraError as exc:
+            return self.refuse(request, codes.UNAUTHORIZED, exc.reason, exc.detail, peer=peer)
+        peer.requests += 1
+        if block1.block_number == 0:
+            if not block1.more:
+                return await self._authorized(pipe, request, peer, header, path,
+                                              verified.payload, block1)
+            # refuse a transfer the device may not make before spooling any of it
+            denied = self._denied(request, peer, header, path)
+            if denied is not None:
+                return denied
+            if not self.transfers.put(key, peer.identity.uri, transfer, 64, now):
+                return self.refuse(request, codes.SERVICE_UNAVAILABLE, Reason.MALFORMED,
+                                   "no room for this upload", peer=peer, max_age=1)
+        if not self.transfers.grow(key, len(verified.payload), now):
+            return self.refuse(request, codes.REQUEST_ENTITY_TOO_LARGE, Reason.MALFORMED,
+                               "upload over this device's budget", peer=peer,
+                               size1=MAX_PAYLOAD)
+        transfer.body += verified.payload
+        transfer.next = block1.block_number + 1
+        transfer.previous = header
+        if block1.more:
+            self.count("blocks", "continue")
+            answer = aiocoap.Message(code=codes.CONTINUE)
+            answer.opt.block1 = block1
+            return answer
+        self.transfers.pop(key)
+        return await self._authorized(pipe, request, peer, header, path,
+                                      bytes(transfer.body), block1)
+
+    def _denied(self, request: aiocoap.Message, peer: CoapPeer, header: bytes,
+                path: tuple[str, ...]) -> aiocoap.Message | None:
+        """The proven 4.03 if the policy refuses the request, else None."""
         policy = self.policy
-        if policy is not None:
-            decision = policy.may_request(peer.identity, peer.device_class, method, path)
-            if not decision.allowed:
-                self.audit(
-                    "request_denied",
-                    identity=peer.identity.uri,
-                    session=peer.session.session_id.hex(),
-                    method=method,
-                    path="/".join(path),
-                    detail=decision.reason,
-                )
-                self.count("rejections", "not_authorized")
-                denied = aiocoap.Message(
-                    code=codes.FORBIDDEN, payload=diagnostic(Reason.NOT_AUTHORIZED)
-                )
-                return self._prove(peer, header, denied) or _refusal(
-                    codes.UNAUTHORIZED, Reason.SESSION_EXPIRED
-                )
-        inner = _inner_request(request, verified.payload, ProvenAddress(request.remote, peer))
+        if policy is None:
+            return None
+        method = METHODS.get(int(request.code), str(request.code))
+        decision = policy.may_request(peer.identity, peer.device_class, method, path)
+        if decision.allowed:
+            return None
+        self.audit(
+            "request_denied",
+            identity=peer.identity.uri,
+            session=peer.session.session_id.hex(),
+            method=method,
+            path="/".join(path),
+            detail=decision.reason,
+        )
+        self.count("rejections", "not_authorized")
+        denied = aiocoap.Message(code=codes.FORBIDDEN, payload=diagnostic(Reason.NOT_AUTHORIZED))
+        return self._prove(peer, header, denied) or aiocoap.Message(
+            code=codes.UNAUTHORIZED, max_age=0, payload=diagnostic(Reason.SESSION_EXPIRED))
+
+    async def _authorized(
+        self,
+        pipe: Any,
+        request: aiocoap.Message,
+        peer: CoapPeer,
+        header: bytes,
+        path: tuple[str, ...],
+        payload: bytes,
+        block1: Any = None,
+    ) -> aiocoap.Message | None:
+        """A verified request (whole): policy, the inner site, the proven answer."""
+        denied = self._denied(request, peer, header, path)
+        if denied is not None:
+            return denied
+        inner = _inner_request(request, payload, ProvenAddress(request.remote, peer))
         proving = _ProvingPipe(self, pipe, inner, peer, header)
         try:
             await self.inner.render_to_pipe(proving)
         except error.RenderableError as exc:
             proving.add_response(exc.to_message(), is_last=True)
         except Exception:
+            method = METHODS.get(int(request.code), str(request.code))
             log.exception("inner site failed on %s %s", method, "/".join(path))
             proving.add_response(aiocoap.Message(code=codes.INTERNAL_SERVER_ERROR), is_last=True)
         final = proving.final
         if final is None:
             return None
-
-        if request.opt.block2 is None and len(final.payload) <= request.remote.maximum_payload_size:
-            answer = final  # fits in one message: no block-wise state to keep
-        else:
-
-            async def built() -> aiocoap.Message:
-                return final
-
-            answer = await self._block2.extract_or_insert(request, built)
-        block1 = request.opt.block1
+        answer = self._first_block(request, peer, header, final)
         if block1 is not None:
             answer.opt.block1 = block1
         return answer
+
+    def _block_exponent(self, request: aiocoap.Message) -> int:
+        szx = min(int(request.remote.maximum_block_size_exp), 6)
+        if request.opt.block2 is not None:
+            szx = min(szx, request.opt.block2.size_exponent)
+        return szx
+
+    def _first_block(self, request: aiocoap.Message, peer: CoapPeer, header: bytes,
+                     final: aiocoap.Message) -> aiocoap.Message:
+        szx = self._block_exponent(request)
+        size = 1 << (szx + 4)
+        if request.opt.block2 is None and len(final.payload) <= size:
+            return final  # fits in one message: no block-wise state to keep
+        self.responses.put(header, peer.identity.uri, final, len(final.payload) + 200,
+                           self.clock())
+        return _slice(final, 0, szx)
+
+    def _later_block(self, request: aiocoap.Message, header: bytes,
+                     block2: Any) -> aiocoap.Message:
+        whole = self.responses.get(header, self.clock(), touch=True)
+        if whole is None:
+            return self.refuse(request, codes.REQUEST_ENTITY_INCOMPLETE, Reason.MALFORMED,
+                               "no response to take a block from (expired?)")
+        szx = self._block_exponent(request)
+        if block2.block_number * (1 << (szx + 4)) >= len(whole.payload):
+            return self.refuse(request, codes.BAD_REQUEST, Reason.MALFORMED,
+                               "Block2 request out of bounds")
+        return _slice(whole, block2.block_number, szx)
 
     def _prove(
         self, peer: CoapPeer, request_header: bytes, response: aiocoap.Message
@@ -528,32 +846,64 @@ class TesseraSite(interfaces.Resource, resource.PathCapable):  # type: ignore[mi
         response.opt.add_option(PROOF_OPTION.create_option(value=header))
         return response
 
-    def _reject(
-        self, peer: CoapPeer | None, request: aiocoap.Message, reason: Reason, detail: str
-    ) -> aiocoap.Message:
-        name = reason.name.lower()
-        self.audit(
-            "request_rejected",
-            address=_address(request),
-            identity=peer.identity.uri if peer else None,
-            session=peer.session.session_id.hex() if peer else None,
-            reason=name,
-            detail=detail,
-        )
-        self.count("rejections", name)
-        if peer is not None:
-            peer.rejections += 1
-        return _refusal(codes.UNAUTHORIZED, reason)
-
     # -- lifecycle -----------------------------------------------------------------------
+    def _arm(self, session: Session, now: float) -> None:
+        heapq.heappush(self._timers, (session.next_deadline_at(now), session.session_id))
+        self._schedule()
+
+    def _schedule(self) -> None:
+        if not self._timers:
+            return
+        when = self._timers[0][0]
+        if self._timer is not None and self._timer_at <= when:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no loop (unit use): sweep() and the request path still poll
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = loop.call_later(max(0.0, when - self.clock()), self._on_timer)
+        self._timer_at = when
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = float("inf")
+        now = self.clock()
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            _, sid = heapq.heappop(timers)
+            peer = self.sessions.get(sid)
+            if peer is None:
+                continue
+            ended = peer.session.poll(now)
+            if ended is not None or peer.session.state is SessionState.CLOSED:
+                self._drop(peer, "session ended" if ended is None else ended.reason.name.lower())
+                continue
+            heapq.heappush(timers, (peer.session.next_deadline_at(now), sid))
+        self.stats["timer_runs"] += 1
+        self._expire(now)
+        self._schedule()
+
+    def _expire(self, now: float) -> None:
+        self.handshakes.expire(now)
+        self.transfers.expire(now)
+        self.responses.expire(now)
+        for store in self.dedup:
+            store.expire(now)
+        if now - self._refusals_since >= self.limits.audit_interval:
+            self.flush_refusals(now)
+
     def sweep(self, now: float) -> None:
-        """Drop sessions past their lifetime or confirmation deadline (runs at most once
-        a second from the request path; call it from a timer on an idle gateway)."""
+        """Drop sessions past their lifetime and expired pre-authentication state (runs
+        at most once a second from the request path and on every key-erasure timer;
+        call it from a timer on an idle gateway if you like)."""
         self._next_sweep = now + 1.0
         for peer in list(self.sessions.values()):
             ended = peer.session.poll(now)
             if ended is not None or peer.session.state is SessionState.CLOSED:
                 self._drop(peer, "session ended" if ended is None else ended.reason.name.lower())
+        self._expire(now)
 
     def _drop(self, peer: CoapPeer, why: str) -> None:
         sid = peer.session.session_id
@@ -574,7 +924,8 @@ class TesseraSite(interfaces.Resource, resource.PathCapable):  # type: ignore[mi
         self.count("sessions", "closed")
 
     def revoke(self, cert_serials: Iterable[str], reason: str = "revoked") -> list[CoapPeer]:
-        """Refuse these credentials from now on and close their sessions at once."""
+        """Refuse these credentials from now on (also a handshake already answered:
+        its msg3 is refused) and close their sessions at once."""
         self.revoked_serials.update(s.lower() for s in cert_serials)
         doomed = [p for p in self.sessions.values() if p.cert_serial in self.revoked_serials]
         for peer in doomed:
@@ -587,34 +938,47 @@ class TesseraSite(interfaces.Resource, resource.PathCapable):  # type: ignore[mi
         return [sessions[s] for s in self._by_identity.get(identity.uri, ()) if s in sessions]
 
     def forget_all(self) -> None:
-        """Drop every session (what a restart does); devices re-handshake on their
-        next request."""
+        """Drop every session and pending handshake (what a restart does); devices
+        re-handshake on their next request."""
         for peer in list(self.sessions.values()):
             self._drop(peer, "forgotten")
+        self.handshakes.clear()
+        self.transfers.clear()
+        self.responses.clear()
+
+    def preauth_state(self) -> dict[str, int]:
+        """Entries and bytes held before authentication (the bounded tables)."""
+        hs = self.handshakes
+        out = {
+            "msg1_assemblies": len(hs.assemblies),
+            "msg1_bytes": hs.assemblies.bytes,
+            "pending": len(hs.pending),
+            "pending_bytes": hs.pending.bytes,
+            "dedup_unproven": sum(len(s.unproven) for s in self.dedup),
+            "dedup_unproven_bytes": sum(s.unproven.bytes for s in self.dedup),
+        }
+        return out
 
 
 # ------------------------------------------------------------------ helpers
 
 
-async def _nothing_cached() -> aiocoap.Message:
-    raise error.RequestEntityIncomplete()
-
-
-def _full_path_and_query(request: aiocoap.Message) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """The request's full Uri-Path and Uri-Query, also when this site is mounted below
-    another Site (which strips the path it mounts on, keeping the original URI)."""
-    original = getattr(request, "_original_request_uri", None)
-    if original is None:
-        return tuple(request.opt.uri_path), tuple(request.opt.uri_query)
-    parsed = aiocoap.Message(uri=original)
-    return tuple(parsed.opt.uri_path), tuple(parsed.opt.uri_query)
+def _slice(whole: aiocoap.Message, number: int, szx: int) -> aiocoap.Message:
+    size = 1 << (szx + 4)
+    start = number * size
+    end = min(start + size, len(whole.payload))
+    part = whole.copy(payload=whole.payload[start:end], mid=None)
+    part.opt.block2 = (number, end < len(whole.payload), szx)
+    if number == 0:
+        part.opt.size2 = len(whole.payload)
+    return part
 
 
 def _inner_request(
     request: aiocoap.Message, payload: bytes, remote: ProvenAddress
 ) -> aiocoap.Message:
-    """The request the inner site sees: the opened payload, no proof and no block
-    options (the site assembled the blocks), the authenticated remote."""
+    """The request the inner site sees: the opened payload, no proof, confirmation or
+    block options (the site assembled the blocks), the authenticated remote."""
     inner = aiocoap.Message(code=request.code, payload=payload)
     for number, options in request.opt._options.items():
         if number not in _STRIPPED:
@@ -631,7 +995,16 @@ def _inner_request(
     return inner
 
 
-_STRIPPED = frozenset({int(PROOF_OPTION), int(OptionNumber.BLOCK1), int(OptionNumber.BLOCK2)})
+_STRIPPED = frozenset(
+    {
+        int(PROOF_OPTION),
+        int(CONFIRM_OPTION),
+        int(OptionNumber.BLOCK1),
+        int(OptionNumber.BLOCK2),
+        int(OptionNumber.SIZE1),
+        int(OptionNumber.REQUEST_TAG),
+    }
+)
 
 
 def _address(request: aiocoap.Message) -> str:
@@ -639,6 +1012,10 @@ def _address(request: aiocoap.Message) -> str:
         return str(request.remote.hostinfo)
     except Exception:
         return repr(request.remote)
+
+
+def source_of_text(address: str) -> str:
+    return source_of_host(address.rsplit(":", 1)[0].strip("[]"))
 
 
 def _serial(credential: Credential) -> str:
@@ -656,14 +1033,27 @@ def local_port(context: Any) -> int:
     raise RuntimeError("no UDP transport in this aiocoap context")
 
 
+async def start_gateway(site: TesseraSite, bind: tuple[str, int] = ("::", 5683)) -> Any:
+    """An aiocoap server context for ``site`` on UDP only (no TCP/TLS listeners to
+    bound as well), with the message layer bounded (:meth:`TesseraSite.attach`)."""
+    context = await aiocoap.Context.create_server_context(site, bind=bind, transports=["udp6"])
+    site.attach(context)
+    return context
+
+
 __all__ = [
+    "CONFIRM_OPTION",
     "HANDSHAKE_PATH",
+    "MAX_MSG1",
+    "MAX_PAYLOAD",
     "PROOF_OPTION",
     "CoapPeer",
+    "GatewayLimits",
     "ProvenAddress",
     "TesseraSite",
     "diagnostic",
     "local_port",
     "request_action",
     "response_action",
+    "start_gateway",
 ]

@@ -3,30 +3,41 @@
 ::
 
     client = TesseraCoapClient(signer=..., credential=..., trust=...,
-                               uri="coap://gateway.local")
+                               uri="coap://gateway.local", gateway=gateway_identity)
     reply = await client.request("POST", "sensors/pi-1/readings", b"21.5",
                                  content_format=0)
     async for note in client.observe("sensors/pi-1/config"):
         ...
 
+* ``gateway`` is required: the identity of the gateway this device means to reach. It
+  is named (signed) in msg1, so a gateway refuses a msg1 meant for another, and only
+  that identity is accepted in msg2.
 * The first request (or the first after the session's lifetime, less a margin) runs
   the SA1 handshake: ``POST /.well-known/sa1`` with msg1, msg2 back (block-wise by
-  aiocoap). Re-handshakes happen before the lifetime ends (make-before-break: requests
-  in flight finish on the session they started on).
+  aiocoap, with a Request-Tag so that handshakes never mix). msg3 then rides on the
+  first proven request in the Tessera-Confirm option (:data:`CONFIRM_OPTION`), and on
+  every request after it until a proven response shows the gateway holds the session:
+  no extra round trip. Re-handshakes happen before the lifetime ends
+  (make-before-break: requests in flight finish on the session they started on).
 * Every request carries its proof in the Tessera-Proof option (:data:`PROOF_OPTION`),
   bound to the method, full path, query, Content-Format, Accept, Observe and payload;
-  in sealed mode the payload travels encrypted.
+  in sealed mode the payload travels encrypted. A body larger than one block is sent
+  block by block, each block proven and chained to the one before (the gateway spools
+  nothing unproven).
 * Every response must carry the gateway's proof bound to this very request
   (:func:`response_action`); anything else raises :class:`ResponseRejected`. Refusals
   the gateway cannot prove (4.00/4.01/4.02, no session to prove them with) raise
   :class:`GatewayRefused`; if one says the gateway lost our session, the client
   re-handshakes once and retries.
+* Keys are erased on schedule: a timer re-armed to ``Session.next_deadline_at`` calls
+  ``poll`` on every session the client still holds, so a device that sends nothing
+  keeps no old keys.
 * Confirmable retransmissions are aiocoap's: the same bytes, so the same proof; the
   gateway answers duplicates from its deduplication cache.
 * Credential time checks on msg2 follow ``time_policy`` (default: trust the wall
   clock); a device without an RTC passes ``lambda: TimePolicy.unknown(floor)``.
 
-docs/COAP.md defines the option, the action strings and the refusals.
+docs/COAP.md defines the options, the action strings and the refusals.
 """
 
 from __future__ import annotations
@@ -34,6 +45,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import functools
+import os
 import re
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -47,8 +59,11 @@ from aiocoap.numbers.optionnumbers import OptionNumber
 from aiocoap.optiontypes import OpaqueOption
 
 from structauth.coap_actions import (
+    CONFIRM_OPTION_NUMBER,
     HANDSHAKE_PATH,
+    NO_PREVIOUS,
     PROOF_OPTION_NUMBER,
+    block_action,
     request_action,
     response_action,
 )
@@ -63,6 +78,9 @@ from structauth.session import HEADER_SIZE, Session, SessionState
 #: independent layers, so each defines it; tests/test_coap.py checks they agree).
 PROOF_OPTION = OptionNumber(PROOF_OPTION_NUMBER)
 PROOF_OPTION.set_format(OpaqueOption)
+#: Tessera-Confirm, 65007: msg3 on the first proven request(s) of a session.
+CONFIRM_OPTION = OptionNumber(CONFIRM_OPTION_NUMBER)
+CONFIRM_OPTION.set_format(OpaqueOption)
 
 
 _DIAGNOSTIC = re.compile(rb"^tessera: ([a-z_]+) \((\d+)\)")
@@ -77,6 +95,8 @@ _UNDERSTOOD_CRITICAL = frozenset(
 _REASON_CODES = frozenset(int(r) for r in Reason)
 METHODS = {"GET": 1, "POST": 2, "PUT": 3, "DELETE": 4, "FETCH": 5, "PATCH": 6, "iPATCH": 7}
 _CODES = {name: codes.Code(number) for name, number in METHODS.items()}
+#: Block1 size exponent of uploads (1024-byte blocks, aiocoap's UDP default)
+BLOCK_SZX = 6
 
 
 _request_action = functools.lru_cache(maxsize=1024)(request_action)
@@ -130,7 +150,8 @@ class ProvenResponse:
 
 
 class TesseraCoapClient:
-    """A device's CoAP client toward one gateway (``uri``: ``coap://host[:port]``)."""
+    """A device's CoAP client toward one gateway (``uri``: ``coap://host[:port]``,
+    ``gateway``: the gateway's identity, required)."""
 
     def __init__(
         self,
@@ -139,15 +160,18 @@ class TesseraCoapClient:
         credential: Credential,
         trust: TrustStore,
         uri: str,
-        gateway: Identity | None = None,
+        gateway: Identity,
         context: aiocoap.Context | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
         time_policy: Callable[[], TimePolicy] | None = None,
+        revoked: Callable[[Credential], bool] | None = None,
         renew_before: float = 60.0,
         min_handshake_interval: float = 1.0,
         handshake_path: Sequence[str] = HANDSHAKE_PATH,
     ) -> None:
+        if not isinstance(gateway, Identity):
+            raise TypeError("gateway: the Identity of the gateway to reach is required")
         self.signer = signer
         self.credential = credential
         self.trust = trust
@@ -155,15 +179,24 @@ class TesseraCoapClient:
         self.gateway = gateway
         self.clock = clock
         self._time_policy = time_policy or (lambda: TimePolicy.trusted(wall_clock()))
+        self.revoked = revoked
         self.renew_before = renew_before
         self.min_handshake_interval = min_handshake_interval
         self.handshake_path = tuple(handshake_path)
         self.session: Session | None = None
         self.handshakes = 0
+        #: how often the key-erasure timer ran (tests wait on it)
+        self.polls = 0
         self._last_handshake = float("-inf")
         self._context = context
         self._own_context = context is None
         self._lock = asyncio.Lock()
+        #: msg3 of each session the gateway has not yet shown it holds
+        self._unconfirmed: dict[bytes, bytes] = {}
+        #: every session still open (the current one and any older one a request in
+        #: flight may still use), polled by the key-erasure timer
+        self._live: list[Session] = []
+        self._timer: asyncio.TimerHandle | None = None
 
     async def _ctx(self) -> aiocoap.Context:
         if self._context is None:
@@ -171,9 +204,14 @@ class TesseraCoapClient:
         return self._context
 
     async def close(self) -> None:
-        if self.session is not None:
-            self.session.close()
-            self.session = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for session in self._live:
+            session.close()
+        self._live.clear()
+        self._unconfirmed.clear()
+        self.session = None
         if self._own_context and self._context is not None:
             await self._context.shutdown()
             self._context = None
@@ -183,6 +221,32 @@ class TesseraCoapClient:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+    # -- key erasure -----------------------------------------------------------------
+    def _arm(self) -> None:
+        """(Re-)arm the timer to the soonest key-erasure deadline of the live sessions."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        now = self.clock()
+        deadlines = [s.next_deadline_at(now) for s in self._live]
+        if not deadlines:
+            return
+        delay = max(0.0, min(deadlines) - now)
+        self._timer = asyncio.get_running_loop().call_later(delay, self._tick)
+
+    def _tick(self) -> None:
+        self._timer = None
+        now = self.clock()
+        self.polls += 1
+        for session in list(self._live):
+            session.poll(now)  # erases keys that left the window; ends the session at L
+            if session.state is SessionState.CLOSED:
+                self._live.remove(session)
+                self._unconfirmed.pop(session.session_id, None)
+                if session is self.session:
+                    self.session = None
+        self._arm()
 
     # -- handshake -------------------------------------------------------------------
     def _renew_at(self, session: Session) -> float:
@@ -220,30 +284,77 @@ class TesseraCoapClient:
             credential=self.credential,
             trust=self.trust,
             expected_peer=self.gateway,
-            peer_kind="broker",
         )
         msg1 = initiator.start()
         request = aiocoap.Message(code=codes.POST, uri=self.uri, payload=msg1, content_format=42)
         request.opt.uri_path = self.handshake_path
+        # a Request-Tag (RFC 9175) keeps the blocks of this handshake apart from any
+        # other one from the same endpoint
+        request.opt.add_option(OptionNumber.REQUEST_TAG.create_option(value=os.urandom(4)))
         self._last_handshake = self.clock()
         response = await self._send(request)
         if response.code != codes.CHANGED:
             raise GatewayRefused(response.code, bytes(response.payload))
-        done = initiator.receive(bytes(response.payload), self.clock(), self._time_policy())
-        old, self.session = self.session, done.session
-        self.handshakes += 1
+        done = initiator.receive(
+            bytes(response.payload), self.clock(), self._time_policy(), revoked=self.revoked
+        )
+        session = done.session
+        self._unconfirmed[session.session_id] = done.reply
         # make-before-break: requests in flight keep their reference to the old session
-        del old
-        return done.session
+        self.session = session
+        self._live.append(session)
+        self.handshakes += 1
+        self._arm()
+        return session
 
-    async def _send(self, request: aiocoap.Message) -> aiocoap.Message:
+    async def _send(self, request: aiocoap.Message, blockwise: bool = True) -> aiocoap.Message:
         ctx = await self._ctx()
         try:
-            return await ctx.request(request).response
+            return await ctx.request(request, handle_blockwise=blockwise).response
         except coap_error.Error as exc:
             raise CoapError(f"no answer from {self.uri}: {exc!r}") from None
 
     # -- requests --------------------------------------------------------------------
+    def _message(
+        self,
+        session: Session,
+        code: Any,
+        segments: tuple[str, ...],
+        query: tuple[str, ...],
+        content_format: int | None,
+        accept: int | None,
+        observe: int | None,
+        header: bytes,
+        body: bytes,
+    ) -> aiocoap.Message:
+        msg = aiocoap.Message(code=code, uri=self.uri, payload=body)
+        msg.opt.uri_path = segments
+        if query:
+            msg.opt.uri_query = query
+        if content_format is not None:
+            msg.opt.content_format = content_format
+        if accept is not None:
+            msg.opt.accept = accept
+        if observe is not None:
+            msg.opt.observe = observe
+        msg.opt.add_option(PROOF_OPTION.create_option(value=header))
+        msg3 = self._unconfirmed.get(session.session_id)
+        if msg3 is not None:
+            msg.opt.add_option(CONFIRM_OPTION.create_option(value=msg3))
+        return msg
+
+    @staticmethod
+    def _parse(
+        method: str, path: str | Sequence[str], query: Sequence[str]
+    ) -> tuple[Any, tuple[str, ...], tuple[str, ...]]:
+        code = _CODES.get(method)
+        if code is None:
+            raise CoapError(f"unknown CoAP method {method!r}", Reason.BAD_PARAMETERS)
+        segments = tuple(path.strip("/").split("/")) if isinstance(path, str) else tuple(path)
+        if segments == ("",):
+            segments = ()
+        return code, segments, tuple(query)
+
     def _build(
         self,
         session: Session,
@@ -255,26 +366,12 @@ class TesseraCoapClient:
         accept: int | None,
         observe: int | None,
     ) -> tuple[aiocoap.Message, bytes]:
-        code = _CODES.get(method)
-        if code is None:
-            raise CoapError(f"unknown CoAP method {method!r}", Reason.BAD_PARAMETERS)
-        segments = tuple(path.strip("/").split("/")) if isinstance(path, str) else tuple(path)
-        if segments == ("",):
-            segments = ()
-        query = tuple(query)
+        """One proven request (its whole payload in one message)."""
+        code, segments, query = self._parse(method, path, query)
         action = _request_action(int(code), segments, query, content_format, accept, observe)
         header, body = session.protect(action, payload, self.clock())
-        msg = aiocoap.Message(code=code, uri=self.uri, payload=body)
-        msg.opt.uri_path = segments
-        if query:
-            msg.opt.uri_query = tuple(query)
-        if content_format is not None:
-            msg.opt.content_format = content_format
-        if accept is not None:
-            msg.opt.accept = accept
-        if observe is not None:
-            msg.opt.observe = observe
-        msg.opt.add_option(PROOF_OPTION.create_option(value=header))
+        msg = self._message(session, code, segments, query, content_format, accept, observe,
+                            header, body)
         return msg, header
 
     def open_response(
@@ -303,6 +400,8 @@ class TesseraCoapClient:
             verified = session.verify(header, action, bytes(response.payload), self.clock())
         except TesseraError as exc:
             raise ResponseRejected(f"response refused: {exc.detail}", exc.reason) from None
+        # a proven response: the gateway holds this session, msg3 has done its job
+        self._unconfirmed.pop(session.session_id, None)
         cf = opt.content_format
         return ProvenResponse(
             response.code,
@@ -311,6 +410,62 @@ class TesseraCoapClient:
             response,
             verified.seq,
         )
+
+    async def _upload(
+        self,
+        session: Session,
+        method: str,
+        path: str | Sequence[str],
+        payload: bytes,
+        query: Sequence[str],
+        content_format: int | None,
+        accept: int | None,
+    ) -> tuple[aiocoap.Message, bytes]:
+        """Send ``payload`` block by block, each block proven and chained to the one
+        before; returns the (reassembled) final response and the last block's header."""
+        code, segments, query = self._parse(method, path, query)
+        action = _request_action(int(code), segments, query, content_format, accept, None)
+        size = 1 << (BLOCK_SZX + 4)
+        previous = NO_PREVIOUS
+        number = 0
+        while True:
+            chunk = payload[number * size : (number + 1) * size]
+            more = (number + 1) * size < len(payload)
+            bound = block_action(action, number, BLOCK_SZX, more, previous)
+            header, body = session.protect(bound, chunk, self.clock())
+            msg = self._message(session, code, segments, query, content_format, accept, None,
+                                header, body)
+            msg.opt.block1 = (number, more, BLOCK_SZX)
+            response = await self._send(msg, blockwise=False)
+            if not more:
+                return await self._rest_of_response(msg, response), header
+            if response.code != codes.CONTINUE:
+                return response, header
+            previous = header
+            number += 1
+
+    async def _rest_of_response(
+        self, request: aiocoap.Message, response: aiocoap.Message
+    ) -> aiocoap.Message:
+        """Fetch the later Block2 blocks of a response to a request sent without
+        aiocoap's automatic block-wise handling (same proof: the gateway serves them
+        from the response it proved whole)."""
+        block2 = response.opt.block2
+        if block2 is None or not block2.more:
+            return response
+        body = bytearray(response.payload)
+        while block2 is not None and block2.more:
+            follow = request.copy(payload=b"", mid=None, token=None, block1=None,
+                                  block2=(len(body) // block2.size, False, block2.size_exponent))
+            follow.opt.delete_option(CONFIRM_OPTION)
+            part = await self._send(follow, blockwise=False)
+            if part.opt.block2 is None or part.opt.block2.start != len(body):
+                return part  # a refusal, or something that does not continue the body
+            body += part.payload
+            block2 = part.opt.block2
+        whole = response.copy(payload=bytes(body))
+        whole.opt.block2 = None
+        return whole
 
     async def request(
         self,
@@ -325,16 +480,22 @@ class TesseraCoapClient:
         """Send one proven request and return the gateway's proven response."""
         for attempt in (0, 1):
             session = await self.session_for_use()
-            msg, header = self._build(
-                session, method, path, payload, query, content_format, accept, None
-            )
-            response = await self._send(msg)
+            if len(payload) > 1 << (BLOCK_SZX + 4):
+                response, header = await self._upload(
+                    session, method, path, payload, query, content_format, accept
+                )
+            else:
+                msg, header = self._build(
+                    session, method, path, payload, query, content_format, accept, None
+                )
+                response = await self._send(msg)
             try:
                 return self.open_response(session, header, response)
             except GatewayRefused as refused:
                 if attempt or not self._may_retry(refused, session):
                     raise
                 session.close()  # the gateway no longer knows it
+                self._unconfirmed.pop(session.session_id, None)
         raise AssertionError("unreachable")
 
     def _may_retry(self, refused: GatewayRefused, session: Session) -> bool:
@@ -374,12 +535,14 @@ class TesseraCoapClient:
 
 
 __all__ = [
+    "CONFIRM_OPTION",
     "PROOF_OPTION",
     "CoapError",
     "GatewayRefused",
     "ProvenResponse",
     "ResponseRejected",
     "TesseraCoapClient",
+    "block_action",
     "request_action",
     "response_action",
 ]

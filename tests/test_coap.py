@@ -36,6 +36,7 @@ from broker_plugin.coap_site import TesseraSite, local_port
 from broker_plugin.policy import parse_policy
 from device import coap as device_coap
 from device.coap import (
+    CONFIRM_OPTION,
     PROOF_OPTION,
     GatewayRefused,
     ResponseRejected,
@@ -44,7 +45,7 @@ from device.coap import (
 from simulator.fleet import T0, Fleet, Member
 from structauth.credentials import Identity
 from structauth.errors import ConfigurationError, Reason
-from structauth.handshake import Responder
+from structauth.handshake import Initiator, Responder
 from structauth.params import SessionParams
 
 T = TypeVar("T")
@@ -170,6 +171,7 @@ class Gateway:
 
     def client(self, name: str = "pi-1", uri: str | None = None, **kw: Any) -> TesseraCoapClient:
         member = self.world.devices[name]
+        kw.setdefault("gateway", self.world.gateway.credential.identity)
         return TesseraCoapClient(
             signer=member.signer,
             credential=member.credential,
@@ -177,6 +179,16 @@ class Gateway:
             uri=uri or self.uri,
             wall_clock=lambda: WALL,
             **kw,
+        )
+
+    def initiator(self, name: str = "pi-1") -> Initiator:
+        """A bare SA1 initiator of device ``name`` toward this gateway."""
+        member = self.world.devices[name]
+        return Initiator(
+            signer=member.signer,
+            credential=member.credential,
+            trust=self.world.fleet.trust,
+            expected_peer=self.world.gateway.credential.identity,
         )
 
 
@@ -188,25 +200,41 @@ async def gateway(
     policy: Any = None,
     lifetime: int = 3600,
     mount: tuple[str, ...] = (),
+    params: SessionParams | None = None,
+    pending_timeout: float = 10.0,
+    audit: Any = None,
+    **site_options: Any,
 ) -> AsyncIterator[Gateway]:
     seen, config, clock = Seen(), Config(), Clock()
     responder = Responder(
         signer=world.gateway.signer,
         credential=world.gateway.credential,
         trust=world.fleet.trust,
-        params=SessionParams(sealed=sealed, lifetime_s=lifetime),
+        params=params or SessionParams(sealed=sealed, lifetime_s=lifetime),
+        pending_timeout=pending_timeout,
     )
+    if audit is not None:
+        site_options["audit"] = audit
     site = TesseraSite(
-        inner_site(seen, config), responder, policy, clock=clock, wall_clock=lambda: WALL
+        inner_site(seen, config),
+        responder,
+        policy,
+        clock=clock,
+        wall_clock=lambda: WALL,
+        **site_options,
     )
     root: Any = site
     if mount:
         root = resource.Site()
         root.add_resource(list(mount), site)
-    context = await aiocoap.Context.create_server_context(root, bind=("127.0.0.1", 0))
+    context = await aiocoap.Context.create_server_context(
+        root, bind=("127.0.0.1", 0), transports=["udp6"]
+    )
+    site.attach(context)
     try:
         yield Gateway(site, context, local_port(context), seen, config, clock, world)
     finally:
+        site.close()
         await context.shutdown()
 
 
@@ -328,14 +356,13 @@ def test_full_exchange(world: World, sealed: bool) -> None:
 
 
 def test_handshake_messages_travel_blockwise(world: World) -> None:
-    """msg1 and msg2 are ~2 KB: more than one block each on aiocoap's 1024-byte blocks."""
+    """msg1 and msg2 are ~2 KB: more than one block each on aiocoap's 1024-byte blocks.
+    msg2 leaves only a pending handshake; the session exists once msg3 (on the first
+    proven request) verified."""
 
     async def scenario() -> None:
         async with gateway(world) as gw:
-            from structauth.handshake import Initiator
-
-            dev = world.devices["pi-1"]
-            ini = Initiator(signer=dev.signer, credential=dev.credential, trust=world.fleet.trust)
+            ini = gw.initiator()
             msg1 = ini.start()
             assert len(msg1) > 1024
             ctx = await aiocoap.Context.create_client_context()
@@ -346,13 +373,24 @@ def test_handshake_messages_travel_blockwise(world: World) -> None:
                 from structauth.credentials import TimePolicy
 
                 done = ini.receive(bytes(resp.payload), time.monotonic(), TimePolicy.trusted(WALL))
-                assert done.session.session_id in gw.site.sessions
+                sid = done.session.session_id
+                assert sid not in gw.site.sessions  # pending only: nothing granted yet
+                assert sid in gw.site.handshakes.pending
                 # the same msg1 again is a replayed handshake
                 again = await raw_request(ctx, gw.uri + "/.well-known/sa1", codes.POST, msg1)
                 assert again.code == codes.UNAUTHORIZED
                 assert reason_of(again) is Reason.HANDSHAKE_REPLAYED
                 wrong = await raw_request(ctx, gw.uri + "/.well-known/sa1", codes.GET)
                 assert wrong.code == codes.METHOD_NOT_ALLOWED
+                # msg3 rides on the first proven request
+                action = coap_site.request_action(1, ("sensors", "pi-1", "temp"))
+                header, _ = done.session.protect(action, b"", time.monotonic())
+                msg = aiocoap.Message(code=codes.GET, uri=gw.uri + "/sensors/pi-1/temp")
+                msg.opt.add_option(PROOF_OPTION.create_option(value=header))
+                msg.opt.add_option(CONFIRM_OPTION.create_option(value=done.reply))
+                first = await ctx.request(msg).response
+                assert first.code == codes.CONTENT and first.opt.get_option(PROOF_OPTION)
+                assert sid in gw.site.sessions and sid not in gw.site.handshakes.pending
             finally:
                 await ctx.shutdown()
 
@@ -658,12 +696,7 @@ def test_responses_not_from_the_gateway_are_rejected(world: World, sealed: bool)
 def test_malformed_handshakes_are_refused_cleanly(world: World) -> None:
     async def scenario() -> None:
         async with gateway(world) as gw:
-            from structauth.handshake import Initiator
-
-            dev = world.devices["pi-1"]
-            good = Initiator(
-                signer=dev.signer, credential=dev.credential, trust=world.fleet.trust
-            ).start()
+            good = gw.initiator().start()
             n = len(good)
             lengths = sorted({*range(0, 12), *range(12, n + 40, 97), n - 1, n + 1, 2 * n})
             payloads = [good[:k] if k <= n else good + os.urandom(k - n) for k in lengths]

@@ -1,0 +1,200 @@
+"""Bounds on what aiocoap's own message layer keeps for the gateway, and clean refusals
+of datagrams it cannot decode.
+
+aiocoap 0.4.17's message layer remembers every request it receives, keyed by (remote,
+message id), for EXCHANGE_LIFETIME (247 s) with one timer each, and the response to it,
+so that a retransmitted confirmable request is answered byte for byte instead of run
+twice (RFC 7252 section 4.5). That is per-message state for anyone who can send a
+datagram: a 10 s flood of refused requests leaves tens of thousands of entries for four
+minutes. :func:`harden` replaces that store on a gateway's context with two
+:class:`~broker_plugin.coap_limits.BoundedTable` (owner: the source address):
+
+* **proven** exchanges (the response carries the gateway's proof): kept for 247 s as
+  the RFC asks, at most :attr:`DedupLimits.proven` per source and in all;
+* everything else (requests in progress, 2.31 Continue, msg2 blocks): 10 s, a small
+  budget per source and in all. An unproven refusal (4.xx/5.xx without a proof) is not
+  kept at all: a retransmission of a refused request is simply judged again (the
+  answer is the same, and it costs a parse and a table lookup).
+
+Evicting an entry early costs only this: a retransmission of that request is processed
+again (a proven request is then refused ``replayed``, never served twice).
+
+It also catches what aiocoap lets escape from its UDP transport: a string option (Uri-
+Path, Uri-Query, Uri-Host, ...) that is not UTF-8 raises UnicodeDecodeError out of
+``Message.decode`` and a traceback into the event loop's log. Such a confirmable request
+gets 4.02 Bad Option (RFC 7252 5.4.1: an invalid critical option is treated like an
+unrecognized one) and one log line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiocoap
+from aiocoap.numbers import codes
+from aiocoap.numbers.types import Type
+
+from .coap_limits import BoundedTable, Limits, source_of
+
+log = logging.getLogger("tessera.coap")
+
+#: RFC 7252 EXCHANGE_LIFETIME
+EXCHANGE_LIFETIME = 247.0
+#: what an entry without a stored response is counted as
+ENTRY_COST = 160
+
+
+def _default_unproven() -> Limits:
+    return Limits(per_owner=64, per_owner_bytes=96 * 1024, total=4096,
+                  total_bytes=4 * 1024 * 1024, idle=10.0)
+
+
+def _default_proven() -> Limits:
+    return Limits(per_owner=4096, per_owner_bytes=4 * 1024 * 1024, total=65536,
+                  total_bytes=32 * 1024 * 1024, idle=EXCHANGE_LIFETIME)
+
+
+@dataclass(frozen=True)
+class DedupLimits:
+    """Bounds of the message-deduplication store (owner: the source address)."""
+
+    unproven: Limits = field(default_factory=_default_unproven)
+    proven: Limits = field(default_factory=_default_proven)
+
+
+def _message_cost(message: Any) -> int:
+    return ENTRY_COST + len(message.payload) + 8 * len(message.opt._options)
+
+
+class BoundedDedup:
+    """Stands in for aiocoap MessageManager's ``_recent_messages`` bookkeeping."""
+
+    def __init__(
+        self,
+        manager: Any,
+        limits: DedupLimits,
+        is_proven: Callable[[Any], bool],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.manager = manager
+        self.limits = limits
+        self.is_proven = is_proven
+        self.clock = clock
+        self.unproven: BoundedTable[tuple[Any, int], Any] = BoundedTable(limits.unproven)
+        self.proven: BoundedTable[tuple[Any, int], Any] = BoundedTable(limits.proven)
+
+    def __len__(self) -> int:
+        return len(self.unproven) + len(self.proven)
+
+    @property
+    def bytes(self) -> int:
+        return self.unproven.bytes + self.proven.bytes
+
+    def deduplicate(self, message: Any) -> bool:
+        """aiocoap's ``_deduplicate_message``: True if ``message`` is a duplicate (and
+        the stored response, if any, was sent again)."""
+        key = (message.remote, message.mid)
+        now = self.clock()
+        for table in (self.proven, self.unproven):
+            stored = table.get(key, now)
+            if key in table:
+                if message.mtype is aiocoap.CON and stored is not None:
+                    self.manager._send_initially(stored)
+                return True
+        self.unproven.put(key, source_of(message.remote), None, ENTRY_COST, now)
+        return False
+
+    def store(self, message: Any) -> None:
+        """aiocoap's ``_store_response_for_duplicates``."""
+        key = (message.remote, message.mid)
+        if key not in self.unproven:
+            return
+        now = self.clock()
+        owner = self.unproven.owner_of(key) or source_of(message.remote)
+        if self.is_proven(message):
+            self.unproven.pop(key)
+            self.proven.put(key, owner, message, _message_cost(message), now)
+        elif message.code is not None and message.code.class_ in (4, 5):
+            self.unproven.pop(key)
+        else:
+            self.unproven.put(key, owner, message, _message_cost(message), now)
+
+    def expire(self, now: float | None = None) -> None:
+        now = self.clock() if now is None else now
+        self.unproven.expire(now)
+        self.proven.expire(now)
+
+
+def _udp_interfaces(context: Any) -> list[tuple[Any, Any]]:
+    """(MessageManager, UDP message interface) pairs of an aiocoap context."""
+    out = []
+    for interface in getattr(context, "request_interfaces", ()):
+        manager = getattr(interface, "token_interface", None)
+        transport = getattr(manager, "message_interface", None)
+        if manager is not None and hasattr(manager, "_deduplicate_message") and transport:
+            out.append((manager, transport))
+    return out
+
+
+def _bad_option_reply(data: bytes) -> bytes | None:
+    """The 4.02 ACK for an undecodable confirmable request datagram, or None when the
+    datagram is not one (then it is dropped, as RFC 7252 allows)."""
+    if len(data) < 4:
+        return None
+    first = data[0]
+    tkl = first & 0x0F
+    if first >> 6 != 1 or tkl > 8 or len(data) < 4 + tkl:
+        return None
+    mtype = (first >> 4) & 0x03
+    code = data[1]
+    if mtype != Type.CON or not 1 <= code <= 31:
+        return None
+    return bytes((0x60 | tkl, int(codes.BAD_OPTION))) + data[2:4] + data[4 : 4 + tkl]
+
+
+def harden(
+    context: Any,
+    *,
+    limits: DedupLimits | None = None,
+    is_proven: Callable[[Any], bool],
+    on_malformed: Callable[[str, str], None] | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> list[BoundedDedup]:
+    """Bound ``context``'s message-deduplication state and catch undecodable datagrams
+    (module docstring). ``on_malformed(address, detail)`` is told about each one (the
+    site logs and counts it). Returns the new stores (one per UDP interface)."""
+    limits = limits or DedupLimits()
+    stores = []
+    for manager, transport in _udp_interfaces(context):
+        store = BoundedDedup(manager, limits, is_proven, clock)
+        manager._deduplicate_message = store.deduplicate
+        manager._store_response_for_duplicates = store.store
+        manager._recent_messages = {}
+        stores.append(store)
+        original = getattr(transport, "datagram_msg_received", None)
+        if original is None:
+            continue
+
+        def guarded(data: bytes, ancdata: Any, flags: int, address: Any,
+                    _original: Any = original, _transport: Any = transport) -> None:
+            try:
+                _original(data, ancdata, flags, address)
+            except UnicodeDecodeError as exc:
+                where = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else "?"
+                if on_malformed is not None:
+                    on_malformed(where, f"option value is not UTF-8 ({exc.reason})")
+                reply = _bad_option_reply(data)
+                if reply is not None:
+                    with contextlib.suppress(OSError):
+                        _transport.transport.sendmsg(reply, [], 0, address)
+
+        transport.datagram_msg_received = guarded
+    return stores
+
+
+__all__ = ["EXCHANGE_LIFETIME", "BoundedDedup", "DedupLimits", "harden"]
