@@ -8,6 +8,10 @@ A policy is one TOML file::
     publish   = ["devices/{id}/telemetry/#", "devices/{id}/events/+"]
     subscribe = ["devices/{id}/commands/#", "fleet/announcements"]
 
+    retain    = ["devices/{id}/state"]  # retained PUBLISHes (and Wills) kept here only
+    will      = ["devices/{id}/will"]   # the only topics a Will may be published on
+    will_delay = false              # may a Will be sent after its connection ended
+
     [classes.default.step_up]       # publishing here demands fresh hardware proof
     publish   = ["devices/{id}/firmware/#"]
     quote     = true                # ... with a TPM quote (default false)
@@ -28,6 +32,19 @@ Rules:
 
 * ``version`` is required and must be 1. Every key is optional except ``step_up.publish``;
   an unknown key is an error, not ignored.
+* ``retain`` and ``will`` narrow the ``publish`` grant (each of their templates must lie
+  inside a ``publish`` template of the same class, checked when the policy loads):
+  ``retain`` lists the topics where the retain flag of a PUBLISH or a Will is honoured
+  (a retained PUBLISH elsewhere is refused before its proof is checked; default:
+  nowhere); ``will`` lists the device's *will topics* (default: none, so no Wills at
+  all). A will topic carries Wills only: an ordinary PUBLISH to it is refused, so a
+  subscriber knows from the topic alone whether a message passed its per-message proof
+  (every other topic) or is a Will (unproven: the payload the device put in its CONNECT,
+  published by the broker for a connection that completed key confirmation).
+  ``will_delay = true`` lets a Will through that Mosquitto sends after the connection
+  ended (MQTT 5 Will Delay Interval, or a session ending later); default false, because
+  the broker can no longer tell then whether the device was revoked meanwhile
+  (docs/MQTT.md, "Every path into the broker").
 * Class names are letters, digits, ``.``, ``_`` and ``-``. ``inherits`` names one other
   class; the child gets the union of its own and all its ancestors' templates (step-up
   rules included: a child can add permissions and step-ups, never remove them).
@@ -54,11 +71,13 @@ Inheritance unites them per method like the other lists. A policy without any ``
 table has the same digest as before the table existed.
 
 Checks: a PUBLISH topic (no wildcards) is allowed if some ``publish`` template matches
-it. A subscription filter is allowed only if every topic it can match is matched by one
-``subscribe`` template (``devices/pi-1/commands/#`` is inside ``devices/{id}/commands/#``
-for pi-1; ``devices/+/commands/#`` and ``#`` are not). ``$share/<group>/<filter>`` is
-judged by ``<filter>``. A concrete topic given to :meth:`Policy.may_subscribe` (delivery
-of one message) is checked the same way.
+it and no ``will`` template does. A subscription filter is allowed only if every topic
+it can match is matched by one ``subscribe`` template (``devices/pi-1/commands/#`` is
+inside ``devices/{id}/commands/#`` for pi-1; ``devices/+/commands/#`` and ``#`` are not).
+``$share/<group>/<filter>`` is judged by ``<filter>``, and a filter starting with a
+wildcard never covers ``$SYS/...`` or ``$CONTROL/...``: those need a template of their
+own. A concrete topic given to :meth:`Policy.may_subscribe` (delivery of one message) is
+checked the same way.
 
 :attr:`Policy.digest` is SHA-256 over a canonical form of the effective rules: it ignores
 formatting, comments, order, duplicates and how inheritance spelled them, and changes
@@ -126,6 +145,12 @@ class Rules:
     step_up: tuple[StepUp, ...] = ()
     #: CoAP grants as (method, path template) pairs
     coap: tuple[tuple[str, str], ...] = ()
+    #: topics where a retained PUBLISH or Will is kept
+    retain: tuple[str, ...] = ()
+    #: will topics (Wills only, never an ordinary PUBLISH)
+    will: tuple[str, ...] = ()
+    #: a Will may be sent after its connection ended (Will Delay Interval)
+    will_delay: bool = False
 
     def canonical(self) -> dict[str, Any]:
         quotes: dict[str, bool] = {}
@@ -141,6 +166,13 @@ class Rules:
             for method, template in self.coap:
                 methods.setdefault(method, set()).add(template)
             canonical["coap"] = {m: sorted(t) for m, t in sorted(methods.items())}
+        # absent when unused, so policies written before these keys keep their digest
+        if self.retain:
+            canonical["retain"] = sorted(set(self.retain))
+        if self.will:
+            canonical["will"] = sorted(set(self.will))
+        if self.will_delay:
+            canonical["will_delay"] = True
         return canonical
 
 
@@ -229,6 +261,10 @@ class _Grant:
     no_subscribe: Decision
     coap: dict[str, tuple[tuple[Levels, Decision], ...]] = field(default_factory=dict)
     no_coap: Decision = Decision(False, "no CoAP template matches")
+    retain: tuple[tuple[Levels, Decision], ...] = ()
+    will: tuple[tuple[Levels, Decision], ...] = ()
+    will_delay: bool = False
+    label: str = ""
 
     @classmethod
     def compile(cls, label: str, rules: Rules, placeholders: Sequence[str]) -> _Grant:
@@ -239,6 +275,16 @@ class _Grant:
             return Decision(True, f"{label}: {action} allowed by {text!r}")
 
         steps = sorted(rules.step_up, key=lambda s: not s.quote)  # a quote wins
+        publish = tuple(levels(t, "publish") for t in rules.publish)
+        for key, narrowing in (("retain", rules.retain), ("will", rules.will)):
+            for t in narrowing:
+                inner = levels(t, key)
+                if not any(_covers(outer, inner) for outer in publish):
+                    raise ConfigurationError(
+                        f"{label}.{key}: {t!r} is not inside any publish template of "
+                        f"{label}; add it to publish too (a {key} template only narrows "
+                        "what the class may publish)"
+                    )
         coap: dict[str, list[tuple[Levels, Decision]]] = {}
         for method, t in rules.coap:
             coap.setdefault(method, []).append(
@@ -252,6 +298,10 @@ class _Grant:
             Decision(False, f"{label}: no subscribe template covers the filter"),
             {m: tuple(grants) for m, grants in coap.items()},
             Decision(False, f"{label}: no CoAP template matches the method and path"),
+            tuple((levels(t, "retain"), allow("retain", t)) for t in rules.retain),
+            tuple((levels(t, "will"), allow("a Will", t)) for t in rules.will),
+            rules.will_delay,
+            label,
         )
 
     def fill(self, values: Mapping[str, str]) -> _Grant:
@@ -266,6 +316,10 @@ class _Grant:
             self.no_subscribe,
             {m: tuple((expand(lv), d) for lv, d in g) for m, g in self.coap.items()},
             self.no_coap,
+            tuple((expand(lv), d) for lv, d in self.retain),
+            tuple((expand(lv), d) for lv, d in self.will),
+            self.will_delay,
+            self.label,
         )
 
 
@@ -358,8 +412,53 @@ class Policy:
         levels = topic.split("/")
         for template, decision in grant.publish:
             if _covers(template, levels):
+                for will, _ in grant.will:
+                    if _covers(will, levels):
+                        return Decision(False, f"{grant.label}: {topic!r} is a will topic "
+                                        "(only Wills are published there)")
                 return decision
         return grant.no_publish
+
+    def may_retain(self, identity: Identity, device_class: str, topic: str) -> Decision:
+        """May a retained PUBLISH (or a retained Will) of ``identity`` on the concrete
+        ``topic`` be kept? Says nothing about the publish itself."""
+        grant = self._grant(identity.uri, device_class)
+        if isinstance(grant, Decision):
+            return grant
+        if not topic or "+" in topic or "#" in topic or "\0" in topic:
+            return _WILDCARD_TOPIC
+        levels = topic.split("/")
+        for template, decision in grant.retain:
+            if _covers(template, levels):
+                return decision
+        return Decision(False, f"{grant.label}: no retain template matches {topic!r} "
+                        "(a retained message is kept only where the policy says)")
+
+    def may_will(self, identity: Identity, device_class: str, topic: str, *,
+                 retain: bool = False, delayed: bool = False) -> Decision:
+        """May the broker publish a Will of ``identity`` on ``topic``: inside its publish
+        grant, on one of its will topics, retained only where ``retain`` allows, and
+        after the connection ended (``delayed``) only with ``will_delay``?"""
+        grant = self._grant(identity.uri, device_class)
+        if isinstance(grant, Decision):
+            return grant
+        if not topic or "+" in topic or "#" in topic or "\0" in topic:
+            return _WILDCARD_TOPIC
+        levels = topic.split("/")
+        if not any(_covers(t, levels) for t, _ in grant.publish):
+            return grant.no_publish
+        allowed = next((d for t, d in grant.will if _covers(t, levels)), None)
+        if allowed is None:
+            return Decision(False, f"{grant.label}: {topic!r} is not a will topic "
+                            "(no will template matches)")
+        if retain:
+            kept = self.may_retain(identity, device_class, topic)
+            if not kept:
+                return kept
+        if delayed and not grant.will_delay:
+            return Decision(False, f"{grant.label}: a Will sent after its connection ended "
+                            "needs will_delay = true")
+        return allowed
 
     def may_subscribe(self, identity: Identity, device_class: str, topic_filter: str) -> Decision:
         """May ``identity`` subscribe to ``topic_filter``, i.e. is every topic it can
@@ -451,6 +550,13 @@ def _templates(
     return values
 
 
+def _switch(table: Mapping[str, Any], key: str, where: str) -> bool:
+    value = table.get(key, False)
+    if type(value) is not bool:
+        raise ConfigurationError(f"{where}.{key} must be true or false, not {_type_name(value)}")
+    return value
+
+
 def _step_ups(body: Mapping[str, Any], where: str) -> tuple[StepUp, ...]:
     raw = body.get("step_up", [])
     many = isinstance(raw, list)
@@ -487,7 +593,8 @@ def _class_rules(doc: Mapping[str, Any]) -> dict[str, Rules]:
     for name, body in _table(doc.get("classes", {}), "classes").items():
         where = f"classes.{name}"
         body = _table(body, where)
-        _only(body, where, ("inherits", "publish", "subscribe", "step_up", "coap"))
+        _only(body, where, ("inherits", "publish", "subscribe", "step_up", "coap", "retain",
+                            "will", "will_delay"))
         parent = body.get("inherits")
         if parent is not None and not isinstance(parent, str):
             raise ConfigurationError(
@@ -500,6 +607,9 @@ def _class_rules(doc: Mapping[str, Any]) -> dict[str, Rules]:
                 _templates(body, "subscribe", where, CLASS_PLACEHOLDERS),
                 _step_ups(body, where),
                 _coap(body, where, CLASS_PLACEHOLDERS),
+                _templates(body, "retain", where, CLASS_PLACEHOLDERS),
+                _templates(body, "will", where, CLASS_PLACEHOLDERS),
+                _switch(body, "will_delay", where),
             ),
         )
     resolved = {}
@@ -525,6 +635,9 @@ def _class_rules(doc: Mapping[str, Any]) -> dict[str, Rules]:
             tuple(dict.fromkeys(t for r in own for t in r.subscribe)),
             tuple(dict.fromkeys(s for r in own for s in r.step_up)),
             tuple(dict.fromkeys(c for r in own for c in r.coap)),
+            tuple(dict.fromkeys(t for r in own for t in r.retain)),
+            tuple(dict.fromkeys(t for r in own for t in r.will)),
+            any(r.will_delay for r in own),
         )
     return resolved
 
@@ -548,11 +661,14 @@ def _parse(text: str, cache_size: int) -> Policy:
         )
     classes = _class_rules(doc)
     brokers = _table(doc.get("brokers", {}), "brokers")
-    _only(brokers, "brokers", ("publish", "subscribe", "coap"))
+    _only(brokers, "brokers", ("publish", "subscribe", "coap", "retain", "will", "will_delay"))
     rules = Rules(
         _templates(brokers, "publish", "brokers", BROKER_PLACEHOLDERS),
         _templates(brokers, "subscribe", "brokers", BROKER_PLACEHOLDERS),
         coap=_coap(brokers, "brokers", BROKER_PLACEHOLDERS),
+        retain=_templates(brokers, "retain", "brokers", BROKER_PLACEHOLDERS),
+        will=_templates(brokers, "will", "brokers", BROKER_PLACEHOLDERS),
+        will_delay=_switch(brokers, "will_delay", "brokers"),
     )
     return Policy(classes, rules, cache_size)
 

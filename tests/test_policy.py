@@ -709,3 +709,105 @@ def test_allowed_subscription_only_sees_allowed_topics(
             continue  # '#' or '+' given nothing: an empty topic is no topic
         assert reference_match(topic_filter, topic)
         assert p.may_publish(PI, "c", topic).allowed, (topic_filter, topic)
+
+
+# -- retain, Wills (every path into the broker: docs/MQTT.md) ------------------------------
+
+WILLS = """\
+version = 1
+
+[classes.default]
+publish   = ["devices/{id}/telemetry/#", "devices/{id}/state", "devices/{id}/will"]
+subscribe = ["devices/{id}/commands/#"]
+retain    = ["devices/{id}/state", "devices/{id}/will"]
+will      = ["devices/{id}/will"]
+
+[classes.roamer]
+inherits   = "default"
+will_delay = true
+
+[classes.plain]
+publish   = ["devices/{id}/telemetry/#"]
+
+[brokers]
+publish   = ["#"]
+subscribe = ["#"]
+retain    = ["fleet/#"]
+"""
+
+
+def test_no_wills_and_no_retained_messages_unless_the_policy_says(policy: Policy) -> None:
+    for topic in ("devices/pi-1/telemetry/t", "devices/pi-1/events/x"):
+        assert policy.may_publish(PI, "default", topic)
+        assert not policy.may_will(PI, "default", topic)
+        assert not policy.may_retain(PI, "default", topic)
+    assert not policy.may_retain(BRIDGE, "default", "fleet/x")
+
+
+def test_a_will_topic_carries_wills_only() -> None:
+    p = parse_policy(WILLS)
+    will = "devices/pi-1/will"
+    assert p.may_will(PI, "default", will)
+    assert p.may_will(PI, "default", will, retain=True)  # retain lists it
+    denied = p.may_publish(PI, "default", will)  # an ordinary PUBLISH: never there
+    assert not denied and "will topic" in denied.reason
+    assert p.may_publish(PI, "default", "devices/pi-1/state")  # proven, retained
+    assert p.may_retain(PI, "default", "devices/pi-1/state")
+    assert not p.may_retain(PI, "default", "devices/pi-1/telemetry/t")
+
+
+@pytest.mark.parametrize(
+    ("device_class", "topic", "kw", "why"),
+    [
+        ("default", "devices/pi-2/will", {}, "no publish template"),  # another device's
+        ("default", "devices/pi-1/state", {}, "not a will topic"),  # publishable, not a will
+        ("default", "devices/pi-1/telemetry/t", {}, "not a will topic"),
+        ("default", "devices/pi-1/will", {"delayed": True}, "will_delay"),
+        ("plain", "devices/pi-1/telemetry/t", {}, "not a will topic"),  # default: no Wills
+        ("default", "devices/pi-1/+", {}, "without wildcards"),
+        ("default", "$SYS/broker/x", {}, "no publish template"),
+        ("nope", "devices/pi-1/will", {}, "unknown device class"),
+    ],
+)
+def test_wills_refused(device_class: str, topic: str, kw: dict[str, bool], why: str) -> None:
+    decision = parse_policy(WILLS).may_will(PI, device_class, topic, **kw)
+    assert not decision and why in decision.reason, decision.reason
+
+
+def test_retained_wills_need_retain_and_delayed_wills_need_will_delay() -> None:
+    p = parse_policy(WILLS.replace('retain    = ["devices/{id}/state", "devices/{id}/will"]',
+                                   'retain    = ["devices/{id}/state"]'))
+    assert p.may_will(PI, "default", "devices/pi-1/will")
+    refused = p.may_will(PI, "default", "devices/pi-1/will", retain=True)
+    assert not refused and "retain" in refused.reason
+    p = parse_policy(WILLS)
+    assert p.may_will(PI, "roamer", "devices/pi-1/will", delayed=True)  # inherited, plus
+    assert not p.may_will(BRIDGE, "x", "fleet/x")  # brokers: no will templates
+    assert p.may_retain(BRIDGE, "x", "fleet/a/b")
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ('will = ["devices/{id}/other"]', "classes.c.will: 'devices/{id}/other' is not inside"),
+        ('retain = ["#"]', "classes.c.retain: '#' is not inside any publish template"),
+        ('will = ["devices/+/will"]', "is not inside any publish template"),
+        ("will_delay = 1", "classes.c.will_delay must be true or false, not integer"),
+        ('will = "devices/{id}/will"', "classes.c.will must be an array of strings"),
+    ],
+)
+def test_retain_and_will_templates_only_narrow_publish(extra: str, message: str) -> None:
+    with pytest.raises(ConfigurationError) as err:
+        rules('"devices/{id}/will", "devices/{id}/t/#"', extra=extra)
+    assert message in str(err.value)
+
+
+def test_retain_and_will_keep_old_digests_and_change_the_digest_when_used() -> None:
+    base = parse_policy(EXAMPLE).digest
+    with_empty = EXAMPLE.replace("[classes.gateway]",
+                                 "retain = []\nwill = []\nwill_delay = false\n[classes.gateway]")
+    assert parse_policy(with_empty).digest == base
+    for extra in ('retain = ["devices/{id}/events/+"]', 'will = ["devices/{id}/events/+"]',
+                  "will_delay = true"):
+        changed = EXAMPLE.replace("[classes.gateway]", f"{extra}\n[classes.gateway]")
+        assert parse_policy(changed).digest != base, extra
