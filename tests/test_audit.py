@@ -22,15 +22,21 @@ from broker_plugin.audit import (
     EVENTS,
     GENESIS,
     HANDSHAKE_OK,
+    HANDSHAKE_REFUSED,
     MESSAGE_REJECTED,
+    REFUSALS_AGGREGATED,
+    WILL_REFUSED,
     AsyncAuditWriter,
     AuditLog,
+    RefusalAggregation,
     canonical,
     load_key,
     main,
+    source_of,
     verify_chain,
 )
 from structauth.errors import ConfigurationError, Reason, StateError
+from tests.support import wait_for
 
 KEY = bytes(range(32))
 T0 = 1_700_000_000.0
@@ -133,7 +139,7 @@ def test_reserved_fields_and_bad_configuration(tmp_path: Path) -> None:
         AuditLog(tmp_path / "b.log", max_bytes=0)
     with pytest.raises(ConfigurationError):
         AuditLog(tmp_path / "missing-dir" / "c.log")
-    assert CHAIN_BREAK in EVENTS and AUDIT_OVERFLOW in EVENTS and len(EVENTS) == 14
+    assert CHAIN_BREAK in EVENTS and AUDIT_OVERFLOW in EVENTS and len(EVENTS) == 17
 
 
 def test_second_writer_is_refused(tmp_path: Path) -> None:
@@ -617,3 +623,113 @@ def test_cli_as_a_module(tmp_path: Path) -> None:
     )
     assert run.returncode == 1 and run.stdout.startswith("FAIL: 1 problem(s)")
     assert run.stdout.count("\n") == 1
+
+
+# -- aggregation of unauthenticated refusals ---------------------------------------------------
+class StillClock:
+    """A wall clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def refused(writer: AsyncAuditWriter, address: str = "127.0.0.9", reason: str = "malformed",
+            **extra: Any) -> bool:
+    return writer.submit(HANDSHAKE_REFUSED, client_id="spiffe://x/device/who", address=address,
+                         reason=reason, detail="no SA1 msg1", **extra)
+
+
+def test_a_refusal_flood_from_one_source_writes_two_records(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    writer = AsyncAuditWriter(AuditLog(path))
+    for _ in range(5000):
+        assert refused(writer)
+    assert writer.flush_refusals(5)
+    writer.close()
+    recs = records(path)
+    assert [r["event"] for r in recs] == [HANDSHAKE_REFUSED, REFUSALS_AGGREGATED]
+    first, summary = recs
+    assert first["address"] == "127.0.0.9" and first["detail"] == "no SA1 msg1"
+    assert summary["refused_event"] == HANDSHAKE_REFUSED and summary["reason"] == "malformed"
+    assert summary["source"] == "127.0.0.9" and summary["count"] == 4999
+    assert summary["first"] <= summary["last"] and summary["interval_s"] == 10.0
+    assert summary["client_id"] == "spiffe://x/device/who"
+    assert path.stat().st_size < 2000
+    assert verify_chain([path]).ok
+    assert writer.aggregate is not None and writer.aggregate.offered_total == 5000
+
+
+def test_each_window_gets_its_own_records_and_the_writer_ends_it_alone(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    clock = StillClock()
+    writer = AsyncAuditWriter(AuditLog(path, clock=clock),
+                              aggregate=RefusalAggregation(interval_s=0.2))
+    for _ in range(3):
+        refused(writer)
+    clock.now += 1.0  # past the window: the writer thread writes it without being asked
+    wait_for(lambda: any(r["event"] == REFUSALS_AGGREGATED for r in records(path)),
+             what="the window's summary")
+    refused(writer)  # a new window: written in full again
+    refused(writer, reason="bad_confirmation")  # another reason: its own entry
+    writer.close()  # close ends the last window
+    recs = records(path)
+    assert [(r["event"], r.get("reason"), r.get("count")) for r in recs] == [
+        (HANDSHAKE_REFUSED, "malformed", None),
+        (REFUSALS_AGGREGATED, "malformed", 2),
+        (HANDSHAKE_REFUSED, "malformed", None),
+        (HANDSHAKE_REFUSED, "bad_confirmation", None),
+    ]
+    assert recs[1]["first"] == recs[1]["last"] == "2023-11-14T22:13:20.000000Z"
+    assert verify_chain([path]).ok
+
+
+def test_confirmed_session_events_are_never_aggregated(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    writer = AsyncAuditWriter(AuditLog(path))
+    for _ in range(3):
+        refused(writer, reauth=True)  # a refused re-authentication on a live connection
+        writer.submit(WILL_REFUSED, client_id="c", address=None, reason="not_authorized",
+                      confirmed=True)
+        writer.submit(HANDSHAKE_REFUSED, session=b"\x01" * 8, reason="x", address="a")
+        writer.submit(MESSAGE_REJECTED, session=b"\x01" * 8, reason="bad_tag")
+    for _ in range(3):  # an unconfirmed connection's Will is an outsider's
+        writer.submit(WILL_REFUSED, client_id="c", reason="unconfirmed", confirmed=False)
+    writer.close()
+    events = [r["event"] for r in records(path)]
+    assert events.count(HANDSHAKE_REFUSED) == 6 and events.count(MESSAGE_REJECTED) == 3
+    assert events.count(WILL_REFUSED) == 4  # 3 confirmed + the first unconfirmed one
+    [summary] = [r for r in records(path) if r["event"] == REFUSALS_AGGREGATED]
+    assert summary["refused_event"] == WILL_REFUSED and summary["count"] == 2
+    assert summary["source"] == "?"  # a Will check knows no address
+
+
+def test_the_table_is_bounded_per_source_and_in_total() -> None:
+    agg = RefusalAggregation(per_source=2, sources=3, immediate=4)
+    written = [agg.offer(HANDSHAKE_REFUSED, {"reason": f"r{i}", "address": "10.0.0.1"}, T0)
+               for i in range(5)]
+    assert written == [True, True, True, False, False]  # r0, r1, then "other" for the rest
+    for n in range(2, 40):  # the table is full (3 entries): other sources go to "*"
+        agg.offer(HANDSHAKE_REFUSED, {"reason": "malformed", "address": f"10.0.0.{n}"}, T0)
+    for i in range(10):  # many reasons from many sources: "*" entries are bounded too
+        agg.offer(HANDSHAKE_REFUSED, {"reason": f"x{i}", "address": f"10.1.0.{i}"}, T0 + 1)
+    assert len(agg) <= 2 * 3 + 1
+    assert agg.written_total == 4  # the immediate budget
+    out: dict[tuple[object, object], int] = {
+        (f["reason"], f["source"]): int(str(f["count"])) for f, _ in agg.take()}
+    assert out[("other", "10.0.0.1")] == 2
+    assert out[("malformed", "*")] == 38 - 1  # the first one was written in full
+    assert sum(out.values()) + 4 == 5 + 38 + 10  # every refusal counted once
+    assert len(agg) == 0 and agg.deadline is None
+
+
+def test_sources_are_addresses_and_ipv6_64s() -> None:
+    assert source_of("127.0.0.5") == "127.0.0.5"
+    assert source_of("127.0.0.5:5683") == "127.0.0.5"
+    assert source_of("::ffff:10.1.2.3") == "10.1.2.3"
+    assert source_of("2001:db8:1:2:aaaa::1") == source_of("[2001:db8:1:2::ffff]:5683")
+    assert source_of("2001:db8:1:2:aaaa::1") == "2001:db8:1:2::/64"
+    assert source_of(None) == "?"
+    assert source_of("x" * 1000) == "x" * 64
