@@ -7,11 +7,27 @@ audit file, metrics over HTTP) lives in host threads and reaches the enforcer th
 :meth:`Enforcer.revoke` and the tick. Every refusal has a :class:`Reason`, is counted
 and audited, and disturbs nothing else.
 
-On the wire (MQTT 5):
+On the wire (MQTT 5), three messages before anything is granted:
 
 * CONNECT carries Authentication Method ``tessera-sa1`` and SA1 msg1 as Authentication
-  Data; CONNACK carries msg2. The client id must be the identity in the credential
-  (its SPIFFE URI).
+  Data. The client id must be the identity in the credential (its SPIFFE URI), and msg1
+  must name this broker. :meth:`Enforcer.connect` answers msg2, which Mosquitto sends in
+  an AUTH packet (reason 0x18, continue authentication), and keeps a *pending*
+  handshake: no Client record, no audit record, no step-up, no breaker count; Mosquitto
+  itself takes no client-id over and accepts no PUBLISH or SUBSCRIBE until CONNACK.
+* The client answers with an AUTH packet (0x18) carrying msg3, the key confirmation.
+  :meth:`Enforcer.confirm` verifies it; only then is there a session, an identity
+  logged in (``handshake_ok``), a client-id takeover and CONNACK. A replayed msg1 (after
+  the nonce cache forgot it, after a restart, at another broker) gets msg2 at most and
+  can never produce msg3.
+* Re-authentication on a live connection is the same three steps: AUTH 0x19 with msg1,
+  AUTH 0x18 with msg2, AUTH 0x18 with msg3, AUTH 0x00 from the broker. Mosquitto 2.0.11
+  treats any other packet from the client between its 0x19 and its msg3 as a protocol
+  error (the client holds its packets back meanwhile: device/mqtt.py).
+* Pending handshakes are bounded (:class:`PendingLimits`: per client id, per source
+  address, in total) and live until the responder's ``pending_timeout``; a new one
+  evicts the oldest pending one of its client id, source or the whole table, never a
+  confirmed session.
 * A PUBLISH payload is ``application payload || SA1 header`` (31 bytes, a trailer). The
   broker verifies it under the publisher's session with the topic as the action and
   delivers the payload without the trailer.
@@ -73,12 +89,21 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import hmac
+import ipaddress
 import json
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from broker_plugin.paths import (
+    ACL_CONFIRMED,
+    ACL_DELAYED,
+    ACL_RETAIN,
+    ACL_WILL,
+    reserved_topic,
+)
 from broker_plugin.stepup import (
     LRU,
     NEW_NETWORK,
@@ -96,18 +121,18 @@ from broker_plugin.stepup import (
     verify_quote,
 )
 from structauth.credentials import Credential, Identity, TimePolicy
-from structauth.errors import AuthorizationError, Reason, TesseraError
-from structauth.events import HandshakeAnswered
+from structauth.errors import AuthorizationError, MalformedMessage, Reason, TesseraError
+from structauth.events import HandshakeConfirmed
 from structauth.fanout import ANCHOR_TOPIC, HELLO_TOPIC, FanoutSigner
-from structauth.handshake import Responder
+from structauth.handshake import PendingHandshake, Responder, msg3_session_id
 from structauth.params import SessionParams
 from structauth.session import HEADER_SIZE, Session, SessionState
 
 AUTH_METHOD = "tessera-sa1"
 SCAN_INTERVAL_S = 0.05
-CONFIRM_TOPIC = "sa1/confirm"
 
 # Mosquitto return codes (mosquitto.h)
+MOSQ_ERR_AUTH_CONTINUE = -4
 MOSQ_ERR_SUCCESS = 0
 MOSQ_ERR_AUTH = 11
 MOSQ_ERR_ACL_DENIED = 12
@@ -209,6 +234,186 @@ def direct_recipient(templates: tuple[tuple[str, ...], ...], topic: str) -> str 
     return None
 
 
+# -- before key confirmation ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PendingLimits:
+    """Bounds on pending handshakes (msg2 sent, msg3 not yet verified).
+
+    A pending handshake costs the broker one signature and about 1.3 KB of memory
+    (docs/MQTT.md has the measured figure) until it is confirmed, fails, expires (the
+    responder's ``pending_timeout``) or is evicted. A new one evicts the oldest pending
+    one of the same client id beyond ``per_client``, of the same source beyond
+    ``per_source`` and of the whole table beyond ``total``; confirmed sessions are in
+    another table and are never evicted by a pending one. Evicting rather than refusing
+    means an outsider cannot keep a device out by holding its client id's slots: it
+    has to replace the device's own pending handshake inside the device's round trip,
+    and each try costs it a full msg1 the broker verifies first.
+    """
+
+    per_client: int = 2
+    per_source: int = 16
+    total: int = 1024
+
+    def problem(self) -> str | None:
+        if not 1 <= self.per_client <= 64:
+            return f"per client id {self.per_client} outside 1..64"
+        if not 1 <= self.per_source <= 100_000:
+            return f"per source {self.per_source} outside 1..100000"
+        if not 1 <= self.total <= 1_000_000:
+            return f"total {self.total} outside 1..1000000"
+        return None
+
+
+def source_of(address: str) -> str:
+    """What a pending handshake is charged to: an IPv4 address (IPv4-mapped IPv6 too),
+    or the /64 of an IPv6 address (one host can have a whole /64)."""
+    if ":" not in address:
+        return address
+    try:
+        ip = ipaddress.IPv6Address(address.strip("[]").split("%", 1)[0])
+    except ValueError:
+        return address
+    if ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ipaddress.IPv6Network((int(ip) >> 64 << 64, 64)))
+
+
+class Pending:
+    """One handshake between msg2 and msg3: the core's PendingHandshake (no identity,
+    no session) and where it came from."""
+
+    __slots__ = ("address", "client_id", "handshake", "key", "reauth", "source")
+
+    def __init__(self, handshake: PendingHandshake, client_id: str, address: str,
+                 reauth: bool) -> None:
+        self.handshake = handshake
+        self.client_id = client_id
+        self.address = address
+        self.source = source_of(address)
+        self.reauth = reauth
+        self.key = (client_id, handshake.session_id)
+
+
+class PendingHandshakes:
+    """Pending handshakes by (client id, session id), bounded by :class:`PendingLimits`.
+    Insertion order is deadline order (one timeout for all), so expiry stops at the
+    first live entry."""
+
+    def __init__(self, limits: PendingLimits | None = None) -> None:
+        self.limits = limits or PendingLimits()
+        self._all: dict[tuple[str, bytes], Pending] = {}
+        self._by_client: dict[str, list[tuple[str, bytes]]] = {}
+        self._by_source: dict[str, list[tuple[str, bytes]]] = {}
+
+    def __len__(self) -> int:
+        return len(self._all)
+
+    def add(self, entry: Pending) -> list[Pending]:
+        """Keep ``entry``; the pending handshakes it evicted (already discarded)."""
+        evicted = []
+        limits = self.limits
+        if entry.key in self._all:
+            evicted.append(self._drop(entry.key))
+        keys = self._by_client.get(entry.client_id)
+        if keys is not None and len(keys) >= limits.per_client:
+            evicted.append(self._drop(keys[0]))
+        keys = self._by_source.get(entry.source)
+        if keys is not None and len(keys) >= limits.per_source:
+            evicted.append(self._drop(keys[0]))
+        if len(self._all) >= limits.total:
+            evicted.append(self._drop(next(iter(self._all))))
+        self._all[entry.key] = entry
+        self._by_client.setdefault(entry.client_id, []).append(entry.key)
+        self._by_source.setdefault(entry.source, []).append(entry.key)
+        return evicted
+
+    def take(self, client_id: str, session_id: bytes) -> Pending | None:
+        """Remove and return the pending handshake msg3 names (not discarded: the
+        caller confirms it, which uses it up either way)."""
+        entry = self._all.get((client_id, session_id))
+        if entry is not None:
+            self._unlink(entry)
+        return entry
+
+    def expire(self, now: float) -> list[Pending]:
+        """Drop (and discard) every pending handshake past its deadline."""
+        gone = []
+        for key, entry in self._all.items():
+            if now < entry.handshake.deadline:
+                break
+            gone.append(key)
+        return [self._drop(key) for key in gone]
+
+    def _drop(self, key: tuple[str, bytes]) -> Pending:
+        entry = self._all[key]
+        self._unlink(entry)
+        entry.handshake.discard()
+        return entry
+
+    def _unlink(self, entry: Pending) -> None:
+        del self._all[entry.key]
+        for index, name in ((self._by_client, entry.client_id),
+                            (self._by_source, entry.source)):
+            keys = index[name]
+            keys.remove(entry.key)
+            if not keys:
+                del index[name]
+
+
+class RefusalDigest:
+    """Refusals before authentication, for the audit log. Anyone can send a CONNECT,
+    so an audit line per refusal would let a flood fill the disk: the first refusal per
+    (reason, source) in each ``interval_s`` is audited in full, the others are counted
+    and summarised in one ``handshake_refusals`` record per interval. At most
+    ``max_keys`` (reason, source) pairs are told apart per interval; the rest count
+    under source ``"other"``. Metrics still count every refusal."""
+
+    def __init__(self, interval_s: float = 10.0, max_keys: int = 256) -> None:
+        self.interval_s = interval_s
+        self.max_keys = max_keys
+        self._counts: dict[tuple[str, str], int] = {}
+        self._since: float | None = None
+
+    def first(self, reason: str, source: str, now: float) -> bool:
+        """Count one refusal; True if it is the first of its kind this interval."""
+        if self._since is None:
+            self._since = now
+        key = (reason, source)
+        n = self._counts.get(key)
+        if n is None:
+            if len(self._counts) >= self.max_keys:
+                key = (reason, "other")
+                n = self._counts.get(key, 0)
+            else:
+                self._counts[key] = 1
+                return True
+        self._counts[key] = n + 1
+        return False
+
+    def due(self, now: float) -> dict[str, Any] | None:
+        """The summary of an interval that has ended with refusals beyond the first of
+        their kind (then a new interval starts), else None."""
+        if self._since is None or now - self._since < self.interval_s:
+            return None
+        counts, since = self._counts, self._since
+        self._counts, self._since = {}, None
+        repeated = {}
+        for (reason, source), n in counts.items():
+            left = n if source == "other" else n - 1  # "other": none was audited
+            if left:
+                repeated[(reason, source)] = left
+        if not repeated:
+            return None
+        top = sorted(repeated.items(), key=lambda kv: -kv[1])
+        return {"interval_s": round(now - since, 3), "refused": sum(counts.values()),
+                "not_audited": sum(repeated.values()),
+                "counts": [{"reason": r, "source": src, "count": n}
+                           for (r, src), n in top[:32]],
+                "kinds": len(counts)}
+
+
 class Enforcer:
     def __init__(
         self,
@@ -218,7 +423,7 @@ class Enforcer:
         wall_clock: Callable[[], dt.datetime],
         direct: tuple[str, ...] = DEFAULT_DIRECT,
         device_class_of: Callable[[Identity], str] = lambda identity: "default",
-        audit: Callable[..., None] = lambda event, **fields: None,
+        audit: Callable[..., object] = lambda event, **fields: None,
         count: Callable[[str, str], None] = lambda metric, label: None,
         settings: StepUpSettings | None = None,
         metrics: Any = None,  # broker_plugin.metrics.BrokerMetrics
@@ -226,6 +431,7 @@ class Enforcer:
         random_bytes: Callable[[int], bytes] = os.urandom,
         attestation_key_of: Callable[[Identity], bytes | None] = lambda identity: None,
         fast: Any = None,  # broker_plugin.fastlane.FastLane, inside the broker
+        pending: PendingLimits | None = None,
     ) -> None:
         self.responder = responder
         self._policy = policy
@@ -264,6 +470,11 @@ class Enforcer:
         #: fan-out proofs (structauth.fanout), when configured, and who said hello
         self.fanout: FanoutSigner | None = None
         self.fanout_subscribers: dict[str, None] = {}
+        #: handshakes answered with msg2 and waiting for msg3: nothing granted on them
+        self.pending = PendingHandshakes(pending)
+        #: refusals before authentication, summarised for the audit log
+        self.refusals = RefusalDigest()
+        self._handshake_results: dict[str | None, Any] = {}
 
     @property
     def policy(self) -> Any:
@@ -283,11 +494,19 @@ class Enforcer:
         return cached[1]
 
     # -- metrics ---------------------------------------------------------------------
-    def _handshake_counted(self, ok: bool) -> None:
-        self.count("handshakes", "ok" if ok else "refused")
+    def _handshake_counted(self, result: bool | str) -> None:
+        """One handshake event: ``ok`` (True; confirmed), ``refused`` (False), or
+        ``pending`` (msg2 sent), ``expired`` / ``evicted`` (a pending one dropped)."""
+        label = ("ok" if result else "refused") if isinstance(result, bool) else result
+        self.count("handshakes", label)
         m = self.metrics
         if m is not None:
-            (m.handshakes_ok if ok else m.handshakes_refused).inc()
+            if self._handshake_results.get(None) is not m:  # bound to these metrics
+                self._handshake_results = {None: m}
+            child = self._handshake_results.get(label)
+            if child is None:
+                child = self._handshake_results[label] = m.handshakes.labels(result=label)
+            child.inc()
 
     def _rejection_counted(self, name: str, reason: Reason | None = None) -> None:
         self.count("rejections", name)
@@ -321,52 +540,130 @@ class Enforcer:
     def _revoked(self, credential: Credential) -> bool:
         return _serial(credential) in self.revoked_serials
 
+    def _refused(self, client_id: str, address: str, exc: TesseraError, *, stage: str,
+                 reauth: bool, now: float) -> AuthAnswer:
+        """A handshake refused before key confirmation: nothing about it is proven (a
+        replayed msg1 verifies too), so the audit record is summarised per source
+        (:class:`RefusalDigest`); the metrics count every one."""
+        reason = exc.reason.name.lower()
+        if self.refusals.first(reason, source_of(address), now):
+            self.audit("handshake_refused", client_id=client_id, address=address,
+                       reason=reason, detail=exc.detail, reauth=reauth, stage=stage)
+        self._handshake_counted(False)
+        if self.metrics is not None:
+            self.metrics.rejected(exc.reason)
+        return AuthAnswer(MOSQ_ERR_AUTH, None)
+
+    def _claimed(self, client_id: str, now: float) -> Identity:
+        """The identity a client id claims (it must be the credential's SPIFFE URI);
+        refused before any cryptography if quarantined or not an identity."""
+        until = self.quarantined.get(client_id)
+        if until is not None and now < until:
+            raise AuthorizationError(
+                f"{client_id} is quarantined for another {until - now:.0f} s",
+                Reason.NOT_AUTHORIZED)
+        try:
+            return Identity.parse(client_id)
+        except TesseraError:
+            raise AuthorizationError(f"client id {client_id!r} is not a Tessera identity "
+                                     "(spiffe://<trust domain>/device|broker/<name>)",
+                                     Reason.WRONG_IDENTITY) from None
+
     def connect(
         self, client_id: str, address: str, method: str, data: bytes | None, now: float,
         *, reauth: bool = False,
     ) -> AuthAnswer:
-        """CONNECT with SA1 msg1, or (``reauth``) an AUTH re-authentication inside the
-        live connection: answer with msg2. A msg1 whose context is the identity's
-        outstanding step-up nonce answers that step-up."""
+        """CONNECT with SA1 msg1, or (``reauth``) an AUTH 0x19 re-authentication on the
+        live connection: answer msg2 (``MOSQ_ERR_AUTH_CONTINUE``: Mosquitto sends it in
+        an AUTH packet, reason 0x18) and keep the handshake pending. Nothing is granted,
+        recorded or audited as a login here: that waits for :meth:`confirm`."""
         try:
             if method != AUTH_METHOD:
-                raise AuthorizationError(f"authentication method {method!r} is not {AUTH_METHOD!r}",
-                               Reason.NOT_AUTHORIZED)
-            if not data:
-                raise AuthorizationError("no SA1 msg1 in the authentication data", Reason.MALFORMED)
-            # the client id must be the identity, so a quarantined one is refused before
-            # any cryptography
-            until = self.quarantined.get(client_id)
-            if until is not None and now < until:
                 raise AuthorizationError(
-                    f"{client_id} is quarantined for another {until - now:.0f} s",
+                    f"authentication method {method!r} is not {AUTH_METHOD!r}",
                     Reason.NOT_AUTHORIZED)
+            if not data:
+                raise AuthorizationError("no SA1 msg1 in the authentication data",
+                                         Reason.MALFORMED)
+            claimed = self._claimed(client_id, now)
+            if reauth and client_id not in self.clients:
+                raise AuthorizationError("re-authentication on a connection the broker no "
+                                         "longer holds (kicked)", Reason.NOT_AUTHORIZED)
             answered = self.responder.accept(
                 data, now, TimePolicy.trusted(self.wall_clock()), revoked=self._revoked,
-                params=self._session_params(),
+                expected_peer=claimed, params=self._session_params(),
             )
-            identity = answered.peer
-            if client_id != identity.uri:
-                raise AuthorizationError(
-                    f"client id {client_id!r} is not the credential's identity {identity.uri}",
-                    Reason.WRONG_IDENTITY,
-                )
-            if identity.kind not in ("device", "broker"):
-                raise AuthorizationError(f"{identity} is neither a device nor a broker",
-                               Reason.WRONG_IDENTITY)
         except TesseraError as exc:
+            return self._refused(client_id, address, exc, stage="msg1", reauth=reauth,
+                                 now=now)
+        for _ in self.pending.add(Pending(answered.pending, client_id, address, reauth)):
+            self._handshake_counted("evicted")
+        self._handshake_counted("pending")
+        return AuthAnswer(MOSQ_ERR_AUTH_CONTINUE, answered.reply)
+
+    def confirm(
+        self, client_id: str, address: str, method: str, data: bytes | None, now: float,
+        *, reauth: bool = False,
+    ) -> AuthAnswer:
+        """The client's AUTH (0x18) with SA1 msg3 for a handshake :meth:`connect`
+        answered. Only when its key confirmation verifies is there a session and an
+        identity: the login (takeover of the client id by Mosquitto after this returns,
+        ``handshake_ok``, step-up credit, breaker counts) happens here."""
+        try:
+            if method != AUTH_METHOD:
+                raise AuthorizationError(
+                    f"authentication method {method!r} is not {AUTH_METHOD!r}",
+                    Reason.NOT_AUTHORIZED)
+            session_id = msg3_session_id(data) if data else None
+            if data is None or session_id is None:
+                raise MalformedMessage("no SA1 msg3 in the AUTH packet", Reason.MALFORMED)
+            entry = self.pending.take(client_id, session_id)
+            if entry is None:
+                raise AuthorizationError(
+                    "msg3 for no pending handshake of this client id (never answered, "
+                    "expired or evicted)", Reason.UNKNOWN_SESSION)
+            if entry.address != address or entry.reauth != reauth:
+                entry.handshake.discard()
+                raise AuthorizationError("msg3 from another connection than its msg1",
+                                         Reason.UNKNOWN_SESSION)
+            confirmed = self.responder.confirm(entry.handshake, data, now)
+        except TesseraError as exc:
+            return self._refused(client_id, address, exc, stage="msg3", reauth=reauth,
+                                 now=now)
+        # proven now; what may have changed during the round trip is checked once more
+        problem = None
+        if self._revoked(confirmed.credential):
+            problem = AuthorizationError(f"{confirmed.peer} is revoked",
+                                         Reason.CREDENTIAL_REVOKED)
+        elif client_id in self.quarantined:
+            problem = AuthorizationError(f"{client_id} is quarantined", Reason.NOT_AUTHORIZED)
+        elif reauth and client_id not in self.clients:
+            problem = AuthorizationError("re-authentication on a connection the broker no "
+                                         "longer holds (kicked)", Reason.NOT_AUTHORIZED)
+        if problem is not None:
+            confirmed.session.close()
             self.audit("handshake_refused", client_id=client_id, address=address,
-                       reason=exc.reason.name.lower(), detail=exc.detail, reauth=reauth)
+                       reason=problem.reason.name.lower(), detail=problem.detail,
+                       reauth=reauth, stage="confirmed",
+                       session=confirmed.session.session_id.hex())
             self._handshake_counted(False)
+            if self.metrics is not None:
+                self.metrics.rejected(problem.reason)
             return AuthAnswer(MOSQ_ERR_AUTH, None)
+        return self._login(client_id, address, confirmed, now, reauth)
+
+    def _login(self, client_id: str, address: str, confirmed: HandshakeConfirmed,
+               now: float, reauth: bool) -> AuthAnswer:
+        identity = confirmed.peer
+        session = confirmed.session
         previous = self.clients.get(client_id)
         challenge = self.challenges.get(identity.uri)
         answered_challenge: Challenge | None = None
         quote: VerifiedQuote | None = None
-        if answered.context and challenge is not None:
-            problem = self._check_answer(identity, answered, challenge)
+        if confirmed.context and challenge is not None:
+            problem = self._check_answer(identity, confirmed, challenge)
             if isinstance(problem, tuple):
-                answered.session.close()
+                session.close()
                 return self._step_up_refused(client_id, identity, address, previous,
                                              challenge, *problem, now=now, reauth=reauth)
             quote = problem
@@ -374,12 +671,12 @@ class Enforcer:
         client = Client(
             client_id=client_id,
             identity=identity,
-            credential=answered.credential,
-            cert_serial=_serial(answered.credential),
+            credential=confirmed.credential,
+            cert_serial=_serial(confirmed.credential),
             device_class=self.device_class_of(identity),
-            session=answered.session,
+            session=session,
             address=address,
-            not_after=answered.credential.not_after,
+            not_after=confirmed.credential.not_after,
         )
         rotated = reauth and previous is not None
         if previous is not None:
@@ -404,6 +701,9 @@ class Enforcer:
                     old_session.close()
         if self.settings.rate_spike and identity.kind == "device":
             client.rate = self.rates.touch(identity.uri, lambda: RateMeter(now))
+        if self.fast is not None and not session.params.sealed:
+            # confirmed: from now on the C fast lane verifies this session
+            client.fast = self.fast.adopt(client_id, session)
         self.clients[client_id] = client
         network = network_of(address)
         new_network = False
@@ -414,7 +714,7 @@ class Enforcer:
         else:
             new_network = True
         self.audit("handshake_ok", client_id=client_id, identity=identity.uri,
-                   session=answered.session.session_id.hex(), address=address,
+                   session=session.session_id.hex(), address=address,
                    reauth=rotated, network=network, new_network=new_network,
                    previous_session=previous.session.session_id.hex() if rotated and previous
                    else None)
@@ -424,8 +724,8 @@ class Enforcer:
             client.stepped_up_at = now
             client.stepped_up_quote = quote is not None
             self.audit("step_up_ok", client_id=client_id, identity=identity.uri,
-                       session=answered.session.session_id.hex(),
-                       new_session=answered.session.session_id.hex(),
+                       session=session.session_id.hex(),
+                       new_session=session.session_id.hex(),
                        previous_session=previous.session.session_id.hex() if previous else None,
                        trigger=answered_challenge.trigger, via="auth" if reauth else "connect",
                        quote=quote is not None,
@@ -443,26 +743,28 @@ class Enforcer:
                 challenge.timed_out = False
                 challenge.deadline = now + self.settings.deadline_s
                 challenge.expires = challenge.deadline + self.settings.reconnect_window_s
+            if self.fast is not None:
+                self.fast.tick_soon()
         if new_network and self.settings.new_network and identity.kind == "device":
             self._request(client, NEW_NETWORK, self.settings.new_network_quote, now,
                           blocking=True,
                           detail=f"{address} is in {network}, a network this device has "
                                  "not used before")
-        return AuthAnswer(MOSQ_ERR_SUCCESS, answered.reply)
+        return AuthAnswer(MOSQ_ERR_SUCCESS, None)
 
     def _check_answer(
-        self, identity: Identity, answered: HandshakeAnswered, challenge: Challenge
+        self, identity: Identity, confirmed: HandshakeConfirmed, challenge: Challenge
     ) -> VerifiedQuote | tuple[str, str] | None:
-        """The verified quote (or None when none was asked) if msg1 answers the challenge;
-        (reason, detail) if it does not."""
-        if not hmac.compare_digest(answered.context, challenge.nonce):
+        """The verified quote (or None when none was asked) if the confirmed handshake's
+        msg1 answers the challenge; (reason, detail) if it does not."""
+        if not hmac.compare_digest(confirmed.context, challenge.nonce):
             return ("wrong_nonce", "the handshake's context is not the outstanding nonce")
         if not challenge.quote:
             return None
-        if not answered.quote:
+        if not confirmed.quote:
             return ("quote_missing", "the step-up asked for a TPM quote and got none")
         try:
-            return verify_quote(answered.quote, challenge.nonce,
+            return verify_quote(confirmed.quote, challenge.nonce,
                                 self.attestation_key_of(identity))
         except QuoteError as exc:
             return ("bad_quote", exc.detail)
@@ -491,13 +793,30 @@ class Enforcer:
             client.previous.clear()
 
     # -- authorization -------------------------------------------------------------
-    def acl(self, client_id: str, access: int, topic: str) -> int:
+    def acl(self, client_id: str, access: int, topic: str, now: float | None = None) -> int:
+        """One ACL check; ``access`` is Mosquitto's access bit plus the shim's flags
+        (broker_plugin/paths.py). WRITE for a PUBLISH: ``$CONTROL`` / ``$SYS`` refused,
+        the retain flag only where the policy keeps retained messages, the rest decided
+        in message() with the proof. WRITE for a Will: :meth:`_will`. SUBSCRIBE and READ
+        (``$SYS``, ``$CONTROL`` and ``$share/<group>/...`` filters too): the subscribe
+        templates."""
+        if access & MOSQ_ACL_WRITE:
+            if access & ACL_WILL:
+                return self._will(client_id, access, topic, now)
+            client = self.clients.get(client_id)
+            if client is None:
+                return MOSQ_ERR_ACL_DENIED
+            why = reserved_topic(topic)
+            if why is None and access & ACL_RETAIN:
+                kept = self.policy.may_retain(client.identity, client.device_class, topic)
+                why = None if kept else kept.reason
+            if why is None:
+                return MOSQ_ERR_SUCCESS  # the publish itself: message(), with its proof
+            return self._reject(client, client_id, topic, Reason.NOT_AUTHORIZED, why,
+                                time.monotonic() if now is None else now).rc
         client = self.clients.get(client_id)
         if client is None:
             return MOSQ_ERR_ACL_DENIED
-        if access == MOSQ_ACL_WRITE:
-            # the publish itself is decided in message(), after the proof is checked
-            return MOSQ_ERR_SUCCESS
         if access == MOSQ_ACL_UNSUBSCRIBE:
             return MOSQ_ERR_SUCCESS
         if access == MOSQ_ACL_SUBSCRIBE:
@@ -510,6 +829,46 @@ class Enforcer:
                    session=client.session.session_id.hex(), topic=topic,
                    access=access, detail=decision.reason)
         self._rejection_counted("acl_denied")
+        return MOSQ_ERR_ACL_DENIED
+
+    def _will(self, client_id: str, access: int, topic: str, now: float | None) -> int:
+        """Mosquitto is about to publish a Will (no message callback follows): only for
+        a connection that completed key confirmation, of an identity not quarantined,
+        on one of its will topics (inside its publish grant), retained and delayed only
+        where the policy allows. ``client_id`` is the identity (checked at CONNECT)."""
+        retain, delayed = bool(access & ACL_RETAIN), bool(access & ACL_DELAYED)
+        confirmed = bool(access & ACL_CONFIRMED)
+        reason, detail, identity = "not_authorized", "", None
+        if not confirmed:
+            reason = "unconfirmed"
+            detail = "the connection that set this Will never completed key confirmation"
+        else:
+            try:
+                identity = Identity.parse(client_id)
+            except TesseraError as exc:
+                detail = exc.detail
+            if identity is None:
+                pass
+            elif identity.trust_domain != self.responder.trust_domain:
+                reason, detail = "wrong_identity", f"{identity} is not of this trust domain"
+            elif self.quarantined.get(identity.uri, float("-inf")) > (
+                    time.monotonic() if now is None else now):
+                reason, detail = "quarantined", f"{identity.uri} is quarantined"
+            else:
+                decision = self.policy.may_will(identity, self.device_class_of(identity),
+                                                topic, retain=retain, delayed=delayed)
+                if decision:
+                    self.audit("will_published", client_id=client_id, identity=identity.uri,
+                               topic=topic, retain=retain, delayed=delayed,
+                               detail=decision.reason)
+                    self.count("wills", "published")
+                    return MOSQ_ERR_SUCCESS
+                detail = decision.reason
+        self.audit("will_refused", client_id=client_id,
+                   identity=identity.uri if identity else None, topic=topic, reason=reason,
+                   detail=detail, retain=retain, delayed=delayed, confirmed=confirmed)
+        self.count("wills", "refused")
+        self._rejection_counted(f"will_{reason}")
         return MOSQ_ERR_ACL_DENIED
 
     # -- messages --------------------------------------------------------------------
@@ -544,9 +903,6 @@ class Enforcer:
                 self.metrics.verify_seconds.observe(timer() - t0)
         except TesseraError as exc:
             return self._reject(client, client_id, topic, exc.reason, exc.detail, now)
-        if old is None and self.fast is not None and not client.fast and not session.params.sealed:
-            # confirmed: from now on the C fast lane verifies this session
-            client.fast = self.fast.adopt(client_id, session)
         return self._after_verify(client, client_id, topic, verified.payload, now, old)[0]
 
     def verified(self, client_id: str, topic: str, payload: bytes,
@@ -571,13 +927,11 @@ class Enforcer:
 
     def _after_verify(self, client: Client, client_id: str, topic: str, payload: bytes,
                       now: float, old: Session | None) -> tuple[MessageAnswer, bool]:
-        """Everything after the proof: confirmation, rate, ACL, step-up, re-proving to
-        a direct recipient. The flag: the answer depends on nothing but the policy and
-        the topic (a plain route), so the fast lane may repeat it."""
+        """Everything after the proof: rate, ACL, step-up, re-proving to a direct
+        recipient. The flag: the answer depends on nothing but the policy and the topic
+        (a plain route), so the fast lane may repeat it."""
         if self.metrics is not None:
             self.metrics.messages_in.inc()
-        if topic == CONFIRM_TOPIC:
-            return MessageAnswer(MOSQ_ERR_ACL_DENIED, None, 0, None), False  # consumed here
         if topic == HELLO_TOPIC and self.fanout is not None:
             # a subscriber asks for fan-out proofs: the anchor goes back, proven under its
             # session (the time bound starts from when it sent this), then every key
@@ -633,14 +987,8 @@ class Enforcer:
             return self._reject(client, client_id, topic, Reason.UNKNOWN_SESSION,
                                 f"{name} is not connected; direct messages are not queued",
                                 now), False
-        target = recipient.session
-        if target.state is not SessionState.ESTABLISHED and recipient.previous:
-            # it re-authenticated and has not confirmed yet: the newest session it holds
-            newest, until = next(reversed(recipient.previous.values()))
-            if now < until:
-                target = newest
         try:
-            header, body = target.protect(topic.encode(), payload, now)
+            header, body = recipient.session.protect(topic.encode(), payload, now)
         except TesseraError as exc:
             return self._reject(client, client_id, topic, exc.reason,
                                 f"cannot prove the message to {name}: {exc.detail}",
@@ -708,8 +1056,8 @@ class Enforcer:
         return challenge
 
     def _send_challenge(self, client: Client, challenge: Challenge, now: float) -> None:
-        """Queue the proven request for the next tick, once the session can send (a
-        responder session is unconfirmed until the device's first message)."""
+        """Queue the proven request for the next tick (a confirmed session can send at
+        once; a closed one cannot, and the request waits for the next connection)."""
         session = client.session
         if session.state is not SessionState.ESTABLISHED:
             return
@@ -816,6 +1164,12 @@ class Enforcer:
             if fast is not None:
                 self._fast_tally(now)
             self._scan(now)
+            if self.pending:
+                for _ in self.pending.expire(now):
+                    self._handshake_counted("expired")  # never confirmed: nothing to undo
+            summary = self.refusals.due(now)
+            if summary is not None:
+                self.audit("handshake_refusals", **summary)
         self._tick_challenges(now)
         if self.fanout is not None and self.fanout_subscribers:
             for topic, body in self.fanout.due(now):

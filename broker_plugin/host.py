@@ -32,6 +32,23 @@ Options (``plugin_opt_<name>`` in mosquitto.conf; ``tessera broker config`` writ
                   for freshness and form only (broker_plugin/stepup.py says what that
                   proves).
 
+Sessions and handshakes (the session parameters go to every device in msg2; the
+defaults are those of structauth.params.SessionParams and
+broker_plugin.enforcer.PendingLimits):
+
+    session_epoch_ms         10000   epoch length P (100 .. 3600000)
+    session_skew_epochs          2   epochs either side a receiver accepts (0 .. 16)
+    session_lifetime_s        3600   a session ends after this; agents re-handshake
+                                     before it (1 .. 604800)
+    session_replay_window     1024   sequence numbers kept for replay checks (32 .. 65535)
+    pending_timeout_s           10   a handshake answered with msg2 waits this long for
+                                     the client's msg3 (key confirmation), (0, 60]
+    pending_max               1024   pending handshakes held in total
+    pending_per_source          16   ... per source (an IPv4 address, an IPv6 /64)
+    pending_per_client           2   ... per client id
+    A new pending handshake beyond a bound evicts the oldest pending one of that client
+    id, source or table (docs/MQTT.md); confirmed sessions are never evicted.
+
 Step-up, quarantine and rotation (broker_plugin/enforcer.py describes the flow; the
 defaults are those of broker_plugin.stepup.StepUpSettings). Durations in seconds,
 switches ``on``/``off``:
@@ -44,6 +61,8 @@ switches ``on``/``off``:
                                      change or a new broker credential / trust bundle
     rotation_grace_s            30   a replaced session keeps verifying in-flight
                                      messages this long after a re-authentication
+                                     (default: (skew_epochs + 1) x epoch, 30 s with the
+                                     default session parameters)
     step_up_new_network         on   a device connecting from a network (IPv4 /24,
                                      IPv6 /64) it has not used must step up first
     step_up_new_network_quote  off   ... with a TPM quote
@@ -69,6 +88,7 @@ to step up (trigger ``key_change``).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import json
@@ -85,11 +105,14 @@ from broker_plugin.enforcer import (
     MOSQ_ERR_AUTH,
     MOSQ_ERR_SUCCESS,
     Enforcer,
+    PendingLimits,
 )
 from broker_plugin.fastlane import FastLane
 from broker_plugin.stepup import KEY_CHANGE, POLICY_CHANGE, StepUpSettings
 from structauth.errors import ConfigurationError, TesseraError
 from structauth.fanout import FanoutSigner
+from structauth.handshake import DEFAULT_PENDING_TIMEOUT
+from structauth.params import SessionParams
 
 log = logging.getLogger("tessera.broker")
 
@@ -161,6 +184,77 @@ def parse_settings(options: dict[str, str]) -> StepUpSettings:
     return StepUpSettings(**values)  # type: ignore[arg-type]
 
 
+# plugin option -> SessionParams field
+_SESSION: dict[str, str] = {
+    "session_epoch_ms": "epoch_ms",
+    "session_skew_epochs": "skew_epochs",
+    "session_lifetime_s": "lifetime_s",
+    "session_replay_window": "replay_window",
+}
+# plugin option -> PendingLimits field
+_PENDING: dict[str, str] = {
+    "pending_max": "total",
+    "pending_per_source": "per_source",
+    "pending_per_client": "per_client",
+}
+
+
+def _whole(options: dict[str, str], option: str) -> int | None:
+    raw = options.get(option)
+    if raw is None:
+        return None
+    try:
+        return int(raw.strip())
+    except ValueError:
+        raise ConfigurationError(f"plugin_opt_{option}: {raw!r} is not a whole number") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class SessionOptions:
+    """What the broker offers and holds per handshake: the session parameters every
+    msg2 carries, how long a pending handshake waits for msg3, and the pending bounds."""
+
+    params: SessionParams
+    pending_timeout: float
+    pending: PendingLimits
+
+
+def parse_session(options: dict[str, str]) -> SessionOptions:
+    """SessionOptions from ``plugin_opt_*`` values; ConfigurationError with one line
+    naming the option for a bad one."""
+    values: dict[str, int] = {}
+    for option, name in _SESSION.items():
+        value = _whole(options, option)
+        if value is not None:
+            values[name] = value
+    try:
+        params = SessionParams(**values)  # type: ignore[arg-type]
+    except TesseraError as exc:
+        given = ", ".join(f"plugin_opt_{o} {options[o]}" for o in _SESSION if o in options)
+        raise ConfigurationError(f"{given}: {exc.detail}") from None
+    raw = options.get("pending_timeout_s")
+    timeout = DEFAULT_PENDING_TIMEOUT
+    if raw is not None:
+        try:
+            timeout = float(raw)
+            if not 0 < timeout <= 60:
+                raise ValueError
+        except ValueError:
+            raise ConfigurationError(f"plugin_opt_pending_timeout_s: {raw!r} is not seconds "
+                                     "in (0, 60]") from None
+    limits: dict[str, int] = {}
+    for option, name in _PENDING.items():
+        value = _whole(options, option)
+        if value is not None:
+            limits[name] = value
+    pending = PendingLimits(**limits)
+    bad = pending.problem()
+    if bad:
+        given = ", ".join(f"plugin_opt_{o} {options[o]}" for o in _PENDING if o in options)
+        raise ConfigurationError(f"{given}: pending handshakes {bad}")
+    return SessionOptions(params, timeout, pending)
+
+
 FANOUT_OPTIONS = ("fanout_interval_ms", "fanout_delay")
 
 
@@ -213,7 +307,8 @@ def _identity_files_digest(options: dict[str, str]) -> bytes:
 
 
 def build_responder(options: dict[str, str], nonces: Any = None) -> tuple[Any, Any]:
-    """(Responder, signer) for the broker identity these options name."""
+    """(Responder, signer) for the broker identity these options name, offering the
+    session parameters they set."""
     from cryptography import x509
 
     from hw import open_signer
@@ -233,8 +328,10 @@ def build_responder(options: dict[str, str], nonces: Any = None) -> tuple[Any, A
         extra["pin_file"] = options["pin_file"]
     signer = open_signer(options["key"], **extra)
     trust = TrustStore(bundle, options["trust_domain"])
+    session = parse_session(options)
     responder = Responder(signer=signer, credential=credential, trust=trust, peer_kind=None,
-                          nonce_cache=nonces)
+                          nonce_cache=nonces, params=session.params,
+                          pending_timeout=session.pending_timeout)
     return responder, signer
 
 
@@ -246,6 +343,11 @@ def build_enforcer(options: dict[str, str]) -> tuple[Enforcer, Any]:
     if missing:
         raise ConfigurationError(f"missing {', '.join(missing)} (run 'tessera broker config')")
     settings = parse_settings(options)
+    session = parse_session(options)  # checked before the key is opened
+    if "rotation_grace_s" not in options:  # as long as the epoch window accepts
+        p = session.params
+        settings = dataclasses.replace(
+            settings, rotation_grace_s=(p.skew_epochs + 1) * p.epoch_ms / 1000.0)
     responder, signer = build_responder(options)
     holder = PolicyHolder(_option_path(options, "policy"))
     direct = tuple(t.strip() for t in options.get("direct", DEFAULT_DIRECT_OPTION).split(",")
@@ -256,7 +358,7 @@ def build_enforcer(options: dict[str, str]) -> tuple[Enforcer, Any]:
                 f"plugin_opt_direct: {template!r} must name the recipient with one {{id}} level"
             )
     enforcer = Enforcer(responder, holder, wall_clock=lambda: dt.datetime.now(dt.UTC),
-                        direct=direct, settings=settings)
+                        direct=direct, settings=settings, pending=session.pending)
     if options.get("attestation_keys"):
         _use_attestation_keys(enforcer, load_attestation_keys(options["attestation_keys"]))
     return enforcer, signer
@@ -406,18 +508,21 @@ def on_basic_auth(client_id: str, username: str | None, password: bytes | None,
 
 def on_ext_auth_start(client_id: str, address: str, protocol: int, method: str,
                       data: bytes | None, *, reauth: bool = False) -> tuple[int, bytes | None]:
-    # reauth: an AUTH packet (0x19) on a live connection; the shim tells them apart. A
-    # successful one replaces the session in place (Enforcer.connect); a failed one
-    # makes Mosquitto close the connection.
+    # msg1 -> (MOSQ_ERR_AUTH_CONTINUE, msg2): Mosquitto sends msg2 in AUTH 0x18. reauth:
+    # an AUTH packet (0x19) on a live connection; the shim tells them apart.
     rc, out = _state["enforcer"].connect(client_id, address, method, data, time.monotonic(),
                                          reauth=reauth)
     return rc, out
 
 
 def on_ext_auth_continue(client_id: str, address: str, protocol: int, method: str,
-                         data: bytes | None) -> tuple[int, bytes | None]:
-    # SA1 completes in one round trip; a CONTINUE is a client out of step.
-    return MOSQ_ERR_AUTH, None
+                         data: bytes | None, *, reauth: bool = False
+                         ) -> tuple[int, bytes | None]:
+    # msg3 -> (0, None): CONNACK (or AUTH 0x00 for a re-authentication, whose new session
+    # then replaces the old one in place); anything else makes Mosquitto close it.
+    rc, out = _state["enforcer"].confirm(client_id, address, method, data, time.monotonic(),
+                                         reauth=reauth)
+    return rc, out
 
 
 def on_acl_check(client_id: str, access: int, topic: str, payload: bytes, qos: int,

@@ -64,9 +64,11 @@ _SECTIONS: dict[str, dict[str, type | tuple[type, ...]]] = {
 class AgentConfig:
     state_dir: Path
     host: str
+    #: the broker this device connects to (``mqtt.broker_identity``, required): named
+    #: in every msg1 and the only identity accepted in msg2
+    broker_identity: str = ""
     port: int = 8883
     tls_cafile: str | None = None
-    broker_identity: str | None = None
     keepalive_s: int = 30
     rehandshake_margin_s: float = 300.0
     buffer_max: int = 1000
@@ -112,12 +114,25 @@ class AgentConfig:
 
         if not get("mqtt", "host"):
             raise ConfigurationError(f"{source}: mqtt.host is required")
+        broker_identity = get("mqtt", "broker_identity")
+        if not broker_identity:
+            raise ConfigurationError(
+                f"{source}: mqtt.broker_identity is required (the broker's SPIFFE ID, e.g. "
+                "spiffe://<trust domain>/broker/<name>: the device connects to that broker "
+                "only)")
+        try:
+            if Identity.parse(broker_identity).kind != "broker":
+                raise ValueError
+        except (TesseraError, ValueError):
+            raise ConfigurationError(
+                f"{source}: mqtt.broker_identity {broker_identity!r} is not a broker "
+                "identity (spiffe://<trust domain>/broker/<name>)") from None
         config = cls(
             state_dir=Path(get("device", "state_dir", "/var/lib/tessera")),
             host=get("mqtt", "host"),
             port=get("mqtt", "port", 8883),
             tls_cafile=get("mqtt", "tls_cafile"),
-            broker_identity=get("mqtt", "broker_identity"),
+            broker_identity=broker_identity,
             keepalive_s=get("mqtt", "keepalive_s", 30),
             rehandshake_margin_s=float(get("session", "rehandshake_margin_s", 300)),
             buffer_max=get("buffer", "max_messages", 1000),
@@ -301,12 +316,11 @@ class Agent:
 
     def _connect(self) -> None:
         credential = self.state.credential()
-        broker = Identity.parse(self.config.broker_identity) if self.config.broker_identity \
-            else None
         client = self._factory(
             signer=self._signer, credential=credential, trust=self.state.trust(),
-            host=self.config.host, port=self.config.port, broker=broker,
-            tls_cafile=self.config.tls_cafile,
+            host=self.config.host, port=self.config.port,
+            broker=Identity.parse(self.config.broker_identity),
+            tls_cafile=self.config.tls_cafile, keepalive=self.config.keepalive_s,
         )
         context, quote = self._step_up_answer()
         if context:

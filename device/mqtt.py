@@ -1,34 +1,40 @@
-"""The agent's MQTT 5 transport: paho-mqtt with SA1 in CONNECT/CONNACK and a proof on
-every PUBLISH, plus re-authentication inside the live connection (MQTT 5 AUTH).
+"""The agent's MQTT 5 transport: paho-mqtt with the three-message SA1 handshake in
+CONNECT / AUTH / AUTH before CONNACK, a proof on every PUBLISH, and re-authentication
+inside the live connection (MQTT 5 AUTH).
 
-CONNECT carries Authentication Method ``tessera-sa1`` and SA1 msg1 (signed by the
-device's hardware key) as Authentication Data; the broker answers msg2 in CONNACK, and
-the session keys are derived on both sides. Each PUBLISH payload is then
-``payload || SA1 header`` (31 bytes) proven under the session for its topic; the broker
-verifies it and strips it before routing. Right after the handshake the client sends
-an empty proven ``sa1/confirm`` message so the broker's session is confirmed even if
-the application has nothing to say yet.
+Connecting: CONNECT carries Authentication Method ``tessera-sa1`` and SA1 msg1 (signed
+by the device's hardware key, naming the broker it means to reach); the broker answers
+msg2 in an AUTH packet (reason 0x18, continue authentication); the client checks it
+(the broker must be exactly the configured identity) and sends msg3, its key
+confirmation, in an AUTH packet (0x18); only then does the broker send CONNACK, log the
+device in and take its client id over from an older connection. A CONNACK without that
+exchange (or with msg2 in it: an SA1 v1 broker) is refused. Each PUBLISH payload is
+then ``payload || SA1 header`` (31 bytes) proven under the session for its topic; the
+broker verifies it and strips it before routing.
 
-Re-authentication (:meth:`TesseraMqttClient.reauthenticate`): a new SA1 msg1 goes to the
-broker in an AUTH packet (reason 0x19 Re-authenticate, Authentication Method and Data
-properties); the broker answers msg2 in an AUTH packet with reason 0x00 and the new
-session replaces the old one without dropping the connection. paho-mqtt 2.2 does not
-implement AUTH: its packet dispatch (``Client._packet_handle``) treats an incoming AUTH
-as an unknown command and drops the connection (MQTT_ERR_PROTOCOL). :class:`_AuthClient`
-subclasses paho's client and handles AUTH (and the CONNACK 0x87 with which Mosquitto
-2.0.11 refuses a re-authentication) before handing every other packet to paho; outgoing
-AUTH packets are queued with paho's own ``_packet_queue``, behind whatever is already
-queued, exactly as paho queues a PUBLISH. Both are private paho APIs, checked at import.
+Re-authentication (:meth:`TesseraMqttClient.reauthenticate`): AUTH 0x19 with a new
+msg1, AUTH 0x18 with msg2 from the broker, AUTH 0x18 with msg3 from the client, AUTH
+0x00 from the broker. Mosquitto 2.0.11 treats ANY other packet from the client between
+its 0x19 and its msg3 (PUBLISH, PUBACK, SUBSCRIBE, PINGREQ) as a protocol error and
+closes the connection (handle_auth.c sets the state ``reauthenticating``; every other
+handler requires ``active``), so the client holds every packet paho queues in that
+round trip and sends them right behind msg3, in order. paho-mqtt 2.2 does not implement
+AUTH: its packet dispatch (``Client._packet_handle``) treats an incoming AUTH as an
+unknown command and drops the connection (MQTT_ERR_PROTOCOL). :class:`_AuthClient`
+subclasses paho's client, handles AUTH (and the CONNACK 0x87 with which Mosquitto 2.0.11
+refuses a re-authentication) before handing every other packet to paho, and gates
+paho's one outgoing queue (``_packet_queue``). Both are private paho APIs, checked at
+import.
 
 The swap and in-flight messages: publishes are proven and queued under one lock, and
-the swap takes the same lock, so every message goes out proven under the session that
-was current when it was queued. paho may still hold QoS 1/2 messages back (beyond its
-in-flight window) and send them after the swap, so the broker keeps the previous session
-for a grace period (``rotation_grace_s``, default 30 s) and verifies each message under
-the session its header names; the device does the same for deliveries the broker proved
+the swap takes the same lock when msg3 is queued, so every message goes out proven
+under the session that was current when it was queued, and nothing under the new
+session precedes msg3. paho may still hold QoS 1/2 messages back (beyond its in-flight
+window) and send them after the swap, so the broker keeps the previous session for a
+grace period (``rotation_grace_s``, default 30 s) and verifies each message under the
+session its header names; the device does the same for deliveries the broker proved
 under a previous session (:attr:`TesseraMqttClient.rotation_grace_s`; Mosquitto queues
-QoS 1 deliveries beyond its own in-flight window after proving them at ingress). The
-first message under the new session is an ``sa1/confirm``, sent by the swap itself.
+QoS 1 deliveries beyond its own in-flight window after proving them at ingress).
 
 Step-up: the broker asks with a message on ``tessera/step-up`` proven under this
 device's session (it is delivered without a subscription). Requests that do not verify
@@ -69,7 +75,6 @@ from structauth.session import HEADER_SIZE, Session
 log = logging.getLogger("tessera.agent.mqtt")
 
 AUTH_METHOD = "tessera-sa1"
-CONFIRM_TOPIC = "sa1/confirm"
 STEP_UP_TOPIC = "tessera/step-up"
 
 # MQTT 5 control packet types (upper nibble) and AUTH reason codes
@@ -179,11 +184,12 @@ class StepUpRequest:
 
 
 class _Reauth:
-    """One re-authentication waiting for the broker's AUTH reply."""
+    """One re-authentication: msg1 sent (AUTH 0x19), then msg3 sent, then done."""
 
     def __init__(self, initiator: Initiator, context: bytes) -> None:
         self.initiator = initiator
         self.context = context
+        self.confirmed = False  # msg3 sent; waiting for the broker's AUTH 0x00
         self.done = threading.Event()
         self.session: Session | None = None
         self.error: MqttError | None = None
@@ -194,10 +200,18 @@ class _Reauth:
 
 
 class _AuthClient(mqtt.Client):
-    """paho's client plus MQTT 5 AUTH: incoming AUTH packets (and a CONNACK while a
-    re-authentication is pending) go to ``auth_handler``; everything else to paho."""
+    """paho's client plus MQTT 5 AUTH: incoming AUTH packets (and a CONNACK while
+    connected: a refused re-authentication) go to ``auth_handler``; everything else to
+    paho. Outgoing packets can be held back (:meth:`send_auth` with ``hold``) until the
+    next AUTH is queued with ``release``."""
 
     auth_handler: Callable[[int, bytes], int] | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._gate = threading.Lock()
+        #: packets queued while a re-authentication is between its msg1 and its msg3
+        self._held: list[tuple[int, bytes | bytearray, int, int, Any]] | None = None
+        super().__init__(*args, **kwargs)
 
     def _packet_handle(self) -> Any:
         command = self._in_packet["command"] & 0xF0
@@ -207,23 +221,55 @@ class _AuthClient(mqtt.Client):
             return handler(command, bytes(self._in_packet["packet"]))
         return super()._packet_handle()
 
+    def _packet_queue(self, command: int, packet: bytes | bytearray, mid: int, qos: int,
+                      info: Any = None) -> Any:
+        # every outgoing packet passes here (PUBLISH, PUBACK, SUBSCRIBE, PINGREQ, ...),
+        # from the application's threads and from paho's network thread
+        with self._gate:
+            if self._held is not None and command & 0xF0 != PACKET_AUTH:
+                self._held.append((command, packet, mid, qos, info))
+                return MQTTErrorCode.MQTT_ERR_SUCCESS
+            return super()._packet_queue(command, packet, mid, qos, info)
+
     def _call_socket_open(self, sock: Any) -> None:
-        # TCP_NODELAY: a re-authentication sends msg1 right behind the small sa1/confirm
-        # of the previous one; with Nagle on, it waits for the broker's delayed ACK of
-        # that confirm (40 ms on Linux; measured: re-auth 45-50 ms -> a few ms)
+        # TCP_NODELAY: the handshake's small AUTH packets and a re-authentication's msg1
+        # right behind a publish would otherwise wait for the broker's delayed ACK
+        # (40 ms on Linux; measured: re-auth 45-50 ms -> a few ms)
         with contextlib.suppress(OSError, AttributeError):  # not TCP: nothing to tune
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         super()._call_socket_open(sock)
 
-    def send_auth(self, reason: int, method: str, data: bytes | None) -> Any:
-        """Queue an AUTH packet behind what paho has queued already."""
-        if self._sock is None:
-            return MQTTErrorCode.MQTT_ERR_NO_CONN
-        return self._packet_queue(PACKET_AUTH, encode_auth(reason, method, data), 0, 0)
+    def send_auth(self, reason: int, method: str, data: bytes | None, *,
+                  hold: bool = False, release: bool = False) -> Any:
+        """Queue an AUTH packet behind what paho has queued already. ``hold``: every
+        later packet waits (a re-authentication's msg1 went out); ``release``: what
+        waited goes out right behind this one, in order (msg3 went out)."""
+        with self._gate:
+            if self._sock is None:
+                self._held = None
+                return MQTTErrorCode.MQTT_ERR_NO_CONN
+            rc = super()._packet_queue(PACKET_AUTH, encode_auth(reason, method, data), 0, 0)
+            if hold:
+                self._held = []
+            if release:
+                held, self._held = self._held or [], None
+                for packet in held:
+                    super()._packet_queue(*packet)
+            return rc
+
+    def drop_held(self) -> int:
+        """Forget what is held (the connection is gone); how many packets."""
+        with self._gate:
+            held, self._held = self._held or [], None
+            return len(held)
 
 
 class TesseraMqttClient:
-    """One device connection. ``connect()`` blocks until the handshake is done."""
+    """One device connection. ``connect()`` blocks until the handshake is done.
+
+    ``broker`` is required: the identity of the broker this device means to reach. It is
+    named in msg1 (a broker refuses a msg1 addressed to another) and msg2 must come from
+    exactly it."""
 
     #: how long deliveries the broker proved under a replaced session still open
     rotation_grace_s: float = 30.0
@@ -238,12 +284,16 @@ class TesseraMqttClient:
         trust: TrustStore,
         host: str,
         port: int,
-        broker: Identity | None = None,
+        broker: Identity,
         tls_cafile: str | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
         client_id: str | None = None,
+        keepalive: int = 60,
     ) -> None:
+        if not isinstance(broker, Identity) or broker.kind != "broker":
+            raise MqttError(f"broker must be the broker's Identity (spiffe://<trust domain>/"
+                            f"broker/<name>), not {broker!r}", Reason.BAD_CONFIGURATION)
         self.signer = signer
         self.credential = credential
         self.trust = trust
@@ -251,12 +301,14 @@ class TesseraMqttClient:
         self.broker = broker
         self.clock = clock
         self.wall_clock = wall_clock
+        self.keepalive = keepalive
         self.client_id = client_id or credential.identity.uri
         self.session: Session | None = None
         self._previous: dict[bytes, tuple[Session, float]] = {}
         self._connected = threading.Event()
         self._failure: MqttError | None = None
         self._initiator: Initiator | None = None
+        self._confirmed: Session | None = None  # msg3 sent, CONNACK not yet read
         self._context = b""
         # protect()/verify() from several threads, and the session swap
         self._lock = threading.RLock()
@@ -284,17 +336,17 @@ class TesseraMqttClient:
 
     # -- connection ------------------------------------------------------------
     def _new_initiator(self) -> Initiator:
-        return Initiator(
-            signer=self.signer, credential=self.credential, trust=self.trust,
-            expected_peer=self.broker, peer_kind="broker",
-        )
+        return Initiator(signer=self.signer, credential=self.credential, trust=self.trust,
+                         expected_peer=self.broker)
 
     def connect(self, timeout: float = 15.0, *, context: bytes = b"",
                 quote: bytes = b"") -> Session:
-        """Connect with a fresh handshake. ``context`` / ``quote``: to answer a step-up
-        request after the connection it came on was lost (the nonce, and a quote over
-        it when the request asked for one)."""
+        """Connect with a fresh handshake (msg1 in CONNECT, msg2 and msg3 in AUTH, then
+        CONNACK). ``context`` / ``quote``: to answer a step-up request after the
+        connection it came on was lost (the nonce, and a quote over it when the request
+        asked for one)."""
         self._initiator = self._new_initiator()
+        self._confirmed = None
         props = Properties(PacketTypes.CONNECT)
         props.AuthenticationMethod = AUTH_METHOD
         props.AuthenticationData = self._initiator.start(context=context, quote=quote)
@@ -302,7 +354,8 @@ class TesseraMqttClient:
         self._connected.clear()
         self._failure = None
         try:
-            self.client.connect(self.host, self.port, clean_start=True, properties=props)
+            self.client.connect(self.host, self.port, keepalive=self.keepalive,
+                                clean_start=True, properties=props)
         except OSError as exc:
             raise MqttError(f"cannot reach the broker at {self.host}:{self.port}: {exc}",
                             Reason.BACKEND_UNAVAILABLE) from None
@@ -314,10 +367,15 @@ class TesseraMqttClient:
             self.close()
             raise self._failure
         assert self.session is not None
-        self.publish(CONFIRM_TOPIC, b"")
         if context:
             self._answered(context)
         return self.session
+
+    def _fail_connect(self, error: TesseraError) -> None:
+        if self._failure is None:
+            self._failure = error if isinstance(error, MqttError) else MqttError(
+                error.detail, error.reason)
+        self._connected.set()
 
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason_code: Any,
                     properties: Any) -> None:
@@ -325,37 +383,42 @@ class TesseraMqttClient:
             if reason_code.is_failure:
                 raise MqttError(f"broker refused the connection: {reason_code}",
                                 Reason.NOT_AUTHORIZED)
-            msg2 = getattr(properties, "AuthenticationData", None)
-            if not msg2 or self._initiator is None:
-                raise MqttError("CONNACK without SA1 msg2: not a Tessera broker",
-                                Reason.MALFORMED)
-            done = self._initiator.receive(
-                bytes(msg2), self.clock(), TimePolicy.trusted(self.wall_clock())
-            )
+            if getattr(properties, "AuthenticationData", None):
+                raise MqttError("CONNACK carries authentication data: an SA1 v1 broker "
+                                "(msg2 in CONNACK, no key confirmation); refused",
+                                Reason.BAD_VERSION)
+            if self._confirmed is None:
+                raise MqttError("CONNACK before the SA1 handshake completed: not a "
+                                "Tessera broker", Reason.MALFORMED)
             with self._lock:
-                self.session = done.session
+                self.session = self._confirmed
+                self._confirmed = None
                 self._drop_previous()
-        except TesseraError as exc:
-            self._failure = exc if isinstance(exc, MqttError) else MqttError(exc.detail,
-                                                                              exc.reason)
-            client.disconnect()
-        finally:
             self._connected.set()
+        except TesseraError as exc:
+            self._fail_connect(exc)
+            client.disconnect()
 
     def _on_disconnect(self, *args: Any) -> None:
+        held = self.client.drop_held()
         waiter = self._reauth
         if waiter is not None:
             self._reauth = None
-            waiter.fail(MqttError("the connection closed during re-authentication",
+            waiter.fail(MqttError("the connection closed during re-authentication"
+                                  + (f" ({held} packets held back were lost)" if held else ""),
                                   Reason.NOT_AUTHORIZED))
+        if not self._connected.is_set():  # closed before CONNACK: refused
+            self._fail_connect(MqttError("the broker closed the connection during the "
+                                         "handshake", Reason.NOT_AUTHORIZED))
 
     # -- re-authentication --------------------------------------------------------
     def reauthenticate(self, context: bytes = b"", quote: bytes = b"",
                        timeout: float = 10.0) -> Session:
-        """A new SA1 handshake inside the live connection (MQTT 5 AUTH, reason 0x19);
-        blocks until the broker answers. The new session replaces the current one
-        atomically; the connection stays up. Raises MqttError if the broker refuses (it
-        then closes the connection) or does not answer within ``timeout``."""
+        """A new SA1 handshake inside the live connection (MQTT 5 AUTH: 0x19 msg1,
+        0x18 msg2, 0x18 msg3, 0x00); blocks until the broker answers. The new session
+        replaces the current one when msg3 is queued; the connection stays up. Raises
+        MqttError if the broker refuses (it then closes the connection) or does not
+        answer within ``timeout``."""
         if threading.current_thread() is getattr(self.client, "_thread", None):
             raise MqttError("reauthenticate() waits for a packet paho's network thread must "
                             "read: call it from another thread, not a paho callback",
@@ -367,14 +430,17 @@ class TesseraMqttClient:
             msg1 = initiator.start(context=context, quote=quote)  # the hardware signature
             waiter = _Reauth(initiator, context)
             self._reauth = waiter
-            rc = self.client.send_auth(RC_REAUTHENTICATE, AUTH_METHOD, msg1)
+            # from here until msg3, every other packet waits (Mosquitto 2.0.11 closes a
+            # connection that sends anything else while it re-authenticates)
+            rc = self.client.send_auth(RC_REAUTHENTICATE, AUTH_METHOD, msg1, hold=True)
             if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
                 self._reauth = None
+                self.client.drop_held()
                 raise MqttError(f"cannot send AUTH: {mqtt.error_string(rc)}",
                                 Reason.BACKEND_UNAVAILABLE)
             if not waiter.done.wait(timeout):
-                # A late answer still completes the swap (the broker has switched by
-                # then); the caller only learns it did not come in time.
+                # A late answer still completes the swap; the caller only learns it did
+                # not come in time.
                 raise MqttError(f"no AUTH reply within {timeout:g} s",
                                 Reason.BACKEND_UNAVAILABLE)
             if waiter.error is not None:
@@ -392,6 +458,7 @@ class TesseraMqttClient:
         if command == PACKET_CONNACK:
             # Mosquitto 2.0.11 refuses a re-authentication with CONNACK 0x87, then closes
             reason = body[1] if len(body) > 1 else -1
+            self.client.drop_held()
             if waiter is not None:
                 self._reauth = None
                 waiter.fail(MqttError(
@@ -404,14 +471,25 @@ class TesseraMqttClient:
         except Exception as exc:  # paho raises its own exceptions for bad properties
             reason, method, data = -1, None, None
             log.warning("malformed AUTH packet: %s", exc)
+        if not self.client.is_connected():
+            return self._connect_auth(reason, method, data)
         if waiter is None:
             log.warning("AUTH (reason %s) without a re-authentication of ours: "
                         "protocol error, disconnecting", reason)
             return MQTTErrorCode.MQTT_ERR_PROTOCOL
-        self._reauth = None
-        if reason != RC_SUCCESS or method != AUTH_METHOD or not data:
-            why = ("SA1 completes in one round trip; continue-authentication is out of step"
-                   if reason == RC_CONTINUE_AUTHENTICATION else
+        if waiter.confirmed:  # msg3 went out: the broker's verdict
+            self._reauth = None
+            if reason != RC_SUCCESS or method not in (None, AUTH_METHOD):
+                waiter.fail(MqttError(f"re-authentication failed: AUTH reason {reason:#04x}",
+                                      Reason.NOT_AUTHORIZED))
+                return MQTTErrorCode.MQTT_ERR_PROTOCOL
+            waiter.done.set()
+            return ok
+        if reason != RC_CONTINUE_AUTHENTICATION or method != AUTH_METHOD or not data:
+            self._reauth = None
+            self.client.drop_held()
+            why = ("the broker completed it without key confirmation (an SA1 v1 broker)"
+                   if reason == RC_SUCCESS else
                    f"AUTH reason {reason:#04x}, method {method!r}, "
                    f"{'with' if data else 'without'} msg2")
             waiter.fail(MqttError(f"re-authentication failed: {why}", Reason.MALFORMED))
@@ -420,23 +498,42 @@ class TesseraMqttClient:
         try:
             done = waiter.initiator.receive(data, now, TimePolicy.trusted(self.wall_clock()))
         except TesseraError as exc:
-            # the broker has switched to a session we cannot use: start over cleanly
+            self._reauth = None
+            self.client.drop_held()
             waiter.fail(MqttError(f"broker's re-authentication answer refused: {exc.detail}",
                                   exc.reason))
             return MQTTErrorCode.MQTT_ERR_PROTOCOL
         with self._lock:
+            # msg3 first, then what waited (proven under the old session, which the
+            # broker keeps for in-flight messages), then anything proven under the new one
             old = self.session
             self.session = done.session
             if old is not None:
                 self._previous[old.session_id] = (old, now + self.rotation_grace_s)
                 while len(self._previous) > self.max_previous:
                     self._previous.pop(next(iter(self._previous)))[0].close()
-            # first message under the new session: confirms it at the broker
-            header, payload = done.session.protect(CONFIRM_TOPIC.encode(), b"", now)
-            self.client.publish(CONFIRM_TOPIC, payload + header)
-        waiter.session = done.session
-        waiter.done.set()
+            waiter.session = done.session
+            waiter.confirmed = True
+            self.client.send_auth(RC_CONTINUE_AUTHENTICATION, AUTH_METHOD, done.reply,
+                                  release=True)
         return ok
+
+    def _connect_auth(self, reason: int, method: str | None, data: bytes | None) -> Any:
+        """AUTH before CONNACK: msg2 (reason 0x18); answer msg3."""
+        initiator = self._initiator
+        try:
+            if initiator is None or self._confirmed is not None:
+                raise MqttError("AUTH out of step during the handshake", Reason.MALFORMED)
+            if reason != RC_CONTINUE_AUTHENTICATION or method != AUTH_METHOD or not data:
+                raise MqttError(f"AUTH reason {reason:#04x}, method {method!r}, "
+                                f"{'with' if data else 'without'} data: not SA1 msg2",
+                                Reason.MALFORMED)
+            done = initiator.receive(data, self.clock(), TimePolicy.trusted(self.wall_clock()))
+        except TesseraError as exc:
+            self._fail_connect(exc)
+            return MQTTErrorCode.MQTT_ERR_PROTOCOL
+        self._confirmed = done.session
+        return self.client.send_auth(RC_CONTINUE_AUTHENTICATION, AUTH_METHOD, done.reply)
 
     # -- step-up -------------------------------------------------------------------
     def answer_step_ups(self, quote_fn: Callable[[bytes], bytes] | None = None) -> None:

@@ -159,10 +159,13 @@ def _broker_part(broker: Mosquitto, base: Path, server: ProvisioningServer,
     console_issued, console_signer = issued["console"]
     trust = TrustStore(x509.load_pem_x509_certificates(console_issued["bundle"].encode()),
                        server.trust_domain)
+    # every device names the broker it means to reach (msg1 is refused anywhere else)
+    broker_id = Credential.from_pem(issued["mqtt-1"][0]["operational_credential"].encode()
+                                    ).identity
     console = TesseraMqttClient(
         signer=console_signer,
         credential=Credential.from_pem(console_issued["operational_credential"].encode()),
-        trust=trust, host="127.0.0.1", port=broker.port)
+        trust=trust, host="127.0.0.1", port=broker.port, broker=broker_id)
     console.connect()
     got: queue.Queue[tuple[str, bytes]] = queue.Queue()
     console.subscribe("devices/+/telemetry/#", lambda t, p: got.put((t, p)), proven=False)
@@ -171,6 +174,7 @@ def _broker_part(broker: Mosquitto, base: Path, server: ProvisioningServer,
         config = AgentConfig.parse(
             f'[device]\nstate_dir = "{base / serial}"\n'
             f'[mqtt]\nhost = "127.0.0.1"\nport = {broker.port}\n'
+            f'broker_identity = "{broker_id.uri}"\n'
             f'[renewal]\nenabled = false\n[reconnect]\ninitial_s = 0.5\nmax_s = 2.0\n')
         agents[serial] = Agent(config).start()
     try:

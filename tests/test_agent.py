@@ -36,6 +36,7 @@ class World:
         self.fleet = Fleet(t0=dt.datetime.now(dt.UTC) - dt.timedelta(days=1))
         broker_key = InsecureSoftwareSigner.generate()
         member = self.fleet.member("broker", "mqtt-1", signer=broker_key)
+        self.identity = member.identity
         self.options = plugin_files(
             base, trust_domain=self.fleet.trust_domain,
             bundle_pem=self.fleet.root.public_bytes(Encoding.PEM),
@@ -58,6 +59,7 @@ class World:
     def config(self, **extra: str) -> AgentConfig:
         text = (f'[device]\nstate_dir = "{self.state}"\n'
                 f'[mqtt]\nhost = "127.0.0.1"\nport = {self.broker.port}\n'
+                f'broker_identity = "{self.identity.uri}"\n'
                 '[renewal]\nenabled = false\n')
         if "reconnect" not in extra:
             text += "[reconnect]\ninitial_s = 0.2\nmax_s = 1.0\n"
@@ -68,7 +70,7 @@ class World:
     def backend_client(self) -> TesseraMqttClient:
         m = self.fleet.member("broker", "backend")
         c = TesseraMqttClient(signer=m.signer, credential=m.credential, trust=self.fleet.trust,
-                              host="127.0.0.1", port=self.broker.port)
+                              host="127.0.0.1", port=self.broker.port, broker=self.identity)
         c.connect()
         return c
 
@@ -136,14 +138,22 @@ def test_agent_survives_broker_restart_and_buffers_offline(world: World) -> None
         backend.close()
 
 
+BROKER = "broker_identity = 'spiffe://fleet.test/broker/mqtt-1'\n"
+
+
 @pytest.mark.parametrize(("text", "expect"), [
     ("[mqtt]\nport = 1\n", "mqtt.host is required"),
+    ("[mqtt]\nhost = 'x'\n", "mqtt.broker_identity is required"),
+    ("[mqtt]\nhost = 'x'\nbroker_identity = 'mqtt-1'\n", "is not a broker identity"),
+    ("[mqtt]\nhost = 'x'\nbroker_identity = 'spiffe://fleet.test/device/pi'\n",
+     "is not a broker identity"),
     ("[mqtt]\nhost = 'x'\nport = 'a'\n", "mqtt.port has the wrong type"),
     ("[mqtt]\nhost = 'x'\n[wat]\n", "unknown section [wat]"),
     ("[mqtt]\nhost = 'x'\nhots = 1\n", "unknown key mqtt.hots"),
-    ("[mqtt]\nhost = 'x'\nport = 99999\n", "mqtt.port must be"),
+    ("[mqtt]\nhost = 'x'\n" + BROKER + "port = 99999\n", "mqtt.port must be"),
     ("[mqtt\n", "agent.toml"),
-    ("[mqtt]\nhost = 'x'\n[reconnect]\ninitial_s = 5\nmax_s = 1\n", "initial_s"),
+    ("[mqtt]\nhost = 'x'\n" + BROKER + "[reconnect]\ninitial_s = 5\nmax_s = 1\n",
+     "initial_s"),
 ])
 def test_config_errors_are_one_line(text: str, expect: str) -> None:
     with pytest.raises(ConfigurationError) as exc:
@@ -153,7 +163,8 @@ def test_config_errors_are_one_line(text: str, expect: str) -> None:
 
 def test_run_without_enrollment_fails_in_one_line(tmp_path: Path) -> None:
     cfg = tmp_path / "agent.toml"
-    cfg.write_text(f'[device]\nstate_dir = "{tmp_path / "none"}"\n[mqtt]\nhost = "127.0.0.1"\n')
+    cfg.write_text(f'[device]\nstate_dir = "{tmp_path / "none"}"\n[mqtt]\nhost = "127.0.0.1"\n'
+                   + BROKER)
     done = subprocess.run([str(Path(sys.executable).parent / "tessera-agent"), "run",
                            "--config", str(cfg)], capture_output=True, text=True, timeout=30)
     assert done.returncode == 1
@@ -182,7 +193,7 @@ def test_agent_renews_its_credential_even_without_a_broker(tmp_path: Path,
         config = AgentConfig.parse(
             f'[device]\nstate_dir = "{state}"\n'
             f'[mqtt]\nhost = "127.0.0.1"\nport = {free_port()}\n'  # nobody listens there
-            '[renewal]\nat_fraction = 0.1\n')
+            + BROKER + '[renewal]\nat_fraction = 0.1\n')
         with Agent(config) as agent:
             deadline = time.monotonic() + 20
             while agent.stats.renewals == 0 and time.monotonic() < deadline:

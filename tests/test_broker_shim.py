@@ -476,6 +476,42 @@ def test_continue_then_reauthentication_in_a_live_connection(broker: Broker) -> 
     raw.close()
 
 
+def test_a_reauthentication_can_continue_in_both_directions(broker: Broker) -> None:
+    """What SA1 v2 needs of the shim on a live connection: AUTH 0x19 -> the host answers
+    CONTINUE -> AUTH 0x18 to the client -> the client's AUTH 0x18 reaches
+    on_ext_auth_continue with reauth=True -> AUTH 0x00. And what Mosquitto 2.0.11 does
+    meanwhile (handle_auth.c: state "reauthenticating"): any other packet from the
+    client is a protocol error that closes the connection."""
+    raw = Raw(broker)
+    kind, body = raw.connect("reauth-2", method=METHOD, data=b"ok:hello")
+    assert (kind, body[1]) == (0x20, 0)
+    raw.auth(0x19, METHOD, b"continue:")
+    kind, body = raw.recv()
+    assert kind == 0xF0 and body[0] == 0x18 and _parse_props(body[1:])[0x16] == b"more"
+    raw.auth(0x18, METHOD, b"ok:confirmed")
+    kind, body = raw.recv()
+    assert kind == 0xF0 and body[0] == 0x00  # AUTH, success
+    assert _parse_props(body[1:])[0x16] == b"confirmed"
+    starts = broker.records("on_ext_auth_start", client_id="reauth-2")
+    assert [s["reauth"] for s in starts] == [False, True]
+    cont = broker.wait_record("on_ext_auth_continue", client_id="reauth-2")
+    assert cont["reauth"] is True and cont["data"] == b"ok:confirmed".hex()
+    # the connection is live again: a PUBLISH is handled
+    raw.send(0x30, _s(b"plain/after-reauth") + b"\x00" + b"x")
+    broker.wait_record("on_message", topic="plain/after-reauth")
+    # a PUBLISH between the client's 0x19 and its msg3 ends the connection
+    raw.auth(0x19, METHOD, b"continue:")
+    kind, body = raw.recv()
+    assert kind == 0xF0 and body[0] == 0x18
+    raw.send(0x30, _s(b"plain/too-early") + b"\x00" + b"x")
+    kind, body = raw.recv()
+    assert (kind, body[0]) == (0xE0, 0x82)  # DISCONNECT, protocol error
+    assert raw.closed()
+    assert not broker.records("on_message", topic="plain/too-early")
+    broker.wait_record("on_disconnect", client_id="reauth-2")
+    raw.close()
+
+
 def test_no_auth_method_means_basic_auth(broker: Broker) -> None:
     ok = Client(broker, "basic-ok", username="allow", password=b"p\x01w")
     assert ok.rc == 0

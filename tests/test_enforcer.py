@@ -19,6 +19,7 @@ from broker_plugin.enforcer import (
     MOSQ_ACL_SUBSCRIBE,
     MOSQ_ERR_ACL_DENIED,
     MOSQ_ERR_AUTH,
+    MOSQ_ERR_AUTH_CONTINUE,
     MOSQ_ERR_SUCCESS,
     Enforcer,
 )
@@ -56,15 +57,29 @@ def enforcer(fleet: Fleet) -> Enforcer:
     return e
 
 
+def handshake(e: Enforcer, member: Member, trust: object, client_id: str, address: str,
+              now: float, *, context: bytes = b"", quote: bytes = b"",
+              reauth: bool = False) -> Session | int:
+    """The three messages as Mosquitto relays them: msg1 -> (AUTH_CONTINUE, msg2),
+    msg3 -> (0, None). The device's session, or the refusing return code."""
+    init = Initiator(signer=member.signer, credential=member.credential,
+                     trust=trust, expected_peer=e.responder.identity)  # type: ignore[arg-type]
+    rc, msg2 = e.connect(client_id, address, "tessera-sa1",
+                         init.start(context=context, quote=quote), now, reauth=reauth)
+    if rc != MOSQ_ERR_AUTH_CONTINUE:
+        assert msg2 is None
+        return int(rc)
+    assert msg2 is not None
+    done = init.receive(msg2, now, TimePolicy.trusted(NOW))
+    rc, out = e.confirm(client_id, address, "tessera-sa1", done.reply, now, reauth=reauth)
+    assert out is None
+    return done.session if rc == MOSQ_ERR_SUCCESS else int(rc)
+
+
 def connect(e: Enforcer, fleet: Fleet, member: Member, client_id: str | None = None,
             now: float = 0.0) -> Session | int:
-    init = Initiator(signer=member.signer, credential=member.credential, trust=fleet.trust)
-    rc, msg2 = e.connect(client_id or member.identity.uri, "127.0.0.1", "tessera-sa1",
-                         init.start(), now)
-    if rc != MOSQ_ERR_SUCCESS:
-        return rc
-    assert msg2 is not None
-    return init.receive(msg2, now, TimePolicy.trusted(NOW)).session
+    return handshake(e, member, fleet.trust, client_id or member.identity.uri, "127.0.0.1",
+                     now)
 
 
 def send(e: Enforcer, s: Session, cid: str, topic: str, payload: bytes, now: float = 1.0,
@@ -210,17 +225,14 @@ class Dev:
 
     def handshake(self, now: float, *, context: bytes = b"", quote: bytes = b"",
                   reauth: bool = False, address: str | None = None) -> int:
-        init = Initiator(signer=self.member.signer, credential=self.member.credential,
-                         trust=self.fleet.trust)
-        rc, msg2 = self.e.connect(self.uri, address or self.address, "tessera-sa1",
-                                  init.start(context=context, quote=quote), now,
-                                  reauth=reauth)
-        if rc == MOSQ_ERR_SUCCESS:
-            assert msg2 is not None
-            self.previous = self.session
-            self.session = init.receive(msg2, now, TimePolicy.trusted(NOW)).session
-            assert self.send("sa1/confirm", b"", now).rc == MOSQ_ERR_ACL_DENIED  # consumed
-        return int(rc)
+        got = handshake(self.e, self.member, self.fleet.trust, self.uri,
+                        address or self.address, now, context=context, quote=quote,
+                        reauth=reauth)
+        if isinstance(got, int):
+            return got
+        self.previous = self.session
+        self.session = got
+        return MOSQ_ERR_SUCCESS
 
     def send(self, topic: str, payload: bytes, now: float,
              session: Session | None = None):  # type: ignore[no-untyped-def]
@@ -326,8 +338,7 @@ def test_rotation_keeps_the_previous_session_for_in_flight_messages(fleet: Fleet
         answer = e.message(d.uri, "devices/pi-s2/telemetry/t", body + header, 2.0)
         assert answer.payload == b"%d" % i
     assert d.send("devices/pi-s2/telemetry/t", b"new", 2.0).payload == b"new"
-    # a command to the device, before its new session is confirmed by anything but
-    # sa1/confirm, is proven under the session the device holds
+    # a command to the device is proven under its new session
     answer = backend.send("devices/pi-s2/commands/x", b"cmd", 2.0)
     assert answer.rc == MOSQ_ERR_SUCCESS
     opened = d.session.verify(answer.payload[-31:], b"devices/pi-s2/commands/x",  # type: ignore[union-attr]
@@ -538,11 +549,214 @@ def test_metrics_count_what_the_enforcer_decides(fleet: Fleet) -> None:
     e.tick(2.0)
     text = m.render().decode()
     for line in ('tessera_handshakes_total{result="ok"} 1',
+                 'tessera_handshakes_total{result="pending"} 2',  # msg2 sent, twice
                  'tessera_handshakes_total{result="refused"} 1',
                  'tessera_rejections_total{reason="bad_tag"} 1',
                  'tessera_rejections_total{reason="step_up_required"} 1',
                  'tessera_step_ups_total{result="requested"} 1',
                  'tessera_step_ups_total{result="failed"} 1',
                  "tessera_quarantined_devices 1", "tessera_active_sessions 0",
-                 "tessera_verify_seconds_count 3"):
+                 "tessera_verify_seconds_count 2"):  # the altered one fails first
         assert line in text, line
+
+
+# -- nothing before key confirmation (SA1 v2) ------------------------------------------
+
+
+def test_a_replayed_msg1_gets_msg2_at_most_and_disturbs_nothing(enforcer: Enforcer,
+                                                                fleet: Fleet) -> None:
+    """The device's msg1 replayed once the nonce cache has forgotten it (600 s): msg2
+    comes back, but no Client record replaces the live one, nothing is audited as a
+    login, and the pending handshake can only fail or expire."""
+    pi, other = fleet.member("device", "pi-r1"), fleet.member("device", "pi-r2")
+    uri = pi.identity.uri
+    init = Initiator(signer=pi.signer, credential=pi.credential, trust=fleet.trust,
+                     expected_peer=enforcer.responder.identity)
+    msg1 = init.start()
+    rc, msg2 = enforcer.connect(uri, "10.0.0.5", "tessera-sa1", msg1, 0.0)
+    assert rc == MOSQ_ERR_AUTH_CONTINUE and msg2 is not None
+    assert enforcer.clients == {} and events_named(enforcer, "handshake_ok") == []
+    done = init.receive(msg2, 0.0, TimePolicy.trusted(NOW))
+    assert enforcer.confirm(uri, "10.0.0.5", "tessera-sa1", done.reply, 0.0).rc == 0
+    live = enforcer.clients[uri]
+    bystander = connect(enforcer, fleet, other)
+    assert isinstance(bystander, Session)
+    logins = len(events_named(enforcer, "handshake_ok"))
+    # within the nonce cache's memory: refused before any work
+    assert enforcer.connect(uri, "192.0.2.9", "tessera-sa1", msg1, 5.0).rc == MOSQ_ERR_AUTH
+    assert events_named(enforcer, "handshake_refused")[-1]["reason"] == "handshake_replayed"
+    # later: answered, and held as a pending handshake only
+    rc, replayed_msg2 = enforcer.connect(uri, "192.0.2.9", "tessera-sa1", msg1, 700.0)
+    assert rc == MOSQ_ERR_AUTH_CONTINUE and replayed_msg2 is not None
+    assert enforcer.clients[uri] is live and len(enforcer.pending) == 1
+    # the replayer cannot make msg3: the device's old msg3, nothing, garbage
+    for attempt, reason in [(done.reply, "unknown_session"), (None, "malformed"),
+                            (b"SA1\x23" + bytes(42), "malformed")]:
+        assert enforcer.confirm(uri, "192.0.2.9", "tessera-sa1", attempt, 700.5).rc == \
+            MOSQ_ERR_AUTH
+        assert enforcer.events[-1][1]["reason"] == reason, attempt  # type: ignore[attr-defined]
+    assert len(enforcer.pending) == 1
+    # a well-formed msg3 naming the pending session with a MAC it cannot compute:
+    # bad_confirmation, and that pending handshake is used up (one try)
+    sid = next(iter(enforcer.pending._all))[1]
+    forged = done.reply[:6] + sid + bytes(32)
+    assert enforcer.confirm(uri, "192.0.2.9", "tessera-sa1", forged, 700.6).rc == MOSQ_ERR_AUTH
+    assert events_named(enforcer, "handshake_refused")[-1]["reason"] == "bad_confirmation"
+    assert len(enforcer.pending) == 0
+    # nothing of the live device was touched, nothing counted against it
+    assert enforcer.clients[uri] is live and live.session.state.name == "ESTABLISHED"
+    assert len(events_named(enforcer, "handshake_ok")) == logins
+    assert events_named(enforcer, "quarantined") == [] and not enforcer._rejected
+    assert live.rejections == 0 and uri not in enforcer.challenges
+    # the live device and its neighbour still deliver
+    assert send(enforcer, done.session, uri, "devices/pi-r1/telemetry/t", b"ok",
+                701.0).payload == b"ok"
+    assert send(enforcer, bystander, other.identity.uri, "devices/pi-r2/telemetry/t", b"ok",
+                701.0).payload == b"ok"
+
+
+def test_an_unconfirmed_pending_handshake_expires_having_granted_nothing(
+        enforcer: Enforcer, fleet: Fleet) -> None:
+    from broker_plugin.metrics import BrokerMetrics
+
+    enforcer.metrics = BrokerMetrics()
+    pi = fleet.member("device", "pi-x1")
+    init = Initiator(signer=pi.signer, credential=pi.credential, trust=fleet.trust,
+                     expected_peer=enforcer.responder.identity)
+    rc, msg2 = enforcer.connect(pi.identity.uri, "10.0.0.5", "tessera-sa1", init.start(), 0.0)
+    assert rc == MOSQ_ERR_AUTH_CONTINUE and len(enforcer.pending) == 1
+    # publishing or subscribing under the client id gets nothing (Mosquitto would not
+    # even let the connection try before CONNACK)
+    assert enforcer.message(pi.identity.uri, "devices/pi-x1/telemetry/t", b"x" * 40,
+                            1.0).rc == MOSQ_ERR_ACL_DENIED
+    assert enforcer.acl(pi.identity.uri, MOSQ_ACL_SUBSCRIBE, "devices/pi-x1/commands/#") == \
+        MOSQ_ERR_ACL_DENIED
+    enforcer.tick(9.9)
+    assert len(enforcer.pending) == 1
+    enforcer.tick(10.0)  # the responder's pending_timeout (10 s)
+    assert len(enforcer.pending) == 0 and enforcer.clients == {}
+    done = init.receive(msg2, 10.0, TimePolicy.trusted(NOW))  # msg3, too late
+    assert enforcer.confirm(pi.identity.uri, "10.0.0.5", "tessera-sa1", done.reply,
+                            10.1).rc == MOSQ_ERR_AUTH
+    assert events_named(enforcer, "handshake_refused")[-1]["reason"] == "unknown_session"
+    assert events_named(enforcer, "handshake_ok") == []
+    text = enforcer.metrics.render().decode()
+    for line in ('tessera_handshakes_total{result="pending"} 1',
+                 'tessera_handshakes_total{result="expired"} 1',
+                 'tessera_handshakes_total{result="ok"} 0',
+                 'tessera_rejections_total{reason="unknown_session"} 2'):
+        assert line in text, line
+
+
+def test_pending_handshakes_are_bounded_and_never_evict_a_session(fleet: Fleet) -> None:
+    from broker_plugin.enforcer import PendingLimits
+
+    broker = fleet.member("broker", "b1")
+    e = Enforcer(Responder(signer=broker.signer, credential=broker.credential,
+                           trust=fleet.trust, peer_kind=None),
+                 POLICY, wall_clock=lambda: NOW,
+                 pending=PendingLimits(per_client=2, per_source=3, total=5))
+    live = fleet.member("device", "pi-b0")
+    s = connect(e, fleet, live)
+    assert isinstance(s, Session)
+
+    def pending(member: Member, address: str, now: float) -> tuple[Initiator, bytes]:
+        init = Initiator(signer=member.signer, credential=member.credential,
+                         trust=fleet.trust, expected_peer=e.responder.identity)
+        rc, msg2 = e.connect(member.identity.uri, address, "tessera-sa1", init.start(), now)
+        assert rc == MOSQ_ERR_AUTH_CONTINUE and msg2 is not None
+        return init, msg2
+
+    # per client id: the third evicts the first
+    a = fleet.member("device", "pi-b1")
+    first = pending(a, "10.0.0.1", 1.0)
+    pending(a, "10.0.1.1", 1.1)
+    pending(a, "10.0.2.1", 1.2)
+    assert len(e.pending) == 2
+    done = first[0].receive(first[1], 1.3, TimePolicy.trusted(NOW))
+    assert e.confirm(a.identity.uri, "10.0.0.1", "tessera-sa1", done.reply, 1.3).rc == \
+        MOSQ_ERR_AUTH  # evicted
+    # per source: the fourth from one address evicts that address's oldest
+    for i in range(4):
+        pending(fleet.member("device", f"pi-s{i}"), "192.0.2.7", 2.0 + i / 10)
+    assert sorted(k[0].rsplit("/", 1)[1] for k in e.pending._all) == \
+        ["pi-b1", "pi-b1", "pi-s1", "pi-s2", "pi-s3"]
+    # IPv6 counts by /64
+    assert e.pending._by_source.keys() >= {"10.0.1.1", "10.0.2.1", "192.0.2.7"}
+    pending(fleet.member("device", "pi-v1"), "2001:db8::1", 3.0)
+    assert "2001:db8::/64" in e.pending._by_source
+    assert len(e.pending) == 5  # the total: the oldest of all went
+    # the confirmed session was never at stake
+    assert e.clients[live.identity.uri].session is not None
+    assert send(e, s, live.identity.uri, "devices/pi-b0/telemetry/t", b"ok", 3.1).payload == b"ok"
+    # a pending handshake's msg3 must come from where its msg1 came
+    init, msg2 = pending(fleet.member("device", "pi-m1"), "10.9.9.9", 4.0)
+    done = init.receive(msg2, 4.0, TimePolicy.trusted(NOW))
+    assert e.confirm("spiffe://fleet.test/device/pi-m1", "10.9.9.8", "tessera-sa1",
+                     done.reply, 4.1).rc == MOSQ_ERR_AUTH
+
+
+def test_a_msg1_for_another_broker_or_client_id_is_refused_before_any_work(
+        enforcer: Enforcer, fleet: Fleet) -> None:
+    pi = fleet.member("device", "pi-w1")
+    elsewhere = fleet.member("broker", "mqtt-2").identity
+    init = Initiator(signer=pi.signer, credential=pi.credential, trust=fleet.trust,
+                     expected_peer=elsewhere)
+    assert enforcer.connect(pi.identity.uri, "10.0.0.5", "tessera-sa1", init.start(),
+                            0.0).rc == MOSQ_ERR_AUTH
+    refused = events_named(enforcer, "handshake_refused")[-1]
+    assert refused["reason"] == "wrong_identity" and "mqtt-2" in refused["detail"]
+    assert refused["stage"] == "msg1" and len(enforcer.pending) == 0
+    # a client id that is not the credential's identity, or no identity at all
+    for cid in ("spiffe://fleet.test/device/pi-w2", "plain-client"):
+        assert handshake(enforcer, pi, fleet.trust, cid, "10.0.0.6", 0.0) == MOSQ_ERR_AUTH
+        assert events_named(enforcer, "handshake_refused")[-1]["reason"] == "wrong_identity"
+    assert enforcer.clients == {} and len(enforcer.pending) == 0
+
+
+def test_a_step_up_answer_counts_only_once_confirmed(fleet: Fleet) -> None:
+    """A msg1 carrying the outstanding nonce (say, the device's own, replayed) is no
+    answer until its msg3 verifies: the challenge stays outstanding, no step-up credit,
+    and a wrong nonce in an unconfirmed msg1 counts nothing toward quarantine."""
+    e = stepper(fleet, quarantine_failures=1)
+    d = Dev(e, fleet, "pi-u1")
+    d.handshake(0.0)
+    d.send("devices/pi-u1/firmware/x", b"fw", 1.0)
+    [request] = d.requests(e.tick(1.0), 1.0)
+    init = Initiator(signer=d.member.signer, credential=d.member.credential,
+                     trust=fleet.trust, expected_peer=e.responder.identity)
+    rc, _ = e.connect(d.uri, d.address, "tessera-sa1", init.start(context=request["nonce"]),
+                      2.0, reauth=True)
+    assert rc == MOSQ_ERR_AUTH_CONTINUE
+    wrong = Initiator(signer=d.member.signer, credential=d.member.credential,
+                      trust=fleet.trust, expected_peer=e.responder.identity)
+    rc, _ = e.connect(d.uri, d.address, "tessera-sa1", wrong.start(context=b"\x00" * 32),
+                      2.0, reauth=True)
+    assert rc == MOSQ_ERR_AUTH_CONTINUE
+    e.tick(13.0)  # both expire unconfirmed
+    assert d.uri in e.challenges and e.clients[d.uri].stepped_up_at is None
+    assert events_named(e, "step_up_ok") == [] and events_named(e, "step_up_failed") == []
+    assert events_named(e, "quarantined") == []
+    assert d.send("devices/pi-u1/firmware/x", b"fw", 13.5).rc == MOSQ_ERR_ACL_DENIED
+    assert d.handshake(14.0, context=request["nonce"], reauth=True) == MOSQ_ERR_SUCCESS
+    assert events_named(e, "step_up_ok")[-1]["via"] == "auth"
+    assert d.send("devices/pi-u1/firmware/x", b"fw", 14.5).rc == MOSQ_ERR_SUCCESS
+
+
+def test_refusals_before_authentication_are_summarised_not_logged_each(
+        enforcer: Enforcer, fleet: Fleet) -> None:
+    for i in range(500):
+        enforcer.connect("spiffe://fleet.test/device/x", "198.51.100.1", "tessera-sa1",
+                         b"junk" * 10, i / 100)
+    enforcer.connect("spiffe://fleet.test/device/x", "198.51.100.2", "tessera-sa1",
+                     b"junk", 5.0)
+    refused = events_named(enforcer, "handshake_refused")
+    assert [(r["address"], r["reason"]) for r in refused] == [
+        ("198.51.100.1", "bad_version"), ("198.51.100.2", "bad_version")]
+    enforcer.tick(10.5)
+    [summary] = events_named(enforcer, "handshake_refusals")
+    assert summary["refused"] == 501 and summary["not_audited"] == 499
+    assert summary["counts"] == [{"reason": "bad_version", "source": "198.51.100.1",
+                                  "count": 499}]
+    enforcer.tick(30.0)
+    assert len(events_named(enforcer, "handshake_refusals")) == 1  # nothing new to say

@@ -197,7 +197,8 @@ def test_a_backend_gets_fan_out_messages_only_once_proven(
     def client(kind: str, name: str) -> TesseraMqttClient:
         m = fleet.member(kind, name)
         return TesseraMqttClient(signer=m.signer, credential=m.credential, trust=fleet.trust,
-                                 host="127.0.0.1", port=mosq.port)
+                                 host="127.0.0.1", port=mosq.port,
+                                 broker=fleet.member("broker", "mqtt-1").identity)
 
     backend, device = client("broker", "backend"), client("device", "pi-f")
     backend.connect()

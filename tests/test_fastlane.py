@@ -42,9 +42,7 @@ def fast(tmp_path_factory: pytest.TempPathFactory) -> ModuleType:
 
 
 def _pair(params: SessionParams | None = None) -> SessionPair:
-    pair = SessionPair.direct(params or SessionParams(replay_window=64), FakeClock())
-    pair.confirm()
-    return pair
+    return SessionPair.direct(params or SessionParams(replay_window=64), FakeClock())
 
 
 def _reference(session: Session, header: bytes, topic: bytes, body: bytes,
@@ -124,11 +122,14 @@ def test_taking_the_state_back_keeps_the_replay_window(fast: ModuleType) -> None
     assert _reference(pair.responder, header, TOPIC, body, now) == ("ok", b"new")
 
 
-def test_a_sealed_or_unconfirmed_session_is_not_handed_over(fast: ModuleType) -> None:
+def test_a_sealed_or_closed_session_is_not_handed_over(fast: ModuleType) -> None:
+    # (a responder session exists only once msg3 confirmed it: the enforcer hands it
+    # over at login, so there is no unconfirmed session to refuse any more)
     sealed = _pair(SessionParams(sealed=True))
     assert not FastLane(fast).adopt(CID, sealed.responder)
-    fresh = SessionPair.direct(SessionParams(), FakeClock())
-    assert not FastLane(fast).adopt(CID, fresh.responder)  # not confirmed yet
+    closed = _pair()
+    closed.responder.close()
+    assert not FastLane(fast).adopt(CID, closed.responder)
     assert fast.stats()["records"] == 0
 
 

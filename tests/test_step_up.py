@@ -88,13 +88,14 @@ class World:
     broker: Mosquitto
     directory: Path
     clients: list[TesseraMqttClient]
+    identity: Any = None  # the broker's: every device names it in msg1
 
     def client(self, name: str, kind: str = "device",
                member: Member | None = None) -> TesseraMqttClient:
         member = member or self.fleet.member(kind, name)
         client = TesseraMqttClient(signer=member.signer, credential=member.credential,
                                    trust=self.fleet.trust, host="127.0.0.1",
-                                   port=self.broker.port)
+                                   port=self.broker.port, broker=self.identity)
         client.member = member  # type: ignore[attr-defined]
         self.clients.append(client)
         return client
@@ -144,7 +145,7 @@ def world(tmp_path: Path) -> Iterator[Callable[..., World]]:
                 key=f"insecure-software:{key.save(tmp_path / 'broker-key.pem')}",
                 policy=policy, audit_log=str(tmp_path / "audit.jsonl"), **options)
             broker = stack.enter_context(Mosquitto(tmp_path / "mosquitto", plugin_options=opts))
-            return World(fleet, broker, tmp_path, clients)
+            return World(fleet, broker, tmp_path, clients, member.identity)
 
         try:
             yield start
