@@ -1,4 +1,5 @@
-"""A test fleet for benchmarks: an authority, a broker and a device, and real SA1 handshakes.
+"""A test fleet for benchmarks: an authority, a broker and a device, and real SA1 v2
+handshakes (three messages).
 
 Keys are ``hw.software.InsecureSoftwareSigner`` (in memory): the benchmarks compare
 CPU cost like with like against TLS, whose server key is in memory too. A TPM or
@@ -50,18 +51,21 @@ class Fleet:
             signer=self.device_signer,
             credential=self.device_credential,
             trust=self.trust,
+            expected_peer=self.broker_credential.identity,
         )
 
     def session_pair(
         self, params: SessionParams | None = None, now: float = 1000.0
     ) -> tuple[Session, Session]:
-        """(device session, broker session) from one real SA1 handshake at ``now``."""
+        """(device session, broker session) from one real three-message SA1 handshake
+        at ``now``: msg1, msg2, and the broker's session only once msg3 confirmed it."""
         responder = self.responder(params)
         initiator = self.initiator()
         msg1 = initiator.start()
         answered = responder.accept(msg1, now, self.broker_policy)
         completed = initiator.receive(answered.reply, now, self.device_policy)
-        return completed.session, answered.session
+        confirmed = responder.confirm(answered.pending, completed.reply, now)
+        return completed.session, confirmed.session
 
 
 def make_fleet() -> Fleet:

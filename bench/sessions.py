@@ -7,9 +7,11 @@ Measured in one run, side by side on the same interpreter:
    come from a real SA1 handshake; plus a replay rejected by the window.
 2. pyjwt ``jwt.decode`` of a token with ~120 bytes of claims, ES256 and HS256.
 3. aiocoap OSCORE ``unprotect`` of a POST with a 120-byte payload (``protect`` extra).
-4. SA1 ``Responder.accept`` (credential validation, signature check, hybrid key
-   exchange, msg2 with signature and confirmation); initiator ``start`` + ``receive``
-   as an extra line.
+4. The full three-message SA1 v2 handshake on each side: the responder's
+   ``accept`` (msg1: credential validation, signature check, hybrid key exchange, msg2
+   with signature and MAC) plus ``confirm`` (msg3: the initiator's key confirmation),
+   and the initiator's ``start`` (msg1) plus ``receive`` (msg2 checks, msg3 built).
+   ``confirm`` alone is an extra line.
 5. A TLS 1.3 mutual-auth handshake, server side only, Python ``ssl`` over memory BIOs.
 
 Single-use inputs (sequence numbers, handshake nonces, OSCORE sequence numbers) are
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from time import perf_counter_ns
 from typing import TYPE_CHECKING
 
@@ -203,6 +206,9 @@ def _oscore(report: Report, quick: bool, payload: bytes) -> None:
 
 
 def _handshakes(report: Report, quick: bool) -> None:
+    from structauth.credentials import TrustStore
+    from structauth.handshake import Initiator, Responder
+
     from .sa1_fleet import make_fleet
     from .tls_peer import make_peers, server_handshake_ns
 
@@ -210,55 +216,82 @@ def _handshakes(report: Report, quick: bool) -> None:
     plan = PLAN_HANDSHAKE.scaled(quick)
     now = 1000.0
 
-    _progress("SA1 responder accept")
-    responder = fleet.responder()
-    msg1s = Feed([fleet.initiator().start() for _ in range(plan.total)])
-    accept = responder.accept
+    # Each responder figure bills accept (msg1 -> msg2) and confirm (msg3), the whole
+    # responder side of one handshake; the initiator's work between them (msg2 -> msg3)
+    # runs unbilled. Initiators and their msg1s are made before the clock starts.
     policy = fleet.broker_policy
+    device_policy = fleet.device_policy
 
-    def accept_batch(n: int) -> int:
-        batch = msg1s.take(n)
-        t0 = perf_counter_ns()
-        for msg1 in batch:
-            accept(msg1, now, policy)
-        return perf_counter_ns() - t0
+    def responder_batch(responder: Responder, feed: Feed[tuple[Initiator, bytes]]
+                        ) -> Callable[[int], int]:
+        accept, confirm = responder.accept, responder.confirm
 
+        def batch(n: int) -> int:
+            billed = 0
+            for ini, msg1 in feed.take(n):
+                t0 = perf_counter_ns()
+                answered = accept(msg1, now, policy)
+                t1 = perf_counter_ns()
+                msg3 = ini.receive(answered.reply, now, device_policy).reply
+                t2 = perf_counter_ns()
+                confirm(answered.pending, msg3, now)
+                billed += t1 - t0 + perf_counter_ns() - t2
+            return billed
+
+        return batch
+
+    def started(n: int) -> Feed[tuple[Initiator, bytes]]:
+        pairs = []
+        for _ in range(n):
+            ini = fleet.initiator()
+            pairs.append((ini, ini.start()))
+        return Feed(pairs)
+
+    _progress("SA1 responder accept + confirm")
     report.figure(
         "sa1_responder_handshake",
-        "SA1 responder handshake, returning device",
-        measure(accept_batch, plan),
+        "SA1 responder handshake (msg1 + msg3), returning device",
+        measure(responder_batch(fleet.responder(), started(plan.total)), plan),
     )
 
     # First contact: a trust store that caches nothing, so every accept parses the
     # device's chain and verifies the authority's signature on it, as TLS does.
-    _progress("SA1 responder accept, first contact (no credential cache)")
-    from structauth.credentials import TrustStore
-    from structauth.handshake import Responder
-
+    _progress("SA1 responder accept + confirm, first contact (no credential cache)")
     cold = Responder(
         signer=fleet.broker_signer,
         credential=fleet.broker_credential,
         trust=TrustStore(fleet.trust.roots, fleet.trust.trust_domain, cache_size=0),
     )
-    cold_msg1s = Feed([fleet.initiator().start() for _ in range(plan.total)])
-    cold_accept = cold.accept
+    report.figure(
+        "sa1_responder_handshake_first_contact",
+        "SA1 responder handshake (msg1 + msg3), first contact",
+        measure(responder_batch(cold, started(plan.total)), plan),
+    )
 
-    def cold_batch(n: int) -> int:
-        batch = cold_msg1s.take(n)
+    _progress("SA1 responder confirm (msg3 alone)")
+    confirm_responder = fleet.responder()
+    pendings = []
+    for ini, msg1 in started(plan.total).take(plan.total):
+        answered = confirm_responder.accept(msg1, now, policy)
+        pendings.append((answered.pending, ini.receive(answered.reply, now, device_policy).reply))
+    pending_feed = Feed(pendings)
+    confirm = confirm_responder.confirm
+
+    def confirm_batch(n: int) -> int:
+        batch = pending_feed.take(n)
         t0 = perf_counter_ns()
-        for msg1 in batch:
-            cold_accept(msg1, now, policy)
+        for pending, msg3 in batch:
+            confirm(pending, msg3, now)
         return perf_counter_ns() - t0
 
     report.figure(
-        "sa1_responder_handshake_first_contact",
-        "SA1 responder handshake, first contact",
-        measure(cold_batch, plan),
+        "sa1_responder_confirm",
+        "SA1 responder confirm (msg3 verify, session built)",
+        measure(confirm_batch, plan),
     )
 
     _progress("SA1 initiator start + receive")
     initiator_responder = fleet.responder()
-    device_policy = fleet.device_policy
 
     def initiator_batch(n: int) -> int:
         initiators = [fleet.initiator() for _ in range(n)]
@@ -267,15 +300,16 @@ def _handshakes(report: Report, quick: bool) -> None:
             t0 = perf_counter_ns()
             msg1 = ini.start()
             billed += perf_counter_ns() - t0
-            reply = initiator_responder.accept(msg1, now, policy).reply
+            answered = initiator_responder.accept(msg1, now, policy)
             t0 = perf_counter_ns()
-            ini.receive(reply, now, device_policy)
+            msg3 = ini.receive(answered.reply, now, device_policy).reply
             billed += perf_counter_ns() - t0
+            initiator_responder.confirm(answered.pending, msg3, now)
         return billed
 
     report.figure(
         "sa1_initiator_handshake",
-        "SA1 initiator handshake (start + receive)",
+        "SA1 initiator handshake (msg1 + msg2 -> msg3)",
         measure(initiator_batch, plan),
     )
 
@@ -385,9 +419,12 @@ NOTES = (
     "(AES-CCM-16-64-128, window 32); requests pre-protected with increasing sequence "
     "numbers and unprotected in order, so the replay window slides and is never reset; "
     "CoAP parsing is not billed (as Tessera's figures bill no MQTT parsing).",
-    "SA1 handshake: software (in-memory) P-256 signers on both sides, like TLS's "
-    "in-memory server key; credential validation with a trusted clock on the broker, "
-    "no revocation hook; X25519 + ML-KEM-768. 'Returning device' is the common case "
+    "SA1 handshake (v2, three messages): software (in-memory) P-256 signers on both "
+    "sides, like TLS's in-memory server key; credential validation with a trusted clock "
+    "on the broker, no revocation hook; X25519 + ML-KEM-768. The responder figures bill "
+    "accept (msg1 in, msg2 out) plus confirm (msg3 in, session out), the initiator "
+    "figure start (msg1 out) plus receive (msg2 in, msg3 out). 'Returning device' is "
+    "the common case "
     "(hourly re-handshakes, reconnects, step-ups): the trust store has verified this "
     "exact chain before and skips its parse and signature check, while identity, "
     "validity times and revocation are still checked and msg1's hardware signature is "
