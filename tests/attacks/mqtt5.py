@@ -245,13 +245,16 @@ def publish(
     payload: bytes,
     *,
     qos: int = 0,
-    packet_id: int = 0,
+    packet_id: int | None = None,
     retain: bool = False,
     dup: bool = False,
     props: Props = (),
     v5: bool = True,
 ) -> bytes:
-    """PUBLISH (3.3). Topic Alias and friends go in ``props``."""
+    """PUBLISH (3.3). Topic Alias and friends go in ``props``. ``packet_id`` defaults
+    to 1 for QoS 1/2 (0 is a protocol error there, which an attacker may also send)."""
+    if packet_id is None:
+        packet_id = 1 if qos else 0
     flags = (0x08 if dup else 0) | ((qos & 3) << 1) | (0x01 if retain else 0)
     body = utf8(topic)
     if qos:
@@ -628,7 +631,7 @@ class Conn:
             p = self.read(timeout)
             if p is None:
                 raise AssertionError(f"no PINGRESP ({'closed' if self.closed else 'timeout'}); "
-                                     f"saw {seen}")
+                                     f"saw {[(x, x.body[:8]) for x in seen]}")
             if p.type == PINGRESP:
                 return seen
             seen.append(p)
