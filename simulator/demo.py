@@ -87,22 +87,45 @@ def run_demo(workdir: Path | None = None) -> int:
                     expected_peer=broker_cred.identity,
                 )
                 responder = Responder(signer=broker_key, credential=broker_cred, trust=trust)
+                _say("[4] handshake: three messages (SA1 v2)")
                 t = time.perf_counter()
                 msg1 = initiator.start()
                 t1 = time.perf_counter()
+                _say(
+                    f"    msg1 device -> broker {len(msg1):>5} B  X25519 + ML-KEM-768 shares, "
+                    f"credential, names {broker_cred.identity.uri} "
+                    f"(TPM sign {1000 * (t1 - t):.1f} ms)"
+                )
                 answered = responder.accept(msg1, clock(), TimePolicy.trusted(now))
                 t2 = time.perf_counter()
-                done = initiator.receive(answered.reply, clock(), TimePolicy.unknown())
-                t3 = time.perf_counter()
-                device, broker = done.session, answered.session
                 _say(
-                    f"[4] handshake: msg1 {len(msg1)} B (TPM sign {1000 * (t1 - t):.1f} ms), "
-                    f"msg2 {len(answered.reply)} B (HSM sign + checks {1000 * (t2 - t1):.1f} ms), "
-                    f"device finish {1000 * (t3 - t2):.1f} ms"
+                    f"    msg2 broker -> device {len(answered.reply):>5} B  shares, parameters, "
+                    f"credential, signature, MAC (HSM sign + checks {1000 * (t2 - t1):.1f} ms)"
                 )
                 _say(
-                    f"    session {device.session_id.hex()} with {answered.peer.uri}; "
-                    "X25519 + ML-KEM-768 keys, P-256 hardware signatures"
+                    "         the broker now holds only a pending handshake: no session, no "
+                    f"identity, dropped after {responder.pending_timeout:.0f} s"
+                )
+                done = initiator.receive(answered.reply, clock(), TimePolicy.unknown())
+                t3 = time.perf_counter()
+                msg3 = done.reply
+                _say(
+                    f"    msg3 device -> broker {len(msg3):>5} B  session id + key confirmation "
+                    f"over the whole transcript (device checks + MAC {1000 * (t3 - t2):.1f} ms)"
+                )
+                t4 = time.perf_counter()
+                confirmed = responder.confirm(answered.pending, msg3, clock())
+                t5 = time.perf_counter()
+                device, broker = done.session, confirmed.session
+                results.append(("handshake (3 messages)", "verified",
+                                f"{1000 * (t3 - t + t5 - t4):.1f} ms"))
+                _say(
+                    f"    confirmed in {1e6 * (t5 - t4):.0f} us: only now does the broker "
+                    f"know {confirmed.peer.uri}"
+                )
+                _say(
+                    f"    session {device.session_id.hex()}; X25519 + ML-KEM-768 keys, P-256 "
+                    "hardware signatures"
                 )
 
                 _say("[5] proven messages")
@@ -150,6 +173,25 @@ def run_demo(workdir: Path | None = None) -> int:
                     "replayed handshake",
                     lambda: responder.accept(msg1, clock(), TimePolicy.trusted(now)),
                 )
+                other_cred = fleet.member("broker", "edge-2", signer=broker_key).credential
+                other = Responder(signer=broker_key, credential=other_cred, trust=trust)
+                expect_rejected(
+                    "handshake replayed at edge-2",
+                    lambda: other.accept(msg1, clock(), TimePolicy.trusted(now)),
+                )
+                # a restarted broker has an empty nonce cache: the replayed msg1 gets a
+                # msg2, but without the device's ephemeral keys no msg3 confirms it
+                for label, bad_msg3 in (
+                    ("replay at restart + captured msg3", lambda sid: msg3),
+                    ("replay at restart + forged msg3", lambda sid: msg3[:6] + sid + bytes(32)),
+                ):
+                    restarted = Responder(signer=broker_key, credential=broker_cred, trust=trust)
+                    pending = restarted.accept(msg1, clock(), TimePolicy.trusted(now)).pending
+                    expect_rejected(
+                        label,
+                        lambda r=restarted, p=pending, m=bad_msg3: r.confirm(  # type: ignore[misc]
+                            p, m(p.session_id), clock()),
+                    )
                 delivered = [broker.verify(h, topic, b, clock()).payload.decode() for h, b in fresh]
                 results.append(("genuine after attacks", "verified", f"{len(delivered)} of 3"))
                 _say(
@@ -161,8 +203,8 @@ def run_demo(workdir: Path | None = None) -> int:
                     if close:
                         close()
         _say("\nSummary")
-        _say(f"  {'case':<26} {'result':<10} detail")
+        _say(f"  {'case':<34} {'result':<10} detail")
         for label, outcome, detail in results:
-            _say(f"  {label:<26} {outcome:<10} {detail}")
+            _say(f"  {label:<34} {outcome:<10} {detail}")
     bad = [r for r in results if r[1] == "ACCEPTED"]
     return 1 if bad else 0
