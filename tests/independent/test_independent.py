@@ -116,6 +116,19 @@ def test_mlkem_modulus_check_agrees_with_the_library() -> None:
     rho = bytearray(ek)
     rho[-1] ^= 0xFF  # rho is not range-checked
     sa1.mlkem_import(bytes(rho))
+    # the boundary: a coefficient of exactly q - 1 passes, exactly q fails (both in the
+    # first and in the second coefficient of a 3-byte group)
+    for value, ok in ((3328, True), (3329, False)):
+        first, second = bytearray(ek), bytearray(ek)
+        first[0], first[1] = value & 0xFF, (first[1] & 0xF0) | (value >> 8)
+        second[1], second[2] = (second[1] & 0x0F) | ((value & 0x0F) << 4), value >> 4
+        for patched in (first, second):
+            assert sa1.mlkem_modulus_ok(bytes(patched)) is ok
+            if ok:
+                sa1.mlkem_import(bytes(patched))
+            else:
+                with pytest.raises(sa1.Refused):
+                    sa1.mlkem_import(bytes(patched))
 
 
 @pytest.mark.parametrize("point", [bytes(32), (1).to_bytes(32, "little")])
