@@ -972,9 +972,12 @@ class FanoutSubscriber:
             anchor, cid = bytes.fromhex(a["anchor"]), bytes.fromhex(a["chain"])
             interval_s = a["interval_ms"] / 1000
             delay, length, elapsed = int(a["delay"]), int(a["length"]), float(a["elapsed_ms"])
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as exc:
             raise Refused("MALFORMED", f"anchor: {exc}") from None
-        if len(anchor) != 32 or fanout_chain_id(anchor) != cid or interval_s <= 0 or delay < 1:
+        if (len(anchor) != 32 or fanout_chain_id(anchor) != cid
+                or not math.isfinite(interval_s) or not math.isfinite(elapsed)
+                or interval_s <= 0 or not 1 <= delay <= 0xFFFFFFFF
+                or not 1 <= length <= 0xFFFFFFFF):
             raise Refused("MALFORMED", "anchor inconsistent")
         if hello_sent_at is not None:
             offset = elapsed / 1000 - hello_sent_at
@@ -1014,7 +1017,7 @@ class FanoutSubscriber:
         try:
             k = json.loads(body)
             cid, i, key = bytes.fromhex(k["chain"]), int(k["interval"]), bytes.fromhex(k["key"])
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as exc:
             raise Refused("MALFORMED", f"key: {exc}") from None
         c = self.chains.get(cid)
         if c is None:

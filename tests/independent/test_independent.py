@@ -381,3 +381,12 @@ def test_fanout_round_trip_and_refusals() -> None:
         {"chain": cid.hex(), "interval": 1, "key": keys[1].hex()}).encode())
     assert good == [("t/a", b"hello")] and bad == [("t/a", "BAD_TAG")]
     assert reason(lambda: sub.on_message("t/a", msg, 0.6)) == "REPLAYED"
+    def anchor_reason(body: bytes) -> str:
+        return reason(lambda: sa1.FanoutSubscriber().on_anchor(body, 0.0))
+
+    for change in ('{"elapsed_ms": NaN}', '{"interval_ms": Infinity}', '{"delay": 0}',
+                   '{"length": 4294967296}', '{"anchor": "00"}'):
+        patched = {**json.loads(anchor), **json.loads(change)}
+        assert anchor_reason(json.dumps(patched).encode()) == "MALFORMED", change
+    deep = b"[" * 100_000 + b"]" * 100_000
+    assert anchor_reason(deep) == "MALFORMED"
