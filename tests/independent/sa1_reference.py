@@ -1052,18 +1052,48 @@ ABSENT = 0xFFFFFFFF
 
 
 def _str16s(items: Sequence[str]) -> bytes:
-    return u16(len(items)) + b"".join(var16(s.encode("utf-8")) for s in items)
+    if len(items) > 0xFFFF:
+        raise Refused("MALFORMED", "more than 65535 items")
+    out = [u16(len(items))]
+    for item in items:
+        try:
+            raw = item.encode("utf-8")
+        except UnicodeEncodeError:
+            raise Refused("MALFORMED", "not UTF-8") from None
+        if len(raw) > 0xFFFF:
+            raise Refused("MALFORMED", "item longer than 65535 bytes")
+        out.append(var16(raw))
+    return b"".join(out)
 
 
 def _opt(value: int | None) -> bytes:
+    if value is not None and not 0 <= value < ABSENT:
+        raise Refused("MALFORMED", f"option value {value}")
     return u32(ABSENT if value is None else value)
+
+
+def _fits(action: bytes) -> bytes:
+    if len(action) > 0xFFFF:
+        raise Refused("MALFORMED", f"action of {len(action)} bytes")
+    return action
 
 
 def coap_request_action(code: int, path: Sequence[str], query: Sequence[str] = (),
                         content_format: int | None = None, accept: int | None = None,
                         observe: int | None = None) -> bytes:
-    return (b"coap-req\x00" + u8(code) + _str16s(path) + _str16s(query)
-            + _opt(content_format) + _opt(accept) + _opt(observe))
+    if not 0 <= code <= 0xFF:
+        raise Refused("MALFORMED", f"code {code}")
+    return _fits(b"coap-req\x00" + u8(code) + _str16s(path) + _str16s(query)
+                 + _opt(content_format) + _opt(accept) + _opt(observe))
+
+
+def coap_block_action(request: bytes, number: int, szx: int, more: bool,
+                      previous: bytes = bytes(31)) -> bytes:
+    """One Block1 block: chained to the previous block's header (zeros for block 0)."""
+    if len(previous) != 31 or not 0 <= number < 1 << 20 or not 0 <= szx <= 7:
+        raise Refused("MALFORMED", "block fields")
+    return _fits(b"coap-blk\x00" + u32(number) + u8(szx) + u8(1 if more else 0) + previous
+                 + request)
 
 
 def coap_response_action(request_header: bytes, code: int, content_format: int | None) -> bytes:

@@ -146,6 +146,28 @@ def test_coap_request_action_example_of_the_document() -> None:
     assert got == want
 
 
+def test_coap_block_action_and_oversized_actions() -> None:
+    request = sa1.coap_request_action(0x02, ["up"])
+    first = sa1.coap_block_action(request, 0, 6, True)
+    assert first == b"coap-blk\x00" + bytes(4) + b"\x06\x01" + bytes(31) + request
+    header = bytes(range(31))
+    second = sa1.coap_block_action(request, 1, 6, False, header)
+    assert second[9:15] == b"\x00\x00\x00\x01\x06\x00" and second[15:46] == header
+    calls: list[Callable[[], bytes]] = [
+        lambda: sa1.coap_request_action(0x100, []),
+        lambda: sa1.coap_request_action(0x01, ["x" * 65_536]),
+        lambda: sa1.coap_request_action(0x01, ["x" * 40_000, "y" * 40_000]),
+        lambda: sa1.coap_request_action(0x01, [], content_format=0xFFFFFFFF),
+        lambda: sa1.coap_request_action(0x01, ["\ud800"]),
+        lambda: sa1.coap_block_action(request, 1 << 20, 6, True),
+        lambda: sa1.coap_block_action(b"r" * 65_500, 0, 6, True),
+    ]
+    for call in calls:
+        with pytest.raises(sa1.Refused) as e:
+            call()
+        assert e.value.reason == "MALFORMED"
+
+
 # ------------------------------------------------------------------- handshake (§4)
 
 
