@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -26,12 +27,21 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from bench.broker import (
+    Conn,
+    auth_data_of,
+    auth_packet,
+    connect_packet,
+    publish_packet,
+    subscribe_packet,
+)
 from device.mqtt import MqttError, TesseraMqttClient
 from hw.software import InsecureSoftwareSigner
 from simulator.fleet import Fleet, Member
 from simulator.mosquitto import Mosquitto, find_mosquitto, plugin_files
 from structauth.credentials import Identity
-from structauth.errors import Reason, TesseraError
+from structauth.errors import ConfigurationError, Reason, TesseraError
+from structauth.handshake import Initiator
 from tests.support import wait_for
 
 pytestmark = pytest.mark.broker
@@ -436,3 +446,272 @@ def test_a_will_message_cannot_carry_unproven_data(setup: Setup) -> None:
         payloads.append(got.get()[1])
     assert b"UNPROVEN WILL" not in payloads
     backend.close()
+
+
+# -- nothing before key confirmation (SA1 v2): replayed, misaddressed msg1 ---------------
+
+
+def _spy_msg1(client: TesseraMqttClient) -> list[bytes]:
+    """Every msg1 ``client`` sends, as an on-path attacker would capture it."""
+    captured: list[bytes] = []
+    make = client._new_initiator
+
+    def spying() -> Any:
+        initiator = make()
+        start = initiator.start
+
+        def start_and_copy(**kw: Any) -> bytes:
+            msg1 = start(**kw)
+            captured.append(msg1)
+            return msg1
+
+        initiator.start = start_and_copy  # type: ignore[method-assign]
+        return initiator
+
+    client._new_initiator = spying  # type: ignore[method-assign]
+    return captured
+
+
+def _raw_replay(port: int, client_id: str, msg1: bytes) -> tuple[Conn, int, bytes]:
+    """An attacker's raw MQTT 5 CONNECT carrying a captured msg1: the connection, the
+    first packet type back (0xF: AUTH, 0x2: CONNACK) and its body."""
+    conn = Conn(port, timeout=5)
+    conn.sock.sendall(connect_packet(client_id, msg1, keepalive=60))
+    first, body = conn.read_packet()
+    return conn, first >> 4, body
+
+
+def _closed(conn: Conn, timeout: float = 5.0) -> bool:
+    """True once the broker has closed ``conn`` (whatever it sent first)."""
+    conn.sock.settimeout(timeout)
+    try:
+        while conn.sock.recv(65536):
+            pass
+    except TimeoutError:
+        return False
+    except OSError:
+        pass
+    return True
+
+
+class Acks:
+    """PUBACK reason codes of one client's QoS 1 publishes."""
+
+    def __init__(self, client: TesseraMqttClient) -> None:
+        self.codes: dict[int, int] = {}
+        client.client.on_publish = lambda c, u, mid, rc, p: self.codes.__setitem__(mid, rc.value)
+
+    def publish(self, client: TesseraMqttClient, topic: str, payloads: list[bytes]) -> list[int]:
+        infos = [client.publish(topic, p, qos=1) for p in payloads]
+        wait_for(lambda: all(i.mid in self.codes for i in infos), 10, "every PUBACK")
+        return [self.codes[i.mid] for i in infos]
+
+
+def _disconnects(client: TesseraMqttClient) -> list[float]:
+    seen: list[float] = []
+    previous = client.client.on_disconnect
+
+    def gone(*args: Any) -> None:
+        seen.append(time.monotonic())
+        if previous is not None:
+            previous(*args)
+
+    client.client.on_disconnect = gone
+    return seen
+
+
+def _delivered(got: queue.Queue[tuple[str, bytes]], topic: str, n: int) -> list[bytes]:
+    out: list[bytes] = []
+    while len(out) < n:
+        t, p = got.get(timeout=10)
+        if t == topic:
+            out.append(p)
+    return out
+
+
+def test_a_replayed_msg1_takes_nothing_over_and_cannot_lock_the_device_out(
+        tmp_path: Path) -> None:
+    """msg1s the device sent but the broker never saw (an on-path attacker captured
+    and dropped them): replayed, each gets msg2 in an AUTH packet and nothing else. The
+    live device keeps its connection (no client-id takeover), the replaying connection
+    can neither subscribe nor publish (500 junk publishes, with the breaker set to trip
+    at 5 rejections), nothing is audited as a login or counted against the device, and
+    the device and its neighbours deliver every QoS 1 message."""
+    with _world(tmp_path, quarantine_rejections="5") as w:
+        backend = w.device("backend", kind="broker")
+        backend.connect()
+        got = _collector(backend, "devices/#")
+        member = w.fleet.member("device", "pi-rp")
+        captured = [Initiator(signer=member.signer, credential=member.credential,
+                              trust=w.fleet.trust, expected_peer=w.identity).start()
+                    for _ in range(2)]  # signed by the device, never delivered
+        device, neighbour = w.client(member), w.device("pi-nb")
+        device.connect()
+        neighbour.connect()
+        gone = _disconnects(device)
+        uri = member.identity.uri
+        wait_for(lambda: len(w.audit("handshake_ok")) == 3, what="three logins")
+
+        # 1. replayed CONNECT, then publishing junk before any msg3
+        conn, kind, body = _raw_replay(w.broker.port, uri, captured[0])
+        reason, msg2 = auth_data_of(body)
+        assert (kind, reason) == (0xF, 0x18) and msg2  # AUTH, continue: msg2, no CONNACK
+        junk = b"".join(publish_packet(b"devices/pi-rp/telemetry/t", bytes([i % 256]) * 40)
+                        for i in range(500))
+        with contextlib.suppress(OSError):
+            conn.sock.sendall(junk)
+        assert _closed(conn)  # Mosquitto: a PUBLISH before CONNACK is a protocol error
+        conn.sock.close()
+        # 2. another captured msg1, then a SUBSCRIBE before any msg3
+        conn, kind, body = _raw_replay(w.broker.port, uri, captured[1])
+        assert kind == 0xF and auth_data_of(body)[0] == 0x18
+        with contextlib.suppress(OSError):
+            conn.sock.sendall(subscribe_packet("devices/#"))
+        assert _closed(conn)
+        conn.sock.close()
+
+        # the device was never disturbed, and still delivers every QoS 1 message
+        acks = Acks(device)
+        sent = [b"m%03d" % i for i in range(20)]
+        assert acks.publish(device, "devices/pi-rp/telemetry/t", sent) == [0] * 20
+        assert _delivered(got, "devices/pi-rp/telemetry/t", 20) == sent
+        assert Acks(neighbour).publish(neighbour, "devices/pi-nb/telemetry/t", [b"n"]) == [0]
+        assert _delivered(got, "devices/pi-nb/telemetry/t", 1) == [b"n"]
+        assert gone == [] and device.client.is_connected()
+        assert [r["identity"] for r in w.audit("handshake_ok")].count(uri) == 1
+        assert not w.audit("quarantined")
+        assert not [r for r in w.audit("message_rejected") if r.get("identity") == uri]
+        assert not any("devices/pi-rp" in t and p[:1] != b"m" for t, p in list(got.queue))
+        for c in (device, neighbour, backend):
+            c.close()
+
+
+def test_a_msg1_replayed_after_a_broker_restart_never_completes(tmp_path: Path) -> None:
+    """The restart empties the broker's nonce cache, so the device's msg1 from before
+    it gets msg2 again; without the device's ephemeral keys the replayer cannot make
+    msg3: whatever it sends (a msg3 it made up, or nothing until the pending handshake
+    expires) ends in a refusal, and the device, reconnected, is undisturbed."""
+    from simulator.provisioner import free_port
+
+    port = free_port()
+    with _world(tmp_path, pending_timeout_s="1", metrics_port=str(port)) as w:
+        member = w.fleet.member("device", "pi-rs")
+        uri = member.identity.uri
+        first = w.client(member)
+        captured = _spy_msg1(first)
+        first.connect()
+        first.close()
+        [msg1] = captured
+        w.broker.restart()  # same port; the plugin starts with an empty nonce cache
+        backend = w.device("backend", kind="broker")
+        backend.connect()
+        got = _collector(backend, "devices/#")
+        device = w.client(member)
+        device.connect()
+        gone = _disconnects(device)
+        # replay 1: answered with msg2, then a made-up msg3 -> refused
+        conn, kind, body = _raw_replay(w.broker.port, uri, msg1)
+        assert kind == 0xF and auth_data_of(body)[0] == 0x18
+        made_up = b"SA1\x23\x00\x01" + bytes(8) + bytes(32)
+        conn.sock.sendall(auth_packet(0x18, made_up))
+        first_byte, body = conn.read_packet()
+        assert (first_byte >> 4, body[1]) == (2, 0x87)  # CONNACK, not authorized
+        assert _closed(conn)
+        conn.sock.close()
+        wait_for(lambda: any(r.get("stage") == "msg3" for r in w.audit("handshake_refused")),
+                 what="the refused msg3 in the audit log")
+        [refused] = [r for r in w.audit("handshake_refused") if r.get("stage") == "msg3"]
+        assert refused["reason"] == "unknown_session" and refused["client_id"] == uri
+        # replay 2: the same msg1 again is now a known nonce
+        conn, kind, body = _raw_replay(w.broker.port, uri, msg1)
+        assert (kind, body[1]) == (2, 0x87)
+        conn.sock.close()
+        # replay 3 after yet another restart: held until the pending timeout (1 s)
+        device.close()
+        w.broker.restart()
+        device = w.client(member)
+        device.connect()
+        gone = _disconnects(device)
+        backend = w.device("backend", kind="broker")
+        backend.connect()
+        got = _collector(backend, "devices/#")
+        conn, kind, body = _raw_replay(w.broker.port, uri, msg1)
+        assert kind == 0xF
+
+        def metric(line: str) -> bool:
+            import urllib.request
+
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                return line in r.read().decode()
+
+        wait_for(lambda: metric('tessera_handshakes_total{result="expired"} 1'), 5,
+                 "the pending handshake to expire")
+        conn.sock.close()
+        assert metric('tessera_handshakes_total{result="ok"} 2')  # device, backend
+        # nothing was taken from the device
+        acks = Acks(device)
+        sent = [b"r%02d" % i for i in range(10)]
+        assert acks.publish(device, "devices/pi-rs/telemetry/t", sent) == [0] * 10
+        assert _delivered(got, "devices/pi-rs/telemetry/t", 10) == sent
+        assert gone == [] and device.client.is_connected()
+        assert not w.audit("quarantined")
+        device.close()
+        backend.close()
+
+
+def test_a_msg1_captured_at_one_broker_is_refused_at_another(tmp_path: Path) -> None:
+    with _world(tmp_path / "one") as one:
+        other_options, other_id = _broker_options(tmp_path / "two", one.fleet, "mqtt-2")
+        with Mosquitto(tmp_path / "two" / "mosquitto", plugin_options=other_options) as two:
+            there = Setup(one.fleet, two, tmp_path / "two", other_id)
+            member = one.fleet.member("device", "pi-2b")
+            device = one.client(member)
+            captured = _spy_msg1(device)
+            device.connect()
+            [msg1] = captured
+            conn, kind, body = _raw_replay(two.port, member.identity.uri, msg1)
+            assert (kind, body[1]) == (2, 0x87)  # CONNACK: refused at msg1, no msg2
+            assert _closed(conn)
+            conn.sock.close()
+            wait_for(lambda: there.audit("handshake_refused"), what="the refusal at mqtt-2")
+            [refused] = there.audit("handshake_refused")
+            assert refused["reason"] == "wrong_identity" and refused["stage"] == "msg1"
+            assert "mqtt-1" in refused["detail"] and not there.audit("handshake_ok")
+            # the device's own connection at mqtt-1 is untouched; at mqtt-2 it needs a
+            # msg1 addressed to mqtt-2, which works
+            # (PUBACK 0x10: accepted, no subscriber)
+            assert Acks(device).publish(device, "devices/pi-2b/telemetry/t", [b"x"]) == [0x10]
+            elsewhere = there.client(member)
+            elsewhere.connect()
+            assert Acks(elsewhere).publish(elsewhere, "devices/pi-2b/telemetry/t",
+                                           [b"y"]) == [0x10]
+            # and a device that names mqtt-1 is refused by mqtt-2 before any crypto
+            lost = there.client(member, broker=one.identity)
+            with pytest.raises(MqttError) as exc:
+                lost.connect(timeout=5)
+            assert exc.value.reason is Reason.NOT_AUTHORIZED
+            for c in (device, elsewhere):
+                c.close()
+
+
+def test_session_parameters_are_plugin_options(tmp_path: Path) -> None:
+    with _world(tmp_path / "ok", session_epoch_ms="5000", session_skew_epochs="3",
+                session_lifetime_s="600", session_replay_window="256",
+                pending_max="64") as w:
+        device = w.device("pi-sp")
+        session = device.connect()
+        p = session.params
+        assert (p.epoch_ms, p.skew_epochs, p.lifetime_s, p.replay_window) == (5000, 3, 600, 256)
+        device.close()
+    for option, value, expect in [
+        ("session_epoch_ms", "50", "plugin_opt_session_epoch_ms 50: epoch_ms 50 outside"),
+        ("session_replay_window", "lots", "plugin_opt_session_replay_window: 'lots' is not"),
+        ("pending_timeout_s", "90", "plugin_opt_pending_timeout_s: '90' is not seconds"),
+        ("pending_per_client", "0", "plugin_opt_pending_per_client 0: pending handshakes"),
+    ]:
+        with pytest.raises(ConfigurationError) as exc, \
+                _world(tmp_path / option, **{option: value}):
+            pass
+        errors = [ln for ln in str(exc.value).split(" | ") if "tessera:" in ln and
+                  "refused to start" in ln]
+        assert len(errors) == 1 and expect in errors[0], str(exc.value)
