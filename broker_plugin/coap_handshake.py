@@ -241,6 +241,7 @@ class HandshakeEndpoint:
         if entry is None:
             return self.site.refuse(request, codes.REQUEST_ENTITY_INCOMPLETE, Reason.MALFORMED,
                                     "no msg2 for this endpoint (expired?)", "handshakes")
+        self.site.count("handshakes", "msg2_block")
         response = aiocoap.Message(code=codes.CHANGED, max_age=0)
         block2 = request.opt.block2
         return self._slice(request, response, entry.msg2, block2.block_number)

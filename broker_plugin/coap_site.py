@@ -76,7 +76,7 @@ from structauth.session import HEADER_SIZE, Session, SessionState
 
 from .coap_handshake import MAX_MSG1, ConfirmRefused, HandshakeEndpoint, HandshakeLimits
 from .coap_limits import BoundedTable, Limits, source_of, source_of_host
-from .coap_transport import BoundedDedup, DedupLimits, harden
+from .coap_transport import BoundedDedup, DedupLimits, harden, harden_interface, interface_of
 
 log = logging.getLogger("tessera.coap")
 
@@ -411,6 +411,7 @@ class TesseraSite(interfaces.Resource, resource.PathCapable):  # type: ignore[mi
             self.limits.block2)
         #: aiocoap's message-layer store, once :meth:`attach` ran
         self.dedup: list[BoundedDedup] = []
+        self._attached: set[int] = set()
         self._next_sweep = 0.0
         # key erasure: (deadline, session id), soonest first, and the armed timer
         self._timers: list[tuple[float, bytes]] = []
@@ -433,14 +434,26 @@ class TesseraSite(interfaces.Resource, resource.PathCapable):  # type: ignore[mi
 
     def attach(self, context: Any) -> None:
         """Bound the message-layer state of the aiocoap ``context`` serving this site
-        and catch undecodable datagrams (broker_plugin/coap_transport.py)."""
-        self.dedup = harden(
-            context,
-            limits=self.limits.dedup,
-            is_proven=_is_proven,
-            on_malformed=self._malformed_datagram,
-            clock=self.clock,
-        )
+        and catch undecodable datagrams (broker_plugin/coap_transport.py). The site
+        also does this by itself for the interface of the first request it sees, so a
+        context made with plain ``create_server_context`` is covered from then on."""
+        self.dedup += harden(context, **self._harden_options())
+
+    def _harden_options(self) -> dict[str, Any]:
+        return {
+            "limits": self.limits.dedup,
+            "is_proven": _is_proven,
+            "on_malformed": self._malformed_datagram,
+            "clock": self.clock,
+        }
+
+    def _attach_remote(self, remote: Any) -> None:
+        found = interface_of(remote)
+        if found is not None:
+            store = harden_interface(*found, **self._harden_options())
+            if store is not None:
+                self.dedup.append(store)
+        self._attached.add(id(getattr(remote, "interface", None)))
 
     def close(self) -> None:
         """Cancel the key-erasure timer (the context is shutting down)."""
@@ -461,6 +474,8 @@ class TesseraSite(interfaces.Resource, resource.PathCapable):  # type: ignore[mi
 
     async def render_to_pipe(self, pipe: Any) -> None:
         request: aiocoap.Message = pipe.request
+        if id(getattr(request.remote, "interface", None)) not in self._attached:
+            self._attach_remote(request.remote)
         try:
             answer = await self._dispatch(pipe, request)
         except _Refused as refused:
@@ -489,10 +504,10 @@ class TesseraSite(interfaces.Resource, resource.PathCapable):  # type: ignore[mi
                     raise _Refused(self.refuse(request, codes.PROXYING_NOT_SUPPORTED,
                                                Reason.MALFORMED, "proxying is not offered"))
                 raise _Refused(self.refuse(request, codes.BAD_OPTION, Reason.MALFORMED,
-                                           f"unknown critical option {number}"))
+                                           f"unknown critical option {int(number)}"))
             if len(options) > 1 and number in _SINGLE:
                 raise _Refused(self.refuse(request, codes.BAD_OPTION, Reason.MALFORMED,
-                                           f"option {number} repeated"))
+                                           f"option {int(number)} repeated"))
             if number == _URI_HOST and not all(_valid_host(str(o.value)) for o in options):
                 raise _Refused(self.refuse(request, codes.BAD_REQUEST, Reason.MALFORMED,
                                            "malformed Uri-Host"))

@@ -157,44 +157,77 @@ def _bad_option_reply(data: bytes) -> bytes | None:
     return bytes((0x60 | tkl, int(codes.BAD_OPTION))) + data[2:4] + data[4 : 4 + tkl]
 
 
-def harden(
-    context: Any,
+def _hostinfo(address: Any) -> str:
+    if not isinstance(address, tuple) or len(address) < 2:
+        return repr(address)
+    host = str(address[0])
+    if host.startswith("::ffff:") and "." in host:
+        host = host[7:]
+    return f"[{host}]:{address[1]}" if ":" in host else f"{host}:{address[1]}"
+
+
+def harden_interface(
+    manager: Any,
+    transport: Any,
     *,
     limits: DedupLimits | None = None,
     is_proven: Callable[[Any], bool],
     on_malformed: Callable[[str, str], None] | None = None,
     clock: Callable[[], float] = time.monotonic,
-) -> list[BoundedDedup]:
-    """Bound ``context``'s message-deduplication state and catch undecodable datagrams
-    (module docstring). ``on_malformed(address, detail)`` is told about each one (the
-    site logs and counts it). Returns the new stores (one per UDP interface)."""
-    limits = limits or DedupLimits()
-    stores = []
-    for manager, transport in _udp_interfaces(context):
-        store = BoundedDedup(manager, limits, is_proven, clock)
-        manager._deduplicate_message = store.deduplicate
-        manager._store_response_for_duplicates = store.store
-        manager._recent_messages = {}
-        stores.append(store)
-        original = getattr(transport, "datagram_msg_received", None)
-        if original is None:
-            continue
+) -> BoundedDedup | None:
+    """Bound one aiocoap MessageManager's deduplication store and guard its UDP
+    transport (module docstring); None if it was done before."""
+    if getattr(manager, "_tessera_dedup", None) is not None:
+        return None
+    store = BoundedDedup(manager, limits or DedupLimits(), is_proven, clock)
+    manager._deduplicate_message = store.deduplicate
+    manager._store_response_for_duplicates = store.store
+    manager._recent_messages = {}
+    manager._tessera_dedup = store
+    original = getattr(transport, "datagram_msg_received", None)
+    if original is not None:
 
-        def guarded(data: bytes, ancdata: Any, flags: int, address: Any,
-                    _original: Any = original, _transport: Any = transport) -> None:
+        def guarded(data: bytes, ancdata: Any, flags: int, address: Any) -> None:
             try:
-                _original(data, ancdata, flags, address)
+                original(data, ancdata, flags, address)
             except UnicodeDecodeError as exc:
-                where = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else "?"
+                where = _hostinfo(address)
                 if on_malformed is not None:
                     on_malformed(where, f"option value is not UTF-8 ({exc.reason})")
                 reply = _bad_option_reply(data)
                 if reply is not None:
                     with contextlib.suppress(OSError):
-                        _transport.transport.sendmsg(reply, [], 0, address)
+                        transport.transport.sendmsg(reply, [], 0, address)
 
         transport.datagram_msg_received = guarded
+    return store
+
+
+def harden(context: Any, **options: Any) -> list[BoundedDedup]:
+    """:func:`harden_interface` for every UDP interface of an aiocoap ``context``."""
+    stores = []
+    for manager, transport in _udp_interfaces(context):
+        store = harden_interface(manager, transport, **options)
+        if store is not None:
+            stores.append(store)
     return stores
 
 
-__all__ = ["EXCHANGE_LIFETIME", "BoundedDedup", "DedupLimits", "harden"]
+def interface_of(remote: Any) -> tuple[Any, Any] | None:
+    """(MessageManager, UDP transport) a request's remote came through, or None (not
+    UDP, or not aiocoap's UDP6 transport)."""
+    transport = getattr(remote, "interface", None)
+    manager = getattr(transport, "_ctx", None)
+    if manager is None or not hasattr(manager, "_deduplicate_message"):
+        return None
+    return manager, transport
+
+
+__all__ = [
+    "EXCHANGE_LIFETIME",
+    "BoundedDedup",
+    "DedupLimits",
+    "harden",
+    "harden_interface",
+    "interface_of",
+]
