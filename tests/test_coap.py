@@ -203,6 +203,8 @@ async def gateway(
     params: SessionParams | None = None,
     pending_timeout: float = 10.0,
     audit: Any = None,
+    transports: tuple[str, ...] = ("udp6",),
+    port: int = 0,
     **site_options: Any,
 ) -> AsyncIterator[Gateway]:
     seen, config, clock = Seen(), Config(), Clock()
@@ -228,7 +230,7 @@ async def gateway(
         root = resource.Site()
         root.add_resource(list(mount), site)
     context = await aiocoap.Context.create_server_context(
-        root, bind=("127.0.0.1", 0), transports=["udp6"]
+        root, bind=("127.0.0.1", port), transports=list(transports)
     )
     site.attach(context)
     try:

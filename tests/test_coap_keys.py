@@ -1,0 +1,106 @@
+"""Keys are erased on schedule at both ends of a CoAP session with nobody calling poll():
+the gateway and the device each re-arm a timer to ``Session.next_deadline_at`` and poll
+their sessions there. Captured afterwards, neither end's memory opens or forges what
+was sent in the first epoch."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+import pytest
+from cryptography.exceptions import InvalidTag
+
+from simulator.fleet import Fleet
+from structauth.coap_actions import request_action
+from structauth.errors import StaleMessage
+from structauth.params import SessionParams
+from structauth.session import Session
+from tests.test_coap import World, gateway, run
+
+FAST = SessionParams(epoch_ms=200, skew_epochs=1, lifetime_s=60, sealed=True)
+
+
+@pytest.fixture(scope="module")
+def world() -> World:
+    fleet = Fleet()
+    return World(fleet, fleet.member("broker", "gw-1"),
+                 {n: fleet.member("device", n) for n in ("pi-1", "pi-2")})
+
+
+async def until(predicate: Callable[[], object], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {predicate}")
+        await asyncio.sleep(0.01)
+
+
+def first_epoch_erased(session: Session) -> bool:
+    return all(
+        chain.next_epoch >= 1 and min(chain.keys, default=chain.next_epoch) >= 1
+        for chain in (session._send, session._recv)
+    )
+
+
+def test_both_ends_erase_keys_without_anyone_polling(world: World) -> None:
+    async def scenario() -> None:
+        async with gateway(world, params=FAST) as gw, gw.client() as device:
+            # one request in epoch 0, captured as it went over the air
+            session = await device.session_for_use()
+            action = request_action(2, ("sensors", "pi-1", "temp"))
+            msg, header = device._build(session, "POST", "sensors/pi-1/temp", b"secret 21.5",
+                                        (), None, None, None)
+            captured = (header, bytes(msg.payload))
+            response = await device._send(msg)
+            device.open_response(session, header, response)
+            (peer,) = gw.site.sessions.values()
+            served = peer.requests
+            runs, polls = gw.site.stats["timer_runs"], device.polls
+            # then silence: only the timers run
+            await until(lambda: first_epoch_erased(peer.session)
+                        and first_epoch_erased(session))
+            assert peer.requests == served  # no request did it
+            assert gw.site.stats["timer_runs"] > runs and device.polls > polls
+            # the gateway's memory, captured now, cannot open the epoch-0 request ...
+            with pytest.raises(StaleMessage):
+                peer.session._recv.key(0)
+            for key in peer.session._recv.keys.values():
+                assert key.aead is not None
+                with pytest.raises(InvalidTag):
+                    key.aead.decrypt(captured[0][9:15] + bytes(6),
+                                     captured[1] + captured[0][15:],
+                                     captured[0][:15] + len(action).to_bytes(2, "big") + action)
+            # ... nor can the device's forge one for epoch 0
+            with pytest.raises(StaleMessage):
+                session._send.key(0)
+            # and the session still works in the current epoch
+            reply = await device.request("POST", "sensors/pi-1/temp", b"later")
+            assert reply.payload == b"pi-1:later"
+
+    run(scenario())
+
+
+def test_timers_end_sessions_at_their_lifetime(world: World) -> None:
+    short = SessionParams(epoch_ms=200, skew_epochs=1, lifetime_s=1)
+    audit: list[tuple[str, dict[str, object]]] = []
+
+    async def scenario() -> None:
+        async with gateway(world, params=short,
+                           audit=lambda e, **f: audit.append((e, f))) as gw, \
+                gw.client() as device:
+            await device.request("GET", "sensors/pi-1/temp")
+            (peer,) = gw.site.sessions.values()
+            session = device.session
+            assert session is not None
+            await until(lambda: not gw.site.sessions and device.session is None)
+            assert peer.session.state.value == "closed" and session.state.value == "closed"
+            assert [f["detail"] for e, f in audit if e == "session_closed"] == [
+                "session_expired"]
+            assert not device._live and not device._unconfirmed
+            # the next request simply runs a new handshake
+            assert (await device.request("GET", "sensors/pi-1/temp")).payload == b"21.5"
+            assert device.handshakes == 2
+
+    run(scenario())
