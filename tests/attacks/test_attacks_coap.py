@@ -317,6 +317,22 @@ def names(codes: dict[int, int]) -> dict[str, int]:
     return {("none" if k < 0 else c.code_str(k)): v for k, v in codes.items()}
 
 
+def grown_tables(before: dict[str, Any], after: dict[str, Any],
+                 allowance: int = 8) -> dict[str, tuple[int, int]]:
+    """Every table the gateway holds (its own bounded tables, aiocoap's block-wise
+    spools and caches it keeps, plain dicts) that grew by more than ``allowance``
+    entries: the generic check that a flood left no per-datagram state."""
+    out = {}
+    for name, after_size in after["tables"].items():
+        if name.endswith(("stats", "_refusals")):
+            continue  # counters by reason/source, not per-datagram state
+        was = before["tables"].get(name, {}).get("entries", 0)
+        now = after_size.get("entries", 0)
+        if now - was > allowance:
+            out[name] = (was, now)
+    return out
+
+
 def _table(state: dict[str, Any], name: str) -> dict[str, int]:
     found: dict[str, int] = state["tables"].get(name, {"entries": 0, "bytes": 0})
     return found
@@ -326,7 +342,7 @@ def test_block1_flood_without_proof_spools_nothing(bed: Bed) -> None:
     """600 first blocks of a 64 KiB upload to a protected resource with forged proofs
     (random sessions, and the attacker's own session with a bad tag) from 30 ports:
     each refused, nothing spooled."""
-    mark = bed.served_mark()
+    mark, before = bed.served_mark(), bed.gateway.state()
     clients = [raw(bed) for _ in range(30)]
     sid = bed.evil.session.session_id  # type: ignore[union-attr]
     chunk = os.urandom(1024)
@@ -347,6 +363,7 @@ def test_block1_flood_without_proof_spools_nothing(bed: Bed) -> None:
           f"transfers {_table(state, 'site.transfers')}")
     assert set(codes) <= {c.UNAUTHORIZED}, codes
     assert _table(state, "site.transfers").get("bytes", 0) == 0
+    assert not grown_tables(before, state), grown_tables(before, state)
     assert not bed.served_since(mark)
     bed.undisturbed()
 
@@ -385,7 +402,8 @@ def test_block1_upload_by_an_enrolled_device_is_bounded(bed: Bed) -> None:
 def test_block2_flood_costs_nothing(bed: Bed) -> None:
     """500 requests for later Block2 blocks of responses that do not exist (random and
     the attacker's own session): refused, the response cache does not grow."""
-    before = _table(bed.gateway.state(), "site.responses")
+    state0 = bed.gateway.state()
+    before = _table(state0, "site.responses")
     cl = raw(bed)
     sid = bed.evil.session.session_id  # type: ignore[union-attr]
     sends = []
@@ -397,7 +415,9 @@ def test_block2_flood_costs_nothing(bed: Bed) -> None:
                                     (c.PROOF, header)])))
     codes = flood(sends)
     cl.close()
-    after = _table(bed.gateway.state(), "site.responses")
+    state = bed.gateway.state()
+    after = _table(state, "site.responses")
+    assert not grown_tables(state0, state), grown_tables(state0, state)
     print(f"block2 flood: {names(codes)}, responses "
           f"{before} -> {after}")
     assert all(code >= c.BAD_REQUEST for code in codes if code >= 0), codes

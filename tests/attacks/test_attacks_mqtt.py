@@ -965,8 +965,6 @@ def test_half_open_connections_are_bounded(world: World, by: Bystanders) -> None
     by.undisturbed()
 
 
-@pytest.mark.xfail(strict=True, reason="the generated mosquitto.conf sets no max_packet_size "
-                   "yet (issue 12 item 3): Mosquitto buffers the whole declared CONNECT")
 def test_oversized_declared_connect_is_cut_off(world: World, by: Bystanders) -> None:
     """CONNECT declaring 200 MB: the broker must stop reading well before (the
     generated config bounds the packet size), not buffer it."""
@@ -1049,3 +1047,38 @@ def test_pending_handshake_flood_is_bounded(world: World, by: Bystanders) -> Non
 
 
 _ = struct  # struct packing lives in mqtt5.py
+
+
+def test_persisted_session_is_not_resumed_without_keys(world: World, by: Bystanders) -> None:
+    """A device leaves a persistent session (Session Expiry 300 s) with a QoS 1
+    subscription; a command is queued for it. A captured msg1 with Clean Start 0 gets
+    msg2 at most: no queued message, no session present."""
+    name = "pi-persist"
+    topic = f"devices/{name}/commands/x"
+    hs = world.handshake(world.member(name), props=[(m.SESSION_EXPIRY_INTERVAL, 300)])
+    hs.conn.send(m.subscribe(1, [(f"devices/{name}/commands/#", 1)]))
+    assert m.parse_suback(hs.conn.expect(m.SUBACK)).reasons[0] < 0x80
+    hs.conn.send(m.disconnect())
+    hs.conn.close()
+    backend = world.handshake(world.member("backend-cmd", "broker"))
+    assert backend.session is not None
+    backend.conn.send(m.publish(topic, proven(backend.session, topic, b"QUEUED secret"), qos=1))
+    backend.conn.sync()
+    _, msg1 = world.msg1(world.member(name))
+    conn = world.open()
+    conn.send(m.connect(uri(world, name), auth_method=AUTH_METHOD, auth_data=msg1,
+                        clean_start=False))
+    got = []
+    p = conn.read(5)
+    if p is not None and p.type == m.AUTH:
+        conn.send(m.auth(m.CONTINUE_AUTHENTICATION, AUTH_METHOD, bytes(46)))
+        p = conn.read(5)
+    while p is not None:
+        got.append(p)
+        p = conn.read(1)
+    assert not [x for x in got if x.type == m.PUBLISH], got
+    assert not [x for x in got if x.type == m.CONNACK and m.parse_connack(x).reason == 0], got
+    assert conn.closed
+    backend.conn.send(m.disconnect())
+    backend.conn.close()
+    by.undisturbed()
