@@ -520,8 +520,12 @@ class Conn:
         self.closed = False
 
     @classmethod
-    def open(cls, host: str, port: int, timeout: float = 5.0) -> Conn:
-        sock = socket.create_connection((host, port), timeout=timeout)
+    def open(cls, host: str, port: int, timeout: float = 5.0,
+             source: str | None = None) -> Conn:
+        """Connect, from the local address ``source`` if given (any 127.x.y.z on
+        loopback, to look like many hosts)."""
+        sock = socket.create_connection((host, port), timeout=timeout,
+                                        source_address=(source, 0) if source else None)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return cls(sock)
 

@@ -991,11 +991,13 @@ def test_oversized_declared_connect_is_cut_off(world: World, by: Bystanders) -> 
     by.undisturbed()
 
 
-def test_bad_connect_storm_keeps_audit_and_memory_bounded(world: World,
-                                                          by: Bystanders) -> None:
-    """1,500 refused CONNECTs (junk msg1, anonymous, 3.1.1) from 30 sockets at a time:
-    the audit log grows by aggregates, not a record each; every refusal is counted in
-    the metrics; broker memory and the live device are unaffected."""
+@pytest.mark.parametrize("sources", [1, 100])
+def test_bad_connect_storm_keeps_audit_and_memory_bounded(world: World, by: Bystanders,
+                                                          sources: int) -> None:
+    """1,500 refused CONNECTs (junk msg1, anonymous, 3.1.1), 30 sockets at a time, from
+    one source address or from 100 (127.0.2.1-100): the audit log grows by aggregates,
+    not a record each; every refusal is counted in the metrics; broker memory and the
+    live device are unaffected."""
     size0, rss0, refused0 = world.audit_size(), world.rss_kib(), refused_count(world)
     kinds = [m.connect("storm", auth_method=AUTH_METHOD, auth_data=os.urandom(200)),
              m.connect("storm"), m.connect("storm", level=4)]
@@ -1003,7 +1005,7 @@ def test_bad_connect_storm_keeps_audit_and_memory_bounded(world: World,
     while total < 1500:
         conns = []
         for i in range(30):
-            c = world.open()
+            c = world.open(f"127.0.2.{(total + i) % sources + 1}" if sources > 1 else None)
             c.send(kinds[(total + i) % 3])
             conns.append(c)
         for c in conns:
@@ -1016,7 +1018,7 @@ def test_bad_connect_storm_keeps_audit_and_memory_bounded(world: World,
     world.audit_fence(max(0, start - 5))
     grown = world.audit_size() - size0
     rss = world.rss_kib() - rss0
-    print(f"storm: {total} CONNECTs in {elapsed:.1f} s, {refused:.0f} counted, audit "
+    print(f"storm from {sources} source(s): {total} CONNECTs in {elapsed:.1f} s, {refused:.0f} counted, audit "
           f"+{grown} bytes, broker RSS {rss:+d} KiB")
     assert refused >= total * 0.99, f"only {refused} of {total} refusals counted"
     assert grown < 60 * 1024, f"audit log grew {grown} bytes for {total} refusals"

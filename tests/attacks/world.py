@@ -182,8 +182,8 @@ class World:
         ini = self.initiator(member, peer)
         return ini, ini.start(context=context)
 
-    def open(self) -> m.Conn:
-        return m.Conn.open("127.0.0.1", self.broker.port)
+    def open(self, source: str | None = None) -> m.Conn:
+        return m.Conn.open("127.0.0.1", self.broker.port, source=source)
 
     def handshake(self, member: Member, *, client_id: str | None = None,
                   will: m.Will | None = None, props: m.Props = (),
