@@ -1023,8 +1023,8 @@ def test_bad_connect_storm_keeps_audit_and_memory_bounded(world: World, by: Byst
     world.audit_fence(max(0, start - 5))
     grown = world.audit_size() - size0
     rss = world.rss_kib() - rss0
-    print(f"storm from {sources} source(s): {total} CONNECTs in {elapsed:.1f} s, {refused:.0f} counted, audit "
-          f"+{grown} bytes, broker RSS {rss:+d} KiB")
+    print(f"storm from {sources} source(s): {total} CONNECTs in {elapsed:.1f} s, "
+          f"{refused:.0f} counted, audit +{grown} bytes, broker RSS {rss:+d} KiB")
     assert refused >= total * 0.99, f"only {refused} of {total} refusals counted"
     assert grown < 60 * 1024, f"audit log grew {grown} bytes for {total} refusals"
     assert rss < 8 * 1024
