@@ -138,6 +138,16 @@ def _evil_request(bed: Bed, case: str) -> tuple[c.Message | None, tuple[int, ...
         return cl.request(c.POST, other, payload, o), (c.FORBIDDEN,)
     if case == "repeated-proof":
         return send(path, payload, [(c.PROOF, header), (c.PROOF, header)]), (c.BAD_OPTION,)
+    if case == "live-request-replayed":
+        # a request the live device really sent and had served, captured on the wire and
+        # sent again from another endpoint under a new message id
+        live = bed.live.device
+        body = b"ATTACK replayed live"
+        with live.lock:
+            _, o = live.prove(c.POST, list(bed.live.path), body)
+            first = live.client.request(c.POST, list(bed.live.path), body, o)
+        assert first is not None and first.code == c.CHANGED
+        return cl.request(c.POST, list(bed.live.path), body, o), (c.UNAUTHORIZED,)
     if case == "live-proof-replayed":
         # a request the live device really sent (captured): under another source port
         live = bed.live.device
@@ -150,7 +160,8 @@ def _evil_request(bed: Bed, case: str) -> tuple[c.Message | None, tuple[int, ...
 
 REQUEST_CASES = ["missing-proof", "short-proof", "unknown-session", "forged-tag",
                  "altered-payload", "moved-path", "moved-method", "replayed-new-mid",
-                 "other-devices-path", "repeated-proof", "live-proof-replayed"]
+                 "other-devices-path", "repeated-proof", "live-proof-replayed",
+                 "live-request-replayed"]
 
 
 @pytest.mark.parametrize("case", REQUEST_CASES)
@@ -162,6 +173,9 @@ def test_bad_request_is_refused(bed: Bed, case: str) -> None:
         # once (it is genuine); what must hold is that the live device's session is not
         # disturbed, which undisturbed() checks below
         assert reply is not None
+    elif case == "live-request-replayed":
+        refused(reply, *expected)
+        assert len(bed.served_since(mark)) == 1, "the captured request was served twice"
     else:
         refused(reply, *expected)
         assert not bed.served_since(mark), "the inner site served it"

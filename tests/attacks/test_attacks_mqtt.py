@@ -626,6 +626,12 @@ def _bad_publishes(world: World, hs: Handshake, live_wire: bytes, live_topic: st
                                 "not_authorized"),
         "live-wire-on-its-topic": (live_topic, live_wire, ""),
         "live-wire-moved": (own, live_wire, ""),
+        "step-up-topic": ("tessera/step-up", proven(hs.session, "tessera/step-up",
+                                                    b'ATTACK {"nonce":"AAAA"}'), ""),
+        "fanout-anchor-topic": ("tessera/fanout/anchor",
+                                proven(hs.session, "tessera/fanout/anchor", b"ATTACK k0"), ""),
+        "fanout-key-topic": ("tessera/fanout/key",
+                             proven(hs.session, "tessera/fanout/key", b"ATTACK key"), ""),
         "own-will-topic": ("devices/pi-evil/will",
                            proven(hs.session, "devices/pi-evil/will", b"ATTACK will"),
                            "not_authorized"),
@@ -637,7 +643,8 @@ def _bad_publishes(world: World, hs: Handshake, live_wire: bytes, live_topic: st
 
 PUBLISH_CASES = ["forged", "replayed", "moved", "altered", "truncated", "header-cut",
                  "unproven", "empty", "other-devices-topic", "live-wire-on-its-topic",
-                 "live-wire-moved", "commands-topic", "own-will-topic"]
+                 "live-wire-moved", "commands-topic", "own-will-topic", "step-up-topic",
+                 "fanout-anchor-topic", "fanout-key-topic"]
 
 
 @pytest.mark.parametrize("qos", [0, 1, 2])
@@ -693,6 +700,22 @@ def test_qos2_duplicate_with_other_payload_is_not_routed(world: World,
     assert any(p.type == m.PUBCOMP for p in seen)
     got = [p.payload for p in by.routed(mark, topic_prefix=topic)]
     assert got == [b"Q2 real"], got
+    by.undisturbed()
+
+
+@pytest.mark.parametrize("topic", [b"devices/pi-evil/telemetry/#", b"devices/+/telemetry/t",
+                                   b"devices/pi-evil/telemetry/\x00x",
+                                   b"devices/pi-evil/telemetry/\xff\xfe", b""])
+def test_publish_to_an_invalid_topic_name(world: World, by: Bystanders, topic: bytes) -> None:
+    """Wildcards, NUL, ill-formed UTF-8 or an empty topic without an alias: a protocol
+    error (Mosquitto closes the connection) or a refusal; nothing routed."""
+    hs = attacker(world, "pi-badtopic")
+    assert hs.session is not None
+    mark = by.sink.mark()
+    hs.conn.send(m.publish(topic, b"ATTACK badtopic" + bytes(31), qos=1))
+    if not hs.conn.wait_closed(2):
+        assert puback(hs.conn.sync()) >= 0x80
+    assert not by.routed(mark, b"ATTACK")
     by.undisturbed()
 
 
