@@ -90,6 +90,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import gc
 import hashlib
 import json
 import logging
@@ -119,6 +120,8 @@ log = logging.getLogger("tessera.broker")
 _state: dict[str, Any] = {}
 REQUIRED = ("trust_domain", "bundle", "credential", "key", "policy")
 DEFAULT_DIRECT_OPTION = "devices/{id}/commands/#"
+#: the cyclic collector's first-generation threshold inside the broker (default 700)
+GC_THRESHOLD = 20_000
 
 
 def _option_path(options: dict[str, str], name: str) -> Path:
@@ -443,6 +446,14 @@ def plugin_init(options: dict[str, str]) -> None:
     if options.get("provisioner"):
         follower = RevocationFollower(options["provisioner"], events, options.get("cafile"))
         follower.start()
+    # A handshake allocates many short-lived container objects (certificate parsing,
+    # key shares, events): with CPython's default gen0 threshold (700) the cyclic
+    # collector ran every few handshakes (measured: 109 collections in 600 handshakes,
+    # 3 with this threshold; 3-5% of a first-contact handshake's CPU), and its older
+    # generations grow with every live session. What exists now (modules, policy,
+    # keys) is frozen out of the collector; collections are rarer.
+    gc.freeze()
+    gc.set_threshold(GC_THRESHOLD, 20, 20)
     _state.update(enforcer=enforcer, signer=signer, events=events, follower=follower,
                   audit=audit, options=options, metrics_server=metrics_server,
                   identity_digest=_identity_files_digest(options))

@@ -744,19 +744,52 @@ def test_a_step_up_answer_counts_only_once_confirmed(fleet: Fleet) -> None:
 
 
 def test_refusals_before_authentication_are_summarised_not_logged_each(
-        enforcer: Enforcer, fleet: Fleet) -> None:
+        enforcer: Enforcer, fleet: Fleet, tmp_path: object) -> None:
+    """500 bad msg1s from one source: every one counted in the metrics, one audit record
+    in full and one summary (the broker's audit writer aggregates refusals without a
+    session), so a flood cannot fill the disk."""
+    import json
+    from pathlib import Path
+
+    from broker_plugin.audit import AsyncAuditWriter, AuditLog
+    from broker_plugin.metrics import BrokerMetrics
+
+    path = Path(str(tmp_path)) / "audit.jsonl"
+    writer = AsyncAuditWriter(AuditLog(path))
+    enforcer.audit = writer.submit
+    enforcer.metrics = BrokerMetrics()
     for i in range(500):
         enforcer.connect("spiffe://fleet.test/device/x", "198.51.100.1", "tessera-sa1",
                          b"junk" * 10, i / 100)
-    enforcer.connect("spiffe://fleet.test/device/x", "198.51.100.2", "tessera-sa1",
-                     b"junk", 5.0)
-    refused = events_named(enforcer, "handshake_refused")
-    assert [(r["address"], r["reason"]) for r in refused] == [
-        ("198.51.100.1", "bad_version"), ("198.51.100.2", "bad_version")]
-    enforcer.tick(10.5)
-    [summary] = events_named(enforcer, "handshake_refusals")
-    assert summary["refused"] == 501 and summary["not_audited"] == 499
-    assert summary["counts"] == [{"reason": "bad_version", "source": "198.51.100.1",
-                                  "count": 499}]
-    enforcer.tick(30.0)
-    assert len(events_named(enforcer, "handshake_refusals")) == 1  # nothing new to say
+    writer.close()
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["event"] for r in records] == ["handshake_refused", "refusals_aggregated"]
+    assert records[0]["reason"] == "bad_version" and records[0]["stage"] == "msg1"
+    assert records[1]["count"] == 499 and records[1]["source"] == "198.51.100.1"
+    text = enforcer.metrics.render().decode()
+    assert 'tessera_handshakes_total{result="refused"} 500' in text
+    assert 'tessera_rejections_total{reason="bad_version"} 500' in text
+
+
+def test_the_tick_ends_a_session_at_its_lifetime_and_looks_only_at_what_is_due(
+        fleet: Fleet) -> None:
+    from structauth.params import SessionParams
+
+    broker = fleet.member("broker", "b1")
+    e = Enforcer(Responder(signer=broker.signer, credential=broker.credential,
+                           trust=fleet.trust, peer_kind=None,
+                           params=SessionParams(epoch_ms=1000, lifetime_s=30)),
+                 POLICY, wall_clock=lambda: NOW,
+                 audit=lambda event, **f: events.append((event, f)))
+    events: list[tuple[str, dict]] = []  # type: ignore[type-arg]
+    short = fleet.member("device", "pi-l1")
+    assert isinstance(connect(e, fleet, short, now=0.0), Session)
+    for i in range(300):  # a quiet fleet: nothing of it is due for a while
+        assert isinstance(connect(e, fleet, fleet.member("device", f"pi-q{i}"), now=0.5),
+                          Session)
+    e.tick(0.9)
+    assert len(e._timers) == 301  # one entry per session, each due at its next epoch
+    e.tick(29.9)
+    assert short.identity.uri in e.clients
+    assert ("kick", short.identity.uri) in e.tick(30.0)
+    assert events[-1][0] == "session_expired" and events[-1][1]["detail"] == "session ended"

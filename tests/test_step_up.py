@@ -549,3 +549,39 @@ def test_a_step_up_with_a_tpm_quote(world: Callable[..., World], swtpm_session: 
         assert len(ok["pcr_digest"]) == 64 and ok["ak_name"].startswith("000b")
         device.close()
     w.chain_ok()
+
+
+def test_a_command_queued_during_a_re_authentication_is_delivered_after_it(
+        world: Callable[..., World]) -> None:
+    """Mosquitto 2.0.11 does not send a client anything between its AUTH 0x19 and its
+    msg3 and, once the re-authentication succeeds, sends what it queued meanwhile only
+    when something new is queued for it. The broker therefore sends the device a small
+    proven message right after confirming a re-authentication, which flushes the queue:
+    a command published inside that window arrives without any later traffic."""
+    w = world()
+    backend = w.client("backend", kind="broker")
+    backend.connect()
+    device = w.client("pi-12")
+    device.connect()
+    commands = w.collect(device, "devices/pi-12/commands/#", proven=True)
+    in_window, published = threading.Event(), threading.Event()
+    send_auth = device.client.send_auth
+
+    def msg3_when_the_command_is_queued(reason: int, method: str, data: bytes | None,
+                                        **kw: bool) -> Any:
+        if kw.get("release"):  # msg3: hold it until the broker has taken the command
+            in_window.set()
+            assert published.wait(5)
+        return send_auth(reason, method, data, **kw)
+
+    device.client.send_auth = msg3_when_the_command_is_queued  # type: ignore[method-assign]
+    rotation = threading.Thread(target=device.reauthenticate)
+    rotation.start()
+    assert in_window.wait(5)
+    backend.publish("devices/pi-12/commands/x", b"during", qos=1).wait_for_publish(5)
+    published.set()
+    rotation.join(10)
+    assert device.reauthentications == 1
+    assert commands.get(timeout=3) == ("devices/pi-12/commands/x", b"during")
+    assert device.rejected == []
+    w.chain_ok()
