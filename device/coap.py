@@ -197,6 +197,8 @@ class TesseraCoapClient:
         #: flight may still use), polled by the key-erasure timer
         self._live: list[Session] = []
         self._timer: asyncio.TimerHandle | None = None
+        #: the gateway's transport address, from its first answer (None: resolve ``uri``)
+        self._remote: Any = None
 
     async def _ctx(self) -> aiocoap.Context:
         if self._context is None:
@@ -286,18 +288,11 @@ class TesseraCoapClient:
             expected_peer=self.gateway,
         )
         msg1 = initiator.start()
-        request = aiocoap.Message(code=codes.POST, uri=self.uri, payload=msg1, content_format=42)
-        request.opt.uri_path = self.handshake_path
-        # a Request-Tag (RFC 9175) keeps the blocks of this handshake apart from any
-        # other one from the same endpoint
-        request.opt.add_option(OptionNumber.REQUEST_TAG.create_option(value=os.urandom(4)))
         self._last_handshake = self.clock()
-        response = await self._send(request)
-        if response.code != codes.CHANGED:
-            raise GatewayRefused(response.code, bytes(response.payload))
-        done = initiator.receive(
-            bytes(response.payload), self.clock(), self._time_policy(), revoked=self.revoked
-        )
+        code, msg2 = await self._post_handshake(msg1)
+        if code != codes.CHANGED:
+            raise GatewayRefused(code, msg2)
+        done = initiator.receive(msg2, self.clock(), self._time_policy(), revoked=self.revoked)
         session = done.session
         self._unconfirmed[session.session_id] = done.reply
         # make-before-break: requests in flight keep their reference to the old session
@@ -307,12 +302,66 @@ class TesseraCoapClient:
         self._arm()
         return session
 
+    async def _post_handshake(self, msg1: bytes) -> tuple[Any, bytes]:
+        """``POST /.well-known/sa1`` with msg1 in Block1 blocks and msg2 back in Block2
+        blocks (RFC 7959, one block per exchange), every block of this handshake under
+        one Request-Tag (RFC 9175) so that it never mixes with another handshake from
+        the same endpoint. Returns the final code and the (reassembled) payload."""
+        tag = os.urandom(4)
+        size = 1 << (BLOCK_SZX + 4)
+
+        def message(payload: bytes) -> aiocoap.Message:
+            msg = self._new_message(codes.POST, payload)
+            msg.opt.uri_path = self.handshake_path
+            msg.opt.content_format = 42
+            msg.opt.add_option(OptionNumber.REQUEST_TAG.create_option(value=tag))
+            return msg
+
+        count = max(1, -(-len(msg1) // size))
+        response: aiocoap.Message | None = None
+        for number in range(count):
+            msg = message(msg1[number * size : (number + 1) * size])
+            more = number + 1 < count
+            if count > 1:
+                msg.opt.block1 = (number, more, BLOCK_SZX)
+            response = await self._send(msg, blockwise=False)
+            if more and response.code != codes.CONTINUE:
+                return response.code, bytes(response.payload)
+        assert response is not None
+        body = bytearray(response.payload)
+        block2 = response.opt.block2
+        while block2 is not None and block2.more and response.code == codes.CHANGED:
+            follow = message(b"")
+            follow.opt.block2 = (len(body) // block2.size, False, block2.size_exponent)
+            part = await self._send(follow, blockwise=False)
+            if part.code != codes.CHANGED or part.opt.block2 is None or (
+                part.opt.block2.start != len(body)
+            ):
+                return part.code, bytes(part.payload)
+            body += part.payload
+            block2 = part.opt.block2
+        return response.code, bytes(body)
+
+    def _new_message(self, code: Any, payload: bytes) -> aiocoap.Message:
+        """A request to the gateway: to its address as last seen (no name resolution
+        per request), or to ``uri`` before the first answer."""
+        msg = aiocoap.Message(code=code, payload=payload)
+        if self._remote is not None:
+            msg.remote = self._remote
+        else:
+            msg.set_request_uri(self.uri)
+        return msg
+
     async def _send(self, request: aiocoap.Message, blockwise: bool = True) -> aiocoap.Message:
         ctx = await self._ctx()
         try:
-            return await ctx.request(request, handle_blockwise=blockwise).response
+            response = await ctx.request(request, handle_blockwise=blockwise).response
         except coap_error.Error as exc:
+            self._remote = None  # resolve the name again next time
             raise CoapError(f"no answer from {self.uri}: {exc!r}") from None
+        if self._remote is None and response.remote is not None:
+            self._remote = response.remote
+        return response
 
     # -- requests --------------------------------------------------------------------
     def _message(
@@ -327,7 +376,7 @@ class TesseraCoapClient:
         header: bytes,
         body: bytes,
     ) -> aiocoap.Message:
-        msg = aiocoap.Message(code=code, uri=self.uri, payload=body)
+        msg = self._new_message(code, body)
         msg.opt.uri_path = segments
         if query:
             msg.opt.uri_query = query
