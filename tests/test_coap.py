@@ -926,15 +926,15 @@ def test_plain_aiocoap_site_ignores_unknown_critical_options() -> None:
 
 
 def test_benchmark_quick_run_reports_every_figure() -> None:
-    """``python -m bench coap --quick --json``: shape only; timing is the benchmark's
-    business (a MISS is reported, never a failure)."""
+    """``python -m bench coap --quick --json --flood 0.5``: shape only; timing is the
+    benchmark's business (a MISS is reported, never a failure)."""
     root = Path(__file__).resolve().parent.parent
     done = subprocess.run(
-        [sys.executable, "-m", "bench", "coap", "--quick", "--json"],
+        [sys.executable, "-m", "bench", "coap", "--quick", "--json", "--flood", "0.5"],
         cwd=root,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=180,
     )
     assert done.returncode == 0, done.stderr[-4000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
@@ -943,11 +943,22 @@ def test_benchmark_quick_run_reports_every_figure() -> None:
         for tag in ("seq", "inflight"):
             assert report["rates"][f"{mode}_{tag}_rps"] > 0
             assert report["rates"][f"{mode}_{tag}_server_cpu_us"] > 0
-    assert report["medians_us"]["tessera_first_request_us"] > 0
+    medians = report["medians_us"]
+    assert medians["tessera_first_request_us"] > 0
+    for key in ("tessera_coap_check_us", "tessera_session_verify_us", "oscore_unprotect_us"):
+        assert medians[key] > 0
+    for tag in ("one_source", "100_sources"):
+        assert report["rates"][f"flood_{tag}_datagrams_per_s"] > 0
+        assert f"flood_{tag}_preauth_kib" in report["rates"]
+        assert report["rates"][f"flood_{tag}_genuine_failed"] == 0
+        tables = report[f"flood_{tag}"]["tables"]
+        assert tables["pending"] <= 1024 and tables["msg1_bytes"] <= 1024 * 1024
     assert set(report["targets"]) == {
+        "first_request_vs_edhoc",
+        "verify_vs_oscore_unprotect",
         "proven_vs_plain_seq",
         "proven_vs_oscore_seq",
         "proven_vs_plain_inflight",
         "proven_vs_oscore_inflight",
     }
-    assert done.stdout.count("[PASS]") + done.stdout.count("[MISS]") == 4
+    assert done.stdout.count("[PASS]") + done.stdout.count("[MISS]") == 6
