@@ -202,7 +202,12 @@ class TesseraCoapClient:
 
     async def _ctx(self) -> aiocoap.Context:
         if self._context is None:
-            self._context = await aiocoap.Context.create_client_context()
+            # coap:// needs only the UDP transport (aiocoap's default list adds an OSCORE
+            # transport that looks up credentials on every request, TCP and TLS)
+            udp = self.uri.startswith("coap://")
+            self._context = await aiocoap.Context.create_client_context(
+                transports=["udp6"] if udp else None
+            )
         return self._context
 
     async def close(self) -> None:
