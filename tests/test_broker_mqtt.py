@@ -715,3 +715,30 @@ def test_session_parameters_are_plugin_options(tmp_path: Path) -> None:
         errors = [ln for ln in str(exc.value).split(" | ") if "tessera:" in ln and
                   "refused to start" in ln]
         assert len(errors) == 1 and expect in errors[0], str(exc.value)
+
+
+def test_the_device_refuses_a_broker_that_skips_key_confirmation(setup: Setup) -> None:
+    """A CONNACK that carries msg2 (an SA1 v1 broker) or comes without the AUTH
+    exchange is refused by the device, whatever the broker says; and the device will
+    not be configured without the broker it means to reach."""
+    from paho.mqtt.reasoncodes import ReasonCode
+
+    device = setup.device("pi-v1")
+    ok = ReasonCode(PacketTypes.CONNACK, identifier=0)
+    v1 = Properties(PacketTypes.CONNACK)
+    v1.AuthenticationMethod = "tessera-sa1"
+    v1.AuthenticationData = b"SA1\x22" + bytes(100)
+    for props, reason in [(v1, Reason.BAD_VERSION),
+                          (Properties(PacketTypes.CONNACK), Reason.MALFORMED)]:
+        device._failure = None
+        device._connected.clear()
+        device._on_connect(device.client, None, None, ok, props)
+        assert device._connected.is_set() and device._failure is not None
+        assert device._failure.reason is reason and device.session is None
+    member = setup.fleet.member("device", "pi-v2")
+    for broker in (None, setup.fleet.member("device", "pi-x").identity):
+        with pytest.raises(MqttError) as exc:
+            TesseraMqttClient(signer=member.signer, credential=member.credential,
+                              trust=setup.fleet.trust, host="127.0.0.1",
+                              port=setup.broker.port, broker=broker)  # type: ignore[arg-type]
+        assert exc.value.reason is Reason.BAD_CONFIGURATION
