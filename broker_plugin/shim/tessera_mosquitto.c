@@ -38,9 +38,21 @@
  *       logged) instead of mistaking it for a fresh CONNECT.
  *   on_acl_check(client_id: str, access: int, topic: str, payload: bytes, qos: int,
  *                retain: bool) -> int                      0 / ACL_DENIED / DEFER
- *       access MOSQ_ACL_READ (per delivery, per subscriber), WRITE (per PUBLISH before
- *       on_message; for a will when it is sent; for a retained message's publisher
- *       each time it is delivered), SUBSCRIBE, UNSUBSCRIBE.
+ *       access MOSQ_ACL_READ (per delivery, per subscriber), WRITE, SUBSCRIBE,
+ *       UNSUBSCRIBE, and for WRITE these flags (broker_plugin/paths.py):
+ *         0x100 RETAIN     the message has the retain flag;
+ *         0x200 WILL       not a PUBLISH: Mosquitto is about to publish a Will (no
+ *                          on_message follows).  A WRITE is a PUBLISH only when it
+ *                          comes from the connection that holds its client id after
+ *                          the host accepted it, while the broker runs; any other is a
+ *                          Will (an abrupt close or DISCONNECT 0x04 right after
+ *                          on_disconnect, a will delay or session end later, a
+ *                          takeover, a shutdown) or, with check_retain_source, a
+ *                          retained message's publisher (a fake context: refuse it);
+ *         0x400 CONFIRMED  with WILL: the connection that set it was accepted by the
+ *                          host (on_ext_auth_* or on_basic_auth answered 0);
+ *         0x800 DELAYED    with WILL: checked more than 0.5 s after that connection's
+ *                          on_disconnect.
  *   on_message(client_id: str, topic: str, payload: bytes, qos: int, retain: bool)
  *       -> tuple[int, bytes | None, int, str | None]
  *       rc (0 = route, anything else = drop), new payload or None (unchanged), MQTT 5
@@ -71,8 +83,9 @@
  *   The host drives the fast lane through the built-in module `tessera_fast` (open /
  *   close a client's record, forget cached decisions, collect counts and timings,
  *   tick_soon).  With a fast-lane host, on_tick is called at most every 5 ms under
- *   load unless tessera_fast.tick_soon() asked for the next pass; WRITE checks for a
- *   client with a record and READ checks the host granted before are answered here.
+ *   load unless tessera_fast.tick_soon() asked for the next pass; WRITE checks of a
+ *   PUBLISH (not a Will, not retained, not on a $-topic) from a client with a record
+ *   and READ checks the host granted before are answered here.
  *
  * Strings from the broker are UTF-8 decoded with "surrogateescape" (never fails, never
  * aliases a valid string).  The MQTT password reaches plugins NUL-terminated without a
@@ -267,16 +280,182 @@ static PyObject *call_host(int f, PyObject *args, PyObject *kwargs)
 	return res;
 }
 
+/* --- which WRITE checks are PUBLISHes (broker_plugin/paths.py) -------------------
+ *
+ * Mosquitto asks for WRITE access for a PUBLISH (then calls on_message), for a Will when
+ * it sends one (no on_message: context__send_will) and, with check_retain_source, for a
+ * retained message's publisher (a fake context).  A WRITE is a PUBLISH only when it
+ * comes from the connection that holds its client id after the host accepted it, while
+ * the broker runs; that set of connections is kept here in C, so the fast lane's answer
+ * needs no Python.  Every other WRITE goes to the host flagged as a Will, with what the
+ * shim knows about the connection that set it. */
+#define TESSERA_ACL_RETAIN 0x100
+#define TESSERA_ACL_WILL 0x200
+#define TESSERA_ACL_CONFIRMED 0x400
+#define TESSERA_ACL_DELAYED 0x800
+/* a Will checked this long after its connection's disconnect event was delayed (Will
+ * Delay Interval, whole seconds); one sent at the disconnect is checked within it */
+#define WILL_DELAYED_AFTER_S 0.5
+/* connections whose end is remembered for their Will (cleared when full: fail closed) */
+#define DEPARTED_MAX 65536
+
+/* open addressing over pointers; 0 empty, 1 deleted */
+static uintptr_t *g_live;
+static size_t g_live_cap, g_live_used;
+
+static size_t live_slot(uintptr_t p, size_t cap)
+{
+	return (size_t)(((uint64_t)p >> 4) * 0x9E3779B97F4A7C15ULL >> 17) & (cap - 1);
+}
+
+static bool live_has(const void *ptr)
+{
+	uintptr_t p = (uintptr_t)ptr;
+	if(g_live == NULL || p <= 1) return false;
+	for(size_t i = live_slot(p, g_live_cap);; i = (i + 1) & (g_live_cap - 1)){
+		if(g_live[i] == p) return true;
+		if(g_live[i] == 0) return false;
+	}
+}
+
+static void live_del(const void *ptr)
+{
+	uintptr_t p = (uintptr_t)ptr;
+	if(g_live == NULL || p <= 1) return;
+	for(size_t i = live_slot(p, g_live_cap);; i = (i + 1) & (g_live_cap - 1)){
+		if(g_live[i] == p){
+			g_live[i] = 1;
+			return;
+		}
+		if(g_live[i] == 0) return;
+	}
+}
+
+static bool live_add(const void *ptr)
+{
+	uintptr_t p = (uintptr_t)ptr;
+	if(p <= 1) return false;
+	if(live_has(ptr)) return true;
+	if(g_live == NULL || 2 * (g_live_used + 1) > g_live_cap){ /* rebuild without tombstones */
+		size_t live = 0, cap = 64;
+		for(size_t i = 0; i < g_live_cap; i++) live += g_live[i] > 1;
+		while(cap < 4 * (live + 1)) cap *= 2;
+		uintptr_t *t = calloc(cap, sizeof(*t));
+		if(t == NULL) return false;
+		for(size_t i = 0; i < g_live_cap; i++){
+			if(g_live[i] <= 1) continue;
+			size_t j = live_slot(g_live[i], cap);
+			while(t[j]) j = (j + 1) & (cap - 1);
+			t[j] = g_live[i];
+		}
+		free(g_live);
+		g_live = t;
+		g_live_cap = cap;
+		g_live_used = live;
+	}
+	size_t i = live_slot(p, g_live_cap);
+	while(g_live[i] > 1) i = (i + 1) & (g_live_cap - 1);
+	if(g_live[i] == 0) g_live_used++;
+	g_live[i] = p;
+	return true;
+}
+
+/* Mosquitto's own "keep running" flag (signals.c: SIGINT / SIGTERM set it to 0, then
+ * main() sends the Will of every connected client).  Found when the broker exports it
+ * (Debian's 2.0.11 build does); without it a Will sent at shutdown from a live
+ * connection is judged as that connection's PUBLISH would be (docs/MQTT.md). */
+static volatile int *g_run;
+
+static void find_run_flag(void)
+{
+	void *sym = dlsym(RTLD_DEFAULT, "run");
+	Dl_info flag, broker;
+	if(sym && dladdr(sym, &flag) && dladdr((void *)mosquitto_client_id, &broker)
+			&& flag.dli_fbase == broker.dli_fbase){
+		g_run = sym;
+	}else{
+		mosquitto_log_printf(MOSQ_LOG_WARNING, "tessera: this mosquitto does not export its "
+				"run flag: a Will sent at shutdown is judged like a PUBLISH of its connection");
+	}
+}
+
+static bool broker_running(void)
+{
+	return g_run == NULL || *g_run != 0;
+}
+
+/* Connections that ended while holding their client id (key -> (cid, monotonic time)),
+ * for the Will Mosquitto checks right after the disconnect event or after a delay. */
+static PyObject *g_departed;
+
+/* Needs the GIL.  The flags above for the Will of this connection. */
+static int will_flags(struct mosquitto *client, PyObject *key, PyObject *cid)
+{
+	int flags = 0;
+	PyObject *gone = PyDict_GetItemWithError(g_departed, key); /* borrowed */
+	if(gone && PyTuple_GET_SIZE(gone) == 2){
+		if(PyObject_RichCompareBool(PyTuple_GET_ITEM(gone, 0), cid, Py_EQ) == 1){
+			flags |= TESSERA_ACL_CONFIRMED;
+			if(fl_monotonic() - PyFloat_AsDouble(PyTuple_GET_ITEM(gone, 1)) > WILL_DELAYED_AFTER_S){
+				flags |= TESSERA_ACL_DELAYED;
+			}
+		}
+		PyDict_DelItem(g_departed, key); /* one Will per connection */
+	}else if(gone == NULL && !PyErr_Occurred()){
+		/* still connected: taken over by a newer connection, or the broker stops */
+		PyObject *prior = PyDict_GetItemWithError(g_conns, key);
+		if(prior && PyTuple_GET_SIZE(prior) == 3 && PyTuple_GET_ITEM(prior, 1) == Py_True
+				&& PyObject_RichCompareBool(PyTuple_GET_ITEM(prior, 0), cid, Py_EQ) == 1){
+			flags |= TESSERA_ACL_CONFIRMED;
+		}
+	}
+	(void)client;
+	PyErr_Clear();
+	return flags;
+}
+
 /* Record the connection as authenticated under its client id. */
 static void remember(PyObject *key, PyObject *cid, bool authenticated, bool ext)
 {
 	PyObject *entry = Py_BuildValue("(OOO)", cid, authenticated ? Py_True : Py_False,
 			ext ? Py_True : Py_False);
+	if(authenticated){ /* it holds the id now; an older holder's WRITEs are its Will */
+		PyObject *older = PyDict_GetItemWithError(g_holder, cid); /* borrowed */
+		if(older) live_del(PyLong_AsVoidPtr(older));
+		PyErr_Clear();
+		if(!live_add(PyLong_AsVoidPtr(key))){
+			mosquitto_log_printf(MOSQ_LOG_ERR, "tessera: out of memory: %s's PUBLISHes "
+					"are judged as Wills (refused)", PyUnicode_AsUTF8(cid));
+			PyErr_Clear();
+		}
+	}
 	if(entry == NULL || PyDict_SetItem(g_conns, key, entry)
 			|| (authenticated && PyDict_SetItem(g_holder, cid, key))){
 		log_exception("cannot record a connection", false);
 	}
 	Py_XDECREF(entry);
+}
+
+/* The connection that held `cid` ended: keep that for its Will (now or delayed). */
+static void depart(PyObject *key, PyObject *cid)
+{
+	if(PyDict_Size(g_departed) >= DEPARTED_MAX){
+		mosquitto_log_printf(MOSQ_LOG_WARNING, "tessera: %d connections ended with no Will "
+				"sent yet; forgetting them (their Wills will be refused)", DEPARTED_MAX);
+		PyDict_Clear(g_departed);
+	}
+	PyObject *entry = Py_BuildValue("(Od)", cid, fl_monotonic());
+	if(entry == NULL || PyDict_SetItem(g_departed, key, entry)){
+		log_exception("cannot record a connection's end (its Will will be refused)", false);
+	}
+	Py_XDECREF(entry);
+}
+
+/* A new connection may reuse a freed context's address: forget that one's end. */
+static void forget_departed(PyObject *key)
+{
+	if(key && PyDict_Contains(g_departed, key) == 1) PyDict_DelItem(g_departed, key);
+	PyErr_Clear();
 }
 
 /* --- callbacks ------------------------------------------------------------------ */
@@ -291,6 +470,7 @@ static int handle_basic_auth(int event, void *event_data, void *userdata)
 	PyGILState_STATE gil = PyGILState_Ensure();
 	PyObject *cid = str_or_empty(mosquitto_client_id(ed->client));
 	PyObject *key = PyLong_FromVoidPtr(ed->client);
+	forget_departed(key);
 	PyObject *res = NULL, *prior = key ? PyDict_GetItemWithError(g_conns, key) : NULL;
 	PyErr_Clear();
 	/* SIGHUP: Mosquitto 2.0.x re-checks every connected client (security_apply_default)
@@ -368,6 +548,7 @@ static int handle_ext_auth(int event, void *event_data, void *userdata)
 	char msg[96];
 
 	if(cid == NULL || key == NULL) goto error;
+	forget_departed(key);
 	prior = PyDict_GetItemWithError(g_conns, key); /* borrowed */
 	if(prior == NULL && PyErr_Occurred()) goto error;
 	if(prior && PyTuple_GET_ITEM(prior, 1) == Py_True){
@@ -435,25 +616,41 @@ done:
 static int handle_acl_check(int event, void *event_data, void *userdata)
 {
 	struct mosquitto_evt_acl_check *ed = event_data;
-	int rc = MOSQ_ERR_ACL_DENIED;
+	int rc = MOSQ_ERR_ACL_DENIED, access = ed->access;
+	bool publish = false;
 	long v;
 	(void)event; (void)userdata;
 
-	/* Fast lane: a client with a record is authenticated, and the host answers WRITE
-	 * with "yes" for every authenticated client (the publish itself is judged with its
-	 * proof); a READ the host granted before for this (client, topic) stands until the
-	 * host forgets it (policy reload, disconnect). */
+	/* WRITE: a PUBLISH only from the live connection holding its id (on_message
+	 * follows); anything else is a Will (see "which WRITE checks are PUBLISHes").
+	 * Fast lane: a PUBLISH of a client with a record, not retained and not on a
+	 * $-topic, is "yes" (the publish itself is judged with its proof in on_message); a
+	 * READ the host granted before for this (client, topic) stands until the host
+	 * forgets it (policy reload, disconnect). */
 	const char *cid = mosquitto_client_id(ed->client);
-	if(g_fast && cid){
-		if(ed->access == MOSQ_ACL_WRITE && fl_known(cid)) return MOSQ_ERR_SUCCESS;
-		if(ed->access == MOSQ_ACL_READ && fl_read_cached(cid, ed->topic)) return MOSQ_ERR_SUCCESS;
+	if(access == MOSQ_ACL_WRITE){
+		publish = live_has(ed->client) && broker_running();
+		if(g_fast && cid && publish && !ed->retain && ed->topic && ed->topic[0] != '$'
+				&& fl_known(cid)){
+			return MOSQ_ERR_SUCCESS;
+		}
+		if(ed->retain) access |= TESSERA_ACL_RETAIN;
+	}else if(g_fast && cid && access == MOSQ_ACL_READ && fl_read_cached(cid, ed->topic)){
+		return MOSQ_ERR_SUCCESS;
 	}
 
 	PyGILState_STATE gil = PyGILState_Ensure();
-	PyObject *res = call_host(F_ACL, Py_BuildValue("(NiNNiO)",
-			str_or_empty(mosquitto_client_id(ed->client)), ed->access,
-			str_or_empty(ed->topic), bytes_of(ed->payload, ed->payloadlen),
-			(int)ed->qos, ed->retain ? Py_True : Py_False), NULL);
+	PyObject *cid_obj = str_or_empty(cid);
+	PyObject *key = PyLong_FromVoidPtr(ed->client);
+	PyObject *res = NULL;
+	if(cid_obj && key){
+		if(ed->access == MOSQ_ACL_WRITE && !publish){
+			access |= TESSERA_ACL_WILL | will_flags(ed->client, key, cid_obj);
+		}
+		res = call_host(F_ACL, Py_BuildValue("(OiNNiO)", cid_obj, access,
+				str_or_empty(ed->topic), bytes_of(ed->payload, ed->payloadlen),
+				(int)ed->qos, ed->retain ? Py_True : Py_False), NULL);
+	}
 	if(res == NULL){
 		log_exception("on_acl_check raised, access denied", true);
 	}else if(int_in(res, MOSQ_ERR_SUCCESS, MOSQ_ERR_PLUGIN_DEFER, &v)
@@ -467,6 +664,8 @@ static int handle_acl_check(int event, void *event_data, void *userdata)
 				"MOSQ_ERR_ACL_DENIED or MOSQ_ERR_PLUGIN_DEFER: access denied", Py_TYPE(res)->tp_name);
 	}
 	Py_XDECREF(res);
+	Py_XDECREF(key);
+	Py_XDECREF(cid_obj);
 	PyGILState_Release(gil);
 	return rc;
 }
@@ -708,12 +907,14 @@ static int handle_disconnect(int event, void *event_data, void *userdata)
 	struct mosquitto_evt_disconnect *ed = event_data;
 	(void)event; (void)userdata;
 
+	live_del(ed->client); /* from now on a WRITE for it is its Will */
 	PyGILState_STATE gil = PyGILState_Ensure();
 	PyObject *key = PyLong_FromVoidPtr(ed->client);
 	PyObject *prior = NULL, *cid = NULL, *holder, *res = NULL;
 	const char *id = mosquitto_client_id(ed->client);
 
 	if(key == NULL) goto error;
+	forget_departed(key);
 	prior = PyDict_GetItemWithError(g_conns, key);
 	if(prior == NULL && PyErr_Occurred()) goto error;
 	Py_XINCREF(prior);
@@ -732,6 +933,7 @@ static int handle_disconnect(int event, void *event_data, void *userdata)
 		if(same < 0) goto error;
 		if(!same) goto done; /* taken over: the id belongs to a newer connection */
 		if(PyDict_DelItem(g_holder, cid)) goto error;
+		if(prior && PyTuple_GET_ITEM(prior, 1) == Py_True) depart(key, cid);
 	}
 	res = call_host(F_DISCONNECT, Py_BuildValue("(Oi)", cid, ed->reason), NULL);
 	if(res == NULL) goto error;
@@ -841,8 +1043,9 @@ static bool start_host(struct mosquitto_opt *options, int count, const char *mod
 	g_options = PyDict_New();
 	g_conns = PyDict_New();
 	g_holder = PyDict_New();
+	g_departed = PyDict_New();
 	g_reauth_kw = Py_BuildValue("{sO}", "reauth", Py_True);
-	if(!g_options || !g_conns || !g_holder || !g_reauth_kw) goto error;
+	if(!g_options || !g_conns || !g_holder || !g_departed || !g_reauth_kw) goto error;
 	for(int i = 0; i < count; i++){
 		PyObject *v = str_or_empty(options[i].value);
 		int err = v == NULL || PyDict_SetItemString(g_options, options[i].key, v);
@@ -924,6 +1127,7 @@ int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **userdata,
 		dlopen(self.dli_fname, RTLD_NOW | RTLD_NOLOAD | RTLD_NODELETE);
 	}
 	if(!start_python(python)) return MOSQ_ERR_UNKNOWN;
+	find_run_flag();
 
 	bool ok = start_host(options, option_count, module, path);
 	for(size_t i = 0; ok && i < N_CALLBACKS; i++){
