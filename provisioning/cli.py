@@ -543,7 +543,13 @@ def cmd_broker_config(args: argparse.Namespace) -> None:
     that the broker will be able to start with it."""
     from broker_plugin.build import BuildError, ensure_built, readable_by
     from broker_plugin.host import build_enforcer
+    from broker_plugin.paths import ConfBounds
 
+    try:
+        bounds = ConfBounds(max_packet_size=args.max_packet_size,
+                            max_connections=args.max_connections)
+    except TesseraError as exc:
+        raise CliError(f"--max-packet-size / --max-connections: {exc.detail}") from None
     host, _, port = args.listener.rpartition(":")
     if not host or not port.isdigit():
         raise CliError(f"--listener {args.listener!r}: expected HOST:PORT, e.g. 0.0.0.0:8883")
@@ -565,8 +571,7 @@ def cmd_broker_config(args: argparse.Namespace) -> None:
         if name in options:
             options[name] = str(Path(options[name]).resolve())
     options.update(_step_up_options(args.plugin_opt or []))
-    if args.check:
-        _check_mosquitto_conf(Path(args.check))
+    joined = _read_mosquitto_conf(Path(args.check)) if args.check else []
     try:
         plugin = ensure_built()
     except BuildError as exc:
@@ -588,15 +593,25 @@ def cmd_broker_config(args: argparse.Namespace) -> None:
         "allow_anonymous false  # clients without the tessera-sa1 method are refused too",
         # step-up requests and AUTH answers are small packets: without this, Nagle and
         # delayed ACKs add ~40 ms to every step-up round trip (52 ms vs 7 ms measured)
-        "set_tcp_nodelay true",
+        "# pre-authentication bounds (docs/MQTT.md): Mosquitto refuses a packet whose",
+        "# declared length exceeds max_packet_size before buffering it; 2.0.11 has no",
+        "# CONNECT timeout, so max_connections is what bounds idle and half-open sockets",
+        *bounds.global_lines(),
         "# never set memory_limit: 2.0.x's memory count underflows with extended auth",
         f"listener {port} {host}",
+        *bounds.listener_lines(),
     ]
     if args.tls_cert:
         lines += [f"certfile {Path(args.tls_cert).resolve()}",
                   f"keyfile {Path(args.tls_key).resolve()}"]
     lines.append(f"plugin {plugin}")
     lines += [f"plugin_opt_{k} {v}" for k, v in options.items()]
+    # the broker runs with the conf it joins plus this snippet: check them together
+    snippet = [(f"<snippet>:{n}", *_words(line)) for n, line in enumerate(lines, 1)
+               if _words(line)]
+    problems = _conf_problems(joined, snippet)
+    if problems:
+        raise CliError(problems[0])
     text = "\n".join(lines) + "\n"
     if args.output == "-":
         sys.stdout.write(text)
@@ -636,42 +651,113 @@ def _step_up_options(pairs: list[str]) -> dict[str, str]:
     return out
 
 
-def _check_mosquitto_conf(path: Path) -> None:
-    """Refuse settings of an existing mosquitto.conf (and its include_dir) that break
-    the plugin, naming file:line and the fix."""
-    files = [path]
+def _words(line: str) -> tuple[str, ...]:
+    return tuple(line.split("#", 1)[0].split())
+
+
+def _read_mosquitto_conf(path: Path) -> list[tuple[str, str, list[str]]]:
+    """(file:line, key, arguments) of every setting, in the order Mosquitto reads them
+    (an ``include_dir``'s ``*.conf`` files in place, sorted)."""
+    entries: list[tuple[str, str, list[str]]] = []
     seen: set[Path] = set()
-    while files:
-        conf = files.pop(0)
+
+    def read(conf: Path) -> None:
         if conf in seen:
-            continue
+            return
         seen.add(conf)
         try:
             lines = conf.read_text(errors="replace").splitlines()
         except OSError as exc:
             raise CliError(f"--check {conf}: cannot read it ({exc.strerror})") from None
         for number, raw in enumerate(lines, 1):
-            words = raw.split("#", 1)[0].split()
+            words = _words(raw)
             if not words:
                 continue
-            where = f"{conf}:{number}"
-            key, rest = words[0], words[1:]
-            if key == "memory_limit":
-                raise CliError(f"{where}: remove memory_limit: Mosquitto 2.0.x's memory "
-                               "accounting underflows with extended auth and then refuses "
-                               "every allocation")
-            if key == "per_listener_settings" and rest[:1] == ["true"]:
-                raise CliError(f"{where}: per_listener_settings true stops Mosquitto 2.0.x "
-                               "from ticking the plugin (revocation and step-up stall); set "
-                               "it to false")
-            if key == "plugin" and rest and rest[0].endswith("tessera_mosquitto.so"):
-                raise CliError(f"{where}: the Tessera plugin is already loaded here; "
-                               "remove this line or do not include the new snippet")
-            if key == "include_dir" and rest:
-                directory = Path(rest[0])
+            entries.append((f"{conf}:{number}", words[0], list(words[1:])))
+            if words[0] == "include_dir" and len(words) > 1:
+                directory = Path(words[1])
                 if not directory.is_absolute():
                     directory = conf.parent / directory
-                files.extend(sorted(directory.glob("*.conf")))
+                for included in sorted(directory.glob("*.conf")):
+                    read(included)
+
+    read(path)
+    return entries
+
+
+def _conf_problems(joined: list[tuple[str, str, list[str]]],
+                   snippet: list[tuple[str, ...]]) -> list[str]:
+    """What would make the broker unsafe with the mosquitto.conf it joins (``joined``,
+    possibly empty) plus the snippet: settings that break the plugin, and missing or
+    unlimited pre-authentication bounds (broker_plugin.paths.CONF_LIMITS), each as
+    "file:line: what; the fix"."""
+    from broker_plugin.paths import CONF_LIMITS
+
+    problems: list[str] = []
+    entries: list[tuple[str, str, list[str]]] = [(w, k, list(a)) for w, k, a in joined]
+    entries += [(e[0], e[1], list(e[2:])) for e in snippet]
+    # listener sections: the settings before the first "listener" belong to the default
+    # listener ("port"); max_connections applies to the listener it follows
+    sections: list[tuple[str, bool]] = []  # (where the listener is declared, bounded)
+    default: str | None = None
+    default_bounded = False
+    seen: set[str] = set()
+    for index, (where, key, rest) in enumerate(entries):
+        ours = index >= len(joined)
+        seen.add(key)
+        value = rest[0] if rest else ""
+        if key == "memory_limit":
+            problems.append(f"{where}: remove memory_limit: Mosquitto 2.0.x's memory "
+                            "accounting underflows with extended auth and then refuses "
+                            "every allocation")
+        elif key == "per_listener_settings" and value == "true":
+            problems.append(f"{where}: per_listener_settings true stops Mosquitto 2.0.x "
+                            "from ticking the plugin (revocation and step-up stall); set "
+                            "it to false")
+        elif key == "plugin" and value.endswith("tessera_mosquitto.so") and not ours:
+            problems.append(f"{where}: the Tessera plugin is already loaded here; "
+                            "remove this line or do not include the new snippet")
+        elif key == "check_retain_source" and value == "true":
+            problems.append(f"{where}: remove check_retain_source true: it re-checks a "
+                            "retained message's publisher through a fake connection, which "
+                            "the plugin refuses as a Will (retained messages would never "
+                            "be delivered)")
+        elif key == "set_tcp_nodelay" and value != "true":
+            problems.append(f"{where}: set_tcp_nodelay must stay true (step-up and AUTH "
+                            "round trips wait for delayed ACKs without it)")
+        elif key == "allow_anonymous" and value != "false":
+            problems.append(f"{where}: allow_anonymous must be false (clients without "
+                            "the tessera-sa1 method must never be let in)")
+        elif key in CONF_LIMITS:
+            low, high = CONF_LIMITS[key]
+            try:
+                number = int(value)
+            except ValueError:
+                number = None
+            if number is None or not low <= number <= high:
+                what = "unlimited" if number is not None and number <= 0 else "out of bounds"
+                problems.append(f"{where}: {key} {value or '(none)'} is {what}; use "
+                                f"{low}..{high} (it bounds what an unauthenticated client "
+                                "can cost the broker)")
+            elif key == "max_connections":
+                if sections:
+                    sections[-1] = (sections[-1][0], True)
+                else:
+                    default_bounded = True
+        if key == "listener":
+            sections.append((where, False))
+        elif key == "port" and not sections:
+            default = where
+    for where, bounded in sections + ([(default, default_bounded)] if default else []):
+        if not bounded:
+            problems.append(f"{where}: this listener has no max_connections; add "
+                            "'max_connections N' after it (2.0.11 has no CONNECT timeout, "
+                            "so nothing else bounds idle or half-open connections)")
+    for key in ("max_packet_size", "max_inflight_messages", "max_queued_messages",
+                "max_queued_bytes", "set_tcp_nodelay"):
+        if key not in seen:
+            problems.append(f"<snippet>: {key} is missing (a pre-authentication bound)")
+    return problems
 
 
 # -- parser ------------------------------------------------------------------------
@@ -799,10 +885,18 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--plugin-opt", action="append", metavar="NAME=VALUE",
                    help="a step-up or quarantine knob (e.g. quarantine_failures=3), checked "
                         "as the plugin checks it; repeatable")
+    b.add_argument("--max-packet-size", type=int, default=262_144, metavar="BYTES",
+                   help="largest MQTT packet the broker reads, checked before it buffers "
+                        "one: msg1 (~2 KB) and the largest proven message (default 256 KiB)")
+    b.add_argument("--max-connections", type=int, default=1000, metavar="N",
+                   help="connections on the listener (Mosquitto 2.0.11 has no CONNECT "
+                        "timeout: this bounds idle and half-open sockets; default 1000)")
     b.add_argument("--check", metavar="MOSQUITTO_CONF",
-                   help="the mosquitto.conf this snippet joins: refuse memory_limit, "
-                        "per_listener_settings true or a second Tessera plugin line in it "
-                        "(include_dir followed)")
+                   help="the mosquitto.conf this snippet joins (include_dir followed): "
+                        "refuse memory_limit, per_listener_settings true, a second Tessera "
+                        "plugin line, check_retain_source true, set_tcp_nodelay false, "
+                        "allow_anonymous true, a listener without max_connections and "
+                        "unlimited or oversized packet, connection and queue bounds")
     b.set_defaults(func=cmd_broker_config)
 
     s = sub.add_parser("audit", help="broker audit log tools")
