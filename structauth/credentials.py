@@ -104,7 +104,7 @@ class Credential:
                 raise CredentialError(f"certificate of {len(der)} bytes (max {MAX_CERT})")
             try:
                 certs.append(x509.load_der_x509_certificate(bytes(der)))
-            except ValueError:
+            except (ValueError, x509.InvalidVersion):  # InvalidVersion is no ValueError
                 raise CredentialError("certificate is not valid DER X.509") from None
         return cls._build(tuple(certs), tuple(bytes(d) for d in chain))
 
@@ -112,7 +112,7 @@ class Credential:
     def from_pem(cls, data: bytes) -> Credential:
         try:
             certs = x509.load_pem_x509_certificates(data)
-        except ValueError:
+        except (ValueError, x509.InvalidVersion):
             raise CredentialError("no valid PEM certificates") from None
         if not 1 <= len(certs) <= MAX_CHAIN:
             raise CredentialError(f"credential chain of {len(certs)} certificates (1..{MAX_CHAIN})")

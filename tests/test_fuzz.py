@@ -17,6 +17,7 @@ target ran (every call of a test body, including hypothesis's shrinking and repl
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 from collections import Counter
@@ -452,3 +453,26 @@ def test_fanout_anchor_refuses_non_finite_numbers() -> None:
         err = refused(lambda v=verifier, t=text: v.on_anchor(t.encode(), 0.0))  # type: ignore[misc]
         assert err is not None and err.reason is Reason.MALFORMED, (field, value)
         assert verifier.chains == {}
+
+
+def test_certificate_with_version_1_is_our_error(
+    fleet: Fleet, members: tuple[Member, Member], valid: tuple[bytes, bytes, bytes]
+) -> None:
+    """Found by the long fuzz run: a certificate whose version field says 1 (X.509 v2)
+    made cryptography raise InvalidVersion, which is not a ValueError, straight out of
+    Responder.accept. It is a credential that does not parse: BAD_CREDENTIAL."""
+    device, _ = members
+    good = device.credential.der_chain()[0]
+    at = good.index(b"\xa0\x03\x02\x01\x02") + 4  # [0] EXPLICIT INTEGER 2 (v3)
+    bad = good[:at] + b"\x01" + good[at + 1 :]
+    err = refused(lambda: Credential.from_der_chain([bad]))
+    assert err is not None and err.reason is Reason.BAD_CREDENTIAL
+    msg1 = valid[0]
+    start = msg1.index(good)
+    err = refused(lambda: responder(fleet, members).accept(
+        msg1[:start] + bad + msg1[start + len(good) :], 0.0, NOW))
+    assert err is not None and err.reason is Reason.BAD_CREDENTIAL
+    pem = (b"-----BEGIN CERTIFICATE-----\n" + base64.encodebytes(bad)
+           + b"-----END CERTIFICATE-----\n")
+    err = refused(lambda: Credential.from_pem(pem))
+    assert err is not None and err.reason is Reason.BAD_CREDENTIAL
