@@ -26,6 +26,7 @@ import enum
 import hashlib
 import hmac
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidSignature
@@ -428,16 +429,39 @@ class Initiator:
 class NonceCache:
     """msg1 nonces seen recently, to refuse replayed handshakes cheaply.
 
-    A replay older than ``ttl`` (or pushed out by ``max_entries`` newer handshakes, or
-    made after a restart or at another responder) gets through the cache, but it cannot
-    become a session: the replayer lacks the ephemeral keys, so it cannot produce msg3
-    and the pending handshake is dropped at its deadline having granted nothing. The
-    cache saves the CPU of building msg2. Bound: ``max_entries`` nonces (~100 B each).
+    A replay older than ``ttl`` (or pushed out by ``max_entries`` newer handshakes)
+    gets through the cache, but it cannot become a session: the replayer lacks the
+    ephemeral keys, so it cannot produce msg3 and the pending handshake is dropped at
+    its deadline having granted nothing. The cache saves the CPU of building msg2 and
+    the hardware signature. Bound: ``max_entries`` nonces (~100 B each).
+
+    The cache itself is in memory and sans-IO. Adapters make it outlive a restart or
+    span replicas (docs/PROTOCOL.md section 4.8) through two hooks:
+
+    * ``on_add(nonce, expires_at)`` is called for every nonce this responder records
+      (after a msg1 proved itself), with its expiry on the caller's clock: what to
+      persist or share. It runs inside :meth:`Responder.accept`, so it must be cheap
+      and must not raise (hand the entry to a bounded queue; drop and count if full).
+    * :meth:`remember` feeds in a nonce seen elsewhere (loaded from a file, or recorded
+      by another replica), with its expiry converted to the caller's clock. It does not
+      call ``on_add``.
+
+    Both kinds of entry share the one bound. Entries are kept in arrival order; an
+    entry remembered with an earlier expiry than newer ones leaves when the older ones
+    ahead of it do (at most ``ttl`` late), and :meth:`check` tests each entry's own
+    expiry.
     """
 
-    def __init__(self, ttl: float = 600.0, max_entries: int = 100_000) -> None:
+    def __init__(
+        self,
+        ttl: float = 600.0,
+        max_entries: int = 100_000,
+        *,
+        on_add: Callable[[bytes, float], None] | None = None,
+    ) -> None:
         self.ttl = ttl
         self.max_entries = max_entries
+        self.on_add = on_add
         self._seen: OrderedDict[bytes, float] = OrderedDict()
 
     def _expire(self, now: float) -> None:
@@ -450,12 +474,37 @@ class NonceCache:
 
     def check(self, nonce: bytes, now: float) -> None:
         self._expire(now)
-        if nonce in self._seen:
+        expiry = self._seen.get(nonce)
+        if expiry is not None and expiry > now:
             raise ReplayDetected("msg1 nonce seen before", Reason.HANDSHAKE_REPLAYED)
 
     def add(self, nonce: bytes, now: float) -> None:
-        self._seen[nonce] = now + self.ttl
+        expiry = now + self.ttl
+        seen = self._seen
+        if nonce in seen:  # an expired entry still waiting behind a longer-lived one
+            del seen[nonce]
+        seen[nonce] = expiry
         self._expire(now)
+        if self.on_add is not None:
+            self.on_add(nonce, expiry)
+
+    def remember(self, nonce: bytes, expires_at: float, now: float) -> bool:
+        """Record a nonce seen elsewhere until ``expires_at`` (the caller's clock, as
+        ``now``), at most ``ttl`` from now. False if it is already expired or already
+        known for at least as long; does not call ``on_add``."""
+        expires_at = min(expires_at, now + self.ttl)
+        if not expires_at > now:  # also refuses NaN
+            return False
+        seen = self._seen
+        known = seen.get(nonce)
+        if known is not None:
+            if known >= expires_at:
+                return False
+            seen[nonce] = expires_at
+            return True
+        seen[nonce] = expires_at
+        self._expire(now)
+        return True
 
     def __len__(self) -> int:
         return len(self._seen)
