@@ -31,6 +31,13 @@ Options (``plugin_opt_<name>`` in mosquitto.conf; ``tessera broker config`` writ
                   exactly that AK (re-read on SIGHUP). Without it a quote is checked
                   for freshness and form only (broker_plugin/stepup.py says what that
                   proves).
+    nonce_file    keep the msg1 nonce cache in this file, so that a msg1 captured
+                  before a restart is refused at once (HANDSHAKE_REPLAYED) after it
+    nonce_database
+                  postgresql:// URL shared by replicas (same broker identity): each
+                  refuses the msg1s the others answered, once synced
+                  (broker_plugin/nonce_store.py; nonce_poll_s, default 1 s, is the
+                  readers' fallback poll)
 
 Sessions and handshakes (the session parameters go to every device in msg2; the
 defaults are those of structauth.params.SessionParams and
@@ -435,6 +442,12 @@ def plugin_init(options: dict[str, str]) -> None:
         if enforcer.fast is not None:
             enforcer.fast.set_timing(metrics.verify_seconds.buckets)
         log.warning("tessera: metrics on %s", metrics_server.url)
+    from broker_plugin.nonce_store import NonceSync
+
+    nonces = NonceSync.from_options(options, enforcer.responder.nonces,
+                                    enforcer.responder.identity.uri)
+    if nonces is not None and enforcer.metrics is not None:
+        nonces.bind_metrics(enforcer.metrics)
     audit = None
     if options.get("audit_log"):
         from broker_plugin.audit import AsyncAuditWriter, AuditLog
@@ -456,7 +469,7 @@ def plugin_init(options: dict[str, str]) -> None:
     gc.set_threshold(GC_THRESHOLD, 20, 20)
     _state.update(enforcer=enforcer, signer=signer, events=events, follower=follower,
                   audit=audit, options=options, metrics_server=metrics_server,
-                  identity_digest=_identity_files_digest(options))
+                  identity_digest=_identity_files_digest(options), nonces=nonces)
 
 
 def plugin_cleanup() -> None:
@@ -469,6 +482,9 @@ def plugin_cleanup() -> None:
     server = _state.get("metrics_server")
     if server is not None:
         server.close()
+    nonces = _state.get("nonces")
+    if nonces is not None:
+        nonces.close()
     _state.clear()
 
 
@@ -521,7 +537,11 @@ def on_ext_auth_start(client_id: str, address: str, protocol: int, method: str,
                       data: bytes | None, *, reauth: bool = False) -> tuple[int, bytes | None]:
     # msg1 -> (MOSQ_ERR_AUTH_CONTINUE, msg2): Mosquitto sends msg2 in AUTH 0x18. reauth:
     # an AUTH packet (0x19) on a live connection; the shim tells them apart.
-    rc, out = _state["enforcer"].connect(client_id, address, method, data, time.monotonic(),
+    now = time.monotonic()
+    nonces = _state.get("nonces")
+    if nonces is not None:  # other replicas' nonces read since the last tick
+        nonces.feed(now)
+    rc, out = _state["enforcer"].connect(client_id, address, method, data, now,
                                          reauth=reauth)
     return rc, out
 
@@ -569,6 +589,9 @@ def on_tick() -> list[tuple[Any, ...]]:
         except queue.Empty:
             break
         enforcer.revoke(list(event.get("cert_serials", [])), event.get("reason", "revoked"))
+    nonces = _state.get("nonces")
+    if nonces is not None:
+        nonces.tick(time.monotonic())
     return enforcer.tick(time.monotonic())
 
 
