@@ -13,6 +13,7 @@ import logging
 import os
 import random
 import socket
+import time
 
 import aiocoap
 import pytest
@@ -20,7 +21,7 @@ from aiocoap.numbers import codes
 from aiocoap.numbers.optionnumbers import OptionNumber
 
 from broker_plugin import coap_site
-from device.coap import PROOF_OPTION, TesseraCoapClient
+from device.coap import CONFIRM_OPTION, PROOF_OPTION, TesseraCoapClient
 from simulator.fleet import Fleet
 from structauth.coap_actions import block_action, request_action, response_action
 from structauth.errors import MalformedMessage, Reason
@@ -376,3 +377,95 @@ def _option(delta: int, value: bytes) -> bytes:
 def test_site_module_still_exports_the_action_builders() -> None:
     assert coap_site.request_action is request_action
     assert coap_site.response_action is response_action
+
+
+def test_misplaced_and_repeated_tessera_options(world: World,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    async def scenario() -> None:
+        lines = Lines(caplog)
+        async with gateway(world) as gw, gw.client() as device:
+            await device.request("GET", "sensors/pi-1/temp")
+            wire = Wire(gw)
+            try:
+                # a proof (or msg3) on the handshake resource
+                for option in (PROOF_OPTION, CONFIRM_OPTION):
+                    lines.since()
+                    msg = aiocoap.Message(code=codes.POST, payload=b"x")
+                    msg.opt.uri_path = (".well-known", "sa1")
+                    msg.opt.add_option(option.create_option(value=os.urandom(31)))
+                    answer = await wire.one(msg)
+                    assert answer.code == codes.BAD_OPTION, answer
+                    lines.exactly_one_line()
+                # a repeated Tessera-Confirm on a proven request
+                msg = await proven_to(device, ("sensors", "pi-1", "temp"))
+                for _ in range(2):
+                    msg.opt.add_option(CONFIRM_OPTION.create_option(value=bytes(46)))
+                assert (await wire.one(msg)).code == codes.BAD_OPTION
+                lines.exactly_one_line()
+                # a later Block2 block of a response nobody asked for
+                msg = await proven_to(device, ("sensors", "pi-1", "temp"))
+                msg.opt.block2 = (2, False, 6)
+                answer = await wire.one(msg)
+                assert answer.code == codes.REQUEST_ENTITY_INCOMPLETE
+                lines.exactly_one_line()
+                assert len(gw.site.responses) == 0
+            finally:
+                wire.close()
+            assert (await device.request("GET", "sensors/pi-1/temp")).payload == b"21.5"
+
+    run(scenario())
+
+
+def test_refusals_are_aggregated_for_audit_and_rate_limited_in_the_log(
+        world: World, caplog: pytest.LogCaptureFixture) -> None:
+    """A flood of refusals from many sources leaves one audit record per interval with
+    counts by reason and source (bounded), and at most 20 log lines a second plus a
+    summary; the device's own events are still audited one by one."""
+
+    async def scenario() -> None:
+        lines = Lines(caplog)
+        records: list[tuple[str, dict[str, object]]] = []
+        limits = coap_site.GatewayLimits(audit_keys=8)
+        async with gateway(world, limits=limits,
+                           audit=lambda e, **f: records.append((e, f))) as gw, \
+                gw.client() as device:
+            await device.request("GET", "sensors/pi-1/temp")
+            lines.since()
+            senders = []
+            try:
+                for i in range(12):
+                    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                    sock.bind((f"127.0.0.{40 + i}", 0))
+                    sock.setblocking(False)
+                    sock.connect(("127.0.0.1", gw.port))
+                    senders.append(sock)
+                loop = asyncio.get_running_loop()
+                started = time.monotonic()
+                for sock in senders:
+                    for n in range(5):
+                        msg = aiocoap.Message(code=codes.GET)
+                        msg.opt.uri_path = ("sensors", "pi-1", "temp")
+                        msg.mtype, msg.mid, msg.token = aiocoap.CON, n, b"t"
+                        await loop.sock_sendall(sock, msg.encode())
+                        answer = aiocoap.Message.decode(
+                            await asyncio.wait_for(loop.sock_recv(sock, 2048), 5))
+                        assert reason_of(answer) is Reason.MALFORMED
+            finally:
+                for sock in senders:
+                    sock.close()
+            seconds = int(time.monotonic()) - int(started) + 1  # wall-clock seconds touched
+            ours = [r for r in lines.since() if r.name == "tessera.coap"]
+            assert 20 <= len(ours) <= 21 * seconds  # 20 a second, plus one summary each
+            if seconds <= 2:
+                assert len(ours) < 60
+            assert not [e for e, _ in records if e in ("request_rejected", "handshake_refused")]
+            gw.site.flush_refusals(gw.clock())
+            (summary,) = [f for e, f in records if e == "refusals"]
+            counts = summary["counts"]
+            assert isinstance(counts, list) and len(counts) <= 8 + 1
+            assert sum(c["count"] for c in counts) == 60
+            assert {"reason": "malformed", "source": "other", "count": 4 * 5} in counts
+            assert [e for e, _ in records].count("handshake_ok") == 1
+            assert (await device.request("GET", "sensors/pi-1/temp")).payload == b"21.5"
+
+    run(scenario())
