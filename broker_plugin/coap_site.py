@@ -76,7 +76,14 @@ from structauth.session import HEADER_SIZE, Session, SessionState
 
 from .coap_handshake import MAX_MSG1, ConfirmRefused, HandshakeEndpoint, HandshakeLimits
 from .coap_limits import BoundedTable, Limits, source_of, source_of_host
-from .coap_transport import BoundedDedup, DedupLimits, harden, harden_interface, interface_of
+from .coap_transport import (
+    BoundedDedup,
+    DedupLimits,
+    TokenBucket,
+    harden,
+    harden_interface,
+    interface_of,
+)
 
 log = logging.getLogger("tessera.coap")
 
@@ -218,6 +225,16 @@ class GatewayLimits:
     audit_interval: float = 10.0
     #: distinct (reason, source) pairs counted per audit interval (the rest: "other")
     audit_keys: int = 256
+    #: datagrams per second (and burst) accepted for decoding from addresses that hold
+    #: no session with this gateway, in total and per source address; the rest are
+    #: dropped before aiocoap spends anything on them. Keep the total below what the
+    #: gateway can answer, so that devices with sessions are served during a flood.
+    preauth_rate: float = 1500.0
+    preauth_burst: float = 3000.0
+    preauth_rate_per_source: float = 150.0
+    preauth_burst_per_source: float = 300.0
+    #: how long an address counts as holding a session after its last proven request
+    known_for: float = 600.0
 
 
 class ProvenAddress(interfaces.EndpointAddress):  # type: ignore[misc]
@@ -423,6 +440,14 @@ class TesseraSite(interfaces.Resource, resource.PathCapable):  # type: ignore[mi
         self._log_suppressed = 0
         self._refusals: Counter[tuple[str, str]] = Counter()
         self._refusals_since = 0.0
+        # admission of datagrams before decoding (sources without a session)
+        lim = self.limits
+        self._known: BoundedTable[str, None] = BoundedTable(
+            Limits(per_owner=1, per_owner_bytes=1, total=65536, total_bytes=65536,
+                   idle=lim.known_for))
+        self._buckets: BoundedTable[str, TokenBucket] = BoundedTable(
+            Limits(per_owner=1, per_owner_bytes=1, total=4096, total_bytes=4096, idle=10.0))
+        self._preauth = TokenBucket(lim.preauth_rate, lim.preauth_burst, self.clock())
 
     @property
     def policy(self) -> Any:
@@ -444,8 +469,36 @@ class TesseraSite(interfaces.Resource, resource.PathCapable):  # type: ignore[mi
             "limits": self.limits.dedup,
             "is_proven": _is_proven,
             "on_malformed": self._malformed_datagram,
+            "admit": self.admit_datagram,
             "clock": self.clock,
         }
+
+    def admit_datagram(self, address: Any) -> bool:
+        """Before aiocoap decodes a datagram: always for an address that recently sent a
+        proven request; otherwise within the pre-authentication budget (total and per
+        source). Dropped datagrams are counted, not logged."""
+        host = address[0] if isinstance(address, tuple) else str(address)
+        if host in self._known:
+            return True
+        now = self.clock()
+        source = source_of_host(host)
+        bucket = self._buckets.get(source, now, touch=True)
+        if bucket is None:
+            lim = self.limits
+            bucket = TokenBucket(lim.preauth_rate_per_source, lim.preauth_burst_per_source,
+                                 now)
+            self._buckets.put(source, source, bucket, 1, now)
+        if bucket.take(now) and self._preauth.take(now):
+            return True
+        self.stats["dropped:preauth_budget"] += 1
+        return False
+
+    def _known_source(self, request: aiocoap.Message, now: float) -> None:
+        sockaddr = getattr(request.remote, "sockaddr", None)
+        if sockaddr:
+            host = str(sockaddr[0])
+            if self._known.get(host, now, touch=True) is None and host not in self._known:
+                self._known.put(host, host, None, 1, now)
 
     def _attach_remote(self, remote: Any) -> None:
         found = interface_of(remote)
@@ -691,6 +744,7 @@ class TesseraSite(interfaces.Resource, resource.PathCapable):  # type: ignore[mi
         except TesseraError as exc:
             return self.refuse(request, codes.UNAUTHORIZED, exc.reason, exc.detail, peer=peer)
         peer.requests += 1
+        self._known_source(request, now)
         return await self._authorized(pipe, request, peer, header, path, verified.payload)
 
     async def _block(
@@ -733,6 +787,7 @@ class TesseraSite(interfaces.Resource, resource.PathCapable):  # type: ignore[mi
         except TesseraError as exc:
             return self.refuse(request, codes.UNAUTHORIZED, exc.reason, exc.detail, peer=peer)
         peer.requests += 1
+        self._known_source(request, now)
         if block1.block_number == 0:
             if not block1.more:
                 return await self._authorized(pipe, request, peer, header, path,
@@ -901,6 +956,8 @@ class TesseraSite(interfaces.Resource, resource.PathCapable):  # type: ignore[mi
         self._schedule()
 
     def _expire(self, now: float) -> None:
+        self._known.expire(now)
+        self._buckets.expire(now)
         self.handshakes.expire(now)
         self.transfers.expire(now)
         self.responses.expire(now)

@@ -69,6 +69,27 @@ class DedupLimits:
     proven: Limits = field(default_factory=_default_proven)
 
 
+class TokenBucket:
+    """``rate`` per second, up to ``burst`` at once; time comes from the caller."""
+
+    __slots__ = ("burst", "level", "rate", "stamp")
+
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.level = burst
+        self.stamp = now
+
+    def take(self, now: float) -> bool:
+        level = min(self.burst, self.level + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if level < 1.0:
+            self.level = level
+            return False
+        self.level = level - 1.0
+        return True
+
+
 class _Stored:
     """A response kept for duplicates: the datagram as sent (the Message object would
     cost ten times as much), turned back into a Message only when a duplicate comes."""
@@ -192,10 +213,12 @@ def harden_interface(
     limits: DedupLimits | None = None,
     is_proven: Callable[[Any], bool],
     on_malformed: Callable[[str, str], None] | None = None,
+    admit: Callable[[Any], bool] | None = None,
     clock: Callable[[], float] = time.monotonic,
 ) -> BoundedDedup | None:
     """Bound one aiocoap MessageManager's deduplication store and guard its UDP
-    transport (module docstring); None if it was done before."""
+    transport (module docstring); None if it was done before. ``admit(address)``, if
+    given, is asked about every datagram before aiocoap decodes it; False drops it."""
     if getattr(manager, "_tessera_dedup", None) is not None:
         return None
     store = BoundedDedup(manager, limits or DedupLimits(), is_proven, clock)
@@ -207,6 +230,8 @@ def harden_interface(
     if original is not None:
 
         def guarded(data: bytes, ancdata: Any, flags: int, address: Any) -> None:
+            if admit is not None and not admit(address):
+                return  # over the budget of sources without a session: not even decoded
             try:
                 original(data, ancdata, flags, address)
             except UnicodeDecodeError as exc:
@@ -246,6 +271,7 @@ __all__ = [
     "EXCHANGE_LIFETIME",
     "BoundedDedup",
     "DedupLimits",
+    "TokenBucket",
     "harden",
     "harden_interface",
     "interface_of",

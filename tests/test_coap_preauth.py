@@ -400,3 +400,60 @@ def test_bounded_table_rules() -> None:
     assert table.get("a3", 8.5) is None  # max_age 8 s from creation
     assert table.grow("c1", 95, 2.0) is False  # 105 > per-owner 100: removed
     assert "c1" not in table and len(table) == 0 and table.bytes == 0
+
+
+# ---------------------------------------------------------------- the pre-auth budget
+
+
+def test_a_flood_without_sessions_is_dropped_before_decoding(world: World) -> None:
+    """Datagrams from addresses that hold no session are decoded only within a budget
+    (per source and in total); the device with a session is served throughout."""
+
+    async def scenario() -> None:
+        limits = GatewayLimits(preauth_rate=60.0, preauth_burst=60.0,
+                               preauth_rate_per_source=20.0, preauth_burst_per_source=20.0)
+        async with gateway(world, limits=limits) as gw, gw.client() as device:
+            await device.request("GET", "sensors/pi-1/temp")  # 127.0.0.1 now has a session
+            loop = asyncio.get_running_loop()
+            floods = [Sender(gw, "127.0.0.2")] + [Sender(gw, f"127.0.0.{50 + i}")
+                                                  for i in range(10)]
+            barrier = Sender(gw, "127.0.0.1")  # an address with a session: never dropped
+            sent = 0
+            try:
+                started = loop.time()
+                for burst in range(4):
+                    for sender in floods:
+                        for _ in range(50 if sender is floods[0] else 5):
+                            msg = aiocoap.Message(code=codes.GET)
+                            msg.opt.uri_path = ("sensors", "pi-1", "temp")
+                            sender.sock.send(sender.datagram(msg))
+                            sent += 1
+                    # a ping from the device's address is answered after the burst
+                    await loop.sock_sendall(barrier.sock, bytes((0x40, 0, 0, burst)))
+                    assert len(await asyncio.wait_for(loop.sock_recv(barrier.sock, 64), 5)) == 4
+                    # and the device is served while the flood goes on
+                    reply = await device.request("POST", "sensors/pi-1/temp", b"%d" % burst)
+                    assert reply.payload == b"pi-1:%d" % burst
+                elapsed = loop.time() - started
+                answered = []
+                for sender in floods:
+                    n = 0
+                    while True:
+                        try:
+                            sender.sock.recv(4096)
+                        except BlockingIOError:
+                            break
+                        n += 1
+                    answered.append(n)
+                assert answered[0] <= 20 + 20 * elapsed + 1
+                assert sum(answered) <= 60 + 60 * elapsed + 1
+                dropped = gw.site.stats["dropped:preauth_budget"]
+                assert dropped + sum(answered) == sent == 4 * (50 + 10 * 5)
+                assert gw.site.stats["rejections:malformed"] == sum(answered)
+            finally:
+                for sender in (*floods, barrier):
+                    sender.close()
+            assert device.handshakes == 1
+            within(gw.site._buckets)
+
+    run(scenario())
