@@ -22,7 +22,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -929,11 +929,15 @@ def test_measure_pre_auth_memory(fleet: Fleet, tmp_path: Path) -> None:
 
             def accounted(start: int = start, sources: list[str] = sources) -> int:
                 rows = w.audit()[start:]
-                return sum(1 for r in rows if r["event"] == "handshake_refused"
-                           and r.get("address") in sources) + sum(
-                    r["count"] for r in rows if r["event"] == "refusals_aggregated")
+                in_full = sum(1 for r in rows if r["event"] == "handshake_refused"
+                              and r.get("address") in sources)
+                return in_full + sum(int(r["count"]) for r in rows
+                                     if r["event"] == "refusals_aggregated")
 
-            wait_for(lambda n=n, f=accounted: f() >= n, 25, "the flood's summaries")
+            def complete(n: int = n, accounted: Callable[[], int] = accounted) -> bool:
+                return accounted() >= n
+
+            wait_for(complete, 25, "the flood's summaries")
             records = [r for r in w.audit()[start:]
                        if r["event"] in ("handshake_refused", "refusals_aggregated")]
             report[label] = {"connects": n, "rss_kib_before": before, "rss_kib_after": after,
