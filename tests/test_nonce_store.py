@@ -388,9 +388,12 @@ def test_replicas_share_nonces_through_the_table(database: str,
         for s in stores:
             assert s.caught_up.wait(5)
         now = time.monotonic()
-        writers = [threading.Thread(target=lambda s=s, base=base: [  # type: ignore[misc]
-            s.offer(nonce(base + i), now + 600) for i in range(3000)])
-            for s, base in ((a, 0), (b, 10_000))]
+        def write(store: PostgresStore, base: int) -> None:
+            for i in range(3000):
+                store.offer(nonce(base + i), now + 600)
+
+        writers = [threading.Thread(target=write, args=(s, base))
+                   for s, base in ((a, 0), (b, 10_000))]
         for t in writers:
             t.start()
         for t in writers:
