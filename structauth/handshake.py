@@ -521,8 +521,20 @@ class PendingHandshake:
     objects. Adapters bound how many they hold.
     """
 
-    __slots__ = ("_context", "_credential", "_ck_i2r", "_ck_r2i", "_expect", "_params",
-                 "_peer", "_quote", "_used", "deadline", "session_id", "start")
+    __slots__ = (
+        "_ck_i2r",
+        "_ck_r2i",
+        "_context",
+        "_credential",
+        "_expect",
+        "_params",
+        "_peer",
+        "_quote",
+        "_used",
+        "deadline",
+        "session_id",
+        "start",
+    )
 
     def __init__(
         self, *, session_id: bytes, expect: bytes, ck_i2r: bytes, ck_r2i: bytes,
