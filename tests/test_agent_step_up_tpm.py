@@ -66,6 +66,7 @@ class World:
         (aks / "pi-a.akpub").write_bytes(ak)
         broker_key = InsecureSoftwareSigner.generate()
         member = self.fleet.member("broker", "mqtt-1", signer=broker_key)
+        self.identity = member.identity  # every device names it in msg1
         self.audit_log = base / "audit.jsonl"
         opts = plugin_files(
             base, trust_domain=self.fleet.trust_domain,
@@ -79,12 +80,13 @@ class World:
         return AgentConfig.parse(
             f'[device]\nstate_dir = "{self.state}"\n'
             f'[mqtt]\nhost = "127.0.0.1"\nport = {self.broker.port}\n'
+            f'broker_identity = "{self.identity.uri}"\n'
             '[renewal]\nenabled = false\n[reconnect]\ninitial_s = 0.2\nmax_s = 1.0\n')
 
     def listen(self, topic: str) -> tuple[TesseraMqttClient, queue.Queue[tuple[str, bytes]]]:
         m = self.fleet.member("broker", "backend")
         c = TesseraMqttClient(signer=m.signer, credential=m.credential, trust=self.fleet.trust,
-                              host="127.0.0.1", port=self.broker.port)
+                              host="127.0.0.1", port=self.broker.port, broker=self.identity)
         c.connect()
         got: queue.Queue[tuple[str, bytes]] = queue.Queue()
         c.subscribe(topic, lambda t, p: got.put((t, p)), proven=False)

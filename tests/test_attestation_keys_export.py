@@ -30,6 +30,7 @@ from simulator.mosquitto import Mosquitto, plugin_files
 from simulator.provisioner import ProvisioningServer
 from simulator.softhsm import SoftHsm
 from simulator.swtpm import Swtpm
+from structauth.credentials import Credential
 from tests.support import wait_for
 
 pytestmark = pytest.mark.hardware
@@ -176,7 +177,8 @@ def test_enrolled_ak_is_exported_and_the_broker_checks_quotes_against_it(
         def device(quote: Callable[[bytes], bytes]) -> Device:
             client = TesseraMqttClient(
                 signer=tpm.load_signing_key("tessera-device"), credential=state.credential(),
-                trust=state.trust(), host="127.0.0.1", port=broker.port)
+                trust=state.trust(), host="127.0.0.1", port=broker.port,
+                broker=Credential.from_pem(issued["operational_credential"].encode()).identity)
             client.connect()
             client.answer_step_ups(quote)
             return Device(client)
