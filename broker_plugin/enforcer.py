@@ -55,9 +55,11 @@ Step-up (fresh hardware proof on a live connection; knobs in
 * The answer: an MQTT 5 AUTH packet, reason 0x19 (re-authenticate), method
   ``tessera-sa1``, data a new SA1 msg1 whose signed ``context`` is the nonce (compared
   in constant time) and whose ``quote`` is a TPM quote over it when asked (checked by
-  :func:`broker_plugin.stepup.verify_quote`; its docstring says what that proves). The
-  new session replaces the old one in the live connection and msg2 goes back in the
-  AUTH reply. A re-authentication with an empty context is a plain rotation (the
+  :func:`broker_plugin.stepup.verify_quote`; its docstring says what that proves).
+  msg2 goes back in an AUTH packet (0x18); the nonce and the quote are judged only once
+  the device's msg3 has verified (a replayed msg1 carrying a nonce earns nothing, and a
+  wrong one counts nothing toward quarantine). The new session then replaces the old one
+  in the live connection. A re-authentication with an empty context is a plain rotation (the
   agent's make-before-break before the session lifetime ends), always allowed (an
   outstanding challenge stays outstanding). While a challenge is outstanding, a context
   that is not its nonce, or a missing or bad quote when one was asked, is a failed
