@@ -30,7 +30,7 @@ K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=1024)
 def source_of_host(host: str) -> str:
     """The budget key of a remote host: an IPv4 address as is (also when IPv4-mapped),
     an IPv6 address as its /64 (one subscriber usually holds a whole /64)."""
@@ -156,9 +156,11 @@ class BoundedTable(Generic[K, V]):
             *, deadline: float | None = None) -> bool:
         """Insert or replace ``key``; make room by evicting oldest entries (the owner's
         own first). False if ``size`` alone exceeds what one owner may hold (nothing is
-        stored then). ``deadline`` overrides the table's lifetime for this entry."""
+        stored then). ``deadline`` overrides the table's lifetime for this entry.
+        Expired entries are not swept here (:meth:`expire`, from the owner's timer):
+        they count against the caps until then, and a full table evicts them first,
+        being the oldest."""
         lim = self.limits
-        self.expire(now)
         if key in self._entries:
             self._remove(key, None)
         if size > lim.per_owner_bytes or size > lim.total_bytes:

@@ -32,7 +32,10 @@
   per-interval counts by reason and source, so a flood cannot fill the audit log.
 * Everything kept before authentication is bounded per source address and in total
   (:class:`GatewayLimits`, docs/COAP.md "Bounds"), including aiocoap's own message
-  deduplication (:func:`start_gateway` / :func:`~broker_plugin.coap_transport.harden`).
+  deduplication (:func:`start_gateway` / :func:`~broker_plugin.coap_transport.harden`),
+  and datagrams from addresses without a session are decoded only within a budget
+  (:meth:`TesseraSite.admit_datagram`), so devices with sessions are served during a
+  flood.
 * Session keys are erased on schedule: a timer re-armed to each session's
   ``next_deadline_at`` calls ``poll`` (no request needed).
 
@@ -229,10 +232,10 @@ class GatewayLimits:
     #: no session with this gateway, in total and per source address; the rest are
     #: dropped before aiocoap spends anything on them. Keep the total below what the
     #: gateway can answer, so that devices with sessions are served during a flood.
-    preauth_rate: float = 1500.0
-    preauth_burst: float = 3000.0
-    preauth_rate_per_source: float = 150.0
-    preauth_burst_per_source: float = 300.0
+    preauth_rate: float = 1000.0
+    preauth_burst: float = 2000.0
+    preauth_rate_per_source: float = 100.0
+    preauth_burst_per_source: float = 200.0
     #: how long an address counts as holding a session after its last proven request
     known_for: float = 600.0
 
@@ -446,7 +449,7 @@ class TesseraSite(interfaces.Resource, resource.PathCapable):  # type: ignore[mi
             Limits(per_owner=1, per_owner_bytes=1, total=65536, total_bytes=65536,
                    idle=lim.known_for))
         self._buckets: BoundedTable[str, TokenBucket] = BoundedTable(
-            Limits(per_owner=1, per_owner_bytes=1, total=4096, total_bytes=4096, idle=10.0))
+            Limits(per_owner=1, per_owner_bytes=1, total=1024, total_bytes=1024, idle=10.0))
         self._preauth = TokenBucket(lim.preauth_rate, lim.preauth_burst, self.clock())
 
     @property
@@ -493,12 +496,19 @@ class TesseraSite(interfaces.Resource, resource.PathCapable):  # type: ignore[mi
         self.stats["dropped:preauth_budget"] += 1
         return False
 
-    def _known_source(self, request: aiocoap.Message, now: float) -> None:
+    def _known_source(self, peer: CoapPeer, request: aiocoap.Message, now: float) -> None:
+        """The request's address holds a session: admit its datagrams (refreshed at
+        most every 10 s per session and address)."""
         sockaddr = getattr(request.remote, "sockaddr", None)
-        if sockaddr:
-            host = str(sockaddr[0])
-            if self._known.get(host, now, touch=True) is None and host not in self._known:
-                self._known.put(host, host, None, 1, now)
+        if not sockaddr:
+            return
+        host = str(sockaddr[0])
+        if peer.extra.get("known") == host and now < peer.extra.get("known_until", 0.0):
+            return
+        if self._known.get(host, now, touch=True) is None and host not in self._known:
+            self._known.put(host, host, None, 1, now)
+        peer.extra["known"] = host
+        peer.extra["known_until"] = now + 10.0
 
     def _attach_remote(self, remote: Any) -> None:
         found = interface_of(remote)
@@ -744,7 +754,7 @@ class TesseraSite(interfaces.Resource, resource.PathCapable):  # type: ignore[mi
         except TesseraError as exc:
             return self.refuse(request, codes.UNAUTHORIZED, exc.reason, exc.detail, peer=peer)
         peer.requests += 1
-        self._known_source(request, now)
+        self._known_source(peer, request, now)
         return await self._authorized(pipe, request, peer, header, path, verified.payload)
 
     async def _block(
@@ -787,7 +797,7 @@ class TesseraSite(interfaces.Resource, resource.PathCapable):  # type: ignore[mi
         except TesseraError as exc:
             return self.refuse(request, codes.UNAUTHORIZED, exc.reason, exc.detail, peer=peer)
         peer.requests += 1
-        self._known_source(request, now)
+        self._known_source(peer, request, now)
         if block1.block_number == 0:
             if not block1.more:
                 return await self._authorized(pipe, request, peer, header, path,
@@ -1028,6 +1038,7 @@ class TesseraSite(interfaces.Resource, resource.PathCapable):  # type: ignore[mi
             "pending_bytes": hs.pending.bytes,
             "dedup_unproven": sum(len(s.unproven) for s in self.dedup),
             "dedup_unproven_bytes": sum(s.unproven.bytes for s in self.dedup),
+            "admission_buckets": len(self._buckets),
         }
         return out
 

@@ -136,8 +136,10 @@ class BoundedDedup:
         key = (message.remote, message.mid)
         now = self.clock()
         for table in (self.proven, self.unproven):
-            stored = table.get(key, now)
             if key in table:
+                stored = table.get(key, now)
+                if key not in table:  # it had expired
+                    break
                 if message.mtype is aiocoap.CON and stored is not None:
                     self.manager._send_via_transport(stored.message())
                 return True
@@ -147,22 +149,22 @@ class BoundedDedup:
     def store(self, message: Any) -> None:
         """aiocoap's ``_store_response_for_duplicates``."""
         key = (message.remote, message.mid)
-        if key not in self.unproven:
+        unproven = self.unproven
+        owner = unproven.owner_of(key)
+        if owner is None:
             return
-        now = self.clock()
-        owner = self.unproven.owner_of(key) or source_of(message.remote)
-        if message.code is not None and message.code.class_ in (4, 5) and not (
-            self.is_proven(message)
-        ):
-            self.unproven.pop(key)
+        proven = self.is_proven(message)
+        if not proven and message.code is not None and message.code.class_ in (4, 5):
+            unproven.pop(key)
             return
         stored = _Stored(message)
         cost = ENTRY_COST + len(stored.datagram)
-        if self.is_proven(message):
-            self.unproven.pop(key)
+        now = self.clock()
+        if proven:
+            unproven.pop(key)
             self.proven.put(key, owner, stored, cost, now)
         else:
-            self.unproven.put(key, owner, stored, cost, now)
+            unproven.put(key, owner, stored, cost, now)
 
     def expire(self, now: float | None = None) -> None:
         now = self.clock() if now is None else now
