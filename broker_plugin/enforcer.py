@@ -96,6 +96,7 @@ import ipaddress
 import json
 import os
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -111,6 +112,7 @@ from broker_plugin.stepup import (
     LRU,
     NEW_NETWORK,
     RATE_SPIKE,
+    RESYNC_TOPIC,
     SENSITIVE_TOPIC,
     STEP_UP_TOPIC,
     Challenge,
@@ -158,6 +160,8 @@ RC_IMPLEMENTATION_SPECIFIC = 0x83
 # Reasons a rejected PUBLISH maps to, for QoS 1/2 publishers (PUBACK/PUBREC reason).
 _PUBLISH_RC = {
     Reason.NOT_AUTHORIZED: RC_NOT_AUTHORIZED,
+    Reason.EPOCH_OUT_OF_WINDOW: RC_NOT_AUTHORIZED,
+    Reason.REPLAYED: RC_NOT_AUTHORIZED,
     Reason.CREDENTIAL_REVOKED: RC_NOT_AUTHORIZED,
     Reason.CREDENTIAL_EXPIRED: RC_NOT_AUTHORIZED,
 }
@@ -206,11 +210,20 @@ class Client:
     step_ups: dict[Any, Any] = field(default_factory=dict)
     #: the session's receive direction is in the broker's C fast lane
     fast: bool = False
+    #: when this session was last asked to re-handshake (tessera/resync)
+    resync_at: float = float("-inf")
 
 
 DEFAULT_DIRECT = ("devices/{id}/commands/#",)
 #: replaced sessions kept per connection (rotations faster than this lose the oldest)
 MAX_PREVIOUS = 4
+#: session ids remembered per identity (its newest sessions, over all its connections),
+#: so a message under one of its own older sessions is told from a foreign session id
+RECENT_SESSIONS = 16
+#: refusals that say nothing against the sender when they concern one of its own
+#: confirmed sessions: a clock that drifted or stepped (epoch), a message seen already
+#: (a retransmission), a session that ended under a message still in flight
+_HONEST = frozenset({Reason.EPOCH_OUT_OF_WINDOW, Reason.REPLAYED, Reason.SESSION_EXPIRED})
 _UNKNOWN = object()
 _STEP_UP_CACHE = 256  # topics remembered per connection
 
@@ -414,6 +427,8 @@ class Enforcer:
         self.rates: LRU = LRU(s.max_identities)
         self._failures: LRU = LRU(s.max_identities)
         self._rejected: LRU = LRU(s.max_identities)
+        #: identity URI -> its newest session ids (RECENT_SESSIONS of them)
+        self._recent_sessions: LRU = LRU(s.max_identities)
         #: quarantined identity URI -> monotonic time it is released
         self.quarantined: dict[str, float] = {}
         self._params: tuple[bytes, SessionParams] | None = None
@@ -501,7 +516,10 @@ class Enforcer:
         return MOSQ_ERR_AUTH
 
     def _revoked(self, credential: Credential) -> bool:
-        return _serial(credential) in self.revoked_serials
+        """Revoked if any certificate of its chain is: revoking an intermediate revokes
+        every credential issued under it."""
+        revoked = self.revoked_serials
+        return bool(revoked) and any(serial in revoked for serial in credential.serials)
 
     def _refused(self, client_id: str, address: str, exc: TesseraError, *, stage: str,
                  reauth: bool, now: float) -> AuthAnswer:
@@ -668,6 +686,8 @@ class Enforcer:
             # confirmed: from now on the C fast lane verifies this session
             client.fast = self.fast.adopt(client_id, session)
         self.clients[client_id] = client
+        self._recent_sessions.touch(identity.uri, lambda: deque(maxlen=RECENT_SESSIONS)
+                                    ).append(session.session_id)
         self._arm(client, now)
         heapq.heappush(self._expiries, (client.not_after, self._timer_serial, client_id,
                                         session))
@@ -894,7 +914,8 @@ class Enforcer:
                 verified = session.verify(header, topic.encode(), payload[:cut], now)
                 self.metrics.verify_seconds.observe(timer() - t0)
         except TesseraError as exc:
-            return self._reject(client, client_id, topic, exc.reason, exc.detail, now)
+            return self._reject(client, client_id, topic, exc.reason, exc.detail, now,
+                                session=session, sid=header[1:9])
         return self._after_verify(client, client_id, topic, verified.payload, now, old)[0]
 
     def verified(self, client_id: str, topic: str, payload: bytes,
@@ -915,7 +936,11 @@ class Enforcer:
             why = Reason[reason.upper()]
         except KeyError:
             why = Reason.MALFORMED
-        return self._reject(self.clients.get(client_id), client_id, topic, why, detail, now)
+        client = self.clients.get(client_id)
+        # the fast lane holds only a client's current session and passes every other
+        # session id to message(): its refusals concern that session
+        return self._reject(client, client_id, topic, why, detail, now,
+                            session=client.session if client is not None else None)
 
     def _after_verify(self, client: Client, client_id: str, topic: str, payload: bytes,
                       now: float, old: Session | None) -> tuple[MessageAnswer, bool]:
@@ -997,18 +1022,38 @@ class Enforcer:
 
     def _reject(
         self, client: Client | None, client_id: str, topic: str, reason: Reason, detail: str,
-        now: float | None = None,
+        now: float | None = None, *, session: Session | None = None, sid: bytes | None = None,
     ) -> MessageAnswer:
+        """Drop a PUBLISH. ``session``: the sender's own confirmed session its proof was
+        checked under (None: none was); ``sid``: the session id its header names.
+
+        What counts toward quarantine: forgeries and garbage (``bad_tag``, ``malformed``,
+        a foreign session id, a topic the policy denies...). What does not: a refusal
+        for the epoch, a replay of an accepted sequence number or a session that ended,
+        under one of the sender's own sessions, and a message naming one of its own
+        older sessions: a drifting or stepped clock, a retransmission (a QoS 2 DUP
+        before PUBREL, a QoS 1 DUP after a reconnect) or a message in flight across a
+        re-handshake, none an attack. A refusal for the epoch on the current session
+        also asks the device to re-handshake (:meth:`_ask_resync`)."""
         name = reason.name.lower()
+        honest = client is not None and (
+            (session is not None and reason in _HONEST)
+            or (reason is Reason.UNKNOWN_SESSION and sid is not None
+                and sid in self._recent_sessions.get(client.identity.uri, ())))
+        resync = False
+        if client is not None and reason is Reason.EPOCH_OUT_OF_WINDOW \
+                and session is client.session and now is not None:
+            resync = self._ask_resync(client, now)
         self.audit("message_rejected", client_id=client_id,
                    identity=client.identity.uri if client else None,
                    session=client.session.session_id.hex() if client else None,
-                   topic=topic, reason=name, detail=detail)
+                   topic=topic, reason=name, detail=detail, counted=not honest,
+                   resync=resync)
         self._rejection_counted(name, reason)
         if client is not None:
             client.rejections += 1
             s = self.settings
-            if now is not None and s.quarantine_rejections > 0:
+            if not honest and now is not None and s.quarantine_rejections > 0:
                 counter: Counter = self._rejected.touch(client.identity.uri, Counter)
                 if counter.add(now, s.quarantine_window_s) >= s.quarantine_rejections:
                     self._quarantine(client.identity.uri, now, "rejected_messages",
@@ -1016,6 +1061,27 @@ class Enforcer:
         rc = _PUBLISH_RC.get(reason, RC_NOT_AUTHORIZED if reason is Reason.NOT_AUTHORIZED
                              else RC_PAYLOAD_FORMAT_INVALID)
         return MessageAnswer(MOSQ_ERR_ACL_DENIED, None, rc, f"tessera: {name}")
+
+    def _ask_resync(self, client: Client, now: float) -> bool:
+        """Ask ``client`` to re-handshake: a message of its current session was refused
+        for its epoch, so its clock and ours disagree by more than the window. The ask
+        is a small proven QoS 0 message on ``tessera/resync`` (``{"reason":
+        "epoch_out_of_window", "session": hex}``, the refused session), at most one per
+        session per ``resync_interval_s``. Mosquitto 2.0.x gives QoS 1/2 publishers a
+        bare PUBACK/PUBREC 0x87 (it drops a plugin's reason string), so this message is
+        how every publisher learns why. The device may not be able to verify it (its
+        clock is the problem): a refusal for the epoch on a delivery is a reason to
+        re-handshake too (device/mqtt.py). True if the request was queued."""
+        if now - client.resync_at < self.settings.resync_interval_s:
+            return False
+        client.resync_at = now
+        body = json.dumps({"reason": "epoch_out_of_window",
+                           "session": client.session.session_id.hex()},
+                          separators=(",", ":")).encode()
+        sent = self._send(client, RESYNC_TOPIC, body, now, qos=0)
+        if sent:
+            self.count("resync_requests", "")
+        return sent
 
     # -- step-up -----------------------------------------------------------------------
     def _request(
@@ -1128,8 +1194,7 @@ class Enforcer:
         """Apply a revocation event: refuse these credentials from now on and close
         the connections that use them (at the next tick)."""
         self.revoked_serials.update(s.lower() for s in cert_serials)
-        doomed = [c.client_id for c in self.clients.values()
-                  if c.cert_serial in self.revoked_serials]
+        doomed = [c.client_id for c in self.clients.values() if self._revoked(c.credential)]
         for client_id in doomed:
             client = self.clients[client_id]
             if client.fast:  # refuse its messages now, not only after the kick

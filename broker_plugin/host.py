@@ -82,10 +82,14 @@ switches ``on``/``off``:
     quarantine_failures          3   failed step-ups within the window that quarantine
                                      an identity (0: never)
     quarantine_rejections      500   rejected messages within the window that do (0:
-                                     never)
+                                     never); refusals for the epoch, replays of an
+                                     accepted sequence number and messages under the
+                                     device's own older sessions never count
     quarantine_window_s        300
     quarantine_s               600   how long a quarantine lasts (kick, handshakes
                                      refused)
+    resync_interval_s            1   at most one tessera/resync request (re-handshake,
+                                     your clock drifted) per session this often
 
 SIGHUP (``on_reload``): the policy is re-read; if its digest changed, every live session
 is asked to step up. The bundle and the broker credential are re-read too; if either
@@ -160,6 +164,7 @@ _SETTINGS: dict[str, tuple[str, str, float]] = {
     "quarantine_rejections": ("quarantine_rejections", "count", 0),
     "quarantine_window_s": ("quarantine_window_s", "seconds", 0.1),
     "quarantine_s": ("quarantine_s", "seconds", 0.0),
+    "resync_interval_s": ("resync_interval_s", "seconds", 0.0),
 }
 
 

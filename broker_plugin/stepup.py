@@ -58,6 +58,9 @@ from structauth.errors import ProtocolError, Reason, TesseraError
 from structauth.wire import Reader
 
 STEP_UP_TOPIC = "tessera/step-up"
+#: the broker asks a device to re-handshake because one of its messages was refused for
+#: its epoch (clock drift or a step): proven under the device's session, QoS 0
+RESYNC_TOPIC = "tessera/resync"
 QUOTE_MAGIC = b"TQ1"
 
 # triggers (audit field ``trigger``)
@@ -122,6 +125,9 @@ class StepUpSettings:
     quarantine_rejections: int = 500
     quarantine_window_s: float = 300.0
     quarantine_s: float = 600.0
+    #: at most one ``tessera/resync`` request per session this often (a device whose
+    #: messages are refused for their epoch is asked to re-handshake)
+    resync_interval_s: float = 1.0
 
 
 @dataclass
