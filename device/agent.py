@@ -9,6 +9,12 @@ What it does on its own:
   device's TPM or PKCS#11 key, and verifies what the broker proves to it;
 * re-authenticates inside the live connection before the session lifetime ends (an
   MQTT 5 AUTH exchange, make-before-break), or reconnects where that fails;
+* resynchronises when its clock and the broker's disagree (drift, a step): the broker
+  refuses a message for its epoch and asks on ``tessera/resync``, a delivery fails its
+  epoch check here, or the session cannot prove a message any more (keys of the epoch
+  erased); the agent then re-handshakes in the live connection and resends every QoS
+  1/2 message the broker refused or that was never sent, proven under the new session
+  (device/mqtt.py, ``resync_on_refusal``);
 * renews its operational credential with the provisioning service once two thirds of
   its lifetime have passed, and uses it from the next handshake on;
 * reconnects with exponential backoff and jitter when the broker goes away, and keeps a
@@ -52,7 +58,7 @@ _SECTIONS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "device": {"state_dir": str},
     "mqtt": {"host": str, "port": int, "tls_cafile": str, "broker_identity": str,
              "keepalive_s": int},
-    "session": {"rehandshake_margin_s": (int, float)},
+    "session": {"rehandshake_margin_s": (int, float), "resync_min_interval_s": (int, float)},
     "buffer": {"max_messages": int},
     "reconnect": {"initial_s": (int, float), "max_s": (int, float)},
     "renewal": {"enabled": bool, "provisioner": str, "cafile": str, "at_fraction": float},
@@ -71,6 +77,8 @@ class AgentConfig:
     tls_cafile: str | None = None
     keepalive_s: int = 30
     rehandshake_margin_s: float = 300.0
+    #: unproven signs of clock disagreement re-handshake at most this often
+    resync_min_interval_s: float = 1.0
     buffer_max: int = 1000
     backoff_initial_s: float = 1.0
     backoff_max_s: float = 60.0
@@ -135,6 +143,7 @@ class AgentConfig:
             broker_identity=broker_identity,
             keepalive_s=get("mqtt", "keepalive_s", 30),
             rehandshake_margin_s=float(get("session", "rehandshake_margin_s", 300)),
+            resync_min_interval_s=float(get("session", "resync_min_interval_s", 1)),
             buffer_max=get("buffer", "max_messages", 1000),
             backoff_initial_s=float(get("reconnect", "initial_s", 1)),
             backoff_max_s=float(get("reconnect", "max_s", 60)),
@@ -153,6 +162,8 @@ class AgentConfig:
             (not 0.1 <= config.renew_at_fraction <= 0.95, "renewal.at_fraction must be 0.1..0.95"),
             (config.heartbeat_interval_s <= 0, "heartbeat.interval_s must be > 0"),
             (config.rehandshake_margin_s < 0, "session.rehandshake_margin_s must be >= 0"),
+            (not 0 <= config.resync_min_interval_s <= 3600,
+             "session.resync_min_interval_s must be 0..3600"),
         ]
         for bad, why in problems:
             if bad:
@@ -177,6 +188,11 @@ class AgentStats:
     buffered_dropped: int = 0
     published: int = 0
     step_ups_on_connect: int = 0  # step-ups answered by a reconnect carrying the nonce
+    #: of connections already closed (Agent.totals() adds the live one's)
+    resyncs: int = 0  # re-handshakes to resynchronise clocks
+    resent: int = 0  # refused or unsent QoS 1/2 messages resent under a newer session
+    refused_dropped: int = 0  # refused for another reason than the clock: given up
+    requeued: int = 0  # not acknowledged when a connection closed: sent again on the next
     last_error: str = ""
     errors: list[str] = field(default_factory=list)
 
@@ -185,7 +201,9 @@ class Agent:
     """The agent and its SDK: ``start()``, ``publish()``, ``subscribe()``, ``stop()``."""
 
     def __init__(self, config: AgentConfig, *, client_factory: Any = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, signer: Any = None) -> None:
+        """``clock``: the monotonic clock the sessions run on (given to the MQTT client);
+        ``signer``: the device key, instead of opening the one its state names."""
         from device.mqtt import TesseraMqttClient
 
         self.config = config
@@ -201,7 +219,8 @@ class Agent:
         self._lock = threading.RLock()
         self._buffer: collections.deque[tuple[str, bytes, int, bool]] = collections.deque()
         self._subscriptions: list[_Subscription] = []
-        self._signer: Any = None
+        self._signer: Any = signer
+        self._own_signer = signer is None  # opened (and closed) here
         self._tpm: Any = None  # the TpmBackend of a TPM-backed device
         self._quote_fn: Callable[[bytes], bytes] | None = None
         #: a step-up a lost connection left unanswered, and until when (self.clock) the
@@ -266,7 +285,7 @@ class Agent:
         if self._thread is not None:
             self._thread.join(timeout=15)
         self._disconnect()
-        if self._signer is not None:
+        if self._signer is not None and self._own_signer:
             getattr(self._signer, "close", lambda: None)()
         if self._tpm is not None:
             self._tpm.close()
@@ -274,6 +293,8 @@ class Agent:
     def _open_key(self) -> None:
         """The device key; for a TPM, also the quote function step-ups need, on the same
         TPM connection (one backend: a TPM behind a socket serves one connection)."""
+        if not self._own_signer:
+            return
         settings = self.state.settings
         if settings["backend"] != "tpm":
             self._signer = self.state.signer()
@@ -313,6 +334,38 @@ class Agent:
                 client.close()
             except Exception as exc:  # a dead connection may fail to close; that is fine
                 log.debug("close: %s", exc)
+            self._retire(client)
+
+    def _retire(self, client: Any) -> None:
+        """A closed connection: its counts into the stats, and what the broker never
+        accepted back to the front of the buffer, for the next connection."""
+        stats = self.stats
+        stats.resyncs += getattr(client, "resyncs", 0)
+        stats.resent += getattr(client, "resent", 0)
+        stats.refused_dropped += getattr(client, "refused_dropped", 0)
+        take = getattr(client, "unacknowledged", None)
+        if take is None:
+            return
+        kept = take()
+        with self._lock:
+            for out in reversed(kept):
+                self._buffer.appendleft((out.topic, out.payload, out.qos, out.retain))
+            stats.requeued += len(kept)
+            while len(self._buffer) > max(self.config.buffer_max, len(kept)):
+                self._buffer.pop()  # the newest beyond the bound: never what was in flight
+                stats.buffered_dropped += 1
+
+    def totals(self) -> AgentStats:
+        """The stats with the live connection's counts added."""
+        import dataclasses
+
+        client = self.client
+        return dataclasses.replace(
+            self.stats,
+            resyncs=self.stats.resyncs + getattr(client, "resyncs", 0),
+            resent=self.stats.resent + getattr(client, "resent", 0),
+            refused_dropped=self.stats.refused_dropped + getattr(client, "refused_dropped", 0),
+            errors=list(self.stats.errors))
 
     def _connect(self) -> None:
         credential = self.state.credential()
@@ -321,7 +374,10 @@ class Agent:
             host=self.config.host, port=self.config.port,
             broker=Identity.parse(self.config.broker_identity),
             tls_cafile=self.config.tls_cafile, keepalive=self.config.keepalive_s,
+            clock=self.clock,
         )
+        if hasattr(client, "resync_min_interval_s"):
+            client.resync_min_interval_s = self.config.resync_min_interval_s
         context, quote = self._step_up_answer()
         if context:
             try:
@@ -347,17 +403,35 @@ class Agent:
         client.client.on_disconnect = lost
         if hasattr(client, "answer_step_ups"):
             client.answer_step_ups(self._quote_fn)
+        if hasattr(client, "resync_on_refusal"):
+            client.resync_on_refusal(self._flush)
         with self._lock:
             self.client = client
             for sub in self._subscriptions:
                 client.subscribe(sub.topic, sub.callback, sub.qos, proven=sub.proven)
             # what was kept offline goes first, in order, before anything new
-            while self._buffer:
-                topic, payload, qos, retain = self._buffer.popleft()
-                client.publish(topic, payload, qos=qos, retain=retain)
-                self.stats.published += 1
+            self._flush_locked(client)
             self._lost.clear()
             self.connected.set()
+
+    def _flush(self) -> None:
+        """Send what was buffered while the connection could not prove (after a
+        resynchronisation or a re-handshake)."""
+        with self._lock:
+            client = self.client
+            if client is not None and self.connected.is_set():
+                self._flush_locked(client)
+
+    def _flush_locked(self, client: Any) -> None:
+        while self._buffer:
+            topic, payload, qos, retain = self._buffer[0]
+            try:
+                client.publish(topic, payload, qos=qos, retain=retain)
+            except TesseraError as exc:  # kept, in order, for the next resync
+                log.info("buffered messages wait: %s", exc)
+                return
+            self._buffer.popleft()
+            self.stats.published += 1
 
     def _keep_step_up(self, client: Any) -> None:
         """Keep the step-up request ``client`` (a connection being dropped) received and
@@ -443,6 +517,8 @@ class Agent:
         except TesseraError as exc:
             self._note(f"re-handshake: {exc}")
             self.connected.clear()
+            return
+        self._flush()
 
     def _maybe_renew(self) -> None:
         if not self.config.renew:

@@ -76,9 +76,18 @@ log = logging.getLogger("tessera.agent.mqtt")
 
 AUTH_METHOD = "tessera-sa1"
 STEP_UP_TOPIC = "tessera/step-up"
+#: the broker asks for a re-handshake: a message of ours was refused for its epoch
+RESYNC_TOPIC = "tessera/resync"
+#: the reason string of a PUBACK/PUBREC refusing a message for its epoch, from a broker
+#: that passes a plugin's reason string on (Mosquitto 2.0.x sends a bare 0x87)
+EPOCH_REFUSAL = "tessera: epoch_out_of_window"
+#: what a re-handshake cures when protect() raises it
+_RESYNC_REASONS = frozenset({Reason.EPOCH_OUT_OF_WINDOW, Reason.SESSION_EXPIRED,
+                             Reason.SEQUENCE_EXHAUSTED})
 
 # MQTT 5 control packet types (upper nibble) and AUTH reason codes
 PACKET_CONNACK = 0x20
+PACKET_PUBREC = 0x50
 PACKET_AUTH = 0xF0
 RC_SUCCESS = 0x00
 RC_CONTINUE_AUTHENTICATION = 0x18
@@ -183,6 +192,23 @@ class StepUpRequest:
         return cls(nonce, quote, reason, deadline, now)
 
 
+@dataclass
+class Outgoing:
+    """A QoS 1/2 message published through :meth:`TesseraMqttClient.publish` that the
+    broker has not accepted (yet): kept until its PUBACK/PUBCOMP, and after a refusal
+    until it is resent under a newer session or given up."""
+
+    topic: str
+    payload: bytes  # without the proof: a resend is proven afresh
+    qos: int
+    retain: bool
+    #: the session it was proven under (b"": not sent)
+    session_id: bytes
+    resends: int = 0
+    refused_at: float = 0.0
+    reason: str = ""
+
+
 class _Reauth:
     """One re-authentication: msg1 sent (AUTH 0x19), then msg3 sent, then done."""
 
@@ -206,6 +232,9 @@ class _AuthClient(mqtt.Client):
     next AUTH is queued with ``release``."""
 
     auth_handler: Callable[[int, bytes], int] | None = None
+    #: a PUBREC with a failure reason: (packet id, reason code, reason string). paho
+    #: ignores PUBREC reason codes (it sends PUBREL anyway and reports the PUBCOMP's)
+    pubrec_handler: Callable[[int, int, str], None] | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._gate = threading.Lock()
@@ -215,6 +244,16 @@ class _AuthClient(mqtt.Client):
 
     def _packet_handle(self) -> Any:
         command = self._in_packet["command"] & 0xF0
+        if command == PACKET_PUBREC and self.pubrec_handler is not None:
+            body = bytes(self._in_packet["packet"])
+            if len(body) >= 3 and body[2] >= 0x80:
+                text = ""
+                if len(body) > 3:
+                    with contextlib.suppress(Exception):  # paho's own property errors
+                        props = Properties(PacketTypes.PUBREC)
+                        props.unpack(body[3:])
+                        text = str(getattr(props, "ReasonString", "") or "")
+                self.pubrec_handler(struct.unpack("!H", body[:2])[0], body[2], text)
         handler = self.auth_handler
         if handler is not None and (command == PACKET_AUTH or (
                 command == PACKET_CONNACK and self.is_connected())):
@@ -275,6 +314,14 @@ class TesseraMqttClient:
     rotation_grace_s: float = 30.0
     #: replaced sessions kept (newest last)
     max_previous: int = 4
+    #: resynchronisation (:meth:`resync_on_refusal`): re-handshakes on an unproven
+    #: sign (a delivery refused for its epoch, a PUBACK reason string) at most this
+    #: often; a refused message is resent at most ``max_resends`` times, and one refused
+    #: under the current session with no resync following is given up after
+    #: ``refusal_hold_s`` (a refusal that was not about the clock: the topic is denied)
+    resync_min_interval_s: float = 1.0
+    max_resends: int = 3
+    refusal_hold_s: float = 10.0
 
     def __init__(
         self,
@@ -290,6 +337,7 @@ class TesseraMqttClient:
         wall_clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
         client_id: str | None = None,
         keepalive: int = 60,
+        revoked: Callable[[Credential], bool] | None = None,
     ) -> None:
         if not isinstance(broker, Identity) or broker.kind != "broker":
             raise MqttError(f"broker must be the broker's Identity (spiffe://<trust domain>/"
@@ -324,6 +372,34 @@ class TesseraMqttClient:
         self.step_ups_failed = 0
         self.reauthentications = 0
         self._quote_fn: Callable[[bytes], bytes] | None = None
+        #: the broker's credential is checked against this in every handshake (True:
+        #: revoked, any certificate of its chain); None: no revocation source
+        self.revoked = revoked
+        # -- resynchronisation and QoS 1/2 tracking (resync_on_refusal) --
+        #: for the client's own timers (hold, rate limit): not the protocol clock
+        self.timer: Callable[[], float] = time.monotonic
+        self._track = threading.Lock()  # never taken around a paho call
+        self._inflight: dict[int, Outgoing] = {}  # by packet id, until PUBACK/PUBCOMP
+        self._early: dict[int, tuple[bool, str]] = {}  # acks that beat publish() back
+        self._pubrec_refused: dict[int, str] = {}
+        self._parked: list[Outgoing] = []  # refused, waiting for a resync or given up
+        self._resync_cause: str | None = None
+        self._deferred: str | None = None  # a request the rate limit held back
+        self._resyncing = False
+        self._last_resync = float("-inf")
+        self._wake = threading.Event()
+        self._worker: threading.Thread | None = None
+        self._closing = False
+        #: called (on the resync thread) after each resynchronisation attempt
+        self.on_resynced: Callable[[], None] | None = None
+        self.resyncs = 0  # re-handshakes done to resynchronise
+        self.resync_failures = 0
+        self.resync_requests: dict[str, int] = {}  # by cause, acted on or not
+        self.resyncs_suppressed = 0  # unproven requests inside the rate limit
+        self.resync_ignored = 0  # tessera/resync messages that did not verify
+        self.acked = 0  # QoS 1/2 messages the broker accepted
+        self.resent = 0
+        self.refused_dropped = 0  # refused and given up
         self.client = _AuthClient(
             CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv5
         )
@@ -332,7 +408,10 @@ class TesseraMqttClient:
             self.client.tls_set(ca_certs=tls_cafile)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
+        self.client.on_publish = self._on_publish
+        self.client.pubrec_handler = self._on_pubrec_refused
         self.client.message_callback_add(STEP_UP_TOPIC, self._on_step_up_message)
+        self.client.message_callback_add(RESYNC_TOPIC, self._on_resync_message)
 
     # -- connection ------------------------------------------------------------
     def _new_initiator(self) -> Initiator:
@@ -496,7 +575,8 @@ class TesseraMqttClient:
             return MQTTErrorCode.MQTT_ERR_PROTOCOL
         now = self.clock()
         try:
-            done = waiter.initiator.receive(data, now, TimePolicy.trusted(self.wall_clock()))
+            done = waiter.initiator.receive(data, now, TimePolicy.trusted(self.wall_clock()),
+                                            revoked=self.revoked)
         except TesseraError as exc:
             self._reauth = None
             self.client.drop_held()
@@ -528,7 +608,8 @@ class TesseraMqttClient:
                 raise MqttError(f"AUTH reason {reason:#04x}, method {method!r}, "
                                 f"{'with' if data else 'without'} data: not SA1 msg2",
                                 Reason.MALFORMED)
-            done = initiator.receive(data, self.clock(), TimePolicy.trusted(self.wall_clock()))
+            done = initiator.receive(data, self.clock(), TimePolicy.trusted(self.wall_clock()),
+                                     revoked=self.revoked)
         except TesseraError as exc:
             self._fail_connect(exc)
             return MQTTErrorCode.MQTT_ERR_PROTOCOL
@@ -601,11 +682,220 @@ class TesseraMqttClient:
         return body + header
 
     def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> Any:
+        """Prove and send one message; paho's MQTTMessageInfo. QoS 1/2 messages are
+        tracked until the broker accepts them (see :meth:`resync_on_refusal`). If the
+        session cannot prove it (keys of this epoch erased because the clock went back,
+        session over because it jumped ahead), a resynchronisation is requested and the
+        error raised: nothing was sent."""
+        return self._send_tracked(topic, payload, qos, retain, 0)
+
+    def _send_tracked(self, topic: str, payload: bytes, qos: int, retain: bool,
+                      resends: int) -> Any:
         # proven and queued under the lock the session swap takes, so nothing proven
         # under an old session is queued after a newer session's first message
         with self._lock:
-            return self.client.publish(topic, self.proven(topic, payload), qos=qos,
-                                       retain=retain)
+            try:
+                wire = self.proven(topic, payload)
+            except TesseraError as exc:
+                if exc.reason in _RESYNC_REASONS and self.session is not None:
+                    self.request_resync(f"protect_{exc.reason.name.lower()}", local=True)
+                raise
+            assert self.session is not None
+            sid = self.session.session_id
+            info = self.client.publish(topic, wire, qos=qos, retain=retain)
+        if qos:
+            out = Outgoing(topic, payload, qos, retain, sid, resends)
+            if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                out.session_id = b""  # not sent: resent after the next resync
+                self._refused(out, f"not sent: {mqtt.error_string(info.rc)}")
+            else:
+                with self._track:
+                    early = self._early.pop(info.mid, None)
+                    if early is None:
+                        self._inflight[info.mid] = out
+                if early is not None:
+                    self._settled(out, *early)
+        return info
+
+    # -- refusals and resynchronisation ---------------------------------------------
+    def resync_on_refusal(self, on_resynced: Callable[[], None] | None = None) -> None:
+        """Resynchronise by itself from now on (the agent turns this on).
+
+        A message refused for its epoch means the two clocks disagree by more than the
+        session's window (drift, or a step). The client re-handshakes inside the live
+        connection (:meth:`reauthenticate`, make-before-break) when: the broker asks on
+        ``tessera/resync`` naming the current session (proven: acted on at once);
+        protect() cannot prove a message (its keys are gone: local, at once); a
+        delivery the broker proved under the current session is refused here for its
+        epoch, or a PUBACK/PUBREC says ``tessera: epoch_out_of_window`` (unproven: at
+        most once per ``resync_min_interval_s``, so forged signs cost at most that).
+        Then every QoS 1/2 message refused (PUBACK/PUBREC >= 0x80; Mosquitto 2.0.x
+        gives no reason) under an older session, or never sent, is proven again under
+        the new one and resent: a refusal means the broker routed nothing, so a resend
+        is never a duplicate. ``on_resynced`` runs after each attempt (the agent sends
+        what it buffered meanwhile)."""
+        self.on_resynced = on_resynced
+        if self._worker is None:
+            self._worker = threading.Thread(target=self._resync_loop, name="tessera-resync",
+                                            daemon=True)
+            self._worker.start()
+
+    def request_resync(self, cause: str, *, proven: bool = False, local: bool = False
+                       ) -> bool:
+        """Ask for a resynchronisation (done on the resync thread); False if one is
+        already coming or the rate limit holds an unproven request back (it is then
+        done once the limit allows)."""
+        now = self.timer()
+        with self._track:
+            self.resync_requests[cause] = self.resync_requests.get(cause, 0) + 1
+            if self._resyncing or self._resync_cause is not None:
+                return False
+            if not (proven or local) and now - self._last_resync < self.resync_min_interval_s:
+                self.resyncs_suppressed += 1
+                self._deferred = cause
+                return False
+            self._resync_cause = cause
+        self._wake.set()
+        return True
+
+    def unacknowledged(self) -> list[Outgoing]:
+        """Take every QoS 1/2 message not accepted by the broker (in flight, refused,
+        never sent), oldest first: what a new connection must send again. One in
+        flight when the connection died may have been routed (its PUBACK lost): QoS 1
+        is at least once."""
+        with self._track:
+            out = sorted(self._parked, key=lambda o: o.refused_at)
+            out += list(self._inflight.values())
+            self._parked, self._inflight = [], {}
+            self._early.clear()
+        return out
+
+    def _on_pubrec_refused(self, mid: int, code: int, text: str) -> None:
+        with self._track:
+            self._pubrec_refused[mid] = text or f"PUBREC {code:#04x}"
+
+    def _on_publish(self, client: Any, userdata: Any, mid: int, reason_code: Any,
+                    properties: Any) -> None:
+        # paho's network thread, holding paho's message lock: no paho call, no self._lock
+        code = getattr(reason_code, "value", 0) if reason_code is not None else 0
+        text = str(getattr(properties, "ReasonString", "") or "") if properties else ""
+        with self._track:
+            pubrec = self._pubrec_refused.pop(mid, None)
+            out = self._inflight.pop(mid, None)
+            failed = code >= 0x80 or pubrec is not None
+            if pubrec is not None:
+                text = pubrec
+            if out is None:  # publish() has not recorded it yet (or it was QoS 0)
+                self._early[mid] = (failed, text)
+                while len(self._early) > 1024:
+                    self._early.pop(next(iter(self._early)))
+                return
+        self._settled(out, failed, text)
+
+    def _settled(self, out: Outgoing, failed: bool, text: str) -> None:
+        if not failed:
+            with self._track:
+                self.acked += 1
+            return
+        self._refused(out, text or "0x87")
+        if text == EPOCH_REFUSAL:
+            self.request_resync("puback_epoch")
+
+    def _refused(self, out: Outgoing, why: str) -> None:
+        out.refused_at = self.timer()
+        out.reason = why
+        with self._track:
+            self._parked.append(out)
+        session = self.session
+        if session is None or out.session_id != session.session_id:
+            self._wake.set()  # refused under an older session: resend it now
+
+    def _on_resync_message(self, client: Any, userdata: Any, msg: Any) -> None:
+        try:  # a refusal for the epoch here requests a resync itself (open_delivery)
+            data = json.loads(self.open_delivery(msg.topic, bytes(msg.payload)))
+            named = bytes.fromhex(data["session"])
+        except (TesseraError, ValueError, KeyError, TypeError) as exc:
+            self.resync_ignored += 1
+            log.info("tessera/resync not verified: %s", exc)
+            return
+        session = self.session
+        if session is not None and named == session.session_id:
+            self.request_resync("broker", proven=True)
+
+    def _resync_loop(self) -> None:
+        while not self._closing:
+            self._wake.wait(0.25)
+            self._wake.clear()
+            if self._closing:
+                return
+            now = self.timer()
+            with self._track:
+                if (self._resync_cause is None and self._deferred is not None
+                        and now - self._last_resync >= self.resync_min_interval_s):
+                    self._resync_cause, self._deferred = self._deferred, None
+                cause = self._resync_cause
+                if cause is not None:
+                    self._resyncing = True
+            if cause is not None:
+                try:
+                    if self.session is not None and self.client.is_connected():
+                        self.reauthenticate()
+                        self.resyncs += 1
+                        log.info("re-handshook to resynchronise (%s)", cause)
+                except MqttError as exc:
+                    self.resync_failures += 1
+                    log.warning("resynchronisation (%s) failed: %s", cause, exc)
+                finally:
+                    with self._track:
+                        self._resyncing = False
+                        self._resync_cause = self._deferred = None
+                        self._last_resync = self.timer()
+            self._resend_refused()
+            if cause is not None and self.on_resynced is not None:
+                try:
+                    self.on_resynced()
+                except Exception:  # the agent's business; never stop this thread
+                    log.exception("on_resynced failed")
+
+    def _resend_refused(self) -> None:
+        """Resend what was refused under an older session (or never sent); give up on
+        what was refused under the current one and waited ``refusal_hold_s`` for a
+        resync that did not come."""
+        session = self.session
+        if session is None or not self.client.is_connected():
+            return
+        now = self.timer()
+        take: list[Outgoing] = []
+        with self._track:
+            keep = []
+            for out in self._parked:
+                if out.session_id != session.session_id:
+                    take.append(out)
+                elif now - out.refused_at >= self.refusal_hold_s:
+                    self.refused_dropped += 1
+                    log.warning("gave up %s (QoS %d): refused (%s)", out.topic, out.qos,
+                                out.reason)
+                else:
+                    keep.append(out)
+            self._parked = keep
+        for i, out in enumerate(take):
+            if out.resends >= self.max_resends:
+                with self._track:
+                    self.refused_dropped += 1
+                log.warning("gave up %s (QoS %d) after %d resends (%s)", out.topic, out.qos,
+                            out.resends, out.reason)
+                continue
+            try:
+                self._send_tracked(out.topic, out.payload, out.qos, out.retain,
+                                   out.resends + 1)
+            except TesseraError:
+                with self._track:  # not sent: after the next resync, in order
+                    for rest in take[i:]:
+                        rest.session_id = b""
+                    self._parked[:0] = take[i:]
+                return
+            with self._track:
+                self.resent += 1
 
     def open_delivery(self, topic: str, data: bytes) -> bytes:
         """The payload of a message the broker proved to us (``payload || header``
@@ -625,7 +915,15 @@ class TesseraMqttClient:
                     if now >= until:
                         old.close()
                         del self._previous[sid]
-            return session.verify(header, topic.encode(), data[:cut], now).payload
+            try:
+                return session.verify(header, topic.encode(), data[:cut], now).payload
+            except TesseraError as exc:
+                if (exc.reason is Reason.EPOCH_OUT_OF_WINDOW
+                        and session is self.session and header[1:9] == session.session_id):
+                    # our clock and the broker's disagree: unproven (the epoch is read
+                    # before any proof), hence rate-limited
+                    self.request_resync("receive_epoch")
+                raise
 
     def _drop_previous(self) -> None:
         for old, _ in self._previous.values():
@@ -668,6 +966,8 @@ class TesseraMqttClient:
             raise MqttError(f"subscription to {topic} refused: {granted}", Reason.NOT_AUTHORIZED)
 
     def close(self) -> None:
+        self._closing = True
+        self._wake.set()
         self.client.disconnect()
         self.client.loop_stop()
         with self._lock:
