@@ -43,5 +43,11 @@ SUBCOMMANDS: dict[str, Subcommand] = {
             "bench.coap",
             "CoAP requests/s: plain vs Tessera proven/sealed vs OSCORE; first request vs EDHOC",
         ),
+        Subcommand(
+            "drift",
+            "bench.drift",
+            "agents with drifting and stepping clocks through Mosquitto: lost, duplicated, "
+            "quarantined",
+        ),
     )
 }
