@@ -934,7 +934,7 @@ async def _flood_phase(
 
     async def genuine() -> None:
         nonlocal ok, failed
-        while time.monotonic() < end:
+        while device_op is not None and time.monotonic() < end:
             try:
                 await device_op()
                 ok += 1
@@ -977,7 +977,10 @@ async def _flood_run(
     material: dict[str, Any], fleet: Any, device: Any, templates: Any, seconds: float,
     traced: bool,
 ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-    """One flood gateway process, both phases; (idle state, {phase: figures + state})."""
+    """One flood gateway process, both phases; (idle state, {phase: figures + state}).
+    The genuine device sends during the floods only when not ``traced``: the traced
+    run measures what the flood alone leaves (the device's own proven exchanges are
+    post-authentication state)."""
     import aiocoap
 
     from device.coap import TesseraCoapClient
@@ -1007,7 +1010,8 @@ async def _flood_run(
         for tag, hosts in FLOOD_PHASES:
             _progress(f"flood from {len(hosts)} source(s) for {seconds:g} s"
                       + (", gateway traced" if traced else ""))
-            figures = await _flood_phase(hosts, seconds, FLOOD_RATE, templates, device_op)
+            figures = await _flood_phase(hosts, seconds, FLOOD_RATE, templates,
+                                         None if traced else device_op)
             await _drained()
             conn.send("measure")
             out[tag] = {**figures, "state": conn.recv()}
@@ -1074,7 +1078,7 @@ async def _flood(report: Report, seconds: float, quick: bool = False) -> None:
         "uploads with forged proofs, msg1 blocks that open assemblies, undecodable "
         "options, and genuine msg1s captured off the air (accepted once each, then refused "
         "as replays); the gateway has default limits; memory held is tracemalloc's count "
-        "after the flood, in a second run with tracing on"
+        "after the flood, in a second run with tracing on and no genuine device"
     )
 
 
