@@ -19,6 +19,7 @@ import enum
 import hmac
 import math
 import struct
+from collections.abc import Callable
 from hashlib import blake2s
 from typing import Any, NamedTuple
 
@@ -193,6 +194,8 @@ class Session:
         self._send_epoch = 0
         self._recv_floor = 0  # lowest receive epoch whose keys are still kept
         self._flags = VERSION | (FLAG_SEALED if params.sealed else 0)
+        self._accel_poll: Callable[[float], None] | None = None
+        self._accel_release: Callable[[], None] | None = None
 
     # -- time ---------------------------------------------------------------------
     def epoch_at(self, now: float) -> int:
@@ -230,12 +233,33 @@ class Session:
         current = self.epoch_at(now)
         self._erase_receive_keys(current)
         self._erase_send_keys(current)
+        if self._accel_poll is not None:
+            self._accel_poll(now)
         return None
 
     def close(self) -> None:
         self.state = SessionState.CLOSED
         self._send.wipe()
         self._recv.wipe()
+        release, self._accel_release = self._accel_release, None
+        if release is not None:
+            release()
+
+    # -- the optional C accelerator (structauth.accel) ------------------------------
+    def attach_accelerator(
+        self, verify: Callable[[bytes, bytes, bytes, float], MessageVerified],
+        poll: Callable[[float], None], release: Callable[[], None],
+    ) -> None:
+        """Route :meth:`verify` through another verifier that holds this session's
+        receive direction (see :func:`structauth.accel.accelerate`); ``poll`` ages its
+        keys on this session's timer and ``release`` drops them on :meth:`close`."""
+        self.verify = verify  # type: ignore[method-assign,assignment]
+        self._accel_poll = poll
+        self._accel_release = release
+
+    @property
+    def accelerated(self) -> bool:
+        return self._accel_release is not None
 
     def _check_open(self, now: float) -> None:
         if self.state is SessionState.CLOSED:
@@ -367,11 +391,11 @@ class Session:
             self._erase_receive_keys(current)
         if current > self._send_epoch:
             self._erase_send_keys(current)
-        key = self._recv.keys.get(epoch) or self._recv.key(epoch)
         try:
             bound = header[:15] + len(action).to_bytes(2, "big") + action
         except OverflowError:
             raise MalformedMessage("action longer than 65535 bytes", Reason.MALFORMED) from None
+        key = self._recv.keys.get(epoch) or self._recv.key(epoch)
         aead = key.aead
         if aead is None:
             mac = key.mac.copy()

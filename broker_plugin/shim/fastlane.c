@@ -274,10 +274,10 @@ static inline uint32_t be32(const uint8_t *p)
 
 /* --- the per-message path ------------------------------------------------------------ */
 
-static int verify(record *r, const char *topic, size_t tlen, const uint8_t *payload,
-		uint32_t len, double now, fl_result *out)
+/* hdr: the 31-byte header; body: the payload without it (len bytes). */
+static int verify(record *r, const char *topic, size_t tlen, const uint8_t *hdr,
+		const uint8_t *body, uint32_t len, double now, fl_result *out)
 {
-	const uint8_t *hdr = payload + len - HEADER;
 	if(hdr[0] != r->flags || memcmp(hdr + 1, r->sid, 8)) return FL_PASS;
 	int epoch = (int)((uint32_t)hdr[9] << 8 | hdr[10]);
 	int64_t seq = be32(hdr + 11);
@@ -316,13 +316,15 @@ static int verify(record *r, const char *topic, size_t tlen, const uint8_t *payl
 	b2s_update(&s, hdr, PREFIX);
 	b2s_update(&s, n, 2);
 	b2s_update(&s, topic, tlen);
-	b2s_update(&s, payload, len - HEADER);
+	b2s_update(&s, body, len);
 	b2s_final(&s, tag);
 	uint8_t diff = 0;
 	for(int i = 0; i < TAG; i++) diff |= (uint8_t)(tag[i] ^ hdr[PREFIX + i]);
 	if(diff) return reject(out, "bad_tag", "tag does not match");
 	window_commit(r, seq);
-	out->body_len = len - HEADER;
+	out->body_len = len;
+	out->epoch = epoch;
+	out->seq = seq;
 	return FL_VERIFIED;
 }
 
@@ -335,7 +337,7 @@ int fl_message(const char *client_id, const char *topic, const uint8_t *payload,
 		return FL_PASS;
 	}
 	double t0 = g_hist ? fl_monotonic() : 0;
-	int rc = verify(r, topic, tlen, payload, len, now, out);
+	int rc = verify(r, topic, tlen, payload + len - HEADER, payload, len - HEADER, now, out);
 	if(rc == FL_VERIFIED && set_has(&r->pub, topic)){
 		r->routed++;
 		rc = FL_ROUTE;
@@ -646,6 +648,55 @@ static PyObject *fast_message(PyObject *self, PyObject *args)
 	return out;
 }
 
+/* verify_parts(key, header, action, body, now) -> (VERIFIED, epoch, seq) |
+ * (REJECT, reason, detail) | (PASS, None, None): one message of the session opened under
+ * `key`, in the pieces structauth.session.Session.verify takes (the accelerator behind it,
+ * structauth.accel). PASS: not judged here (wrong length, another session or mode, an
+ * action too long for the wire): the caller's Python path gives the precise refusal. */
+static PyObject *fast_verify_parts(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+	(void)self;
+	if(nargs != 5 || !PyUnicode_Check(args[0]) || !PyBytes_Check(args[1])
+			|| !PyBytes_Check(args[2]) || !PyBytes_Check(args[3])){
+		PyErr_SetString(PyExc_TypeError, "verify_parts(key: str, header: bytes, action: bytes, "
+				"body: bytes, now: float)");
+		return NULL;
+	}
+	double now = PyFloat_AsDouble(args[4]);
+	if(now == -1.0 && PyErr_Occurred()) return NULL;
+	const char *key = PyUnicode_AsUTF8(args[0]);
+	if(key == NULL) return NULL;
+	Py_ssize_t hlen = PyBytes_GET_SIZE(args[1]), alen = PyBytes_GET_SIZE(args[2]);
+	Py_ssize_t blen = PyBytes_GET_SIZE(args[3]);
+	record *r = lookup(key);
+	if(r == NULL || !r->session || hlen != HEADER || alen > 0xFFFF || blen > UINT32_MAX){
+		return Py_BuildValue("(iOO)", FL_PASS, Py_None, Py_None);
+	}
+	fl_result res = {0};
+	int rc = verify(r, PyBytes_AS_STRING(args[2]), (size_t)alen,
+			(const uint8_t *)PyBytes_AS_STRING(args[1]),
+			(const uint8_t *)PyBytes_AS_STRING(args[3]), (uint32_t)blen, now, &res);
+	if(rc == FL_VERIFIED) return Py_BuildValue("(iiL)", rc, res.epoch, (long long)res.seq);
+	if(rc == FL_REJECT) return Py_BuildValue("(iss)", rc, res.reason, res.detail);
+	return Py_BuildValue("(iOO)", FL_PASS, Py_None, Py_None);
+}
+
+/* erase(key, now): drop receive keys older than the acceptance window at `now` (the
+ * session's timer calls this, so keys age even when no message arrives). */
+static PyObject *fast_erase(PyObject *self, PyObject *args)
+{
+	const char *key;
+	double now;
+	(void)self;
+	if(!PyArg_ParseTuple(args, "sd:erase", &key, &now)) return NULL;
+	record *r = lookup(key);
+	if(r && r->session){
+		int current = now > r->start ? (int)((now - r->start) / r->period) : 0;
+		if(current - r->w > r->floor) erase_below(r, current - r->w);
+	}
+	Py_RETURN_NONE;
+}
+
 static PyObject *fast_cache_topic(PyObject *self, PyObject *args)
 {
 	const char *cid, *topic;
@@ -697,16 +748,30 @@ static PyMethodDef METHODS[] = {
 	{"tick_soon", fast_tick_soon, METH_NOARGS, "have on_tick() called on the next loop pass"},
 	{"stats", fast_stats, METH_NOARGS, "counts"},
 	{"blake2s", fast_blake2s, METH_VARARGS, "blake2s(key, data, outlen): the C BLAKE2s"},
+	{"verify_parts", (PyCFunction)(void (*)(void))fast_verify_parts, METH_FASTCALL,
+		"verify_parts(key, header, action, body, now)"},
+	{"erase", fast_erase, METH_VARARGS, "erase(key, now): drop keys out of the window"},
 	{NULL, NULL, 0, NULL},
 };
 
+/* The same code is built twice: into the broker plugin as the built-in `tessera_fast`,
+ * and (optionally, by setup.py) as structauth._accel, the accelerator behind
+ * Session.verify for the CoAP gateway and the agent. */
+#ifndef FL_MODULE
+#define FL_MODULE tessera_fast
+#endif
+#define FL_STR2(x) #x
+#define FL_STR(x) FL_STR2(x)
+#define FL_CAT2(a, b) a##b
+#define FL_CAT(a, b) FL_CAT2(a, b)
+
 static struct PyModuleDef MODULE = {
-	PyModuleDef_HEAD_INIT, "tessera_fast",
+	PyModuleDef_HEAD_INIT, FL_STR(FL_MODULE),
 	"The broker's per-message fast lane (see broker_plugin/shim/fastlane.h).", -1, METHODS,
 	NULL, NULL, NULL, NULL,
 };
 
-PyMODINIT_FUNC PyInit_tessera_fast(void)
+PyMODINIT_FUNC FL_CAT(PyInit_, FL_MODULE)(void)
 {
 	PyObject *m = PyModule_Create(&MODULE);
 	if(m && (PyModule_AddIntConstant(m, "PASS", FL_PASS) || PyModule_AddIntConstant(m, "ROUTE", FL_ROUTE)

@@ -36,6 +36,8 @@ typedef struct {
 	const char *reason;     /* Reason name (lower case) for FL_REJECT */
 	char detail[160];       /* human-readable, for the audit log */
 	uint32_t body_len;      /* payload length without the 31-byte proof */
+	int epoch;              /* the verified message's epoch and sequence number */
+	int64_t seq;
 } fl_result;
 
 PyMODINIT_FUNC PyInit_tessera_fast(void);
