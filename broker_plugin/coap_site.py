@@ -63,6 +63,7 @@ from aiocoap.numbers import codes
 from aiocoap.numbers.optionnumbers import OptionNumber
 from aiocoap.optiontypes import OpaqueOption
 
+from structauth import accel
 from structauth.coap_actions import (
     CONFIRM_OPTION_NUMBER,
     HANDSHAKE_PATH,
@@ -402,6 +403,7 @@ class TesseraSite(interfaces.Resource, resource.PathCapable):  # type: ignore[mi
         audit: Callable[..., None] = lambda event, **fields: None,
         count: Callable[[str, str], None] = lambda metric, label: None,
         limits: GatewayLimits | None = None,
+        accelerate: bool = True,
     ) -> None:
         self.inner = inner
         self.responder = responder
@@ -415,6 +417,9 @@ class TesseraSite(interfaces.Resource, resource.PathCapable):  # type: ignore[mi
         self.audit = audit
         self._count = count
         self.limits = limits or GatewayLimits()
+        #: verify tagged sessions in C (structauth.accel) where the extension was built;
+        #: the Python path stays for sealed sessions and for everything C does not judge
+        self.accelerate = accelerate and accel.available()
         #: session id -> peer; one identity may hold several sessions (make-before-break)
         self.sessions: dict[bytes, CoapPeer] = {}
         #: identity URI -> its session ids, oldest first
@@ -707,6 +712,8 @@ class TesseraSite(interfaces.Resource, resource.PathCapable):  # type: ignore[mi
                 continue
             self._drop(old, "replaced by newer confirmed sessions of the same device")
         sid = session.session_id
+        if self.accelerate:
+            accel.accelerate(session)  # False for sealed sessions: they stay in Python
         self.sessions[sid] = peer
         mine.append(sid)
         self._arm(session, now)

@@ -58,6 +58,7 @@ from aiocoap.numbers import codes
 from aiocoap.numbers.optionnumbers import OptionNumber
 from aiocoap.optiontypes import OpaqueOption
 
+from structauth import accel
 from structauth.coap_actions import (
     CONFIRM_OPTION_NUMBER,
     HANDSHAKE_PATH,
@@ -169,6 +170,7 @@ class TesseraCoapClient:
         renew_before: float = 60.0,
         min_handshake_interval: float = 1.0,
         handshake_path: Sequence[str] = HANDSHAKE_PATH,
+        accelerate: bool = True,
     ) -> None:
         if not isinstance(gateway, Identity):
             raise TypeError("gateway: the Identity of the gateway to reach is required")
@@ -183,6 +185,8 @@ class TesseraCoapClient:
         self.renew_before = renew_before
         self.min_handshake_interval = min_handshake_interval
         self.handshake_path = tuple(handshake_path)
+        #: verify the gateway's responses in C (structauth.accel) where it was built
+        self.accelerate = accelerate and accel.available()
         self.session: Session | None = None
         self.handshakes = 0
         #: how often the key-erasure timer ran (tests wait on it)
@@ -299,6 +303,8 @@ class TesseraCoapClient:
             raise GatewayRefused(code, msg2)
         done = initiator.receive(msg2, self.clock(), self._time_policy(), revoked=self.revoked)
         session = done.session
+        if self.accelerate:
+            accel.accelerate(session)  # tagged sessions only; sealed stay in Python
         self._unconfirmed[session.session_id] = done.reply
         # make-before-break: requests in flight keep their reference to the old session
         self.session = session
