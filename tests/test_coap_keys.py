@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 
 import pytest
+from aiocoap.numbers import codes
 from cryptography.exceptions import InvalidTag
 
 from simulator.fleet import Fleet
@@ -102,5 +103,47 @@ def test_timers_end_sessions_at_their_lifetime(world: World) -> None:
             # the next request simply runs a new handshake
             assert (await device.request("GET", "sensors/pi-1/temp")).payload == b"21.5"
             assert device.handshakes == 2
+
+    run(scenario())
+
+
+@pytest.fixture(params=[False, True], ids=["tagged", "sealed"])
+def sealed(request: pytest.FixtureRequest) -> bool:
+    return bool(request.param)
+
+
+def test_tagged_sessions_verify_in_c_where_it_was_built(world: World, sealed: bool) -> None:
+    """The C accelerator (structauth.accel) takes the receive direction of tagged
+    sessions at both ends; sealed sessions, and a site or client told not to, stay in
+    Python. Every other test in these files runs through it in tagged mode."""
+    from structauth import accel
+
+    if not accel.available():
+        pytest.skip("structauth._accel was not built in this installation")
+
+    async def scenario() -> None:
+        params = SessionParams(sealed=sealed)
+        async with gateway(world, params=params) as gw, gw.client() as device:
+            await device.request("GET", "sensors/pi-1/temp")
+            (peer,) = gw.site.sessions.values()
+            assert device.session is not None
+            assert peer.session.accelerated is (not sealed)
+            assert device.session.accelerated is (not sealed)
+            # a replay is refused with its reason by whichever path holds the session
+            session = await device.session_for_use()
+            msg, _ = device._build(session, "POST", "sensors/pi-1/temp", b"1", (), None,
+                                   None, None)
+            ctx = device._context
+            assert ctx is not None
+            first = await ctx.request(msg).response
+            again = await ctx.request(msg.copy(mid=None, token=None)).response
+            assert first.code.is_successful() and again.code == codes.UNAUTHORIZED
+            assert b"replayed (300)" in again.payload
+        async with gateway(world, params=params, accelerate=False) as gw, \
+                gw.client(accelerate=False) as device:
+            await device.request("GET", "sensors/pi-1/temp")
+            (peer,) = gw.site.sessions.values()
+            assert not peer.session.accelerated
+            assert device.session is not None and not device.session.accelerated
 
     run(scenario())
