@@ -91,7 +91,8 @@ def test_clock_drift_inside_the_bound_is_fine_and_beyond_it_is_not() -> None:
     signer, verifier, (b0, l0) = _pair()
     msg = signer.seal(T, b"x", b0 + 0.9)  # interval 1; K_1 out when the broker reaches 2 s
     verifier.on_message(T.decode(), msg, l0 + 1.9)
-    assert _reason(verifier.on_message, T.decode(), msg, l0 + 2.0) is (
+    other = signer.seal(T, b"y", b0 + 0.9)  # (the same bytes again would be a duplicate)
+    assert _reason(verifier.on_message, T.decode(), other, l0 + 2.0) is (
         Reason.EPOCH_OUT_OF_WINDOW)
 
 
@@ -121,9 +122,9 @@ def test_malformed_trailers_of_every_length(size: int) -> None:
 
 def test_the_buffer_is_bounded() -> None:
     signer, verifier, (b0, l0) = _pair()
-    for _ in range(50):
-        verifier.on_message(T.decode(), signer.seal(T, b"", b0 + 0.1), l0 + 0.1)
-    assert _reason(verifier.on_message, T.decode(), signer.seal(T, b"", b0 + 0.1),
+    for n in range(50):
+        verifier.on_message(T.decode(), signer.seal(T, b"%d" % n, b0 + 0.1), l0 + 0.1)
+    assert _reason(verifier.on_message, T.decode(), signer.seal(T, b"one more", b0 + 0.1),
                    l0 + 0.1) is Reason.REPLAYED
 
 
