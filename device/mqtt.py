@@ -706,7 +706,10 @@ class TesseraMqttClient:
         if qos:
             out = Outgoing(topic, payload, qos, retain, sid, resends)
             if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                out.session_id = b""  # not sent: resent after the next resync
+                # not sent (the connection is going): kept for the next resync or the
+                # next connection, and this attempt does not count as a resend
+                out.session_id = b""
+                out.resends = max(resends - 1, 0)
                 self._refused(out, f"not sent: {mqtt.error_string(info.rc)}")
             else:
                 with self._track:
@@ -879,6 +882,10 @@ class TesseraMqttClient:
                     keep.append(out)
             self._parked = keep
         for i, out in enumerate(take):
+            if not self.client.is_connected():  # gone meanwhile: the next connection
+                with self._track:
+                    self._parked[:0] = take[i:]
+                return
             if out.resends >= self.max_resends:
                 with self._track:
                     self.refused_dropped += 1
