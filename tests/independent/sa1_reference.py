@@ -953,46 +953,121 @@ class _FanoutChain:
     interval_s: float
     delay: int
     length: int
-    offset: float
+    start: float  # seconds on the broker's fan-out clock
     latest: tuple[int, bytes]
-    pending: dict[int, list[tuple[str, bytes, bytes, bytes]]] = field(default_factory=dict)
+    waiting: dict[int, list[tuple[str, bytes]]] = field(default_factory=dict)
 
 
 class FanoutSubscriber:
-    """§8 subscriber rules."""
+    """§8 subscriber rules: the TESLA condition U(t) - start < (i + d - 1) * P_f with
+    U(t) = c + max(t - h, 0) * (1 + rho)."""
 
-    def __init__(self, max_pending: int = 10_000) -> None:
+    def __init__(self, max_pending: int = 10_000, max_drift_ppm: float = 500.0,
+                 margin_s: float | None = None) -> None:
         self.chains: dict[bytes, _FanoutChain] = {}
         self.max_pending = max_pending
+        self.rho = max_drift_ppm / 1e6
+        self.margin_s = margin_s
         self.buffered = 0
+        self.hellos: list[tuple[float, bytes]] = []
+        self.origin: bytes | None = None
+        self.retired: list[bytes] = []
+        self.bound: tuple[float, float] | None = None  # (c, h)
+        self.used: list[float] = []  # every c used
+        self.violation_since: float | None = None
 
-    def on_anchor(self, body: bytes, hello_sent_at: float | None) -> None:
+    def hello(self, t: float, nonce: bytes = b"") -> None:
+        if len(self.hellos) >= 64:
+            raise Refused("INVALID_STATE", "64 hellos unanswered")
+        self.hellos.append((t, nonce))
+
+    def upper(self, t: float) -> float:
+        assert self.bound is not None
+        c, h = self.bound
+        return c + max(t - h, 0.0) * (1 + self.rho)
+
+    def _margin(self, chain: _FanoutChain) -> float:
+        return self.margin_s if self.margin_s is not None else chain.delay * chain.interval_s / 4
+
+    def _violate(self, t: float) -> list[tuple[str, str]]:
+        self.violation_since = t
+        out = [(topic, "BAD_CONFIGURATION") for c in self.chains.values()
+               for msgs in c.waiting.values() for topic, _ in msgs]
+        for c in self.chains.values():
+            c.waiting = {}
+        self.buffered = 0
+        return out
+
+    def _drop(self, cid: bytes, reason: str) -> list[tuple[str, str]]:
+        c = self.chains.pop(cid)
+        out = [(topic, reason) for msgs in c.waiting.values() for topic, _ in msgs]
+        self.buffered -= len(out)
+        return out
+
+    def on_anchor(self, body: bytes, hello_sent_at: float | None = None,
+                  t: float | None = None) -> list[tuple[str, str]]:
         try:
             a = json.loads(body)
             anchor, cid = bytes.fromhex(a["anchor"]), bytes.fromhex(a["chain"])
+            origin = bytes.fromhex(a["origin"])
             interval_s = a["interval_ms"] / 1000
-            delay, length, elapsed = int(a["delay"]), int(a["length"]), float(a["elapsed_ms"])
+            delay, length = int(a["delay"]), int(a["length"])
+            elapsed, start = float(a["elapsed_ms"]), float(a["start_ms"])
+            answer, nonce = a["hello"], bytes.fromhex(a.get("nonce", ""))
         except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as exc:
             raise Refused("MALFORMED", f"anchor: {exc}") from None
-        if (len(anchor) != 32 or fanout_chain_id(anchor) != cid
-                or not math.isfinite(interval_s) or not math.isfinite(elapsed)
+        if (len(anchor) != 32 or fanout_chain_id(anchor) != cid or len(origin) != 8
+                or type(answer) is not bool or len(nonce) > 32
+                or not all(math.isfinite(x) for x in (interval_s, elapsed, start))
                 or interval_s <= 0 or not 1 <= delay <= 0xFFFFFFFF
                 or not 1 <= length <= 0xFFFFFFFF):
             raise Refused("MALFORMED", "anchor inconsistent")
-        if hello_sent_at is not None:
-            offset = elapsed / 1000 - hello_sent_at
-        else:
-            if not self.chains:
-                raise Refused("MALFORMED", "later anchor before any hello")
-            newest = list(self.chains.values())[-1]
-            offset = newest.offset - newest.length * newest.interval_s
-        self.chains[cid] = _FanoutChain(interval_s, delay, length, offset, (0, anchor))
-        while len(self.chains) > 2:
-            oldest = next(iter(self.chains))
-            self.buffered -= sum(len(v) for v in self.chains[oldest].pending.values())
-            del self.chains[oldest]
+        start /= 1000
+        old = self.chains.get(cid)
+        if old is not None and (old.interval_s, old.delay, old.length, old.start) != (
+                interval_s, delay, length, start):
+            raise Refused("MALFORMED", "anchor contradicts its chain")
+        # 1. which hello it answers
+        h = hello_sent_at
+        if h is None and answer:
+            if nonce:
+                hit = [n for n, (_, x) in enumerate(self.hellos) if x == nonce]
+                if hit:
+                    h = self.hellos[hit[0]][0]
+                    del self.hellos[: hit[0] + 1]
+            elif self.hellos:
+                h = self.hellos.pop(0)[0]
+        # 2. the broker's clock
+        if origin in self.retired:
+            return []
+        out: list[tuple[str, str]] = []
+        if origin != self.origin:
+            if self.origin is not None:
+                self.retired.append(self.origin)
+            for other in list(self.chains):
+                out += self._drop(other, "UNKNOWN_SESSION")
+            self.origin, self.bound, self.used = origin, None, []
+        # 3. the chain
+        if cid not in self.chains:
+            self.chains[cid] = _FanoutChain(interval_s, delay, length, start, (0, anchor))
+            if len(self.chains) > 2:
+                first = min(self.chains, key=lambda k: self.chains[k].start)
+                out += self._drop(first, "EPOCH_OUT_OF_WINDOW")
+        # 4. the bound
+        if h is None:
+            return out
+        c = start + elapsed / 1000
+        if any(c <= u for u in self.used):
+            return out
+        self.used.append(c)
+        if self.bound is not None and t is not None and c > self.upper(max(t, h)) + 1e-6:
+            out += self._violate(t)
+        elif self.violation_since is not None and h >= self.violation_since:
+            self.violation_since = None
+        self.bound = (c, h)
+        return out
 
-    def on_message(self, topic: str, data: bytes, now: float) -> None:
+    def on_message(self, topic: str, data: bytes, t: float) -> None:
         if len(data) < 31:
             raise Refused("TRUNCATED", "shorter than the trailer")
         cut = len(data) - 31
@@ -1006,14 +1081,23 @@ class FanoutSubscriber:
             raise Refused("UNKNOWN_SESSION", "unknown chain")
         if not 1 <= i <= c.length or i <= c.latest[0]:
             raise Refused("REPLAYED", f"interval {i}")
-        if c.offset + now >= (i + c.delay - 1) * c.interval_s:
+        if (topic, data) in c.waiting.get(i, []):
+            raise Refused("REPLAYED", "duplicate")
+        if self.violation_since is not None:
+            raise Refused("BAD_CONFIGURATION", "drift beyond the bound")
+        if self.bound is None:
+            raise Refused("SESSION_EXPIRED", "no bound")
+        if self.rho * max(t - self.bound[1], 0.0) > self._margin(c):
+            raise Refused("SESSION_EXPIRED", "bound too old")
+        if self.upper(t) - c.start >= (i + c.delay - 1) * c.interval_s:
             raise Refused("EPOCH_OUT_OF_WINDOW", f"interval {i} too late")
         if self.buffered >= self.max_pending:
             raise Refused("REPLAYED", "buffer full")
-        c.pending.setdefault(i, []).append((topic, data[:cut], trailer[:15], trailer[15:]))
+        c.waiting.setdefault(i, []).append((topic, data))
         self.buffered += 1
 
-    def on_key(self, body: bytes) -> tuple[list[tuple[str, bytes]], list[tuple[str, str]]]:
+    def on_key(self, body: bytes, t: float | None = None
+               ) -> tuple[list[tuple[str, bytes]], list[tuple[str, str]]]:
         try:
             k = json.loads(body)
             cid, i, key = bytes.fromhex(k["chain"]), int(k["interval"]), bytes.fromhex(k["key"])
@@ -1030,15 +1114,20 @@ class FanoutSubscriber:
             probe = b256(probe, LABEL_FANOUT_CHAIN)
         if not hmac.compare_digest(probe, kj):
             raise Refused("BAD_TAG", "key does not hash to the chain")
+        c.latest = (i, key)
+        bad: list[tuple[str, str]] = []
+        if (t is not None and self.bound is not None and self.violation_since is None
+                and c.start + (i + c.delay - 1) * c.interval_s > self.upper(t) + 1e-6):
+            bad += self._violate(t)
         keys = {i: key}
         for n in range(i - 1, j, -1):
             keys[n] = b256(keys[n + 1], LABEL_FANOUT_CHAIN)
-        c.latest = (i, key)
         good: list[tuple[str, bytes]] = []
-        bad: list[tuple[str, str]] = []
-        for n in sorted(x for x in c.pending if x <= i):
-            for topic, payload, prefix, tag in c.pending.pop(n):
+        for n in sorted(x for x in c.waiting if x <= i):
+            for topic, data in c.waiting.pop(n):
                 self.buffered -= 1
+                cut = len(data) - 31
+                payload, prefix, tag = data[:cut], data[cut:cut + 15], data[cut + 15:]
                 if hmac.compare_digest(fanout_tag(keys[n], prefix, topic.encode(), payload), tag):
                     good.append((topic, payload))
                 else:

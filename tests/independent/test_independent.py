@@ -377,7 +377,8 @@ def test_fanout_round_trip_and_refusals() -> None:
     keys = sa1.fanout_chain(b"\x42" * 32, 10)
     cid = sa1.fanout_chain_id(keys[0])
     anchor = json.dumps({"chain": cid.hex(), "anchor": keys[0].hex(), "interval_ms": 1000,
-                         "delay": 2, "length": 10, "elapsed_ms": 500.0},
+                         "delay": 2, "length": 10, "elapsed_ms": 500.0,
+                         "origin": "00" * 8, "start_ms": 0.0, "hello": True},
                         separators=(",", ":")).encode()
     sub = sa1.FanoutSubscriber()
     sub.on_anchor(anchor, hello_sent_at=0.0)  # broker chain time = local time + 0.5
@@ -407,8 +408,92 @@ def test_fanout_round_trip_and_refusals() -> None:
         return reason(lambda: sa1.FanoutSubscriber().on_anchor(body, 0.0))
 
     for change in ('{"elapsed_ms": NaN}', '{"interval_ms": Infinity}', '{"delay": 0}',
-                   '{"length": 4294967296}', '{"anchor": "00"}'):
+                   '{"length": 4294967296}', '{"anchor": "00"}', '{"origin": "00"}',
+                   '{"start_ms": NaN}', '{"hello": 1}', '{"nonce": "%s"}' % ("00" * 33)):
         patched = {**json.loads(anchor), **json.loads(change)}
         assert anchor_reason(json.dumps(patched).encode()) == "MALFORMED", change
     deep = b"[" * 100_000 + b"]" * 100_000
     assert anchor_reason(deep) == "MALFORMED"
+
+
+def _fanout_world(length: int = 10) -> tuple[list[bytes], bytes, Callable[..., bytes]]:
+    import json
+
+    keys = sa1.fanout_chain(b"\x24" * 32, length)
+    cid = sa1.fanout_chain_id(keys[0])
+
+    def anchor(clock_s: float, *, hello: bool = True, nonce: bytes = b"",
+               start_ms: float = 0.0, origin: str = "11" * 8) -> bytes:
+        a = {"chain": cid.hex(), "anchor": keys[0].hex(), "interval_ms": 1000, "delay": 2,
+             "length": length, "elapsed_ms": clock_s * 1000 - start_ms, "origin": origin,
+             "start_ms": start_ms, "hello": hello}
+        if nonce:
+            a["nonce"] = nonce.hex()
+        return json.dumps(a).encode()
+
+    return keys, cid, anchor
+
+
+def _fanout_reason(f: Callable[[], object]) -> str:
+    with pytest.raises(sa1.Refused) as e:
+        f()
+    return e.value.reason
+
+
+def test_fanout_drift_bound_expiry_and_duplicates() -> None:
+    keys, cid, anchor = _fanout_world(4000)
+    sub = sa1.FanoutSubscriber()  # rho 500 ppm, margin d * P / 4 = 0.5 s
+    sub.hello(100.0)
+    sub.on_anchor(anchor(0.0), None, 100.1)  # c = 0 at h = 100
+    # interval 999 (its key out at clock 1000): at local 1099, U = 999 * 1.0005 = 999.4995
+    late_ok = sa1.fanout_seal(keys[999], cid, 999, b"t", b"x")
+    sub.on_message("t", late_ok, 1099.0)
+    assert _fanout_reason(lambda: sub.on_message("t", late_ok, 1099.0)) == "REPLAYED"
+    edge = sa1.fanout_seal(keys[999], cid, 999, b"t", b"y")
+    # U(1099.6) = 999.6 * 1.0005 = 1000.0998: past the disclosure, though without the
+    # drift term (999.6) it would not be
+    assert _fanout_reason(lambda: sub.on_message("t", edge, 1099.6)) == "EPOCH_OUT_OF_WINDOW"
+    # 1,000 s after the hello the drift term (0.5 s) reaches the margin; past it, refused
+    fresh = sa1.fanout_seal(keys[1010], cid, 1010, b"t", b"z")
+    assert _fanout_reason(lambda: sub.on_message("t", fresh, 1100.01)) == "SESSION_EXPIRED"
+    sub.hello(1101.0)
+    sub.on_anchor(anchor(1001.05), None, 1101.1)
+    sub.on_message("t", fresh, 1101.2)
+
+
+def test_fanout_hello_matching_and_violations() -> None:
+    keys, cid, anchor = _fanout_world(4000)
+    sub = sa1.FanoutSubscriber()
+    sub.hello(0.0, b"a")
+    sub.hello(10.0, b"b")
+    sub.on_anchor(anchor(10.05, nonce=b"b"), None, 10.1)
+    assert sub.bound == (10.05, 10.0) and sub.hellos == []
+    sub.on_anchor(anchor(0.05, nonce=b"a"), None, 10.2)  # matches nothing left
+    assert sub.bound == (10.05, 10.0)
+    # without a nonce: by count; a reordered answer (older c) is ignored
+    sub.hello(20.0)
+    sub.hello(30.0)
+    sub.on_anchor(anchor(30.05), None, 30.1)  # matched with 20.0: safe, looser
+    assert sub.bound == (30.05, 20.0)
+    sub.on_anchor(anchor(20.05), None, 30.2)
+    assert sub.bound == (30.05, 20.0)
+    # a key that the bound says cannot be out yet: a violation
+    msg = sa1.fanout_seal(keys[40], cid, 40, b"t", b"m")
+    sub.on_message("t", msg, 30.3)
+    good, bad = sub.on_key(json_key(cid, 40, keys[40]), 30.5)  # out at clock 41
+    assert good == [] and bad == [("t", "BAD_CONFIGURATION")]
+    other = sa1.fanout_seal(keys[60], cid, 60, b"t", b"n")
+    assert _fanout_reason(lambda: sub.on_message("t", other, 30.6)) == "BAD_CONFIGURATION"
+    sub.hello(31.0)
+    sub.on_anchor(anchor(42.0), None, 31.1)  # the broker's clock, ahead of U(31.1) again
+    assert _fanout_reason(lambda: sub.on_message("t", other, 31.2)) == "BAD_CONFIGURATION"
+    sub.hello(32.0)
+    sub.on_anchor(anchor(42.95), None, 32.1)  # within U from (42.0, 31.0): ends it
+    sub.on_message("t", other, 32.2)
+
+
+def json_key(cid: bytes, i: int, key: bytes) -> bytes:
+    import json
+
+    return json.dumps({"chain": cid.hex(), "interval": i, "key": key.hex()}).encode()
+
