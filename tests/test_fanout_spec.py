@@ -98,9 +98,9 @@ def test_our_subscriber_and_the_specs_agree(seed: int) -> None:
             data = forger.seal(T.encode(), b"forged",
                                signer.chain.t0 + (max(i, 1) - 0.5) * 1.0)
         else:
-            data = bytearray(signer.seal(T.encode(), b"%d" % step, b))
-            data[rnd.randrange(len(data))] ^= 1 << rnd.randrange(8)
-            data = bytes(data)
+            flipped = bytearray(signer.seal(T.encode(), b"%d" % step, b))
+            flipped[rnd.randrange(len(flipped))] ^= 1 << rnd.randrange(8)
+            data = bytes(flipped)
         now = local(b + rnd.uniform(0.0, 0.1))
         check(lambda: ours.on_message(T, data, now),  # noqa: B023
               lambda: theirs.on_message(T, data, now))  # noqa: B023
