@@ -245,7 +245,8 @@ def parse_session(options: dict[str, str]) -> SessionOptions:
     try:
         params = SessionParams(**values)  # type: ignore[arg-type]
     except TesseraError as exc:
-        given = ", ".join(f"plugin_opt_{o} {options[o]}" for o in _SESSION if o in options)
+        given = ", ".join(f"plugin_opt_{o} {values[n]}" for o, n in _SESSION.items()
+                          if n in values)
         raise ConfigurationError(f"{given}: {exc.detail}") from None
     raw = options.get("pending_timeout_s")
     timeout = DEFAULT_PENDING_TIMEOUT
@@ -265,7 +266,8 @@ def parse_session(options: dict[str, str]) -> SessionOptions:
     pending = PendingLimits(**limits)
     bad = pending.problem()
     if bad:
-        given = ", ".join(f"plugin_opt_{o} {options[o]}" for o in _PENDING if o in options)
+        given = ", ".join(f"plugin_opt_{o} {limits[n]}" for o, n in _PENDING.items()
+                          if n in limits)
         raise ConfigurationError(f"{given}: pending handshakes {bad}")
     return SessionOptions(params, timeout, pending)
 
@@ -282,6 +284,8 @@ def parse_fanout(options: dict[str, str], now: float) -> FanoutSigner | None:
     try:
         interval_ms = int(raw)
         delay = int(options.get("fanout_delay", "2"))
+        if not (50 <= interval_ms <= 60_000 and 1 <= delay <= 16):
+            raise ValueError  # checked here too: a huge interval overflows the float
         return FanoutSigner(os.urandom, now, interval_s=interval_ms / 1000.0, delay=delay,
                             length=max(3600, 2 * delay + 2))
     except ValueError:

@@ -231,6 +231,14 @@ def _template_levels(text: str, where: str, placeholders: Sequence[str]) -> Leve
         raise ConfigurationError(f"{where}: empty template; remove it or write a topic")
     if "\0" in text:
         raise ConfigurationError(f"{where}: template {text!r} contains NUL; remove it")
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ConfigurationError(
+                f"{where}: template {text!r} holds a lone surrogate, which is not text; "
+                "write the character itself"
+            ) from None
     levels = tuple(text.split("/"))
     for i, level in enumerate(levels):
         problem = _level_problem(level, i == len(levels) - 1)
@@ -647,6 +655,12 @@ def _parse(text: str, cache_size: int) -> Policy:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigurationError(f"TOML syntax error: {exc}") from None
+    except ValueError as exc:  # an integer too long to convert (over 4300 digits)
+        raise ConfigurationError(f"TOML value error: {exc}; write a smaller number") from None
+    except RecursionError:
+        raise ConfigurationError(
+            "arrays or inline tables nested too deep for a policy; flatten them"
+        ) from None
     _only(doc, "top level", ("version", "classes", "brokers"))
     if "version" not in doc:
         raise ConfigurationError(f"missing version; add 'version = {VERSION}' at the top")
