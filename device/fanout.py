@@ -94,8 +94,12 @@ class FanoutSubscriber:
         # recorded before it is sent: an answer may come before publish() returns. A
         # hello recorded but never sent only makes later answers look older (safe).
         # The nonce lets a broker that echoes it say which hello an anchor answers.
+        # QoS 0: the broker consumes a hello and refuses it to the publisher (PUBACK
+        # 0x87 at QoS 1), which the client would park and resend after its next
+        # resynchronisation, and every resend would be answered: an answer to no
+        # recorded hello. A lost hello is simply followed by another (hello_due).
         try:
-            self.client.publish(HELLO_TOPIC, nonce, qos=1)
+            self.client.publish(HELLO_TOPIC, nonce, qos=0)
         except TesseraError as exc:
             log.warning("fan-out hello not sent: %s", exc)
 

@@ -347,3 +347,20 @@ def test_the_subscriber_sends_a_nonce_and_uses_the_echo() -> None:
     assert len(sent) == 2 and len(set(sent)) == 2 and all(len(n) == 16 for n in sent)
     # matched with the second hello by its nonce, not with the first by count
     assert sub.verifier.upper_bound(B0 + 9.0 + SKEW) == pytest.approx(9.0)
+
+
+def test_hellos_go_out_at_qos_0() -> None:
+    # the broker consumes a hello and refuses it to the publisher: at QoS 1 the client
+    # would park and resend it after a resync, and each resend would get an answer
+    fake, sub, _got = _subscriber()
+    qos: list[int] = []
+    publish = fake.publish
+
+    def record(topic: str, payload: bytes, qos_: int = 0) -> None:
+        qos.append(qos_)
+        publish(topic, payload, qos_)
+
+    fake.publish = record  # type: ignore[method-assign]
+    sub.start(timeout=1)
+    sub.start(timeout=1)
+    assert qos == [0, 0]
