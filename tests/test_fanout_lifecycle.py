@@ -353,14 +353,14 @@ def test_hellos_go_out_at_qos_0() -> None:
     # the broker consumes a hello and refuses it to the publisher: at QoS 1 the client
     # would park and resend it after a resync, and each resend would get an answer
     fake, sub, _got = _subscriber()
-    qos: list[int] = []
+    seen: list[int] = []
     publish = fake.publish
 
-    def record(topic: str, payload: bytes, qos_: int = 0) -> None:
-        qos.append(qos_)
-        publish(topic, payload, qos_)
+    def record(topic: str, payload: bytes, qos: int = 0) -> None:
+        seen.append(qos)
+        publish(topic, payload, qos)
 
     fake.publish = record  # type: ignore[method-assign]
     sub.start(timeout=1)
     sub.start(timeout=1)
-    assert qos == [0, 0]
+    assert seen == [0, 0]
