@@ -207,7 +207,11 @@ class EnrollmentService:
         serial = check_serial(request.get("serial"))
         kind = check_name(request.get("kind"), "kind", "device")
         self._identity(kind, serial)
-        reenroll = bool(request.get("reenroll", False))
+        reenroll = request.get("reenroll", False)
+        if type(reenroll) is not bool:  # "false" or 1 must not mean anything
+            raise EnrollmentError(
+                "field 'reenroll' must be true or false", Reason.ATTESTATION_FAILED
+            )
         self._refuse_duplicate(serial, reenroll)
         return {
             "serial": serial,

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -23,7 +24,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from provisioning.enrollment import EnrollmentService, Issued, b64
+from provisioning.enrollment import EnrollmentService, Issued, b64, check_serial
 from provisioning.openapi import OPENAPI
 from provisioning.operators import Operators
 from provisioning.registry import DeviceRecord, RevocationEvent
@@ -109,8 +110,13 @@ def build_app(service: EnrollmentService, operators: Operators) -> Starlette:
             data = json.loads(raw or b"{}")
         except ValueError:
             raise _BadRequest("request body is not JSON") from None
+        except RecursionError:
+            raise _BadRequest("request body is nested too deep") from None
         if not isinstance(data, dict):
             raise _BadRequest("request body must be a JSON object")
+        problem = _text_problem(data)
+        if problem is not None:
+            raise _BadRequest(problem)
         return data
 
     def operator(request: Request) -> str:
@@ -190,13 +196,15 @@ def build_app(service: EnrollmentService, operators: Operators) -> Starlette:
     async def list_devices(request: Request) -> Response:
         operator(request)
         status = request.query_params.get("status")
+        if status not in (None, "active", "revoked"):
+            raise _BadRequest("status must be active or revoked")
         records = await locked(service.registry.list, status)
         return JSONResponse({"devices": [record_json(r) for r in records]})
 
     @endpoint
     async def show_device(request: Request) -> Response:
         operator(request)
-        serial = request.path_params["serial"]
+        serial = check_serial(request.path_params["serial"])
         record = await locked(service.registry.get, serial)
         if record is None:
             return JSONResponse(
@@ -232,6 +240,8 @@ def build_app(service: EnrollmentService, operators: Operators) -> Starlette:
             wait = min(float(request.query_params.get("wait", "0")), 60.0)
         except ValueError:
             raise _BadRequest("since must be an integer and wait a number") from None
+        if not -(2**63) <= since < 2**63 or math.isnan(wait):
+            raise _BadRequest("since must be a 64-bit integer and wait a number")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(wait, 0.0)
         waiter = asyncio.Event()
@@ -285,3 +295,26 @@ def build_app(service: EnrollmentService, operators: Operators) -> Starlette:
 
 class _BadRequest(Exception):
     pass
+
+
+def _text_problem(data: object) -> str | None:
+    """Why a parsed JSON body cannot be stored or logged as text, or None: a string or
+    key holding NUL (PostgreSQL refuses it in text) or a lone surrogate (``"\\ud800"``
+    parses, but is not UTF-8)."""
+    stack = [data]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            stack.extend(value)
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+        elif isinstance(value, str):
+            if "\0" in value:
+                return "request body holds a string with NUL (\\u0000)"
+            if not value.isascii():
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError:
+                    return "request body holds a string with a lone surrogate (\\ud800-\\udfff)"
+    return None

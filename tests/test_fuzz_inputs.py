@@ -36,15 +36,27 @@ target ran (every call of a test body, including hypothesis's shrinking and repl
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import datetime as dt
 import json
+import logging
 import math
 import os
 from collections import Counter
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
+import httpx
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+from cryptography.x509.oid import NameOID
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -63,8 +75,17 @@ from broker_plugin.policy import (
     load_policy,
     parse_policy,
 )
+from device.provisioner import pop_signature
+from hw.software import InsecureSoftwareSigner
+from provisioning.attestation import TpmMakerRoots
+from provisioning.authority import FleetAuthority
+from provisioning.enrollment import EnrollmentService
+from provisioning.operators import Operators
+from provisioning.registry import Registry, open_registry
+from provisioning.service import build_app
 from structauth.credentials import Identity
 from structauth.errors import ConfigurationError, Reason, TesseraError
+from structauth.possession import LABEL_ENROLL, LABEL_RENEW
 
 EXAMPLES = int(os.environ.get("TESSERA_FUZZ_EXAMPLES", "300"))
 #: a few inputs are strings of 5,000 characters on purpose
@@ -554,3 +575,452 @@ def test_session_option_errors_are_one_line() -> None:
         err = refused(lambda o=options: parse_session(o))  # type: ignore[misc]
         assert isinstance(err, ConfigurationError)
         assert err.detail.startswith(expected) and "\n" not in str(err), err.detail
+
+
+# -- the provisioning API's request bodies ----------------------------------------------
+
+SERIAL = "fz-enrolled"  # an active device: renewals and revocations have someone to act on
+
+
+class _Errors(logging.Handler):
+    """Log records at ERROR or with a traceback (none may appear)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno >= logging.ERROR or record.exc_info:
+            self.records.append(record)
+
+
+@dataclass
+class Api:
+    """The provisioning service in process (insecure file key, SQLite in memory) behind
+    its ASGI app, driven by httpx."""
+
+    service: EnrollmentService
+    registry: Registry
+    runner: asyncio.Runner
+    client: httpx.AsyncClient
+    token: str
+    device: InsecureSoftwareSigner
+    errors: _Errors
+
+    @property
+    def spki(self) -> bytes:
+        return self.device.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+    def call(self, method: str, path: str, content: bytes = b"",
+             params: dict[str, str] | None = None, auth: bool = True) -> httpx.Response:
+        headers = {"authorization": f"Bearer {self.token}"} if auth else {}
+        request = self.client.request(method, path, content=content, params=params,
+                                      headers=headers)
+        # a request that is still running after 10 s is a hang (a long poll that never ends)
+        return self.runner.run(asyncio.wait_for(request, 10))
+
+    def snapshot(self) -> dict[str, list[Any]]:
+        conn = self.registry._conn
+        return {table: conn.execute(f"SELECT * FROM {table} ORDER BY 1").fetchall()
+                for table in ("devices", "credentials", "revocations", "pending", "counters")}
+
+    def witnessed(self, serial: str, *, reenroll: bool = True) -> tuple[str, bytes]:
+        """A fresh witnessed start (in process): (enrollment id, the genuine signature)."""
+        start = self.service.witnessed_start(
+            {"serial": serial, "public_key": b64(self.spki), "reenroll": reenroll,
+             "key_backend": "insecure-software"}, operator="fz")
+        nonce = base64.b64decode(start["nonce"])
+        return start["enrollment_id"], pop_signature(self.device, LABEL_ENROLL, nonce, serial)
+
+    def enroll(self, serial: str) -> None:
+        token, signature = self.witnessed(serial)
+        self.service.witnessed_finish({"enrollment_id": token, "signature": b64(signature)})
+
+
+def _dummy_maker_root() -> x509.Certificate:
+    """A self-signed root, so that tpm/start works without swtpm (no evidence can chain
+    to it: nobody has its key)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fuzz TPM maker")])
+    now = dt.datetime.now(dt.UTC)
+    return (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(1)
+            .not_valid_before(now - dt.timedelta(days=1))
+            .not_valid_after(now + dt.timedelta(days=365))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+
+
+def _api(directory: Path, maker_roots: TpmMakerRoots, registry: Registry) -> Iterator[Api]:
+    now = dt.datetime.now(dt.UTC)
+    authority = FleetAuthority.init(directory / "authority", "fz.example", pkcs11_module=None,
+                                    token_label=None, insecure_file_key=True, now=now)
+    service = EnrollmentService(authority, registry, maker_roots)
+    operators = Operators(directory / "operators.json")
+    token = operators.add("fz")
+    transport = httpx.ASGITransport(app=build_app(service, operators),
+                                    raise_app_exceptions=False)
+    errors = _Errors()
+    logging.getLogger().addHandler(errors)
+    runner = asyncio.Runner()
+    client = httpx.AsyncClient(transport=transport, base_url="http://fz")
+    api = Api(service, registry, runner, client, token,
+              InsecureSoftwareSigner.from_seed(b"fuzz inputs device key"), errors)
+    api.enroll(SERIAL)
+    try:
+        yield api
+    finally:
+        runner.run(client.aclose())
+        runner.close()
+        logging.getLogger().removeHandler(errors)
+        registry.close()
+        authority.close()
+
+
+@pytest.fixture(scope="module")
+def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
+    yield from _api(tmp_path_factory.mktemp("api"), TpmMakerRoots([_dummy_maker_root()]),
+                    open_registry(":memory:"))
+
+
+def answered(api: Api, resp: httpx.Response, *, where: object = "") -> dict[str, Any]:
+    """A 2xx or 4xx JSON answer; a refusal is {"error", "code", "detail"} with a Reason
+    (or MALFORMED for what is not JSON); nothing was logged at ERROR."""
+    assert resp.status_code < 500, (resp.status_code, resp.text[:300], where)
+    assert not api.errors.records, [r.getMessage() for r in api.errors.records]
+    data = resp.json()
+    assert isinstance(data, dict)
+    if resp.status_code >= 300:
+        assert 400 <= resp.status_code < 500
+        assert set(data) == {"error", "code", "detail"}, data
+        assert data["error"] == Reason(data["code"]).name.lower(), data
+        assert isinstance(data["detail"], str) and data["detail"]
+    return data
+
+
+POST_PATHS = ["/v1/enroll/tpm/start", "/v1/enroll/tpm/evidence", "/v1/enroll/tpm/finish",
+              "/v1/enroll/witnessed/start", "/v1/enroll/witnessed/finish",
+              "/v1/renew/challenge", "/v1/renew", f"/v1/devices/{SERIAL}/revoke",
+              "/v1/devices/nobody/revoke"]
+#: endpoints where a request may succeed without anything genuine in it (the starts
+#: write a pending row; a revocation is undone by enrolling the device again)
+MAY_SUCCEED = {"/v1/enroll/tpm/start", "/v1/enroll/witnessed/start", "/v1/renew/challenge",
+               f"/v1/devices/{SERIAL}/revoke"}
+FIELDS = ["serial", "kind", "device_class", "reenroll", "public_key", "key_backend",
+          "enrollment_id", "evidence", "secret", "signature", "renewal_id", "reason"]
+EVIDENCE_FIELDS = ["ek_certificate", "ek_public", "ak_public", "key_public", "certify_attest",
+                   "certify_signature", "ek_intermediates"]
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+b64_blobs = st.one_of(st.binary(max_size=300).map(b64), st.binary(max_size=64).map(
+    lambda b: base64.urlsafe_b64encode(b).decode()), any_text)
+field_values = st.one_of(
+    json_values, b64_blobs,
+    st.sampled_from(["fz-new", SERIAL, "a" * 64, "a" * 65, "device", "broker", "pkcs11",
+                     "insecure-software", "tpm", "default", "false", "true", "x" * 200,
+                     "y" * 201, "AA==", "x" * 24]),
+    st.fixed_dictionaries({}, optional={f: st.one_of(b64_blobs, json_values)
+                                        for f in EVIDENCE_FIELDS}),
+)
+api_objects = st.dictionaries(st.one_of(st.sampled_from(FIELDS), any_text), field_values,
+                              max_size=7)
+api_bodies = st.one_of(
+    st.binary(max_size=300),
+    json_values.map(lambda v: json.dumps(v).encode()),
+    api_objects.map(lambda v: json.dumps(v).encode()),
+    api_objects.map(lambda v: json.dumps(v, ensure_ascii=False).encode("utf-8", "surrogatepass")),
+    api_objects.map(lambda v: json.dumps(v).encode("utf-16")),
+    st.integers(1, 65_000).map(lambda n: b"[" * n + b"]" * n),
+    st.integers(1, 20_000).map(lambda n: b'{"a":' * n + b"1" + b"}" * n),
+    st.sampled_from([b"", b"null", b"{}", b"NaN", b'{"serial": NaN}', b"\xef\xbb\xbf{}",
+                     b'{"serial": "fz-x", "serial": 5}', b"1" * 5000, b"x" * 70_000]),
+)
+
+
+def restore(api: Api, before: dict[str, list[Any]], resp: httpx.Response, path: str) -> None:
+    """After a refusal nothing was written; after a success, put the world back where
+    the next example expects it."""
+    if resp.status_code != 200:
+        assert api.snapshot() == before, (path, resp.text[:200])
+    elif path.endswith("/revoke"):
+        api.enroll(SERIAL)
+
+
+@given(st.sampled_from(POST_PATHS), api_bodies, st.booleans())
+@budget(0.3)
+def test_api_random_bodies(api: Api, path: str, body: bytes, auth: bool) -> None:
+    count("provisioning API random bodies")
+    before = api.snapshot()
+    resp = api.call("POST", path, body, auth=auth or not path.startswith("/v1/enroll"))
+    answered(api, resp, where=path)
+    if resp.status_code == 200:
+        assert path in MAY_SUCCEED, (path, body[:200])
+    restore(api, before, resp, path)
+
+
+start_fields: st.SearchStrategy[dict[str, Any]] = st.fixed_dictionaries(
+    {"serial": st.one_of(st.sampled_from(["fz-new", SERIAL, "b" * 64]), field_values)},
+    optional={
+        "kind": st.one_of(st.sampled_from(["device", "broker"]), field_values),
+        "device_class": st.one_of(st.sampled_from(["default", "gw.1"]), field_values),
+        "reenroll": st.one_of(st.booleans(), st.sampled_from(["false", "true", 0, 1, "", None,
+                                                              [], {}, 0.0, "no"])),
+        "key_backend": st.one_of(st.sampled_from(["pkcs11", "insecure-software"]),
+                                 field_values),
+        "public_key": st.one_of(st.just("GENUINE"), field_values),
+    },
+)
+
+
+@given(st.sampled_from(["/v1/enroll/tpm/start", "/v1/enroll/witnessed/start"]), start_fields,
+       st.one_of(st.just([]), byte_ops))
+@budget(0.3)
+def test_api_starts(api: Api, path: str, fields: dict[str, Any],
+                    key_edits: list[tuple[str, int, Any]]) -> None:
+    """A start succeeds only with a valid serial, kind and class, reenroll absent or a
+    JSON boolean (a device that is enrolled needs reenroll true), and for a witnessed
+    start the device's P-256 key."""
+    count("provisioning API starts")
+    if fields.get("public_key") == "GENUINE":
+        fields["public_key"] = b64(mutate(api.spki, key_edits) if key_edits else api.spki)
+    before = api.snapshot()
+    resp = api.call("POST", path, json.dumps(fields).encode())
+    data = answered(api, resp, where=fields)
+    restore(api, before, resp, path)
+    if resp.status_code == 200:
+        assert set(data) == {"enrollment_id", "nonce"}
+        assert type(fields.get("reenroll", False)) is bool
+        assert fields["serial"] != SERIAL or fields["reenroll"] is True
+        assert len(api.snapshot()["pending"]) == len(before["pending"]) + 1
+    elif type(fields.get("reenroll", False)) is not bool:
+        assert data["error"] in ("attestation_failed", "malformed"), data
+
+
+#: a genuine value, changed by these byte edits (none: as it is)
+genuine = st.one_of(st.just([]), st.just([]), byte_ops).map(lambda edits: ("GENUINE", edits))
+token_choice = st.one_of(genuine, field_values)
+
+
+def resolve(choice: Any, value: bytes, *, text: bool = False) -> Any:
+    """The body value for a choice: a genuine value (mutated by its edits) as base64 (or
+    as text for an id), else the wild value itself."""
+    if isinstance(choice, tuple) and choice[:1] == ("GENUINE",):
+        data = mutate(value, choice[1])
+        return data.decode("latin-1") if text else b64(data)
+    return choice
+
+
+def is_text(value: Any) -> bool:
+    """No string (or key) in a JSON value holds NUL or a lone surrogate."""
+    if isinstance(value, dict):
+        return all(is_text(k) and is_text(v) for k, v in value.items())
+    if isinstance(value, list):
+        return all(is_text(v) for v in value)
+    if isinstance(value, str):
+        return "\0" not in value and value.encode("utf-8", "replace").decode() == value
+    return True
+
+
+def same_signature(body_value: Any, genuine_der: bytes) -> bool:
+    """Does a signature field carry the genuine (r, s), whatever its encoding?"""
+    try:
+        return bool(decode_dss_signature(base64.b64decode(body_value, validate=True))
+                    == decode_dss_signature(genuine_der))
+    except (ValueError, TypeError):
+        return False
+
+
+@given(st.sampled_from(["witnessed", "renew", "tpm-finish"]), token_choice, token_choice,
+       st.dictionaries(any_text, field_values, max_size=2))
+@budget(0.3)
+def test_api_proofs(api: Api, flow: str, token_choice: Any, proof_choice: Any,
+                    extra: dict[str, Any]) -> None:
+    """Finishing a step: only the genuine id with the genuine proof (a signature over
+    the nonce, or the activation secret) passes; anything else is refused and records
+    nothing (the genuine id is used up: one try)."""
+    count("provisioning API finishes with mutated proofs")
+    if flow == "witnessed":
+        token, proof = api.witnessed("fz-w")
+        path, id_field, proof_field = "/v1/enroll/witnessed/finish", "enrollment_id", "signature"
+    elif flow == "renew":
+        challenge = api.service.renew_challenge({"serial": SERIAL})
+        token = challenge["renewal_id"]
+        proof = pop_signature(api.device, LABEL_RENEW, base64.b64decode(challenge["nonce"]),
+                              SERIAL)
+        path, id_field, proof_field = "/v1/renew", "renewal_id", "signature"
+    else:  # the activation step's state as tpm/evidence leaves it
+        proof = os.urandom(32)
+        token = api.service._put("tpm-activation", {
+            "serial": "fz-t", "kind": "device", "reenroll": True, "operator": "fz",
+            "device_class": "default", "nonce": b64(bytes(32)), "secret": b64(proof),
+            "key": b64(api.spki), "ek_fingerprint": "00" * 32})
+        path, id_field, proof_field = "/v1/enroll/tpm/finish", "enrollment_id", "secret"
+    body = {**extra, id_field: resolve(token_choice, token.encode(), text=True),
+            proof_field: resolve(proof_choice, proof)}
+    before = api.snapshot()
+    resp = api.call("POST", path, json.dumps(body).encode())
+    data = answered(api, resp, where=body)
+    clean = is_text(body)  # else refused before anything is looked up
+    right_id = clean and body[id_field] == token
+    if flow == "tpm-finish":
+        right_proof = body[proof_field] == b64(proof)
+    else:
+        right_proof = same_signature(body[proof_field], proof)
+    assert (resp.status_code == 200) == (right_id and right_proof), (data, body)
+    if resp.status_code != 200:
+        after = api.snapshot()
+        if right_id:  # the id is gone whatever happened (one try), nothing else changed
+            before["pending"] = [row for row in before["pending"] if row[0] != token]
+        assert after == before, data
+
+
+@given(st.one_of(field_values, st.sampled_from(["key compromise", "", "x" * 200, "y" * 201,
+                                                "a\x00b", "\ud800", "\U0001f600"])))
+@budget(0.3)
+def test_api_revoke_reasons(api: Api, reason: Any) -> None:
+    count("provisioning API revocation reasons")
+    before = api.snapshot()
+    resp = api.call("POST", f"/v1/devices/{SERIAL}/revoke", json.dumps({"reason": reason}).encode())
+    answered(api, resp, where=reason)
+    text = isinstance(reason, str) and len(reason) <= 200 and is_text(reason)
+    assert (resp.status_code == 200) == text, (resp.text, reason)
+    restore(api, before, resp, "/revoke")
+
+
+query_values = st.one_of(nasty, any_text, st.integers().map(str),
+                         st.sampled_from(["0", "-1", str(2**63), str(-(2**63) - 1),
+                                          str(2**63 - 1), "1" * 400, "nan", "-inf", "1e999"]))
+
+
+def url_quote(text: str) -> str:
+    """Percent-encoding of any str, lone surrogates included (as their UTF-8-like
+    bytes, which a server must refuse or replace)."""
+    return quote(text.encode("utf-8", "surrogatepass"), safe="")
+
+
+@given(st.dictionaries(st.sampled_from(["since", "wait", "other"]), query_values, max_size=3),
+       st.one_of(st.sampled_from(["active", "revoked", "", "\x00"]), any_text),
+       st.one_of(st.sampled_from([SERIAL, "nobody", "a" * 65]), any_text),
+       st.sampled_from(["", "%00", "%ED%A0%80", "%FF", "%", "%%", "%2F"]))
+@budget(0.3)
+def test_api_queries(api: Api, params: dict[str, str], status: str, serial: str,
+                     escape: str) -> None:
+    """The revocation feed's since/wait, the device list's status and a device's serial
+    in its path: 2xx or 4xx JSON, never 5xx, never a long poll that does not end."""
+    count("provisioning API queries")
+    try:  # a positive wait is a long poll of up to 60 s: not what this is about
+        if float(params.get("wait", "0")) > 0:
+            params["wait"] = "0"
+    except ValueError:
+        pass
+    query = "&".join(f"{url_quote(k)}={url_quote(v)}" for k, v in params.items())
+    answered(api, api.call("GET", f"/v1/revocations?{query}"), where=params)
+    answered(api, api.call("GET", f"/v1/devices?status={url_quote(status)}"), where=status)
+    resp = api.call("GET", f"/v1/devices/{url_quote(serial)}{escape}")
+    if serial + escape and "/" not in serial + escape.replace("%2F", "/"):
+        answered(api, resp, where=serial)
+    else:  # not this route: Starlette's own 404, 405 or a redirect of a trailing slash
+        assert resp.status_code in (307, 404, 405), resp.text
+
+
+POST_BODY_PATHS = [p for p in POST_PATHS if "nobody" not in p]
+
+
+def test_api_deeply_nested_body_is_a_400(api: Api) -> None:
+    """Found by the fuzzer: a JSON body nested a few thousand deep (well under the 64 kB
+    limit) made json.loads raise RecursionError: 500 Internal Server Error."""
+    for body in (b"[" * 30_000,
+                 b'{"a":' * 10_000 + b"1" + b"}" * 10_000):
+        for path in POST_BODY_PATHS:
+            before = api.snapshot()
+            resp = api.call("POST", path, body)
+            data = answered(api, resp, where=path)
+            assert resp.status_code == 400 and data["error"] == "malformed", data
+            assert data["detail"] == "request body is nested too deep", data
+            assert api.snapshot() == before
+
+
+@pytest.fixture
+def api_on(registry_url: str, tmp_path: Path) -> Iterator[Api]:
+    """The API on a fresh registry, once on SQLite and once on PostgreSQL."""
+    yield from _api(tmp_path, TpmMakerRoots([_dummy_maker_root()]),
+                    open_registry(registry_url))
+
+
+def test_api_nul_and_lone_surrogates_are_400(api_on: Api) -> None:
+    """Found by the fuzzer: a lone surrogate ("\\ud800" in JSON) in an enrollment id, a
+    renewal id or a revocation reason reached the registry, whose driver cannot encode
+    it (UnicodeEncodeError: 500); NUL reached it too, which PostgreSQL refuses in text
+    (RegistryError: 503), as it did for a NUL in a device's serial in the path or in the
+    device list's status. Each is a 400 now, and nothing is recorded."""
+    api = api_on
+    token, _ = api.witnessed("fz-w")
+    cases = [
+        ("/v1/enroll/tpm/evidence", {"enrollment_id": "\ud800" * 12, "evidence": {}}),
+        ("/v1/enroll/tpm/finish", {"enrollment_id": "x\x00" * 6, "secret": "AA=="}),
+        ("/v1/enroll/witnessed/finish", {"enrollment_id": token + "\udfff", "signature": "AA=="}),
+        ("/v1/enroll/witnessed/finish", {"enrollment_id": "\x00" * 20, "signature": "AA=="}),
+        ("/v1/renew", {"renewal_id": "\ud83d" * 10, "signature": "AA=="}),
+        (f"/v1/devices/{SERIAL}/revoke", {"reason": "\ud800"}),
+        (f"/v1/devices/{SERIAL}/revoke", {"reason": "stolen\x00"}),
+        ("/v1/enroll/tpm/start", {"serial": "fz-new", "\x00": 1}),
+    ]
+    for path, fields in cases:
+        before = api.snapshot()
+        resp = api.call("POST", path, json.dumps(fields).encode())
+        data = answered(api, resp, where=fields)
+        assert resp.status_code == 400 and data["error"] == "malformed", (path, data)
+        assert data["detail"].startswith("request body holds a string with "), data
+        assert api.snapshot() == before, path
+    for path in ("/v1/devices/%00", "/v1/devices/%ED%A0%80", "/v1/devices?status=%00",
+                 "/v1/devices?status=%ED%A0%80"):
+        resp = api.call("GET", path)
+        data = answered(api, resp, where=path)
+        assert resp.status_code == 400, (path, data)
+    # the genuine enrollment id was never looked at, so it still works
+    assert api.snapshot()["pending"]
+    assert [r.serial for r in api.registry.list()] == [SERIAL]
+
+
+def test_api_revocation_feed_since_and_wait_out_of_range_are_400(api: Api) -> None:
+    """Found by the fuzzer: ?since=2**63 overflowed the registry's 64-bit integer
+    (OverflowError: 500) and ?wait=nan made the long poll's deadline NaN, so it never
+    ended (one registry query a second, forever)."""
+    for params in ({"since": str(2**63)}, {"since": str(-(2**63) - 1)}, {"since": "1" * 400},
+                   {"wait": "nan"}, {"wait": "NaN"}, {"since": "0", "wait": "-nan"}):
+        query = "&".join(f"{k}={v}" for k, v in params.items())
+        resp = api.call("GET", f"/v1/revocations?{query}")
+        data = answered(api, resp, where=params)
+        assert resp.status_code == 400 and data["error"] == "malformed", (params, data)
+    for params in ({"since": str(2**63 - 1)}, {"since": "-1", "wait": "-inf"}):
+        query = "&".join(f"{k}={v}" for k, v in params.items())
+        resp = api.call("GET", f"/v1/revocations?{query}")
+        assert resp.status_code == 200 and "events" in answered(api, resp)
+
+
+def test_reenroll_must_be_a_json_boolean(api: Api) -> None:
+    """``reenroll`` was read with bool(), so "false" (or "no", 1, [0]) meant re-enroll:
+    replace an enrolled device and revoke its credentials. Only JSON true or false is
+    accepted now; anything else is refused before a nonce is drawn."""
+    for path in ("/v1/enroll/tpm/start", "/v1/enroll/witnessed/start"):
+        values: list[Any] = ["false", "true", "no", 1, 0, None, [0], {}, "", 0.0]
+        for value in values:
+            before = api.snapshot()
+            fields = {"serial": SERIAL, "reenroll": value, "public_key": b64(api.spki),
+                      "key_backend": "insecure-software"}
+            resp = api.call("POST", path, json.dumps(fields).encode())
+            data = answered(api, resp, where=value)
+            assert resp.status_code == 400, (path, value, data)
+            assert data == {"error": "attestation_failed", "code": 700,
+                            "detail": "field 'reenroll' must be true or false"}
+            assert api.snapshot() == before
+        fields["reenroll"] = False
+        resp = api.call("POST", path, json.dumps(fields).encode())
+        assert resp.status_code == 409 and answered(api, resp)["error"] == "already_enrolled"
+        fields["reenroll"] = True
+        assert api.call("POST", path, json.dumps(fields).encode()).status_code == 200
