@@ -50,7 +50,7 @@ _STEP = st.one_of(
     st.tuples(st.just("wait"), st.floats(0, 25)),
     st.tuples(st.just("poll"), st.just(b"")),
     st.tuples(st.just("burst"), st.integers(1, 100)),
-    st.tuples(st.just("jump"), st.integers(100, 2**32 - 2)),
+    st.tuples(st.just("jump"), st.integers(100, 2**31)),  # far, leaving room to send
 )
 
 
