@@ -953,7 +953,7 @@ class Enforcer:
             # a subscriber asks for fan-out proofs: the anchor goes back, proven under its
             # session (the time bound starts from when it sent this), then every key
             self.fanout_subscribers[client_id] = None
-            self._send(client, ANCHOR_TOPIC, self.fanout.anchor(now), now)
+            self._send(client, ANCHOR_TOPIC, self.fanout.anchor(now, payload), now)
             return MessageAnswer(MOSQ_ERR_ACL_DENIED, None, 0, None), False
         s = self.settings
         meter = client.rate
