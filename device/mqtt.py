@@ -575,7 +575,7 @@ class TesseraMqttClient:
             return MQTTErrorCode.MQTT_ERR_PROTOCOL
         now = self.clock()
         try:
-            done = waiter.initiator.receive(data, now, TimePolicy.trusted(self.wall_clock()),
+            done = waiter.initiator.receive(data, now, self._time_policy(),
                                             revoked=self.revoked)
         except TesseraError as exc:
             self._reauth = None
@@ -598,6 +598,12 @@ class TesseraMqttClient:
                                   release=True)
         return ok
 
+    def _time_policy(self) -> TimePolicy:
+        """The wall clock, unless it is behind this device's own credential's notBefore
+        (no RTC, booted in 1970): then only expiry before that floor is judged."""
+        floor = self.credential.chain[0].not_valid_before_utc
+        return TimePolicy.for_device(self.wall_clock(), floor)
+
     def _connect_auth(self, reason: int, method: str | None, data: bytes | None) -> Any:
         """AUTH before CONNACK: msg2 (reason 0x18); answer msg3."""
         initiator = self._initiator
@@ -608,7 +614,7 @@ class TesseraMqttClient:
                 raise MqttError(f"AUTH reason {reason:#04x}, method {method!r}, "
                                 f"{'with' if data else 'without'} data: not SA1 msg2",
                                 Reason.MALFORMED)
-            done = initiator.receive(data, self.clock(), TimePolicy.trusted(self.wall_clock()),
+            done = initiator.receive(data, self.clock(), self._time_policy(),
                                      revoked=self.revoked)
         except TesseraError as exc:
             self._fail_connect(exc)

@@ -199,6 +199,20 @@ class TimePolicy:
     def unknown(cls, floor: dt.datetime | None = None) -> TimePolicy:
         return cls(floor=floor)
 
+    @classmethod
+    def for_device(
+        cls, wall_now: dt.datetime, floor: dt.datetime,
+        skew: dt.timedelta = dt.timedelta(minutes=5),
+    ) -> TimePolicy:
+        """A device's policy: its wall clock, unless that is behind a time it knows has
+        passed (``floor``: e.g. its own credential's notBefore, or the newest
+        authenticated time it has seen). A device without an RTC boots in 1970; trusting
+        that clock would refuse every peer as "not yet valid" and lock it out, so it
+        then judges only what it can: credentials that expired before the floor."""
+        if wall_now + skew < floor:
+            return cls(floor=floor)
+        return cls(now=wall_now, skew=skew)
+
     def check(self, cert: x509.Certificate, what: str) -> None:
         if self.now is not None:
             if self.now + self.skew < cert.not_valid_before_utc:

@@ -742,3 +742,19 @@ def test_the_device_refuses_a_broker_that_skips_key_confirmation(setup: Setup) -
                               trust=setup.fleet.trust, host="127.0.0.1",
                               port=setup.broker.port, broker=broker)  # type: ignore[arg-type]
         assert exc.value.reason is Reason.BAD_CONFIGURATION
+
+
+def test_a_device_that_booted_in_1970_still_reaches_its_broker(setup: Setup) -> None:
+    # no RTC: the wall clock is decades behind the device's own credential, which it
+    # knows was issued in the past; trusting the clock would refuse the broker's
+    # credential as "not yet valid" and lock the device out
+    epoch = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+    backend = setup.device("backend", kind="broker")
+    backend.connect()
+    got = _collector(backend, "devices/+/telemetry/#")
+    device = setup.device("pi-rtcless", wall_clock=lambda: epoch)
+    device.connect()
+    device.publish("devices/pi-rtcless/telemetry/t", b"1", qos=1)
+    assert got.get(timeout=5) == ("devices/pi-rtcless/telemetry/t", b"1")
+    device.close()
+    backend.close()

@@ -444,3 +444,22 @@ def test_truncated_or_extended_der(cut: int, extra: bytes) -> None:
 
 _SHARED = Fleet()
 _SHARED_DER = _SHARED.member("device", "fz").credential.der_chain()[0]
+
+
+def test_a_device_trusts_its_wall_clock_only_when_it_is_not_behind_what_it_knows() -> None:
+    floor = T0 + 10 * DAY
+    behind = TimePolicy.for_device(dt.datetime(1970, 1, 1, tzinfo=dt.UTC), floor)
+    assert behind.now is None and behind.floor == floor
+    sane = TimePolicy.for_device(floor + DAY, floor)
+    assert sane.now == floor + DAY and sane.floor is None
+    # within the skew of the floor still counts as a working clock
+    assert TimePolicy.for_device(floor - dt.timedelta(minutes=4), floor).now is not None
+
+
+def test_a_clockless_device_still_refuses_what_expired_before_its_floor(fleet: Fleet) -> None:
+    cred = fleet.member("broker", "old").credential
+    floor = cred.not_after + DAY  # the device knows this much time has passed
+    policy = TimePolicy.for_device(dt.datetime(1970, 1, 1, tzinfo=dt.UTC), floor)
+    with pytest.raises(CredentialError) as exc:
+        fleet.trust.validate(cred, policy)
+    assert exc.value.reason is Reason.CREDENTIAL_EXPIRED
