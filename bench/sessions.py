@@ -34,6 +34,7 @@ from .timing import Feed, Plan, loop_batch, loop_overhead, measure
 
 if TYPE_CHECKING:
     from structauth.params import SessionParams
+    from structauth.session import Session
 
     from .sa1_fleet import Fleet
 
@@ -102,16 +103,8 @@ def _tessera_mode(report: Report, fleet: Fleet, sealed: bool, quick: bool, paylo
     _progress(f"Tessera verify ({mode})")
     # a fresh pair, so the receiver's window starts where these messages start
     device, broker = fleet.session_pair(params, now=start)
-    messages = Feed([device.protect(TOPIC, payload, now) for _ in range(plan.total)])
     verify = broker.verify
-
-    def verify_batch(n: int) -> int:
-        batch = messages.take(n)
-        t0 = perf_counter_ns()
-        for header, body in batch:
-            verify(header, TOPIC, body, now)
-        return perf_counter_ns() - t0
-
+    verify_batch = _verify_batches(device, verify, payload, now, plan)
     report.figure(
         f"tessera_verify{suffix}",
         f"Tessera verify (Session.verify, {mode})",
@@ -141,6 +134,23 @@ def _tessera_mode(report: Report, fleet: Fleet, sealed: bool, quick: bool, paylo
     )
 
 
+def _verify_batches(device: Session, verify: Callable[..., object], payload: bytes,
+                    now: float, plan: Plan) -> Callable[[int], int]:
+    """A timed batch function verifying fresh messages ``device`` proved beforehand."""
+    from .sa1_fleet import TOPIC
+
+    messages = Feed([device.protect(TOPIC, payload, now) for _ in range(plan.total)])
+
+    def verify_batch(n: int) -> int:
+        batch = messages.take(n)
+        t0 = perf_counter_ns()
+        for header, body in batch:
+            verify(header, TOPIC, body, now)
+        return perf_counter_ns() - t0
+
+    return verify_batch
+
+
 def _accelerated(report: Report, fleet: Fleet, params: SessionParams, start: float,
                  now: float, payload: bytes, plan: Plan) -> None:
     """Session.verify with the optional C accelerator (structauth.accel), when built."""
@@ -155,16 +165,8 @@ def _accelerated(report: Report, fleet: Fleet, params: SessionParams, start: flo
     device, broker = fleet.session_pair(params, now=start)
     if not accel.accelerate(broker):
         raise AssertionError("the accelerator refused a tagged, established session")
-    messages = Feed([device.protect(TOPIC, payload, now) for _ in range(plan.total)])
     verify = broker.verify
-
-    def verify_batch(n: int) -> int:
-        batch = messages.take(n)
-        t0 = perf_counter_ns()
-        for header, body in batch:
-            verify(header, TOPIC, body, now)
-        return perf_counter_ns() - t0
-
+    verify_batch = _verify_batches(device, verify, payload, now, plan)
     report.figure(
         "tessera_verify_accel",
         "Tessera verify (Session.verify, tagged, C accelerator)",

@@ -10,8 +10,6 @@ tests/test_broker_mqtt.py.
 from __future__ import annotations
 
 import hashlib
-import importlib
-import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -19,7 +17,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker_plugin.build import build_fast_module
 from broker_plugin.fastlane import FastLane
 from structauth.errors import TesseraError
 from structauth.params import SessionParams
@@ -28,17 +25,6 @@ from tests.support import FakeClock, SessionPair
 
 CID = "spiffe://fleet.test/device/pi-1"
 TOPIC = b"devices/pi-1/telemetry/t"
-
-
-@pytest.fixture(scope="module")
-def fast(tmp_path_factory: pytest.TempPathFactory) -> ModuleType:
-    directory = tmp_path_factory.mktemp("fastlane")
-    build_fast_module(directory)
-    sys.path.insert(0, str(directory))
-    try:
-        return importlib.import_module("tessera_fast")
-    finally:
-        sys.path.remove(str(directory))
 
 
 def _pair(params: SessionParams | None = None) -> SessionPair:

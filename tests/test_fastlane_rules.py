@@ -5,14 +5,10 @@ Python and never verified by C."""
 
 from __future__ import annotations
 
-import importlib
-import sys
-from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-from broker_plugin.build import build_fast_module
 from broker_plugin.fastlane import FastLane
 from structauth.errors import MalformedMessage, Reason, TesseraError
 from structauth.params import SessionParams
@@ -21,17 +17,6 @@ from tests.support import FakeClock, SessionPair
 
 CID = "spiffe://fleet.test/device/pi-9"
 TOPIC = b"devices/pi-9/telemetry/t"
-
-
-@pytest.fixture(scope="module")
-def fast(tmp_path_factory: pytest.TempPathFactory) -> ModuleType:
-    directory: Path = tmp_path_factory.mktemp("fastlane-rules")
-    build_fast_module(directory)
-    sys.path.insert(0, str(directory))
-    try:
-        return importlib.import_module("tessera_fast")
-    finally:
-        sys.path.remove(str(directory))
 
 
 def _outcome_py(session: Session, header: bytes, body: bytes, now: float) -> str:
