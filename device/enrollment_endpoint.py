@@ -150,13 +150,18 @@ class EnrollmentEndpoint:
                     return self._reply(401, _error(EnrollmentError(
                         "wrong or missing pairing code", Reason.NOT_AUTHORIZED)))
                 try:
-                    length = int(self.headers.get("Content-Length") or 0)
+                    try:
+                        length = int(self.headers.get("Content-Length") or 0)
+                    except ValueError:
+                        length = -1
                     if not 0 <= length <= MAX_BODY:
-                        raise EnrollmentError("request body too large", Reason.MALFORMED)
+                        self.close_connection = True  # the body is left unread
+                        raise EnrollmentError("request body too large or Content-Length not "
+                                              "a number", Reason.MALFORMED)
                     raw = self.rfile.read(length) if length else b"{}"
                     try:
                         body = json.loads(raw)
-                    except ValueError:
+                    except (ValueError, RecursionError):  # not JSON, or nested too deep
                         body = None
                     if not isinstance(body, dict):
                         raise EnrollmentError("request body must be a JSON object",

@@ -43,8 +43,10 @@ import json
 import logging
 import math
 import os
+import socket
+import traceback
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,14 +77,18 @@ from broker_plugin.policy import (
     load_policy,
     parse_policy,
 )
-from device.provisioner import pop_signature
+from device.attestation import ActivationChallenge, TpmEvidence
+from device.enrollment_endpoint import EnrollmentEndpoint
+from device.provisioner import LocalTpm, pop_signature
 from hw.software import InsecureSoftwareSigner
-from provisioning.attestation import TpmMakerRoots
+from hw.tpm import TpmBackend
+from provisioning.attestation import TpmMakerRoots, make_challenge, verify_evidence
 from provisioning.authority import FleetAuthority
 from provisioning.enrollment import EnrollmentService
 from provisioning.operators import Operators
 from provisioning.registry import Registry, open_registry
 from provisioning.service import build_app
+from simulator.swtpm import Swtpm
 from structauth.credentials import Identity
 from structauth.errors import ConfigurationError, Reason, TesseraError
 from structauth.possession import LABEL_ENROLL, LABEL_RENEW
@@ -652,7 +658,8 @@ def _dummy_maker_root() -> x509.Certificate:
             .sign(key, hashes.SHA256()))
 
 
-def _api(directory: Path, maker_roots: TpmMakerRoots, registry: Registry) -> Iterator[Api]:
+def _api(directory: Path, maker_roots: TpmMakerRoots, registry: Registry
+         ) -> Generator[Api, None, None]:
     now = dt.datetime.now(dt.UTC)
     authority = FleetAuthority.init(directory / "authority", "fz.example", pkcs11_module=None,
                                     token_label=None, insecure_file_key=True, now=now)
@@ -1024,3 +1031,273 @@ def test_reenroll_must_be_a_json_boolean(api: Api) -> None:
         assert resp.status_code == 409 and answered(api, resp)["error"] == "already_enrolled"
         fields["reenroll"] = True
         assert api.call("POST", path, json.dumps(fields).encode()).status_code == 200
+
+
+# -- with swtpm: TPM evidence and activation, the device's enrollment endpoint ----------
+
+NONCE = bytes(range(32))  # the qualifying data the genuine evidence answers
+
+
+@dataclass
+class Hardware:
+    """A device TPM (swtpm), the provisioning API trusting its maker, genuine evidence
+    for NONCE, a genuine activation challenge with its secret, credentials issued to
+    this TPM's key, and the device's enrollment endpoint on 127.0.0.1."""
+
+    api: Api
+    tpm: LocalTpm
+    evidence: dict[str, Any]
+    challenge: dict[str, Any]
+    secret: bytes
+    issued: dict[str, Any]
+    endpoint: EnrollmentEndpoint
+    stored: list[dict[str, Any]]
+    tracebacks: list[str]
+
+    def reset_endpoint(self) -> None:
+        """Forget an enrollment the endpoint accepted, so the next example is served."""
+        self.endpoint.enrolled.clear()
+        self.endpoint.issued = None
+        self.stored.clear()
+
+
+DEVICE_SERIAL = "fz-tpm"
+
+
+@pytest.fixture(scope="module")
+def hardware(swtpm_session: Swtpm, tmp_path_factory: pytest.TempPathFactory
+             ) -> Iterator[Hardware]:
+    base = tmp_path_factory.mktemp("hardware")
+    roots = TpmMakerRoots.from_pem_files(swtpm_session.manufacturer_ca_paths)
+    with TpmBackend(swtpm_session.tcti, base / "keys") as backend:
+        tpm = LocalTpm(backend)
+        apis = _api(base, roots, open_registry(":memory:"))
+        api = next(apis)
+        evidence = tpm.evidence(NONCE).to_json()
+        verified = verify_evidence(TpmEvidence.from_json(evidence), roots,
+                                   expected_qualifying_data=NONCE, now=dt.datetime.now(dt.UTC))
+        challenge, secret = make_challenge(verified)
+        # credentials for this TPM's key, through the three steps
+        start = api.service.tpm_start({"serial": DEVICE_SERIAL}, operator="fz")
+        step2 = api.service.tpm_evidence({
+            "enrollment_id": start["enrollment_id"],
+            "evidence": tpm.evidence(base64.b64decode(start["nonce"])).to_json()})
+        answer = tpm.activate(ActivationChallenge.from_json(step2["challenge"]))
+        issued = api.service.tpm_finish({"enrollment_id": step2["enrollment_id"],
+                                         "secret": b64(answer)}).to_json()
+        stored: list[dict[str, Any]] = []
+        endpoint = EnrollmentEndpoint(tpm, DEVICE_SERIAL, stored.append).start()
+        tracebacks: list[str] = []
+
+        def record(request: Any, client_address: Any) -> None:
+            tracebacks.append(traceback.format_exc())
+
+        # socketserver prints an exception that escaped a handler to stderr and drops the
+        # connection: record it instead
+        endpoint._server.handle_error = record  # type: ignore[method-assign]
+        try:
+            yield Hardware(api, tpm, evidence, challenge.to_json(), secret, issued, endpoint,
+                           stored, tracebacks)
+        finally:
+            endpoint.close()
+            apis.close()
+
+
+#: a field of a genuine JSON object: as it is, its bytes changed, a wild value, or absent
+field_choice = st.one_of(st.just(("GENUINE", [])), st.just(("GENUINE", [])),
+                         byte_ops.map(lambda edits: ("GENUINE", edits)),
+                         field_values, st.just(("ABSENT",)))
+
+
+def mutated_object(genuine: dict[str, Any], choices: dict[str, Any],
+                   extra: dict[str, Any], *, text: bool = False) -> dict[str, Any]:
+    """``genuine`` with each field replaced as ``choices`` says; base64 fields are
+    mutated as bytes, text fields (``text``) as their UTF-8."""
+    out: dict[str, Any] = dict(extra)
+    for key, value in genuine.items():
+        choice = choices.get(key, ("GENUINE", []))
+        if choice == ("ABSENT",):
+            continue
+        if isinstance(choice, tuple) and choice[:1] == ("GENUINE",):
+            if not choice[1]:
+                out[key] = value
+            elif isinstance(value, list):  # ek_intermediates: mutate each
+                out[key] = [b64(mutate(base64.b64decode(v), choice[1])) for v in value]
+            elif text:
+                out[key] = mutate(value.encode(), choice[1]).decode("utf-8", "replace")
+            else:
+                out[key] = b64(mutate(base64.b64decode(value), choice[1]))
+        else:
+            out[key] = choice
+    return out
+
+
+evidence_choices = st.fixed_dictionaries({k: field_choice for k in EVIDENCE_FIELDS})
+extra_fields = st.one_of(st.just({}), st.just({}), st.dictionaries(any_text, field_values,
+                                                                   max_size=2))
+
+
+@given(evidence_choices, extra_fields)
+@budget(0.1)
+def test_tpm_evidence_mutated(hardware: Hardware, choices: dict[str, Any],
+                              extra: dict[str, Any]) -> None:
+    """TPM evidence with fields changed, missing, wild or added: refused with a 4xx
+    (nothing recorded but the used-up id) unless it is the genuine evidence."""
+    count("provisioning tpm/evidence mutated genuine evidence")
+    api = hardware.api
+    token = api.service._put("tpm-evidence", {
+        "serial": "fz-e", "kind": "device", "reenroll": True, "operator": "fz",
+        "device_class": "default", "nonce": b64(NONCE)})
+    evidence = mutated_object(hardware.evidence, choices, extra)
+    before = api.snapshot()
+    resp = api.call("POST", "/v1/enroll/tpm/evidence",
+                    json.dumps({"enrollment_id": token, "evidence": evidence}).encode())
+    data = answered(api, resp, where=evidence)
+    assert (resp.status_code == 200) == (evidence == hardware.evidence), (data, choices)
+    after = api.snapshot()
+    if is_text(evidence):  # else refused before the id was looked up
+        before["pending"] = [row for row in before["pending"] if row[0] != token]
+    if resp.status_code == 200:
+        assert set(data) == {"enrollment_id", "challenge"}
+        after["pending"] = [row for row in after["pending"] if row[0] != data["enrollment_id"]]
+    assert after == before
+
+
+def endpoint_call(hardware: Hardware, request: bytes) -> tuple[int, dict[str, Any]]:
+    """Send raw bytes to the enrollment endpoint, close our side, read the first answer:
+    (status, JSON object). An answer that is not JSON, or none at all, fails."""
+    host, port = hardware.endpoint._server.server_address[:2]
+    hardware.tracebacks.clear()
+    with socket.create_connection((str(host), int(port)), timeout=10) as conn:
+        conn.sendall(request)
+        conn.shutdown(socket.SHUT_WR)
+        received = b""
+        while chunk := conn.recv(65536):
+            received += chunk
+    assert not hardware.tracebacks, hardware.tracebacks[-1]
+    head, sep, rest = received.partition(b"\r\n\r\n")
+    assert sep, received[:200]
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = dict(line.split(": ", 1) for line in lines[1:] if ": " in line)
+    body = rest[: int(headers["Content-Length"])]
+    data = json.loads(body)
+    assert isinstance(data, dict)
+    if status != 200:
+        assert status in (400, 401, 404), (status, data)
+        assert set(data) == {"error", "code", "detail"}, data
+        if status != 404:
+            assert data["error"] == Reason(data["code"]).name.lower(), data
+    return status, data
+
+
+def endpoint_post(hardware: Hardware, path: str, body: bytes, *, code: bool = True,
+                  length: str | None = None) -> tuple[int, dict[str, Any]]:
+    headers = [f"POST {path} HTTP/1.1", "Host: 127.0.0.1"]
+    if code:
+        headers.append(f"Authorization: Bearer {hardware.endpoint.code}")
+    headers.append(f"Content-Length: {len(body) if length is None else length}")
+    return endpoint_call(hardware, ("\r\n".join(headers) + "\r\n\r\n").encode("latin-1")
+                         + body)
+
+
+@given(st.fixed_dictionaries({k: field_choice for k in ("credential_blob", "encrypted_secret")}),
+       extra_fields)
+@budget(0.1)
+def test_device_endpoint_activation_mutated(hardware: Hardware, choices: dict[str, Any],
+                                            extra: dict[str, Any]) -> None:
+    """The device's TPM answers only the genuine challenge (with the genuine secret);
+    a changed one is a 400 JSON error, whatever the TPM made of it."""
+    count("device endpoint /v1/activate mutated challenge")
+    challenge = mutated_object(hardware.challenge, choices, extra)
+    status, data = endpoint_post(hardware, "/v1/activate",
+                                 json.dumps({"challenge": challenge}).encode())
+    assert (status == 200) == (challenge == hardware.challenge), (data, choices)
+    if status == 200:
+        assert base64.b64decode(data["secret"]) == hardware.secret
+
+
+ISSUED_TEXT = ["serial", "identity", "attestation", "operational_credential",
+               "operational_not_after", "bundle", "enrollment_credential"]
+
+
+def ders(pem: Any) -> list[bytes]:
+    return [c.public_bytes(serialization.Encoding.DER)
+            for c in x509.load_pem_x509_certificates(pem.encode())]
+
+
+@given(st.fixed_dictionaries({k: field_choice for k in ISSUED_TEXT}), extra_fields)
+@budget(0.1)
+def test_device_endpoint_credentials_mutated(hardware: Hardware, choices: dict[str, Any],
+                                             extra: dict[str, Any]) -> None:
+    """Issued credentials changed, missing or wild: refused (nothing stored) unless the
+    certificates, the bundle and the identity are still the genuine ones."""
+    count("device endpoint /v1/credentials mutated credentials")
+    issued = mutated_object(hardware.issued, choices, extra, text=True)
+    try:
+        status, data = endpoint_post(hardware, "/v1/credentials",
+                                     json.dumps(issued).encode())
+        if status == 200:
+            assert hardware.stored == [issued]
+            for key in ("operational_credential", "bundle"):
+                assert ders(issued[key])[:1] == ders(hardware.issued[key])[:1], key
+            assert issued["identity"] == hardware.issued["identity"]
+        else:
+            assert hardware.stored == [] and not hardware.endpoint.enrolled.is_set(), data
+        if issued == hardware.issued:
+            assert status == 200, data
+    finally:
+        hardware.reset_endpoint()
+
+
+ENDPOINT_PATHS = ["/v1/device", "/v1/evidence", "/v1/activate", "/v1/credentials",
+                  "/v1/nothing", "/", "/v1/evidence?x=1", "//v1/evidence", "/v1/evidence/"]
+
+
+@given(st.sampled_from(["GET", "POST"]), st.sampled_from(ENDPOINT_PATHS),
+       st.one_of(api_bodies,
+                 st.fixed_dictionaries({}, optional={"nonce": st.one_of(
+                     st.binary(max_size=80).map(b64), field_values)}).map(
+                     lambda d: json.dumps(d).encode())),
+       st.one_of(st.none(), st.sampled_from(["abc", "-1", "1e3", " 12", "0x10",
+                                             "\u0661\u0662", "99999999999", "", "+5",
+                                             "65537", "0"])),
+       st.booleans())
+@budget(0.1)
+def test_device_endpoint_raw_requests(hardware: Hardware, method: str, path: str, body: bytes,
+                                      length: str | None, code: bool) -> None:
+    """Raw requests to the device's endpoint (its real TPM behind it): a JSON answer
+    with 200, 400, 401 or 404, never a dropped connection or a traceback."""
+    count("device endpoint raw requests")
+    lines = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1"]
+    if code:
+        lines.append(f"Authorization: Bearer {hardware.endpoint.code}")
+    lines.append(f"Content-Length: {len(body) if length is None else length}")
+    request = ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8") + body
+    try:
+        status, data = endpoint_call(hardware, request)
+        if not code:
+            assert status == 401, data
+        if status == 200:
+            assert path in ("/v1/device", "/v1/evidence", "/v1/activate", "/v1/credentials")
+    finally:
+        hardware.reset_endpoint()
+
+
+def test_device_endpoint_bad_length_and_deep_nesting_are_400(hardware: Hardware) -> None:
+    """Found by the fuzzer: a Content-Length that is not a number (ValueError) and a body
+    nested a few thousand deep (RecursionError) escaped the handler: socketserver printed
+    a traceback and dropped the connection without an answer. Both are 400 JSON errors;
+    nothing reaches the TPM or the store."""
+    for length in ("abc", "1e3", "0x10", "-1", "99999999999"):
+        status, data = endpoint_post(hardware, "/v1/evidence", b'{"nonce": "AAAA"}',
+                                     length=length)
+        assert status == 400 and data["error"] == "malformed", (length, data)
+        assert "Content-Length" in data["detail"]
+    for body in (b"[" * 60_000, b'{"a":' * 10_000 + b"1" + b"}" * 10_000):
+        for path in ("/v1/evidence", "/v1/activate", "/v1/credentials"):
+            status, data = endpoint_post(hardware, path, body)
+            assert status == 400 and data == {
+                "error": "malformed", "code": 100,
+                "detail": "request body must be a JSON object"}, (path, data)
+    assert hardware.stored == [] and not hardware.endpoint.enrolled.is_set()
