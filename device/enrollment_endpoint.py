@@ -145,6 +145,7 @@ class EnrollmentEndpoint:
             def _handle(self, method: str) -> None:
                 given = self.headers.get("Authorization", "")
                 if not hmac.compare_digest(given.encode(), f"Bearer {endpoint.code}".encode()):
+                    self.close_connection = True  # the body is left unread
                     log.warning("refused %s %s from %s: wrong pairing code", method, self.path,
                                 self.client_address[0])
                     return self._reply(401, _error(EnrollmentError(

@@ -1174,7 +1174,8 @@ def test_tpm_evidence_mutated(hardware: Hardware, choices: dict[str, Any],
     resp = api.call("POST", "/v1/enroll/tpm/evidence",
                     json.dumps({"enrollment_id": token, "evidence": evidence}).encode())
     data = answered(api, resp, where=evidence)
-    assert (resp.status_code == 200) == (evidence == hardware.evidence), (data, choices)
+    same = {"ek_intermediates": [], **evidence} == hardware.evidence  # [] is the default
+    assert (resp.status_code == 200) == same, (data, choices)
     after = api.snapshot()
     if is_text(evidence):  # else refused before the id was looked up
         before["pending"] = [row for row in before["pending"] if row[0] != token]
@@ -1186,18 +1187,27 @@ def test_tpm_evidence_mutated(hardware: Hardware, choices: dict[str, Any],
     api.forget(token)
 
 
-def endpoint_call(hardware: Hardware, request: bytes) -> tuple[int, dict[str, Any]]:
+def endpoint_call(hardware: Hardware, request: bytes, *, may_drop: bool = False
+                  ) -> tuple[int, dict[str, Any]]:
     """Send raw bytes to the enrollment endpoint, close our side, read the first answer:
-    (status, JSON object). An answer that is not JSON, or none at all, fails."""
+    (status, JSON object). An answer that is not JSON, or none at all, fails, unless
+    ``may_drop`` (a refusal that leaves the body unread closes the connection, and the
+    kernel may then reset it before our side has read the answer): then (0, {})."""
     host, port = hardware.endpoint._server.server_address[:2]
     hardware.tracebacks.clear()
+    received = b""
     with socket.create_connection((str(host), int(port)), timeout=10) as conn:
-        conn.sendall(request)
-        conn.shutdown(socket.SHUT_WR)
-        received = b""
-        while chunk := conn.recv(65536):
-            received += chunk
+        try:
+            conn.sendall(request)
+            conn.shutdown(socket.SHUT_WR)
+            while chunk := conn.recv(65536):
+                received += chunk
+        except OSError as exc:  # reset, broken pipe, not connected; a timeout is a hang
+            if not may_drop or isinstance(exc, TimeoutError):
+                raise
     assert not hardware.tracebacks, hardware.tracebacks[-1]
+    if not received and may_drop:
+        return 0, {}
     head, sep, rest = received.partition(b"\r\n\r\n")
     assert sep, received[:200]
     lines = head.decode("latin-1").split("\r\n")
@@ -1260,8 +1270,8 @@ def test_device_endpoint_credentials_mutated(hardware: Hardware, choices: dict[s
     try:
         status, data = endpoint_post(hardware, "/v1/credentials",
                                      json.dumps(issued).encode())
-        if status == 200:
-            assert hardware.stored == [issued]
+        if status == 200:  # (compared as JSON: a NaN in an ignored field is not == itself)
+            assert json.dumps(hardware.stored) == json.dumps([issued])
             for key in ("operational_credential", "bundle"):
                 assert ders(issued[key])[:1] == ders(hardware.issued[key])[:1], key
             assert issued["identity"] == hardware.issued["identity"]
@@ -1298,10 +1308,12 @@ def test_device_endpoint_raw_requests(hardware: Hardware, method: str, path: str
     lines.append(f"Content-Length: {len(body) if length is None else length}")
     request = ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8") + body
     try:
-        status, data = endpoint_call(hardware, request)
+        refused_unread = not code or length is not None  # the body may stay unread
+        status, data = endpoint_call(hardware, request, may_drop=refused_unread)
         if not code:
-            assert status == 401, data
-        if status == 200:
+            assert status in (0, 401), data
+        if status == 200:  # http.server collapses leading slashes ("//v1/x" is "/v1/x")
+            path = "/" + path.lstrip("/")
             assert path in ("/v1/device", "/v1/evidence", "/v1/activate", "/v1/credentials")
     finally:
         hardware.reset_endpoint()
