@@ -61,6 +61,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tpm2_pytss import TPM2B_PUBLIC
 
 from broker_plugin.host import (
     _SETTINGS,
@@ -82,7 +83,12 @@ from device.enrollment_endpoint import EnrollmentEndpoint
 from device.provisioner import LocalTpm, pop_signature
 from hw.software import InsecureSoftwareSigner
 from hw.tpm import TpmBackend
-from provisioning.attestation import TpmMakerRoots, make_challenge, verify_evidence
+from provisioning.attestation import (
+    TpmMakerRoots,
+    _area_key,
+    make_challenge,
+    verify_evidence,
+)
 from provisioning.authority import FleetAuthority
 from provisioning.enrollment import EnrollmentService
 from provisioning.operators import Operators
@@ -1163,7 +1169,13 @@ extra_fields = st.one_of(st.just({}), st.just({}), st.dictionaries(any_text, fie
 def test_tpm_evidence_mutated(hardware: Hardware, choices: dict[str, Any],
                               extra: dict[str, Any]) -> None:
     """TPM evidence with fields changed, missing, wild or added: refused with a 4xx
-    (nothing recorded but the used-up id) unless it is the genuine evidence."""
+    (nothing recorded but the used-up id), unless what the TPM signed is genuine.
+
+    The evidence step cannot tell everything: the EK and AK public areas are bound to
+    the TPM only through their keys (the EK certificate, the Certify signature), so an
+    area with the same key and other attributes or policy passes (the long run found an
+    AK area with a reserved attribute bit set). The AK's area is bound at activation:
+    the challenge is sealed to the AK's name, so the device's TPM must refuse it."""
     count("provisioning tpm/evidence mutated genuine evidence")
     api = hardware.api
     token = api.service._put("tpm-evidence", {
@@ -1174,8 +1186,21 @@ def test_tpm_evidence_mutated(hardware: Hardware, choices: dict[str, Any],
     resp = api.call("POST", "/v1/enroll/tpm/evidence",
                     json.dumps({"enrollment_id": token, "evidence": evidence}).encode())
     data = answered(api, resp, where=evidence)
-    same = {"ek_intermediates": [], **evidence} == hardware.evidence  # [] is the default
-    assert (resp.status_code == 200) == same, (data, choices)
+    full = {"ek_intermediates": [], **evidence}  # [] is the default
+    if full == hardware.evidence:
+        assert resp.status_code == 200, data
+    if resp.status_code == 200:
+        genuine = hardware.evidence
+        for key in ("ek_certificate", "certify_attest", "key_public", "ek_intermediates"):
+            assert full[key] == genuine[key], (key, choices)
+        assert same_signature(full["certify_signature"],
+                              base64.b64decode(genuine["certify_signature"])), choices
+        for key in ("ek_public", "ak_public"):
+            assert public_key(full[key]) == public_key(genuine[key]), (key, choices)
+        if full["ak_public"] != genuine["ak_public"]:  # sealed to a name this TPM lacks
+            challenge = ActivationChallenge.from_json(data["challenge"])
+            err = refused(lambda: hardware.tpm.activate(challenge))
+            assert err is not None and err.reason is Reason.ACTIVATION_FAILED, (err, choices)
     after = api.snapshot()
     if is_text(evidence):  # else refused before the id was looked up
         before["pending"] = [row for row in before["pending"] if row[0] != token]
@@ -1185,6 +1210,13 @@ def test_tpm_evidence_mutated(hardware: Hardware, choices: dict[str, Any],
         api.forget(data["enrollment_id"])
     assert after == before
     api.forget(token)
+
+
+def public_key(public_b64: str) -> bytes:
+    """The key of a marshalled TPM2B_PUBLIC (base64), as DER SubjectPublicKeyInfo."""
+    area = TPM2B_PUBLIC.unmarshal(base64.b64decode(public_b64))[0].publicArea
+    return _area_key(area).public_bytes(serialization.Encoding.DER,
+                                        serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 def endpoint_call(hardware: Hardware, request: bytes, *, may_drop: bool = False
@@ -1336,3 +1368,32 @@ def test_device_endpoint_bad_length_and_deep_nesting_are_400(hardware: Hardware)
                 "error": "malformed", "code": 100,
                 "detail": "request body must be a JSON object"}, (path, data)
     assert hardware.stored == [] and not hardware.endpoint.enrolled.is_set()
+
+
+def test_ak_area_changed_but_same_key_is_refused_at_activation(hardware: Hardware) -> None:
+    """Found by the long run: the AK's public area with a reserved attribute bit set
+    (the same key, so the Certify signature still verifies) passes the evidence step.
+    That step cannot know better; what stops it is activation: the challenge is sealed
+    to the name of the AK the evidence claims, which the device's TPM does not hold."""
+    api = hardware.api
+    ak = bytearray(base64.b64decode(hardware.evidence["ak_public"]))
+    ak[6] |= 0x01  # objectAttributes bit 24: reserved
+    evidence = {**hardware.evidence, "ak_public": b64(bytes(ak))}
+    token = api.service._put("tpm-evidence", {
+        "serial": "fz-ak", "kind": "device", "reenroll": True, "operator": "fz",
+        "device_class": "default", "nonce": b64(NONCE)})
+    resp = api.call("POST", "/v1/enroll/tpm/evidence",
+                    json.dumps({"enrollment_id": token, "evidence": evidence}).encode())
+    data = answered(api, resp)
+    assert resp.status_code == 200, data
+    challenge = ActivationChallenge.from_json(data["challenge"])
+    err = refused(lambda: hardware.tpm.activate(challenge))
+    assert err is not None and err.reason is Reason.ACTIVATION_FAILED, err
+    # the service refuses whatever the device could answer instead, and records nothing
+    before = api.snapshot()
+    resp = api.call("POST", "/v1/enroll/tpm/finish", json.dumps(
+        {"enrollment_id": data["enrollment_id"], "secret": b64(bytes(32))}).encode())
+    assert resp.status_code == 400 and answered(api, resp)["error"] == "activation_failed"
+    after = api.snapshot()
+    before["pending"] = [t for t in before["pending"] if t[0] != data["enrollment_id"]]
+    assert after == before and "fz-ak" not in [r.serial for r in api.registry.list()]
