@@ -3,6 +3,7 @@ three-message SA1 handshake."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -111,3 +112,13 @@ def wait_for(predicate: Callable[[], object], timeout: float = 5.0, what: str = 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what or predicate}")
         time.sleep(0.01)
+
+
+async def wait_for_async(predicate: Callable[[], object], timeout: float = 5.0,
+                         what: str = "") -> None:
+    """:func:`wait_for` for asyncio tests: yields to the loop between checks."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or predicate}")
+        await asyncio.sleep(0.005)

@@ -9,8 +9,6 @@ and for the genuine device beside it still being served.
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -29,6 +27,7 @@ from structauth.credentials import TimePolicy
 from structauth.errors import Reason
 from structauth.events import HandshakeCompleted
 from structauth.handshake import Initiator
+from tests.support import wait_for_async
 from tests.test_coap import WALL, Gateway, World, gateway, reason_of, run
 
 
@@ -55,13 +54,9 @@ class Audit:
         return [f for e, f in self.records if e == name]
 
 
+
 async def until(predicate: Callable[[], object], timeout: float = 5.0) -> None:
-    """Wait (yielding to the loop) until ``predicate`` holds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {predicate}")
-        await asyncio.sleep(0.005)
+    await wait_for_async(predicate, timeout)
 
 
 async def endpoint(host: str = "127.0.0.1") -> aiocoap.Context:

@@ -5,8 +5,6 @@ was sent in the first epoch."""
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import Callable
 
 import pytest
@@ -18,6 +16,7 @@ from structauth.coap_actions import request_action
 from structauth.errors import StaleMessage
 from structauth.params import SessionParams
 from structauth.session import Session
+from tests.support import wait_for_async
 from tests.test_coap import World, gateway, run
 
 FAST = SessionParams(epoch_ms=200, skew_epochs=1, lifetime_s=60, sealed=True)
@@ -30,12 +29,9 @@ def world() -> World:
                  {n: fleet.member("device", n) for n in ("pi-1", "pi-2")})
 
 
+
 async def until(predicate: Callable[[], object], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {predicate}")
-        await asyncio.sleep(0.01)
+    await wait_for_async(predicate, timeout)
 
 
 def first_epoch_erased(session: Session) -> bool:

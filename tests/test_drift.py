@@ -46,6 +46,7 @@ from structauth.credentials import Credential, Identity, TimePolicy, TrustStore
 from structauth.errors import Reason, TesseraError
 from structauth.handshake import Initiator, Responder
 from structauth.session import Session
+from tests.support import wait_for
 
 POLICY = parse_policy("""
 version = 1
@@ -279,13 +280,13 @@ def test_what_a_publisher_refused_for_its_epoch_gets_from_mosquitto(tmp_path: Pa
             epoch = s.epoch_at(time.monotonic()).to_bytes(2, "big")
             forged = data[:-31] + data[-31:-22] + epoch + data[-20:]
             hs.conn.send(m.publish(topic, forged, qos=0))
-        deadline = time.monotonic() + 10
         rows: list[dict[str, Any]] = []
-        while time.monotonic() < deadline:
-            rows = [json.loads(line) for line in world.audit_path.read_text().splitlines()]
-            if any(r["event"] == "quarantined" for r in rows):
-                break
-            time.sleep(0.1)
+
+        def quarantined_yet() -> bool:
+            rows[:] = [json.loads(line) for line in world.audit_path.read_text().splitlines()]
+            return any(r["event"] == "quarantined" for r in rows)
+
+        wait_for(quarantined_yet, 10, "the forger's quarantine in the audit log")
     finally:
         world.close()
     quarantined = [r for r in rows if r["event"] == "quarantined"]

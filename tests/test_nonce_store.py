@@ -9,6 +9,7 @@ one error line."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -268,6 +269,7 @@ _DISK_FULL_CHILD = textwrap.dedent("""
     from pathlib import Path
     from broker_plugin.nonce_store import FileStore, NonceFile, RECORD_SIZE
     from structauth.handshake import NonceCache
+    from tests.support import wait_for
 
     d = Path(sys.argv[1])
     ballast = d / "ballast"
@@ -280,14 +282,11 @@ _DISK_FULL_CHILD = textwrap.dedent("""
     for n in nonces:
         cache.add(n, time.monotonic())
         store.offer(n, time.monotonic() + 600)
-    deadline = time.monotonic() + 20
-    while store.stats.errors == 0 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_for(lambda: store.stats.errors > 0, 20, "a write refused by the full disk")
     errors_while_full = store.stats.errors
     in_memory = sum(1 for n in nonces if n in cache._seen)
     ballast.unlink()  # room again: the writer catches up with what it holds
-    while store.stats.written < 200 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_for(lambda: store.stats.written >= 200, 20, "the writer catching up")
     written = store.stats.written
     store.close()
     f = NonceFile(path, max_entries=1000)
@@ -301,12 +300,10 @@ _DISK_FULL_CHILD = textwrap.dedent("""
     more = [b"\\x77" * 28 + i.to_bytes(4, "big") for i in range(100)]  # 8.8 kB
     for n in more:
         store.offer(n, time.monotonic() + 600)
-    while store.stats.errors == start_errors and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_for(lambda: store.stats.errors > start_errors, 20, "a refused write at start")
     errors_at_start_full = store.stats.errors - start_errors
     (d / "ballast2").unlink()
-    while store.stats.written < 100 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_for(lambda: store.stats.written >= 100, 20, "the writer catching up again")
     store.close()
     g = NonceFile(path, max_entries=1000)
     reloaded = {n for n, _ in g.load(time.time())}
@@ -363,10 +360,13 @@ def _rows(url: str) -> list[tuple[Any, ...]]:
 
 def _collect(store: PostgresStore, want: int, timeout: float = 10.0) -> list[bytes]:
     got: list[bytes] = []
-    deadline = time.monotonic() + timeout
-    while len(got) < want and time.monotonic() < deadline:
+
+    def enough() -> bool:
         got.extend(n for n, _ in store.take(10_000))
-        time.sleep(0.005)
+        return len(got) >= want
+
+    with contextlib.suppress(AssertionError):  # the caller asserts on what arrived
+        wait_for(enough, timeout, f"{want} nonces from the table")
     return got
 
 
