@@ -98,6 +98,8 @@ from simulator.swtpm import Swtpm
 from structauth.credentials import Identity
 from structauth.errors import ConfigurationError, Reason, TesseraError
 from structauth.possession import LABEL_ENROLL, LABEL_RENEW
+from tests.test_fuzz import mutate
+from tests.test_fuzz import ops as byte_ops
 
 EXAMPLES = int(os.environ.get("TESSERA_FUZZ_EXAMPLES", "300"))
 #: a few inputs are strings of 5,000 characters on purpose
@@ -212,40 +214,6 @@ def edit_text(text: str, edits: list[tuple[str, int, str]]) -> str:
         else:
             text = text[:at]
     return text
-
-
-byte_positions = st.one_of(st.integers(0, 96), st.integers(-140, -1), st.integers(0, 1 << 16))
-byte_ops = st.lists(
-    st.one_of(
-        st.tuples(st.just("set"), byte_positions, st.integers(0, 255)),
-        st.tuples(st.just("xor"), byte_positions, st.integers(1, 255)),
-        st.tuples(st.just("insert"), byte_positions, st.binary(min_size=1, max_size=8)),
-        st.tuples(st.just("delete"), byte_positions, st.integers(1, 8)),
-        st.tuples(st.just("cut"), byte_positions, st.just(0)),
-        st.tuples(st.just("extend"), st.just(0), st.binary(min_size=1, max_size=8)),
-    ),
-    min_size=1,
-    max_size=4,
-)
-
-
-def mutate(data: bytes, edits: list[tuple[str, int, Any]]) -> bytes:
-    b = bytearray(data)
-    for kind, pos, arg in edits:
-        at = pos % (len(b) + 1)
-        if kind == "set" and b:
-            b[at % len(b)] = arg
-        elif kind == "xor" and b:
-            b[at % len(b)] ^= arg
-        elif kind == "insert":
-            b[at:at] = arg
-        elif kind == "delete":
-            del b[at : at + arg]
-        elif kind == "cut":
-            del b[at:]
-        elif kind == "extend":
-            b += arg
-    return bytes(b)
 
 
 # -- policy files -----------------------------------------------------------------------
