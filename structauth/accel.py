@@ -27,8 +27,7 @@ from .errors import (
     TesseraError,
     VerificationFailed,
 )
-from .events import MessageVerified
-from .session import Session
+from .session import MessageVerified, Session
 
 try:
     from . import _accel as _c  # type: ignore[attr-defined]

@@ -46,7 +46,6 @@ from .errors import (
     StateError,
     VerificationFailed,
 )
-from .events import HandshakeAnswered, HandshakeCompleted, HandshakeConfirmed
 from .keys import Signer
 from .params import SessionParams
 from .session import Role, Session
@@ -93,6 +92,42 @@ _ECDSA = ec.ECDSA(Prehashed(hashes.SHA256()))
 
 
 # ---------------------------------------------------------------------------- wire
+
+
+@dataclass(frozen=True, slots=True)
+class HandshakeAnswered:
+    """Responder side: msg1 was valid; send ``reply`` (msg2) and keep ``pending``.
+
+    Nothing is granted yet: ``pending`` is not a session and names no peer. Only
+    :meth:`~structauth.handshake.Responder.confirm` with the initiator's msg3 yields
+    :class:`HandshakeConfirmed`.
+    """
+
+    reply: bytes
+    pending: PendingHandshake
+
+
+@dataclass(frozen=True, slots=True)
+class HandshakeConfirmed:
+    """Responder side: msg3 proved the initiator holds the session keys. Only now is
+    there a session, an authenticated peer to log in and a "handshake ok" to audit."""
+
+    session: Session
+    peer: Identity
+    credential: Credential
+    context: bytes
+    quote: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class HandshakeCompleted:
+    """Initiator side: msg2 was valid and confirmed; ``session`` is ready once
+    ``reply`` (msg3) has been sent to the responder."""
+
+    session: Session
+    peer: Identity
+    credential: Credential
+    reply: bytes
 
 
 @dataclass(frozen=True)
