@@ -14,12 +14,22 @@ installed can still use the other. There is no default backend.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from structauth.errors import ConfigurationError
 from structauth.keys import Signer
 
-__all__ = ["open_signer"]
+__all__ = ["TSS2_LOG_DEFAULT", "open_signer"]
+
+#: libtss2 (tpm2-tss) writes its own ERROR/WARNING lines to stderr, also for conditions
+#: the TPM backend handles (a TPM that restarted, a stale handle it reloads, a TCTI it
+#: reconnects). Every failure reaches the caller as a KeyBackendError saying what to
+#: check, so the library's lines are silenced unless the operator set TSS2_LOG
+#: (e.g. TSS2_LOG=all+WARNING, or esys+DEBUG, to see them again). Set before any TCTI or
+#: ESYS context exists: libtss2 reads the variable at its first log call.
+TSS2_LOG_DEFAULT = "all+NONE"
+os.environ.setdefault("TSS2_LOG", TSS2_LOG_DEFAULT)
 
 _USAGE = (
     "use 'tpm:<tcti>#<key>' (e.g. tpm:device:/dev/tpmrm0#device), "

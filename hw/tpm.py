@@ -91,6 +91,7 @@ from tpm2_pytss import (
     TSS2_Exception,
 )
 from tpm2_pytss.constants import TSS2_RC
+from tpm2_pytss.tsskey import TSSPrivKey
 from tpm2_pytss.utils import NoSuchIndex, create_ek_template
 
 from structauth.errors import (
@@ -124,6 +125,8 @@ EK_CERT_INDICES: tuple[tuple[int, str, int], ...] = (
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 _FILE_MAGIC = b"TESSERA-TPMKEY\n"
+#: the parent of every key file: TPM_RH_OWNER, i.e. the owner hierarchy's standard SRK
+_TSS_PARENT = int(TPM2_RH.OWNER)
 _FILE_VERSION = 1
 _KIND_SIGNING = 1
 _KIND_ATTESTATION = 2
@@ -196,8 +199,16 @@ def _ecc_template(
     )
 
 
-def srk_template() -> TPM2B_PUBLIC:
-    """The standard ECC P-256 storage root key template (deterministic: zero unique)."""
+def srk_template(*, tss: bool = False) -> TPM2B_PUBLIC:
+    """An ECC P-256 storage root key template (deterministic, so the TPM re-derives the
+    same key every time).
+
+    ``tss=True``: the parent that the TSS2 key file format means by TPM_RH_OWNER, as
+    tpm2-tools, the tpm2 OpenSSL provider and tpm2-pytss's tsskey create it: an empty
+    unique field. Keys in TSS2 PEM files live under it. ``tss=False``: the TCG
+    Provisioning Guidance SRK (unique = 32 zero bytes for x and y), the parent of the
+    keys Tessera <= 0.1 wrote in its own container. The two are different keys.
+    """
     return _ecc_template(
         TPMA_OBJECT.FIXEDTPM
         | TPMA_OBJECT.FIXEDPARENT
@@ -212,7 +223,7 @@ def srk_template() -> TPM2B_PUBLIC:
             keyBits=TPMU_SYM_KEY_BITS(aes=128),
             mode=TPMU_SYM_MODE(aes=TPM2_ALG.CFB),
         ),
-        zero_unique=True,
+        zero_unique=not tss,
     )
 
 
@@ -330,12 +341,62 @@ def _base_rc(rc: int) -> int:
 
 @dataclass(frozen=True)
 class _KeyFile:
+    """A TPM-wrapped key: its public area and SRK-encrypted private area.
+
+    Written as a TSS2 PRIVATE KEY PEM (the ASN.1 TPMKey of the TSS2 key file format:
+    type 2.23.133.10.1.3 "loadable key", emptyAuth, parent TPM_RH_OWNER, pubkey,
+    privkey), which tpm2-tools (``tpm2_load -r``), the tpm2 OpenSSL provider and the
+    tpm2-tss engine load. Parent TPM_RH_OWNER means "the owner hierarchy's standard
+    storage key", the ECC P-256 primary these tools derive (``srk_template(tss=True)``).
+    Files in the container of Tessera <= 0.1 (``TESSERA-TPMKEY``, which also recorded
+    the SRK's name) are still read.
+    """
+
     kind: int
-    parent_name: bytes
+    parent_name: bytes | None  # the SRK's name (old container only; None for PEM)
     public: bytes  # marshalled TPM2B_PUBLIC
     private: bytes  # marshalled TPM2B_PRIVATE
 
+    def to_pem(self) -> bytes:
+        return bytes(
+            TSSPrivKey(
+                self.tpm2b_private(), self.tpm2b_public(), empty_auth=True, parent=_TSS_PARENT
+            ).to_pem()
+        )
+
+    @classmethod
+    def from_pem(cls, data: bytes) -> _KeyFile:
+        try:
+            key = TSSPrivKey.from_pem(data)
+        except Exception as exc:
+            raise ValueError(f"not a TSS2 PRIVATE KEY ({exc})") from None
+        if int(key.parent) != _TSS_PARENT:
+            raise ValueError(
+                f"its parent is 0x{int(key.parent):08x}; Tessera loads keys whose parent "
+                f"is the owner hierarchy's storage key (0x{_TSS_PARENT:08x})"
+            )
+        if not key.empty_auth:
+            raise ValueError("the key has an authorization value; Tessera keys have none")
+        public = key.public
+        if public.publicArea.type != TPM2_ALG.ECC:
+            raise ValueError("the key is not an ECC key")
+        restricted = int(public.publicArea.objectAttributes) & TPMA_OBJECT.RESTRICTED
+        kind = _KIND_ATTESTATION if restricted else _KIND_SIGNING
+        return cls(kind, None, bytes(public.marshal()), bytes(key.private.marshal()))
+
+    @classmethod
+    def parse(cls, data: bytes) -> _KeyFile:
+        """Either format: TSS2 PEM, or the old Tessera container."""
+        if data.lstrip().startswith(b"-----BEGIN TSS2 PRIVATE KEY-----"):
+            return cls.from_pem(data)
+        return cls.from_bytes(data)
+
+    def tpm_name(self) -> bytes:
+        return bytes(self.tpm2b_public().get_name())
+
     def to_bytes(self) -> bytes:
+        """The old container (kept for tests of compatibility with existing files)."""
+        assert self.parent_name is not None
         return b"".join(
             (
                 _FILE_MAGIC,
@@ -467,6 +528,12 @@ class TpmBackend:
         self._tcti_ctx: TCTILdr | None = None
         self._closed = False
         self._loaded: dict[bytes, ESYS_TR] = {}  # signing keys kept loaded, by public area
+        #: transient objects we loaded and have not flushed yet: ESYS handle -> (TPM
+        #: handle, TPM name). When the connection breaks (the TPM, its resource manager or
+        #: the link went away) the ESYS context cannot flush them any more; they become
+        #: orphans, flushed through the next connection if the TPM still holds them.
+        self._objects: dict[int, tuple[int, bytes]] = {}
+        self._orphans: list[tuple[int, bytes]] = []
         self._pinned: set[bytes] = set()  # cached keys in use by the running command
         self._ek: _EkChoice | None = None
         with self._lock:
@@ -481,9 +548,16 @@ class TpmBackend:
         except Exception as exc:
             self._drop_connection()
             raise self._translate(exc, "connect to the TPM") from exc
+        self._reap_orphans(self._esapi)
 
     def _drop_connection(self) -> None:
+        """Forget the ESYS context. After a TCTI error ESYS marks its context as failed
+        and answers every later call with "Function called in the wrong order"
+        (BAD_SEQUENCE), so a broken context is never reused: the next call connects
+        afresh."""
         self._loaded.clear()
+        self._orphans.extend(self._objects.values())
+        self._objects.clear()
         esapi, tcti = self._esapi, self._tcti_ctx
         self._esapi = self._tcti_ctx = None
         with contextlib.suppress(Exception):
@@ -501,9 +575,9 @@ class TpmBackend:
             self._closed = True
             if self._esapi is not None:
                 for handle in list(self._loaded.values()):
-                    with contextlib.suppress(Exception):
-                        self._esapi.flush_context(handle)
+                    self._flush(self._esapi, handle)
             self._drop_connection()
+            self._orphans.clear()
 
     def __enter__(self) -> TpmBackend:
         return self
@@ -525,7 +599,12 @@ class TpmBackend:
             assert self._esapi is not None
             try:
                 yield self._esapi
-            except TesseraError:
+            except TesseraError as known:
+                # already translated deeper down (e.g. a failed load): a lost connection
+                # still poisons the context, so drop it here too, or the first retry
+                # would fail with BAD_SEQUENCE and only the second would work
+                if known.reason == Reason.BACKEND_UNAVAILABLE:
+                    self._drop_connection()
                 raise
             except Exception as exc:
                 error = self._translate(exc, doing)
@@ -629,16 +708,53 @@ class TpmBackend:
 
     # -- low-level object handling (call with the lock held, inside _tpm) --------------
 
-    @contextlib.contextmanager
-    def _srk(self, esapi: ESAPI) -> Iterator[tuple[ESYS_TR, bytes]]:
-        handle, public, *_ = self._retry_on_full(
-            lambda: esapi.create_primary(TPM2B_SENSITIVE_CREATE(), srk_template(), ESYS_TR.OWNER)
-        )
+    def _track(self, esapi: ESAPI, handle: ESYS_TR, name: bytes) -> ESYS_TR:
+        """Remember a transient object we made, so that it can be flushed even if the
+        connection breaks before we flush it."""
+        with contextlib.suppress(Exception):
+            self._objects[int(handle)] = (int(esapi.tr_get_tpm_handle(handle)), bytes(name))
+        return handle
+
+    def _flush(self, esapi: ESAPI, handle: ESYS_TR) -> None:
         try:
-            yield handle, bytes(public.get_name())
-        finally:
+            esapi.flush_context(handle)
+        except Exception:
+            return  # still tracked: an orphan if the connection turns out to be broken
+        self._objects.pop(int(handle), None)
+
+    def _reap_orphans(self, esapi: ESAPI) -> None:
+        """Flush, through a fresh connection, what a broken one left loaded. Without a
+        resource manager (swtpm's socket, /dev/tpm0) such objects hold the TPM's few
+        slots until it resets. An object is flushed only if the TPM handle still holds
+        an object of the same TPM name: after a TPM reset the number may belong to
+        another program's object, which we leave alone."""
+        orphans, self._orphans = self._orphans, []
+        for tpm_handle, name in orphans:
+            try:
+                handle = esapi.tr_from_tpmpublic(tpm_handle)
+            except Exception:
+                continue  # gone (the TPM was reset or a resource manager cleaned up)
+            try:
+                if bytes(esapi.tr_get_name(handle)) == name:
+                    esapi.flush_context(handle)
+                    continue
+            except Exception:
+                pass
             with contextlib.suppress(Exception):
-                esapi.flush_context(handle)
+                esapi.tr_close(handle)
+
+    @contextlib.contextmanager
+    def _srk(self, esapi: ESAPI, *, tss: bool = True) -> Iterator[tuple[ESYS_TR, bytes]]:
+        template = srk_template(tss=tss)
+        handle, public, *_ = self._retry_on_full(
+            lambda: esapi.create_primary(TPM2B_SENSITIVE_CREATE(), template, ESYS_TR.OWNER)
+        )
+        name = bytes(public.get_name())
+        self._track(esapi, handle, name)
+        try:
+            yield handle, name
+        finally:
+            self._flush(esapi, handle)
 
     def _retry_on_full(self, fn: Callable[[], _T]) -> _T:
         """Run ``fn``; if the TPM has no free object slot, flush our cached keys, retry."""
@@ -650,13 +766,13 @@ class TpmBackend:
                 raise
             assert self._esapi is not None
             for key in idle:
-                with contextlib.suppress(Exception):
-                    self._esapi.flush_context(self._loaded.pop(key))
+                self._flush(self._esapi, self._loaded.pop(key))
             return fn()
 
     def _load(self, esapi: ESAPI, keyfile: _KeyFile, name: str) -> ESYS_TR:
-        with self._srk(esapi) as (srk, srk_name):
-            if srk_name != keyfile.parent_name:
+        # an old container names its parent: the TCG SRK; a TSS2 PEM: the tools' parent
+        with self._srk(esapi, tss=keyfile.parent_name is None) as (srk, srk_name):
+            if keyfile.parent_name is not None and srk_name != keyfile.parent_name:
                 raise KeyBackendError(
                     f"TPM key {name!r} was wrapped by a different storage root key: the "
                     "file comes from another TPM, or this TPM's owner hierarchy was cleared. "
@@ -664,7 +780,7 @@ class TpmBackend:
                     Reason.KEY_NOT_FOUND,
                 )
             try:
-                return self._retry_on_full(
+                handle = self._retry_on_full(
                     lambda: esapi.load(srk, keyfile.tpm2b_private(), keyfile.tpm2b_public())
                 )
             except TSS2_Exception as exc:
@@ -676,6 +792,7 @@ class TpmBackend:
                     "belongs to another TPM. Create and enroll a new key",
                     Reason.KEY_NOT_FOUND,
                 ) from exc
+            return self._track(esapi, handle, keyfile.tpm_name())
 
     @contextlib.contextmanager
     def _transient(self, esapi: ESAPI, keyfile: _KeyFile, name: str) -> Iterator[ESYS_TR]:
@@ -691,8 +808,7 @@ class TpmBackend:
         try:
             yield handle
         finally:
-            with contextlib.suppress(Exception):
-                esapi.flush_context(handle)
+            self._flush(esapi, handle)
 
     def _handles(self, esapi: ESAPI, handle_type: int) -> list[int]:
         found: list[int] = []
@@ -746,10 +862,10 @@ class TpmBackend:
                 f"cannot read TPM key file {path}: {exc.strerror}", Reason.KEY_NOT_FOUND
             ) from None
         try:
-            keyfile = _KeyFile.from_bytes(data)
+            keyfile = _KeyFile.parse(data)
         except Exception as exc:
             raise KeyBackendError(
-                f"TPM key file {path} is damaged or not a Tessera key file ({exc})",
+                f"TPM key file {path} is damaged or not a TSS2 PRIVATE KEY ({exc})",
                 Reason.KEY_NOT_FOUND,
             ) from None
         if keyfile.kind != kind:
@@ -765,7 +881,7 @@ class TpmBackend:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=self.key_dir)
         try:
             with os.fdopen(fd, "wb") as fh:  # mkstemp: mode 0600
-                fh.write(keyfile.to_bytes())
+                fh.write(keyfile.to_pem())
                 fh.flush()
                 os.fsync(fh.fileno())
             try:
@@ -804,11 +920,11 @@ class TpmBackend:
         if path.exists():
             raise self._exists(path)
         with self._tpm(f"creation of {_KIND_LABEL[kind]} {name!r}") as esapi:
-            with self._srk(esapi) as (srk, srk_name):
+            with self._srk(esapi) as (srk, _):
                 private, public, *_ = self._retry_on_full(
                     lambda: esapi.create(srk, TPM2B_SENSITIVE_CREATE(), _child_template(kind))
                 )
-            keyfile = _KeyFile(kind, srk_name, public.marshal(), private.marshal())
+            keyfile = _KeyFile(kind, None, public.marshal(), private.marshal())
         self._write_keyfile(path, keyfile)
         return keyfile
 
@@ -845,8 +961,7 @@ class TpmBackend:
         keyfile = self._read_keyfile(name, _KIND_ATTESTATION)
         with self._tpm(f"load of attestation key {name!r}") as esapi:
             handle = self._load(esapi, keyfile, name)  # fail early, then free the slot
-            with contextlib.suppress(Exception):
-                esapi.flush_context(handle)
+            self._flush(esapi, handle)
         return TpmAttestationKey(self, name, keyfile)
 
     def get_or_create_attestation_key(self, name: str) -> TpmAttestationKey:
@@ -907,16 +1022,17 @@ class TpmBackend:
         """Drop a cached handle we no longer trust, without TPM2_FlushContext: after a TPM
         reset the handle number may belong to another program's object."""
         handle = self._loaded.pop(keyfile.public, None)
-        if handle is not None and self._esapi is not None:
-            with contextlib.suppress(Exception):
-                self._esapi.tr_close(handle)
+        if handle is not None:
+            self._objects.pop(int(handle), None)
+            if self._esapi is not None:
+                with contextlib.suppress(Exception):
+                    self._esapi.tr_close(handle)
 
     def _unload(self, keyfile: _KeyFile) -> None:
         with self._lock:
             handle = self._loaded.pop(keyfile.public, None)
             if handle is not None and self._esapi is not None:
-                with contextlib.suppress(Exception):
-                    self._esapi.flush_context(handle)
+                self._flush(self._esapi, handle)
 
     # -- public API: randomness and attestation --------------------------------------
 
@@ -1085,6 +1201,7 @@ class TpmBackend:
                 TPM2B_SENSITIVE_CREATE(), choice.template, ESYS_TR.ENDORSEMENT
             )
         )
+        self._track(esapi, handle, bytes(public.get_name()))
         try:
             if not self._ek_matches(public, choice):
                 raise KeyBackendError(
@@ -1094,8 +1211,7 @@ class TpmBackend:
                 )
             yield handle, public
         finally:
-            with contextlib.suppress(Exception):
-                esapi.flush_context(handle)
+            self._flush(esapi, handle)
 
     def ek_certificate(self) -> bytes:
         """The EK certificate (DER) from NV: ECC P-256, ECC P-384, then RSA 2048 index."""
