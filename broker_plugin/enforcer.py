@@ -992,10 +992,11 @@ class Enforcer:
         if name is None:
             # a plain route; repeatable unless a step-up rule or a challenge decides
             plain = step is None and old is None and challenge is None
-            if self.fanout is not None:  # sealed per message here, so not repeatable in C
-                return MessageAnswer(MOSQ_ERR_SUCCESS,
-                                     self.fanout.seal(topic.encode(), payload, now), 0,
-                                     None), False
+            if self.fanout is not None:
+                sealed = self.fanout.seal(topic.encode(), payload, now)
+                if plain and self.fast is not None:  # C seals the rest of this interval
+                    self.fast.seal_interval(self.fanout.interval_key(now))
+                return MessageAnswer(MOSQ_ERR_SUCCESS, sealed, 0, None), plain
             return MessageAnswer(MOSQ_ERR_SUCCESS, payload, 0, None), plain
         # One named recipient: prove the message to it under its own session, so it
         # knows the broker routed it from an authenticated sender.

@@ -78,6 +78,14 @@ class FastLane:
         (it otherwise does so at most every 5 ms under load)."""
         self._m.tick_soon()
 
+    def seal_interval(self, key: tuple[bytes, bytes, float, float] | None) -> None:
+        """Seal routed messages in C under this fan-out interval
+        (:meth:`structauth.fanout.FanoutSigner.interval_key`); None stops sealing."""
+        if key is None:
+            self._m.seal_interval(None)
+        else:
+            self._m.seal_interval(*key)
+
     def take_counts(self) -> list[tuple[str, int]]:
         """Messages each client routed through the fast lane since the last call."""
         return list(self._m.take_counts())

@@ -169,6 +169,19 @@ class FanoutSigner:
         mac.update(payload)
         return payload + prefix + mac.digest()
 
+    def interval_key(self, now: float) -> tuple[bytes, bytes, float, float]:
+        """(trailer prefix, MAC key, valid_from, valid_until) of the interval ``now``
+        falls in: what :meth:`seal` uses for every time in [valid_from, valid_until), so
+        another sealer (the broker's C fast lane) makes the same trailer there. The range
+        is kept a microsecond inside the interval's edges, where float rounding could put
+        a time on either side."""
+        self._roll(now)
+        chain = self.chain
+        i = self._interval(chain, now)
+        start = chain.t0 + (i - 1) * self.interval_s
+        return (_PREFIX.pack(FLAGS, chain.id, 0, i), _h(LABEL_MAC, chain.keys[i]),
+                start + _EPS, start + self.interval_s - _EPS)
+
     def _body(self, now: float, answer: bool, nonce: bytes = b"") -> bytes:
         c = self.chain
         body: dict[str, object] = {

@@ -66,6 +66,21 @@ static double g_hist_sum;
 static uint64_t g_hist_count;
 static bool g_tick_soon;
 
+/* Fan-out sealing (structauth.fanout): on a broker that seals fan-out topics, every
+ * routed message gets the trailer prefix || BLAKE2s-128(K_mac(i), prefix || len(topic) ||
+ * topic || payload) of the current interval i.  The host hands over the interval's prefix
+ * and MAC key once per interval (the first message after a boundary goes to Python,
+ * which seals it and hands over the next); outside [from, until) nothing is routed here
+ * unsealed or under a stale interval: the host gets the message instead. */
+typedef struct {
+	bool on;                  /* this broker seals: never route a message unsealed */
+	bool valid;
+	uint8_t prefix[PREFIX];
+	b2s_state mac;            /* template keyed with the interval's MAC key */
+	double from, until;       /* monotonic seconds the interval covers, with a margin */
+} seal_state;
+static seal_state g_seal;
+
 /* --- small helpers -------------------------------------------------------------- */
 
 static uint64_t hash_str(const char *s)
@@ -328,6 +343,30 @@ static int verify(record *r, const char *topic, size_t tlen, const uint8_t *hdr,
 	return FL_VERIFIED;
 }
 
+static bool seal_ready(double now)
+{
+	return !g_seal.on || (g_seal.valid && now >= g_seal.from && now < g_seal.until);
+}
+
+bool fl_sealing(void)
+{
+	return g_seal.on;
+}
+
+void fl_seal(const char *topic, const uint8_t *body, uint32_t len, uint8_t trailer[HEADER])
+{
+	size_t tlen = strlen(topic);
+	uint8_t tl[2] = {(uint8_t)(tlen >> 8), (uint8_t)tlen};
+	b2s_state s = g_seal.mac;
+	memcpy(trailer, g_seal.prefix, PREFIX);
+	b2s_update(&s, g_seal.prefix, PREFIX);
+	b2s_update(&s, tl, 2);
+	b2s_update(&s, topic, tlen);
+	b2s_update(&s, body, len);
+	b2s_final(&s, trailer + PREFIX);
+	wipe(&s, sizeof s);
+}
+
 int fl_message(const char *client_id, const char *topic, const uint8_t *payload,
 		uint32_t len, double now, fl_result *out)
 {
@@ -338,7 +377,9 @@ int fl_message(const char *client_id, const char *topic, const uint8_t *payload,
 	}
 	double t0 = g_hist ? fl_monotonic() : 0;
 	int rc = verify(r, topic, tlen, payload + len - HEADER, payload, len - HEADER, now, out);
-	if(rc == FL_VERIFIED && set_has(&r->pub, topic)){
+	/* a topic judged before routes here, unless it must be sealed and this interval's
+	 * key has not been handed over yet: then the host seals it (and hands it over) */
+	if(rc == FL_VERIFIED && set_has(&r->pub, topic) && seal_ready(now)){
 		r->routed++;
 		rc = FL_ROUTE;
 	}
@@ -637,7 +678,15 @@ static PyObject *fast_message(PyObject *self, PyObject *args)
 	}
 	int rc = fl_message(cid, topic, payload.buf, (uint32_t)payload.len, now, &res);
 	PyObject *out;
-	if(rc == FL_ROUTE || rc == FL_VERIFIED){
+	if(rc == FL_ROUTE && g_seal.on){  /* what the broker routes: the body, sealed */
+		out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)res.body_len + HEADER);
+		if(out != NULL){
+			uint8_t *o = (uint8_t *)PyBytes_AS_STRING(out);
+			memcpy(o, payload.buf, res.body_len);
+			fl_seal(topic, o, res.body_len, o + res.body_len);
+			out = Py_BuildValue("(iNO)", rc, out, Py_None);
+		}
+	}else if(rc == FL_ROUTE || rc == FL_VERIFIED){
 		out = Py_BuildValue("(iy#O)", rc, (const char *)payload.buf, (Py_ssize_t)res.body_len, Py_None);
 	}else if(rc == FL_REJECT){
 		out = Py_BuildValue("(iss)", rc, res.reason, res.detail);
@@ -697,6 +746,40 @@ static PyObject *fast_erase(PyObject *self, PyObject *args)
 	Py_RETURN_NONE;
 }
 
+/* seal_interval(prefix, key, valid_from, valid_until): seal routed messages from now on,
+ * with this interval's trailer prefix (15 bytes) and MAC key (32 bytes), for messages
+ * verified at monotonic times in [valid_from, valid_until).  seal_interval(None): stop. */
+static PyObject *fast_seal_interval(PyObject *self, PyObject *args)
+{
+	Py_buffer prefix = {0}, key = {0};
+	double from = 0, until = 0;
+	(void)self;
+	if(PyTuple_GET_SIZE(args) == 1 && PyTuple_GET_ITEM(args, 0) == Py_None){
+		wipe(&g_seal, sizeof g_seal);
+		Py_RETURN_NONE;
+	}
+	if(!PyArg_ParseTuple(args, "y*y*dd:seal_interval", &prefix, &key, &from, &until)) return NULL;
+	PyObject *res = NULL;
+	if(prefix.len != PREFIX || key.len != 32 || !(from < until)){
+		PyErr_SetString(PyExc_ValueError, "seal_interval: 15-byte prefix, 32-byte key, from < until");
+	}else{
+		b2s_state mac;
+		b2s_init(&mac, TAG, key.buf, 32);
+		b2s_absorb_pending(&mac);  /* the prefix always follows */
+		wipe(&g_seal, sizeof g_seal);
+		g_seal.mac = mac;
+		wipe(&mac, sizeof mac);
+		memcpy(g_seal.prefix, prefix.buf, PREFIX);
+		g_seal.from = from;
+		g_seal.until = until;
+		g_seal.on = g_seal.valid = true;
+		res = Py_NewRef(Py_None);
+	}
+	PyBuffer_Release(&prefix);
+	PyBuffer_Release(&key);
+	return res;
+}
+
 static PyObject *fast_cache_topic(PyObject *self, PyObject *args)
 {
 	const char *cid, *topic;
@@ -751,6 +834,8 @@ static PyMethodDef METHODS[] = {
 	{"verify_parts", (PyCFunction)(void (*)(void))fast_verify_parts, METH_FASTCALL,
 		"verify_parts(key, header, action, body, now)"},
 	{"erase", fast_erase, METH_VARARGS, "erase(key, now): drop keys out of the window"},
+	{"seal_interval", fast_seal_interval, METH_VARARGS, "seal_interval(prefix, key, from, "
+		"until) | seal_interval(None): seal routed messages under this fan-out interval"},
 	{NULL, NULL, 0, NULL},
 };
 

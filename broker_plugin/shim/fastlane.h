@@ -50,6 +50,10 @@ bool fl_known(const char *client_id);
 bool fl_read_cached(const char *client_id, const char *topic);
 void fl_cache_read(const char *client_id, const char *topic);
 double fl_monotonic(void);
+/* true on a broker that seals fan-out topics: a routed message needs fl_seal's trailer */
+bool fl_sealing(void);
+/* the 31-byte fan-out trailer of a message fl_message just answered FL_ROUTE for */
+void fl_seal(const char *topic, const uint8_t *body, uint32_t len, uint8_t trailer[31]);
 /* true once after the host asked for an early tick (tessera_fast.tick_soon()) */
 bool fl_take_tick_soon(void);
 

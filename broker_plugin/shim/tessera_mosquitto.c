@@ -747,15 +747,18 @@ static int fast_message(struct mosquitto_evt_message *ed)
 
 	if(out == FL_PASS) return -1;
 	if(out == FL_ROUTE){ /* the common case: no Python at all */
-		char *copy = mosquitto_malloc((size_t)fr.body_len + 1);
+		size_t len = (size_t)fr.body_len + (fl_sealing() ? 31 : 0);  /* + fan-out seal */
+		char *copy = mosquitto_malloc(len + 1);
 		if(copy == NULL){
 			mosquitto_log_printf(MOSQ_LOG_ERR, "tessera: out of memory: message dropped");
 			return MOSQ_ERR_ACL_DENIED;
 		}
 		memcpy(copy, ed->payload, fr.body_len);
-		copy[fr.body_len] = '\0';
+		if(fl_sealing()) fl_seal(ed->topic, (const uint8_t *)copy, fr.body_len,
+				(uint8_t *)copy + fr.body_len);
+		copy[len] = '\0';
 		ed->payload = copy;
-		ed->payloadlen = fr.body_len;
+		ed->payloadlen = (uint32_t)len;
 		return MOSQ_ERR_SUCCESS;
 	}
 	PyGILState_STATE gil = PyGILState_Ensure();
