@@ -103,7 +103,8 @@ def test_a_broker_that_does_not_seal_routes_the_bare_body(fast: ModuleType, lane
     assert _route(fast, pair, TOPIC, b"plain again") == (fast.ROUTE, b"plain again")
 
 
-@pytest.mark.parametrize("bad", [(b"\0" * 14, b"k" * 32, 1.0, 2.0), (b"\0" * 15, b"k" * 31, 1.0, 2.0),
+@pytest.mark.parametrize("bad", [(b"\0" * 14, b"k" * 32, 1.0, 2.0),
+                                 (b"\0" * 15, b"k" * 31, 1.0, 2.0),
                                  (b"\0" * 15, b"k" * 32, 2.0, 2.0)])
 def test_seal_interval_refuses_malformed_keys(fast: ModuleType, bad: tuple) -> None:  # type: ignore[type-arg]
     with pytest.raises(ValueError, match="seal_interval"):
