@@ -17,6 +17,10 @@ Options (``plugin_opt_<name>`` in mosquitto.conf; ``tessera broker config`` writ
     key_dir       TPM key blob directory (for ``tpm:`` keys)
     policy        TOML policy file (broker_plugin/policy.py)
     provisioner   URL of the provisioning service, to follow its revocation feed
+    revocation_file, revocation_grace_s, revocation_stale
+                  the revoked set and feed position kept across restarts, and what
+                  a feed unreachable for longer than the grace means for new
+                  handshakes (broker_plugin/revocation_store.py)
     cafile        CA bundle for the provisioner's TLS certificate
     audit_log     JSON-lines audit log path (hash-chained)
     direct        comma-separated topic templates that name one recipient device with
@@ -103,13 +107,10 @@ import dataclasses
 import datetime as dt
 import gc
 import hashlib
-import json
 import logging
 import os
 import queue
-import threading
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -390,39 +391,125 @@ def _use_attestation_keys(enforcer: Enforcer, keys: dict[str, bytes]) -> None:
     enforcer.attestation_key_of = enrolled
 
 
-class RevocationFollower(threading.Thread):
-    """Long-polls the provisioning service's revocation feed and queues events for the
-    broker thread. Starts from id 0 each time the broker starts, so it always knows
-    every revoked credential; reconnects with backoff."""
+class RevocationFeed:
+    """The revocation feed as the broker thread sees it: the follower thread
+    (broker_plugin/revocation_store.py), the persisted revoked set and position, and the
+    feed's health with its alarm (metric and audit records at start and end)."""
 
-    def __init__(self, url: str, events: queue.SimpleQueue[dict[str, Any]],
-                 cafile: str | None = None) -> None:
-        super().__init__(name="tessera-revocations", daemon=True)
-        import ssl
+    def __init__(self, options: dict[str, str], enforcer: Enforcer) -> None:
+        from broker_plugin.revocation_store import (
+            FeedFollower,
+            FeedHealth,
+            RevocationEvent,
+            RevocationStore,
+            parse_feed_options,
+        )
 
-        self.url = url.rstrip("/")
-        self.events = events
-        self.since = 0
-        self.stopping = threading.Event()
-        self._ctx = ssl.create_default_context(cafile=cafile) if url.startswith("https") else None
+        path, grace, policy = parse_feed_options(options)
+        self.enforcer = enforcer
+        self.store = RevocationStore(path)
+        self.store.lock()
+        loaded = self.store.load()
+        now, wall = time.monotonic(), time.time()
+        self.health = FeedHealth(grace_s=grace, policy=policy)
+        if self.store.synced_at is not None:  # the outage is counted across restarts
+            self.health.last_ok = now - min(max(0.0, wall - self.store.synced_at), 1e9)
+        for event in loaded:  # applied and audited when they first came: no kicks now
+            enforcer.revoked_serials.update(event.cert_serials)
+        if self.store.damaged:
+            log.error("revocation file damaged, set aside; following the feed from the "
+                      "start: %s", self.store.damaged)
+            enforcer.audit("revocation_file_damaged", detail=self.store.damaged)
+        if self.store.path is not None:
+            enforcer.audit("revocations_loaded", count=len(loaded), since=self.store.since,
+                           file=str(self.store.path))
+        self.events: queue.SimpleQueue[RevocationEvent] = queue.SimpleQueue()
+        self.follower = FeedFollower(options["provisioner"], self.store, self.health,
+                                     self.events, options.get("cafile"))
+        self.metrics: Any = None
+        if enforcer.metrics is not None:
+            r = enforcer.metrics.registry
+            self.metrics = (
+                r.gauge("tessera_revocation_feed_stale", "1 while the revocation feed has "
+                        "been unreachable for longer than revocation_grace_s (alarm)."),
+                r.gauge("tessera_revocation_feed_age_seconds", "Seconds since the "
+                        "revocation feed last answered (0 while it is healthy)."),
+                r.counter("tessera_revocation_feed_errors_total",
+                          "Failed polls of the revocation feed."),
+                r.counter("tessera_revocation_events_total",
+                          "Revocation events applied (each feed event once)."),
+                r.gauge("tessera_revocation_feed_position",
+                        "Id of the last revocation event the broker holds."),
+            )
+        self._errors_exported = 0
+        self.follower.initial_sync()  # the current set before the listener opens
+        self.check(time.monotonic())
+        self.follower.start()
 
-    def run(self) -> None:
-        backoff = 0.5
-        while not self.stopping.is_set():
+    def check(self, now: float) -> None:
+        """Broker thread, every tick: apply queued events (each audited once), raise or
+        clear the staleness alarm, export the metrics."""
+        enforcer, h = self.enforcer, self.health
+        while True:
             try:
-                with urllib.request.urlopen(
-                    f"{self.url}/v1/revocations?since={self.since}&wait=20",
-                    timeout=30, context=self._ctx,
-                ) as resp:
-                    batch = json.loads(resp.read())["events"]
-                for event in batch:
-                    self.events.put(event)
-                    self.since = max(self.since, int(event["id"]))
-                backoff = 0.5
-            except Exception as exc:  # keep following whatever happens; log it
-                log.warning("revocation feed %s: %s", self.url, exc)
-                self.stopping.wait(backoff)
-                backoff = min(backoff * 2, 30.0)
+                event = self.events.get_nowait()
+            except queue.Empty:
+                break
+            enforcer.audit("revocation_applied", event_id=event.id,
+                           identity=event.identity or None,
+                           cert_serials=list(event.cert_serials), reason=event.reason)
+            enforcer.revoke(list(event.cert_serials), event.reason)
+            h.events_applied += 1
+            if self.metrics is not None:
+                self.metrics[3].inc()
+        stale = h.stale(now)
+        if stale != h.alarm:
+            h.alarm = stale
+            if stale:
+                h.alarm_since = now
+                age = h.age(now)
+                log.error("revocation feed stale (no answer for %s, grace %g s): %s",
+                          "ever" if age == float("inf") else f"{age:.1f} s", h.grace_s,
+                          "new handshakes refused" if h.policy == "refuse"
+                          else "new handshakes still allowed")
+                enforcer.audit("revocation_feed_stale", grace_s=h.grace_s, policy=h.policy,
+                               since_answer_s=None if age == float("inf") else round(age, 3),
+                               position=self.store.since, detail=h.last_error)
+            else:
+                log.warning("revocation feed answering again after %.1f s stale",
+                            now - h.alarm_since)
+                enforcer.audit("revocation_feed_restored", stale_s=round(now - h.alarm_since, 3),
+                               position=self.store.since, policy=h.policy)
+        if self.metrics is not None:
+            stale_g, age_g, errors_c, _, position_g = self.metrics
+            stale_g.set(1.0 if stale else 0.0)
+            age = h.age(now)
+            age_g.set(age if age != float("inf") else -1.0)
+            if h.errors != self._errors_exported:
+                errors_c.inc(h.errors - self._errors_exported)
+                self._errors_exported = h.errors
+            position_g.set(float(self.store.since))
+
+    def refusal(self, client_id: str, address: str, now: float, reauth: bool) -> bool:
+        """Refuse a new handshake because the feed is stale (policy ``refuse``)?
+        Audited and counted like any refused handshake."""
+        h = self.health
+        if not h.refuses(now):
+            return False
+        age = h.age(now)
+        self.enforcer.audit(
+            "handshake_refused", client_id=client_id, address=address,
+            reason="revocation_feed_stale", reauth=reauth, stage="msg1",
+            detail=f"the revocation feed has not answered for "
+                   f"{'ever' if age == float('inf') else f'{age:.0f} s'} "
+                   f"(grace {h.grace_s:g} s): new handshakes are refused")
+        if self.enforcer.metrics is not None:
+            self.enforcer.metrics.rejected("revocation_feed_stale")
+        return True
+
+    def close(self) -> None:
+        self.follower.stop()
+        self.store.close()
 
 
 # -- the shim's contract -------------------------------------------------------------
@@ -463,11 +550,11 @@ def plugin_init(options: dict[str, str]) -> None:
 
         audit = AsyncAuditWriter(AuditLog(Path(options["audit_log"])))
         enforcer.audit = audit.submit
-    events: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
-    follower = None
-    if options.get("provisioner"):
-        follower = RevocationFollower(options["provisioner"], events, options.get("cafile"))
-        follower.start()
+    feed = RevocationFeed(options, enforcer) if options.get("provisioner") else None
+    if feed is None:
+        from broker_plugin.revocation_store import parse_feed_options
+
+        parse_feed_options(options)  # revocation_* options without a feed: one line
     # A handshake allocates many short-lived container objects (certificate parsing,
     # key shares, events): with CPython's default gen0 threshold (700) the cyclic
     # collector ran every few handshakes (measured: 109 collections in 600 handshakes,
@@ -476,15 +563,15 @@ def plugin_init(options: dict[str, str]) -> None:
     # keys) is frozen out of the collector; collections are rarer.
     gc.freeze()
     gc.set_threshold(GC_THRESHOLD, 20, 20)
-    _state.update(enforcer=enforcer, signer=signer, events=events, follower=follower,
+    _state.update(enforcer=enforcer, signer=signer, feed=feed,
                   audit=audit, options=options, metrics_server=metrics_server,
                   identity_digest=_identity_files_digest(options), nonces=nonces)
 
 
 def plugin_cleanup() -> None:
-    follower = _state.get("follower")
-    if follower is not None:
-        follower.stopping.set()
+    feed = _state.get("feed")
+    if feed is not None:
+        feed.close()
     audit = _state.get("audit")
     if audit is not None:
         audit.close()
@@ -550,6 +637,9 @@ def on_ext_auth_start(client_id: str, address: str, protocol: int, method: str,
     nonces = _state.get("nonces")
     if nonces is not None:  # other replicas' nonces read since the last tick
         nonces.feed(now)
+    feed = _state.get("feed")
+    if feed is not None and feed.refusal(client_id, address, now, reauth):
+        return MOSQ_ERR_AUTH, None
     rc, out = _state["enforcer"].connect(client_id, address, method, data, now,
                                          reauth=reauth)
     return rc, out
@@ -591,13 +681,9 @@ def on_rejected(client_id: str, topic: str, reason: str,
 
 def on_tick() -> list[tuple[Any, ...]]:
     enforcer: Enforcer = _state["enforcer"]
-    events: queue.SimpleQueue[dict[str, Any]] = _state["events"]
-    while True:
-        try:
-            event = events.get_nowait()
-        except queue.Empty:
-            break
-        enforcer.revoke(list(event.get("cert_serials", [])), event.get("reason", "revoked"))
+    feed = _state.get("feed")
+    if feed is not None:
+        feed.check(time.monotonic())
     nonces = _state.get("nonces")
     if nonces is not None:
         nonces.tick(time.monotonic())
