@@ -1,12 +1,20 @@
 """Build the Mosquitto plugin: the native shim that embeds this Python.
 
-``python -m broker_plugin.build [--check]`` compiles ``shim/tessera_mosquitto.c`` with
-gcc against the Mosquitto plugin headers and the libpython of the interpreter running
-this module (so run it with the venv's python), into ``_native/tessera_mosquitto.so``,
-and prints the path to put in mosquitto.conf (``plugin <path>`` together with
-``plugin_opt_python <that python>``). It rebuilds only when the source, the headers, the
-interpreter or the flags change. ``--check`` builds nothing: exit status 0 when the
-plugin is up to date, 1 when it needs a build.
+    python -m broker_plugin.build --state-dir /var/lib/tessera-broker [--check] [--user U]
+
+compiles ``shim/tessera_mosquitto.c`` (shipped in the wheel as package data) with gcc
+against the Mosquitto plugin headers and the libpython of the interpreter running this
+module (so run it with the venv's python) into ``<state dir>/plugin/
+tessera_mosquitto.so``, and prints the mosquitto.conf lines that load it (``plugin
+<path>`` and ``plugin_opt_python <this python>``). It rebuilds only when the source, the
+headers, the interpreter or the flags change. ``--check`` builds nothing: exit status 0
+when the plugin is up to date, 1 when it needs a build. ``--user`` (e.g. ``mosquitto``)
+also checks that the account the broker drops to can read everything the plugin needs.
+
+Where the plugin goes when no directory is given (:func:`default_plugin_dir`):
+``$TESSERA_PLUGIN_DIR``; in a source checkout, ``broker_plugin/_native``; otherwise
+``$XDG_STATE_HOME/tessera/plugin`` (``~/.local/state``). Never into site-packages of an
+installed package.
 
 :func:`readable_by` lists what a broker running as another user (Debian's broker drops
 to ``mosquitto`` before it loads plugins) could not read: the plugin, the interpreter,
@@ -42,7 +50,15 @@ SOURCE = PACKAGE / "shim" / "tessera_mosquitto.c"
 FAST_SOURCES = (PACKAGE / "shim" / "fastlane.c", PACKAGE / "shim" / "blake2s.c")
 _FAST_HEADERS = (PACKAGE / "shim" / "fastlane.h", PACKAGE / "shim" / "blake2s.h")
 NATIVE = PACKAGE / "_native"
+#: where the build goes when no directory is given (overrides the defaults below)
+PLUGIN_DIR_ENV = "TESSERA_PLUGIN_DIR"
 SETUP_HINT = "./run setup"
+#: the Debian/Ubuntu/Raspberry Pi OS package that provides each build input
+_APT = {
+    "mosquitto_broker.h": "mosquitto-dev",
+    "Python.h": "python3-dev",
+    "gcc": "gcc",
+}
 _HEADER_DIRS = ("/usr/include", "/usr/local/include")
 _CFLAGS = ("-shared", "-fPIC", "-O2", "-g", "-std=gnu11", "-Wall", "-Wextra", "-Werror")
 #: ``TESSERA_SANITIZE=1`` builds a separate plugin and fast lane with AddressSanitizer and
@@ -89,32 +105,64 @@ class BuildError(ConfigurationError):
     """The plugin cannot be built here; the message says what to install or fix."""
 
 
-def _native() -> Path:
-    return NATIVE / "sanitize" if sanitizing() else NATIVE
+def _install_hint(what: str) -> str:
+    """How to get a missing build input: the apt package (plus the checkout's setup)."""
+    package = _APT[what]
+    hint = f"apt install {package}"
+    if in_checkout():
+        hint += f", or {SETUP_HINT}"
+    return f"install {package} ({hint})"
 
 
-def plugin_path() -> Path:
-    """Where the built plugin is (or will be)."""
-    return _native() / "tessera_mosquitto.so"
+def in_checkout() -> bool:
+    """True when this module runs from a source checkout (not from an installed wheel)."""
+    return (PACKAGE.parent / "pyproject.toml").is_file() and "-packages" not in PACKAGE.parts[-2]
 
 
-def _stamp_path() -> Path:
-    return _native() / "tessera_mosquitto.stamp"
+def default_plugin_dir() -> Path:
+    """Where the plugin is built when no directory is given (see the module doc)."""
+    env = os.environ.get(PLUGIN_DIR_ENV)
+    if env:
+        return Path(env).resolve()
+    if in_checkout():
+        return NATIVE
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "tessera" / "plugin"
+
+
+def _native(directory: Path | None = None) -> Path:
+    base = Path(directory).resolve() if directory is not None else default_plugin_dir()
+    return base / "sanitize" if sanitizing() else base
+
+
+def plugin_path(directory: Path | None = None) -> Path:
+    """Where the built plugin is (or will be); ``directory`` as in :func:`ensure_built`."""
+    return _native(directory) / "tessera_mosquitto.so"
+
+
+def _stamp_path(directory: Path | None = None) -> Path:
+    return _native(directory) / "tessera_mosquitto.stamp"
 
 
 def _mosquitto_include() -> Path:
+    # TESSERA_MOSQUITTO_INCLUDE, when set, is the only place looked at: the operator chose it
     extra = os.environ.get("TESSERA_MOSQUITTO_INCLUDE")
-    for d in ([extra] if extra else []) + list(_HEADER_DIRS):
+    dirs = [extra] if extra else list(_HEADER_DIRS)
+    for d in dirs:
         if all((Path(d) / h).is_file() for h in ("mosquitto_broker.h", "mosquitto_plugin.h")):
             return Path(d)
-    raise BuildError(f"mosquitto_broker.h missing: install mosquitto-dev ({SETUP_HINT})")
+    return _missing("mosquitto_broker.h", f"in {', '.join(dirs)}")
+
+
+def _missing(what: str, where: str) -> Path:
+    raise BuildError(f"{what} missing ({where}): {_install_hint(what)}")
 
 
 def _libpython() -> tuple[Path, Path, str]:
     """(include dir, lib dir, -l name) of the running interpreter's shared libpython."""
     include = Path(sysconfig.get_config_var("INCLUDEPY") or "")
     if not (include / "Python.h").is_file():
-        raise BuildError(f"Python.h missing in {include}: install python3-dev ({SETUP_HINT})")
+        _missing("Python.h", f"in {include}")
     libdir = Path(sysconfig.get_config_var("LIBDIR") or "")
     ldversion = sysconfig.get_config_var("LDVERSION") or sysconfig.get_config_var("VERSION")
     candidates = [sysconfig.get_config_var("LDLIBRARY") or "", f"libpython{ldversion}.so"]
@@ -127,14 +175,29 @@ def _libpython() -> tuple[Path, Path, str]:
     )
 
 
+def _gcc() -> str:
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        _missing("gcc", "not on PATH")
+    assert gcc is not None
+    return gcc
+
+
+def _check_sources() -> None:
+    """The shim's C files ship in the wheel (package data); name any that are not here."""
+    for path in (SOURCE, *FAST_SOURCES, *_FAST_HEADERS):
+        if not path.is_file():
+            raise BuildError(
+                f"plugin source missing: {path} (this install of tessera lacks its "
+                "package data; reinstall it: pip install --force-reinstall 'tessera[broker]')"
+            )
+
+
 def _recipe() -> tuple[list[str], str]:
     """The gcc command line (output path last) and a digest of everything that shapes the
     result: source, headers, interpreter, flags."""
-    gcc = shutil.which("gcc")
-    if gcc is None:
-        raise BuildError(f"gcc missing: install gcc ({SETUP_HINT})")
-    if not SOURCE.is_file():
-        raise BuildError(f"plugin source missing: {SOURCE} (reinstall tessera)")
+    gcc = _gcc()
+    _check_sources()
     mosq = _mosquitto_include()
     include, libdir, lib = _libpython()
     cmd = [gcc, *_cflags(), f"-I{include}", f"-I{mosq}", str(SOURCE), *map(str, FAST_SOURCES),
@@ -153,9 +216,8 @@ def build_fast_module(directory: Path) -> Path:
     """Build the fast lane alone as the Python extension ``tessera_fast`` in
     ``directory`` (the plugin has it built in): for tests, which compare it with
     structauth's reference verify, and for measuring it outside a broker."""
-    gcc = shutil.which("gcc")
-    if gcc is None:
-        raise BuildError(f"gcc missing: install gcc ({SETUP_HINT})")
+    gcc = _gcc()
+    _check_sources()
     include, _, _ = _libpython()
     out = Path(directory) / f"tessera_fast{sysconfig.get_config_var('EXT_SUFFIX')}"
     done = subprocess.run([gcc, *_cflags(), f"-I{include}", *map(str, FAST_SOURCES), "-o",
@@ -165,20 +227,26 @@ def build_fast_module(directory: Path) -> Path:
     return out
 
 
-def is_up_to_date() -> bool:
+def is_up_to_date(directory: Path | None = None) -> bool:
     """True when the built plugin matches the source, headers and this interpreter."""
     _, digest = _recipe()
-    stamp = _stamp_path()
-    return plugin_path().is_file() and stamp.is_file() and stamp.read_text().strip() == digest
+    stamp = _stamp_path(directory)
+    return (plugin_path(directory).is_file() and stamp.is_file()
+            and stamp.read_text().strip() == digest)
 
 
-def ensure_built() -> Path:
-    """Build the plugin unless it is up to date; its path. BuildError says why not."""
+def ensure_built(directory: Path | None = None) -> Path:
+    """Build the plugin into ``directory`` (default: :func:`default_plugin_dir`) unless
+    it is up to date there; its path. BuildError says why not, in one line."""
     cmd, digest = _recipe()
-    out, stamp = plugin_path(), _stamp_path()
+    out, stamp = plugin_path(directory), _stamp_path(directory)
     if out.is_file() and stamp.is_file() and stamp.read_text().strip() == digest:
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BuildError(f"cannot create {out.parent}: {exc.strerror}; choose a writable "
+                         "--state-dir") from None
     # build beside the target and rename: a broker or a concurrent build never sees half a file
     fd, tmp = tempfile.mkstemp(prefix=".tessera_mosquitto.", suffix=".so", dir=out.parent)
     os.close(fd)
@@ -242,10 +310,10 @@ def _blocked(path: Path, uid: int, gids: set[int]) -> str | None:
     return None
 
 
-def needed_paths() -> list[Path]:
+def needed_paths(directory: Path | None = None) -> list[Path]:
     """What the broker process opens to run the plugin and the host."""
     _, libdir, lib = _libpython()
-    paths = [plugin_path(), Path(sys.executable), libdir / f"lib{lib}.so",
+    paths = [plugin_path(directory), Path(sys.executable), libdir / f"lib{lib}.so",
              Path(sysconfig.get_path("stdlib")), Path(sysconfig.get_path("platstdlib")),
              Path(sysconfig.get_path("purelib")), PACKAGE.parent]
     out: list[Path] = []
@@ -255,34 +323,62 @@ def needed_paths() -> list[Path]:
     return out
 
 
-def readable_by(user: str) -> list[str]:
+def readable_by(user: str, directory: Path | None = None) -> list[str]:
     """Paths the plugin needs that `user` cannot read (each with the first component
     that stops it); empty when the broker may run as that user."""
     pw = pwd.getpwnam(user)
     gids = set(os.getgrouplist(user, pw.pw_gid)) | {pw.pw_gid}
     gids |= {g.gr_gid for g in grp.getgrall() if user in g.gr_mem}
     problems = []
-    for p in needed_paths():
+    for p in needed_paths(directory):
         where = _blocked(p, pw.pw_uid, gids)
         if where is not None:
             problems.append(f"{p} (stopped at {where})")
     return problems
 
 
+def conf_lines(plugin: Path) -> list[str]:
+    """The mosquitto.conf lines that load ``plugin`` with this interpreter."""
+    return [
+        f"# Tessera plugin, built by '{Path(sys.executable).name} -m broker_plugin.build'",
+        f"plugin {plugin}",
+        f"plugin_opt_python {sys.executable}",
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m broker_plugin.build",
                                      description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--state-dir", type=Path, metavar="DIR",
+                        help="build into DIR/plugin (default: see the module doc; never "
+                             "site-packages)")
     parser.add_argument("--check", action="store_true", help="only tell whether a build is needed")
+    parser.add_argument("--user", metavar="USER",
+                        help="also check that USER (the account mosquitto drops to) can read "
+                             "the plugin, this Python and the installed package")
     args = parser.parse_args(argv)
+    directory = args.state_dir / "plugin" if args.state_dir is not None else None
     try:
         if args.check:
-            fresh = is_up_to_date()
-            print(f"{plugin_path()} {'up to date' if fresh else 'needs a build'}")
+            fresh = is_up_to_date(directory)
+            print(f"{plugin_path(directory)} {'up to date' if fresh else 'needs a build'}")
             return 0 if fresh else 1
-        print(ensure_built())
+        plugin = ensure_built(directory)
+        if args.user:
+            try:
+                blocked = readable_by(args.user, directory)
+            except KeyError:
+                raise BuildError(f"--user {args.user}: no such user") from None
+            if blocked:
+                raise BuildError(f"user {args.user} cannot read {blocked[0]}: build into a "
+                                 "--state-dir and install tessera where that user can read")
+        print("\n".join(conf_lines(plugin)))
         return 0
     except BuildError as exc:
         print(f"error: {exc.detail}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # anything else the file system refuses: one line, no traceback
+        print(f"error: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
         return 2
 
 

@@ -295,12 +295,13 @@ def test_build_errors_are_one_clear_line(monkeypatch: pytest.MonkeyPatch,
                                          capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setattr(build, "_HEADER_DIRS", ("/nonexistent",))
     monkeypatch.delenv("TESSERA_MOSQUITTO_INCLUDE", raising=False)
-    with pytest.raises(build.BuildError, match="mosquitto_broker.h missing: install "
-                       r"mosquitto-dev \(./run setup\)"):
+    with pytest.raises(build.BuildError, match=r"mosquitto_broker.h missing \(in /nonexistent\)"
+                       r": install mosquitto-dev \(apt install mosquitto-dev, or ./run setup\)"):
         build.ensure_built()
     assert build.main([]) == 2
     assert capsys.readouterr().err == (
-        "error: mosquitto_broker.h missing: install mosquitto-dev (./run setup)\n")
+        "error: mosquitto_broker.h missing (in /nonexistent): install mosquitto-dev "
+        "(apt install mosquitto-dev, or ./run setup)\n")
 
 
 def test_readable_by_finds_what_another_user_cannot_read() -> None:
