@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import http.client
 import json
 import os
+import shutil
 import ssl
 import tempfile
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -37,7 +40,17 @@ def pop_signature(signer: Signer, label: bytes, nonce: bytes, serial: str) -> by
 
 
 class ServiceError(TesseraError):
-    """The provisioning service refused a request; ``reason`` is the service's."""
+    """The provisioning service refused a request; ``reason`` is the service's.
+
+    ``answered`` is True when the service answered (an HTTP error with its reason): the
+    request was refused and nothing was recorded. False means the request may or may
+    not have reached it (connection refused, reset or timed out, an answer that was not
+    the service's): a caller that sent a recording step must treat it as maybe done."""
+
+    def __init__(self, detail: str, reason: Reason | None = None, *,
+                 answered: bool = False) -> None:
+        super().__init__(detail, reason)
+        self.answered = answered
 
 
 class ProvisionerClient:
@@ -70,23 +83,38 @@ class ProvisionerClient:
         try:
             with urllib.request.urlopen(req, timeout=self.timeout, context=self._ctx) as resp:
                 payload = resp.read()
+                kind = resp.headers.get("Content-Type", "no Content-Type")
         except urllib.error.HTTPError as exc:
             raise _service_error(exc, self.peer) from None
-        except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+            reason = getattr(exc, "reason", None) or exc
             raise ServiceError(
                 f"cannot reach {self.peer} at {self.url}: {reason}",
                 Reason.BACKEND_UNAVAILABLE,
             ) from None
-        return payload if raw else json.loads(payload)
+        except ValueError as exc:  # http.client.InvalidURL: a space or newline in the path
+            raise ServiceError(f"cannot send {method} {path!r}: {exc}",
+                               Reason.BAD_PARAMETERS) from None
+        if raw:
+            return payload
+        try:
+            return json.loads(payload)
+        except ValueError:
+            raise ServiceError(
+                f"{self.url} answered {method} {path} with {len(payload)} bytes of {kind} "
+                f"that are not JSON: is it {self.peer}? (check the URL)",
+                Reason.MALFORMED,
+            ) from None
 
 
 def _service_error(exc: urllib.error.HTTPError, peer: str) -> ServiceError:
     try:
         info = json.loads(exc.read())
         reason = Reason(int(info["code"]))
-        return ServiceError(str(info["detail"]), reason)
-    except (ValueError, KeyError, TypeError):
+        return ServiceError(str(info["detail"]), reason, answered=True)
+    except (ValueError, KeyError, TypeError, OSError, http.client.HTTPException):
+        # not the service's JSON error: a proxy or another server answered, so the
+        # request may not have reached the service (answered=False)
         return ServiceError(f"{peer} answered HTTP {exc.code}", Reason.MALFORMED)
 
 
@@ -96,6 +124,13 @@ def b64(data: bytes) -> str:
 
 def unb64(value: str) -> bytes:
     return base64.b64decode(value, validate=True)
+
+
+Progress = Callable[[str], None]
+
+
+def _no_progress(step: str) -> None:
+    pass
 
 
 class Attester(Protocol):
@@ -137,13 +172,19 @@ def enroll_attested(
     kind: str = "device",
     device_class: str = "default",
     reenroll: bool = False,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """The three-step TPM enrollment: nonce -> evidence -> activation -> credentials."""
+    """The three-step TPM enrollment: nonce -> evidence -> activation -> credentials.
+
+    ``progress`` (if given) is called with "accepted" once the service accepted the
+    request and with "finishing" just before the step that records the device."""
+    step = progress or _no_progress
     start = client.call(
         "POST",
         "/v1/enroll/tpm/start",
         {"serial": serial, "kind": kind, "device_class": device_class, "reenroll": reenroll},
     )
+    step("accepted")
     evidence = attester.evidence(unb64(start["nonce"]))
     step2 = client.call(
         "POST",
@@ -151,6 +192,7 @@ def enroll_attested(
         {"enrollment_id": start["enrollment_id"], "evidence": evidence.to_json()},
     )
     secret = attester.activate(ActivationChallenge.from_json(step2["challenge"]))
+    step("finishing")
     result: dict[str, Any] = client.call(
         "POST",
         "/v1/enroll/tpm/finish",
@@ -169,12 +211,14 @@ def enroll_tpm(
     reenroll: bool = False,
     key_name: str = DEFAULT_KEY_NAME,
     ak_name: str = DEFAULT_AK_NAME,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
     """TPM enrollment of this device's own TPM (a hw.tpm.TpmBackend); the answer is
     checked against the TPM's key before it is returned."""
     local = LocalTpm(backend, key_name, ak_name)
     issued = enroll_attested(
-        client, local, serial, kind=kind, device_class=device_class, reenroll=reenroll
+        client, local, serial, kind=kind, device_class=device_class, reenroll=reenroll,
+        progress=progress,
     )
     check_issued(issued, local.public_key(), serial)
     return issued
@@ -227,9 +271,11 @@ def enroll_witnessed(
     kind: str = "device",
     device_class: str = "default",
     reenroll: bool = False,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Factory-witnessed enrollment of a PKCS#11 key: the operator vouches for the
-    device; the device proves it holds the key."""
+    device; the device proves it holds the key. ``progress`` as for enroll_attested."""
+    step = progress or _no_progress
     spki = signer.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
@@ -245,7 +291,9 @@ def enroll_witnessed(
             "key_backend": signer.backend,
         },
     )
+    step("accepted")
     sig = pop_signature(signer, LABEL_ENROLL, unb64(start["nonce"]), serial)
+    step("finishing")
     result: dict[str, Any] = client.call(
         "POST",
         "/v1/enroll/witnessed/finish",
@@ -266,28 +314,88 @@ def renew(client: ProvisionerClient, signer: Signer, serial: str) -> dict[str, A
     return result
 
 
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_synced(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Create ``path`` (never an existing one) holding ``data``, flushed to disk."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+
+
 @dataclass
 class CredentialStore:
-    """Where a device keeps its credentials (PEM files, written atomically)."""
+    """Where a device keeps its credentials: PEM files (operational.pem, bundle.pem,
+    enrollment.pem) and ``identity``.
+
+    :meth:`save` is all or nothing as far as a file system allows: a new directory is
+    filled under a temporary name and renamed into place; in an existing one (an
+    agent's state directory) every file is first written and synced under a temporary
+    name, then all are renamed over the old ones. An error removes what was written;
+    the old credentials stay as they were."""
 
     directory: Path
 
-    def save(self, issued: dict[str, Any]) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
+    @staticmethod
+    def files(issued: dict[str, Any]) -> dict[str, bytes]:
         files = {
-            "operational.pem": issued["operational_credential"],
-            "bundle.pem": issued["bundle"],
+            "operational.pem": issued["operational_credential"].encode(),
+            "bundle.pem": issued["bundle"].encode(),
         }
         if issued.get("enrollment_credential"):
-            files["enrollment.pem"] = issued["enrollment_credential"]
-        files["identity"] = issued["identity"] + "\n"
-        for name, text in files.items():
-            fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f".{name}.")
-            with os.fdopen(fd, "w") as fh:
-                fh.write(text)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.directory / name)
+            files["enrollment.pem"] = issued["enrollment_credential"].encode()
+        files["identity"] = (issued["identity"] + "\n").encode()
+        return files
+
+    @classmethod
+    def stage(cls, issued: dict[str, Any], into: Path) -> None:
+        """Write the credential files into the (existing) directory ``into``, synced."""
+        for name, data in cls.files(issued).items():
+            target = into / name
+            target.unlink(missing_ok=True)  # a leftover of an interrupted run
+            write_synced(target, data)
+        fsync_dir(into)
+
+    def install(self, staged: Path) -> None:
+        """Move the files :meth:`stage` wrote in ``staged`` into place: rename the
+        whole directory when ours is missing or empty, else replace file by file."""
+        target = self.directory
+        if not target.exists() or (target.is_dir() and not any(target.iterdir())):
+            staged.chmod(0o755)
+            os.replace(staged, target)  # rename(2) may replace an empty directory
+            fsync_dir(target.parent)
+            return
+        for path in sorted(staged.iterdir()):
+            if not path.name.startswith("."):  # a caller's own bookkeeping stays
+                os.replace(path, target / path.name)
+        fsync_dir(target)
+
+    def save(self, issued: dict[str, Any]) -> None:
+        target = self.directory
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists() and not target.is_dir():
+            raise ConfigurationError(f"{target} exists and is not a directory")
+        # staged next to the directory (a new one) or inside it (an existing one), so
+        # the final renames never cross a file system
+        where = target if target.is_dir() else target.parent
+        staged = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=where))
+        try:
+            self.stage(issued, staged)
+            self.install(staged)
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
 
     def load(self, name: str = "operational.pem") -> bytes:
         path = self.directory / name

@@ -474,12 +474,34 @@ class Pkcs11Backend:
         return Pkcs11Signer(self, label, private, public)
 
     def get_or_create_signing_key(self, label: str) -> Pkcs11Signer:
+        signer, _ = self.get_or_create_signing_key_ex(label)
+        return signer
+
+    def get_or_create_signing_key_ex(self, label: str) -> tuple[Pkcs11Signer, bool]:
+        """The key labelled ``label``, generated if absent; and whether it was generated
+        here (a caller that fails afterwards removes only a key it created)."""
         try:
-            return self.load_signing_key(label)
+            return self.load_signing_key(label), False
         except KeyBackendError as exc:
             if exc.reason != Reason.KEY_NOT_FOUND:
                 raise
-        return self.generate_signing_key(label)
+        return self.generate_signing_key(label), True
+
+    def delete_signing_key(self, label: str) -> int:
+        """Destroy the EC key pair labelled ``label`` (private and public objects): the
+        undo of :meth:`generate_signing_key` when the operation it was made for failed.
+        Returns how many objects were destroyed (0 if there was none)."""
+        self._check_label(label)
+
+        def destroy(session: Any) -> int:
+            objects = self._find(session, label, ObjectClass.PRIVATE_KEY)
+            objects += self._find(session, label, ObjectClass.PUBLIC_KEY)
+            for obj in objects:
+                obj.destroy()
+            return len(objects)
+
+        count: int = self._call(f"removal of key {label!r}", destroy)
+        return count
 
     def random(self, n: int) -> bytes:
         """``n`` bytes from the token's random number generator (C_GenerateRandom)."""

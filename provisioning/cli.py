@@ -19,17 +19,23 @@ Every error is one line on stderr and a non-zero exit; nothing is half-written.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime as dt
 import json
 import os
+import shutil
+import signal
+import ssl
 import sys
+import tempfile
+import threading
 import tomllib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-from structauth.errors import TesseraError
+from structauth.errors import Reason, TesseraError
 
 DEFAULT_DIR = Path(os.environ.get("TESSERA_HOME", "tessera-authority"))
 DEFAULT_URL = os.environ.get("TESSERA_PROVISIONER", "http://127.0.0.1:8443")
@@ -39,6 +45,41 @@ class CliError(Exception):
     """One line for the operator: what is wrong and how to fix it."""
 
 
+class Refused(CliError):
+    """The service (or our check of what it holds) refused the request: nothing was
+    recorded. A batch reports the row as refused rather than failed."""
+
+
+SERVICE_FILE = "service.toml"
+JOURNAL = ".tessera-enroll.json"
+#: bounds of --operational-lifetime (minutes): the service needs at least one; more than
+#: a year defeats the point of a short-lived credential (and overflows nothing)
+MIN_LIFETIME, MAX_LIFETIME = 1, 366 * 24 * 60
+#: bytes a credential directory needs (four PEM files are ~3 KiB): written and removed
+#: before enrolling, so a full disk refuses the device before the service records it
+_SPACE_PROBE = 16 * 1024
+
+
+# -- test hook -----------------------------------------------------------------------
+
+_CRASH_ENV = "TESSERA_TEST_CRASH_AT"
+
+
+def _crash_point(name: str) -> None:
+    """Tests only: ``TESSERA_TEST_CRASH_AT=<point>[:kill|int|term|stop]`` sends this
+    process the signal at the named point (default SIGKILL, no cleanup: a power cut),
+    so a test can prove that every point leaves a state the next run completes."""
+    spec = os.environ.get(_CRASH_ENV)
+    if not spec:
+        return
+    point, _, action = spec.partition(":")
+    if point != name:
+        return
+    sig = {"": signal.SIGKILL, "kill": signal.SIGKILL, "int": signal.SIGINT,
+           "term": signal.SIGTERM, "stop": signal.SIGSTOP}[action]
+    os.kill(os.getpid(), sig)
+
+
 # -- helpers -----------------------------------------------------------------------
 
 
@@ -46,8 +87,9 @@ def _token(args: argparse.Namespace) -> str | None:
     if getattr(args, "token_file", None):
         try:
             return Path(args.token_file).read_text().strip()
-        except OSError as exc:
-            raise CliError(f"cannot read token file {args.token_file}: {exc.strerror}") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            why = getattr(exc, "strerror", None) or "not text"
+            raise CliError(f"--token-file {args.token_file}: cannot read it ({why})") from None
     return os.environ.get("TESSERA_OPERATOR_TOKEN")
 
 
@@ -60,19 +102,100 @@ def _client(args: argparse.Namespace, *, operator: bool = True) -> Any:
             "operator token missing: set TESSERA_OPERATOR_TOKEN or pass --token-file "
             "(printed once by 'tessera init')"
         )
-    return ProvisionerClient(args.provisioner, operator_token=token, cafile=args.cafile)
+    if args.cafile and not Path(args.cafile).is_file():
+        raise CliError(f"--cafile {args.cafile} does not exist; pass the CA bundle (PEM) "
+                       "that signed the service's TLS certificate")
+    try:
+        return ProvisionerClient(args.provisioner, operator_token=token, cafile=args.cafile)
+    except ssl.SSLError as exc:
+        raise CliError(f"--cafile {args.cafile}: not a PEM CA bundle ({exc.reason})") from None
+
+
+def _check_serial(serial: str, flag: str) -> str:
+    from provisioning.enrollment import check_serial
+
+    try:
+        return check_serial(serial)
+    except TesseraError:
+        raise CliError(f"{flag} {serial!r}: a serial is 1-64 letters, digits, '.', '_' or "
+                       "'-' (no spaces or newlines)") from None
+
+
+def _lifetime(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of minutes") from None
+    if not MIN_LIFETIME <= value <= MAX_LIFETIME:
+        raise argparse.ArgumentTypeError(
+            f"{value} is out of range: use {MIN_LIFETIME}..{MAX_LIFETIME} minutes (a year)")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a TCP port: use 1..65535")
+    return value
 
 
 def _service_config(directory: Path) -> dict[str, Any]:
-    path = directory / "service.toml"
+    """service.toml, checked: every value ``serve`` uses has the right type and range,
+    so a hand-edited file is refused here in one line, not deep inside the service."""
+    path = directory / SERVICE_FILE
     try:
-        return tomllib.loads(path.read_text())
+        raw = path.read_bytes()
     except FileNotFoundError:
+        if (directory / "authority.toml").exists():
+            raise CliError(_half_made(directory)) from None
         raise CliError(
             f"{directory} holds no Tessera authority: run 'tessera init --dir {directory}' first"
         ) from None
+    except OSError as exc:
+        raise CliError(f"cannot read {path} ({exc.strerror}); check that it is a file this "
+                       "user can read") from None
+    try:
+        config = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise CliError(f"{path} is not UTF-8 text; restore it from 'tessera init'") from None
     except tomllib.TOMLDecodeError as exc:
-        raise CliError(f"{path} is not valid TOML: {exc}") from None
+        raise CliError(f"{path} is not valid TOML ({exc}); fix that line") from None
+    registry = config.get("registry")
+    if not isinstance(registry, str) or not registry:
+        raise CliError(f"{path}: registry must be a string such as \"sqlite:///path.db\" or "
+                       "\"postgresql://user@host/db\"")
+    roots = config.setdefault("tpm_maker_roots", [])
+    if not isinstance(roots, list) or not all(isinstance(r, str) and r for r in roots):
+        raise CliError(f"{path}: tpm_maker_roots must be a list of PEM file paths, "
+                       "e.g. [\"/etc/tessera/maker-root.pem\"]")
+    lifetime = config.setdefault("operational_lifetime_minutes", 24 * 60)
+    if (not isinstance(lifetime, int) or isinstance(lifetime, bool)
+            or not MIN_LIFETIME <= lifetime <= MAX_LIFETIME):
+        raise CliError(f"{path}: operational_lifetime_minutes must be a whole number in "
+                       f"{MIN_LIFETIME}..{MAX_LIFETIME}, not {lifetime!r}")
+    return config
+
+
+def _half_made(directory: Path) -> str:
+    return (f"{directory} holds authority.toml but no {SERVICE_FILE}: an init that was "
+            "interrupted by an older Tessera; move the directory away (and remove its key "
+            "from the token if it is not used elsewhere), then run 'tessera init' again")
+
+
+def _maker_roots(paths: Sequence[str], where: str) -> Any:
+    """The TPM maker roots, loaded as serve loads them: init refuses what serve would."""
+    from provisioning.attestation import TpmMakerRoots
+
+    if not paths:
+        return None
+    try:
+        return TpmMakerRoots.from_pem_files(paths)
+    except TesseraError as exc:
+        raise CliError(f"{where}: {exc.detail}; pass the TPM maker's CA certificates as "
+                       "complete PEM files (root and intermediates)") from None
 
 
 def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
@@ -87,48 +210,193 @@ def _table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-# -- commands ----------------------------------------------------------------------
+def _why(exc: OSError) -> str:
+    return exc.strerror or str(exc)
+
+
+def _write_atomic(path: Path, data: bytes, flag: str) -> None:
+    """Write ``path`` all or nothing: a synced temporary file in the same directory,
+    renamed over it; on any error the temporary file is removed and the old file stays."""
+    from device.provisioner import fsync_dir
+
+    if path.is_dir():
+        raise CliError(f"{flag} {path} is a directory; name a file")
+    tmp: Path | None = None
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp",
+                                    dir=path.parent if str(path.parent) else ".")
+        tmp = Path(name)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        tmp.chmod(0o644)
+        os.replace(tmp, path)
+        tmp = None
+        fsync_dir(path.parent)
+    except OSError as exc:
+        raise CliError(f"{flag} {path}: cannot write it ({_why(exc)}); nothing was written, "
+                       "free space or choose a writable place") from None
+    finally:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+
+
+# -- init ----------------------------------------------------------------------------
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class _InitStaging:
+    """The new authority directory, built under a temporary name beside its final place
+    and renamed there as the last step (rename(2) is atomic and may replace an empty
+    directory). Undo removes it and any parent directory it created."""
+
+    PREFIX = ".tessera-init-"
+
+    def __init__(self, target: Path) -> None:
+        self.target = target
+        self.parent = target.absolute().parent
+        self.created: list[Path] = []
+        self.path: Path | None = None
+
+    def _stale(self) -> None:
+        """Remove what an init killed without cleanup (SIGKILL, power cut) left."""
+        for old in self.parent.glob(f".{self.target.name}{self.PREFIX}*"):
+            pid = old.name.rsplit("-", 2)[-2]
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                shutil.rmtree(old, ignore_errors=True)
+
+    def begin(self) -> Path:
+        missing = []
+        p = self.parent
+        while not p.exists():
+            missing.append(p)
+            p = p.parent
+        for d in reversed(missing):
+            d.mkdir(mode=0o755)
+            self.created.append(d)
+        self._stale()
+        self.path = Path(tempfile.mkdtemp(
+            prefix=f".{self.target.name}{self.PREFIX}{os.getpid()}-", dir=self.parent))
+        return self.path
+
+    def commit(self) -> None:
+        from device.provisioner import fsync_dir
+
+        assert self.path is not None
+        fsync_dir(self.path)
+        os.rename(self.path, self.target)
+        self.path = None
+        fsync_dir(self.parent)
+
+    def abort(self) -> None:
+        if self.path is not None:
+            shutil.rmtree(self.path, ignore_errors=True)
+            self.path = None
+        for d in reversed(self.created):
+            with contextlib.suppress(OSError):
+                d.rmdir()
+
+
+def _refuse_init_target(directory: Path) -> None:
+    if (directory / SERVICE_FILE).exists():
+        raise CliError(f"{directory} already holds a Tessera authority; nothing was changed. "
+                       "Use it, or choose another --dir")
+    if (directory / "authority.toml").exists():
+        raise CliError(_half_made(directory))
+    if directory.exists() or directory.is_symlink():
+        if not directory.is_dir():
+            raise CliError(f"--dir {directory} exists and is not a directory; choose a new one")
+        if any(directory.iterdir()):
+            raise CliError(f"--dir {directory} is not empty; choose a new or empty directory")
 
 
 def cmd_init(args: argparse.Namespace) -> None:
-    from provisioning.authority import FleetAuthority
-    from provisioning.operators import Operators
+    from provisioning.authority import FleetAuthority, _toml_string
+    from provisioning.operators import Operators, check_operator_name
     from provisioning.registry import open_registry
 
     directory: Path = args.dir
-    if (directory / "service.toml").exists():
-        raise CliError(f"{directory} already holds an authority; use another --dir")
+    # everything that can be checked without side effects first
+    _refuse_init_target(directory)
     if not args.insecure_file_key and not (args.pkcs11_module and args.token):
         raise CliError(
             "the authority key belongs in a PKCS#11 token: pass --pkcs11-module and "
             "--token (PIN from TESSERA_PKCS11_PIN or --pin-file), or "
             "--insecure-file-key for development"
         )
-    for root in args.tpm_maker_roots:
-        if not Path(root).is_file():
-            raise CliError(f"TPM maker root {root} does not exist")
-    registry_url = args.registry or f"sqlite:///{(directory / 'registry.db').resolve()}"
-    authority = FleetAuthority.init(
-        directory,
-        args.trust_domain,
-        pkcs11_module=args.pkcs11_module,
-        token_label=args.token,
-        key_label=args.key_label,
-        pin_file=args.pin_file,
-        insecure_file_key=args.insecure_file_key,
-        now=dt.datetime.now(dt.UTC),
-    )
     try:
-        open_registry(registry_url).close()
-        token = Operators(directory / "operators.json").add(args.operator)
-        roots = ", ".join(json.dumps(str(Path(p).resolve())) for p in args.tpm_maker_roots)
-        (directory / "service.toml").write_text(
-            f"registry = {json.dumps(registry_url)}\n"
-            f"tpm_maker_roots = [{roots}]\n"
-            f"operational_lifetime_minutes = {args.operational_lifetime}\n"
+        check_operator_name(args.operator)
+    except TesseraError as exc:
+        raise CliError(f"--operator {args.operator!r}: {exc.detail}") from None
+    _maker_roots(args.tpm_maker_roots, "--tpm-maker-roots")
+    roots = [str(Path(p).resolve()) for p in args.tpm_maker_roots]
+    final_db = (directory / "registry.db").absolute()
+    registry_url = args.registry or f"sqlite:///{final_db}"
+    external_db: Path | None = None  # an SQLite file outside --dir that this init creates
+    if args.registry and not args.registry.startswith(("postgres://", "postgresql://")):
+        from urllib.parse import unquote, urlsplit
+
+        db = Path(unquote(urlsplit(args.registry).path) if "://" in args.registry
+                  else args.registry)
+        external_db = None if db.exists() else db
+
+    staging = _InitStaging(directory)
+    authority = None
+    try:
+        stage = staging.begin()
+        # the registry before the key: an unreachable PostgreSQL or a bad URL is
+        # refused before anything is created on the token
+        open_registry(args.registry or str(stage / "registry.db")).close()
+        authority = FleetAuthority.init(
+            stage,
+            args.trust_domain,
+            pkcs11_module=args.pkcs11_module,
+            token_label=args.token,
+            key_label=args.key_label,
+            pin_file=args.pin_file,
+            insecure_file_key=args.insecure_file_key,
+            now=dt.datetime.now(dt.UTC),
+            remove_new_key_on_failure=True,
         )
-    finally:
-        authority.close()
+        _crash_point("init:authority-created")
+        token = Operators(stage / "operators.json").add(args.operator)
+        from device.provisioner import write_synced
+
+        write_synced(stage / SERVICE_FILE, (
+            "# Tessera provisioning service (written by 'tessera init')\n"
+            f"registry = {_toml_string(registry_url)}\n"
+            f"tpm_maker_roots = [{', '.join(_toml_string(r) for r in roots)}]\n"
+            f"operational_lifetime_minutes = {args.operational_lifetime}\n"
+        ).encode())
+        _crash_point("init:staged")
+        staging.commit()
+    except BaseException as exc:
+        if authority is not None:
+            authority.discard()  # the token key too, if this init generated it
+        staging.abort()
+        if external_db is not None:
+            for suffix in ("", "-wal", "-shm", "-journal"):
+                Path(f"{external_db}{suffix}").unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            where = f" ({exc.filename})" if exc.filename else ""
+            raise CliError(f"cannot create the authority in {directory}: {_why(exc)}{where}; "
+                           "nothing was created, free space or choose a writable --dir "
+                           "and run init again") from None
+        if isinstance(exc, TesseraError):
+            raise CliError(f"{_one_line(exc)}; nothing was created: fix that and run init "
+                           "again") from None
+        raise
+    authority.close()
     _emit(
         args,
         {
@@ -142,22 +410,41 @@ def cmd_init(args: argparse.Namespace) -> None:
     )
 
 
+# -- serve ---------------------------------------------------------------------------
+
+
 def build_service(directory: Path) -> Any:
-    from provisioning.attestation import TpmMakerRoots
     from provisioning.authority import FleetAuthority
     from provisioning.enrollment import EnrollmentService
     from provisioning.registry import open_registry
 
     config = _service_config(directory)
-    roots_paths = config.get("tpm_maker_roots", [])
-    roots = TpmMakerRoots.from_pem_files(roots_paths) if roots_paths else None
-    lifetime = dt.timedelta(minutes=int(config.get("operational_lifetime_minutes", 24 * 60)))
-    return EnrollmentService(
-        FleetAuthority.open(directory),
-        open_registry(config["registry"]),
-        roots,
-        operational_lifetime=lifetime,
-    )
+    roots = _maker_roots(config["tpm_maker_roots"], f"{directory / SERVICE_FILE}: "
+                         "tpm_maker_roots")
+    lifetime = dt.timedelta(minutes=config["operational_lifetime_minutes"])
+    authority = FleetAuthority.open(directory)
+    try:
+        registry = open_registry(config["registry"])
+    except BaseException:
+        authority.close()
+        raise
+    return EnrollmentService(authority, registry, roots, operational_lifetime=lifetime)
+
+
+def _check_tls(cert: str | None, key: str | None) -> None:
+    if bool(cert) != bool(key):
+        raise CliError("TLS needs both --tls-cert and --tls-key")
+    if not cert or not key:
+        return
+    for flag, path in (("--tls-cert", cert), ("--tls-key", key)):
+        if not Path(path).is_file():
+            raise CliError(f"{flag} {path} does not exist; pass a PEM file")
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+    except (ssl.SSLError, OSError) as exc:
+        why = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc)
+        raise CliError(f"--tls-cert {cert} / --tls-key {key}: not a PEM certificate and its "
+                       f"private key ({why}); pass the pair your CA issued") from None
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -168,8 +455,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from provisioning.operators import Operators
     from provisioning.service import build_app
 
-    if bool(args.tls_cert) != bool(args.tls_key):
-        raise CliError("TLS needs both --tls-cert and --tls-key")
+    _check_tls(args.tls_cert, args.tls_key)
     service = build_service(args.dir)
     app = build_app(service, Operators(args.dir / "operators.json"))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -188,6 +474,177 @@ def cmd_serve(args: argparse.Namespace) -> None:
     )
 
 
+# -- enrollment, two-phase -----------------------------------------------------------
+#
+# The service records a device in the step that hands out its credentials, so there is
+# a window in which the registry says "issued" and the credentials exist only in this
+# process. --out closes it with a journal: a staging directory beside --out holds
+# .tessera-enroll.json from before the first request until the credentials are synced
+# and renamed into place. A run that finds the journal of an interrupted run, and the
+# device active in the registry with this very key, finishes the job: it re-enrolls
+# the device (the lost credentials are revoked, fresh ones saved). Without the journal
+# an enrolled serial is refused as before. SIGINT/SIGTERM are held from the recording
+# step until the save is done; SIGKILL and power cuts are what the journal is for.
+
+
+def _journal_read(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+class _OutPlan:
+    """Where one device's credentials go (``--out``), checked before anything is asked
+    of the service, and the journal that lets a re-run finish an interrupted one."""
+
+    def __init__(self, out: Path, serial: str, *, replace: bool) -> None:
+        self.out = out
+        self.serial = serial
+        self.replace = replace
+        self.staging = out.absolute().parent / f".{out.name}.tessera-pending"
+        self.journal: dict[str, Any] = {}
+        self.resumable = False  # an interrupted run may have been recorded
+
+    def done_before(self) -> str | None:
+        """The identity in --out if it already holds this serial's credentials."""
+        identity = self.out / "identity"
+        try:
+            uri = identity.read_text().strip()
+            (self.out / "operational.pem").read_bytes()
+        except (OSError, UnicodeDecodeError):
+            return None
+        return uri if uri.rsplit("/", 1)[-1] == self.serial else None
+
+    def preflight(self) -> None:
+        out = self.out
+        if out.is_symlink() or (out.exists() and not out.is_dir()):
+            raise CliError(f"--out {out} exists and is not a directory; name a new directory "
+                           "for the credentials")
+        parent = out.absolute().parent
+        if not parent.is_dir():
+            raise CliError(f"--out {out}: directory {parent} does not exist; create it first")
+        if out.is_dir() and any(p for p in out.iterdir() if p.name != JOURNAL):
+            held = self.done_before() or (out / "identity").exists()
+            if not held:
+                raise CliError(f"--out {out} is a directory that is not empty; name a new "
+                               "directory for the credentials")
+            if not self.replace:
+                raise Refused(f"--out {out} already holds credentials; choose a new "
+                              "directory, or pass --reenroll to replace them")
+        (out / JOURNAL).unlink(missing_ok=True)  # left by a run killed after its rename
+        previous = _journal_read(self.staging / JOURNAL)
+        if previous is not None and previous.get("serial") not in (None, self.serial):
+            raise CliError(f"--out {out}: {self.staging} belongs to an interrupted enrollment "
+                           f"of {previous.get('serial')}; finish that one first (or remove it)")
+        self.resumable = bool(previous and previous.get("phase") == "accepted")
+        try:
+            self.staging.mkdir(mode=0o700, exist_ok=True)
+            for leftover in self.staging.iterdir():
+                if leftover.name != JOURNAL:
+                    leftover.unlink()
+            self.mark("accepted" if self.resumable else "started")
+            probe = self.staging / ".space-probe"
+            try:
+                from device.provisioner import write_synced
+
+                write_synced(probe, b"\0" * _SPACE_PROBE)
+            finally:
+                probe.unlink(missing_ok=True)
+        except OSError as exc:
+            if not self.resumable:
+                shutil.rmtree(self.staging, ignore_errors=True)
+            raise CliError(f"--out {out}: cannot write there ({_why(exc)}); nothing was "
+                           "enrolled. Free space or choose a writable directory") from None
+
+    def mark(self, phase: str, **fields: Any) -> None:
+        from device.provisioner import fsync_dir, write_synced
+
+        self.journal.update(serial=self.serial, phase=phase, pid=os.getpid(), **fields)
+        tmp = self.staging / f"{JOURNAL}.tmp"
+        tmp.unlink(missing_ok=True)
+        write_synced(tmp, json.dumps(self.journal).encode(), 0o600)
+        os.replace(tmp, self.staging / JOURNAL)
+        fsync_dir(self.staging)
+
+    def save(self, issued: dict[str, Any]) -> None:
+        from device.provisioner import CredentialStore
+
+        store = CredentialStore(self.out)
+        store.stage(issued, self.staging)
+        _crash_point("enroll:staged")
+        if self.out.exists() and not any(self.out.iterdir()):
+            self.out.rmdir()  # an empty --out: the staging directory takes its place
+        if self.out.exists():
+            store.install(self.staging)  # replaced file by file (--reenroll)
+            shutil.rmtree(self.staging)
+        else:
+            # the journal travels with the rename: until it is removed below, a crash
+            # leaves complete credentials, which the next run recognises as done
+            self.staging.chmod(0o755)
+            os.rename(self.staging, self.out)
+            from device.provisioner import fsync_dir
+
+            fsync_dir(self.out.parent)
+        _crash_point("enroll:saved")
+        (self.out / JOURNAL).unlink(missing_ok=True)
+
+    def drop_staged(self) -> None:
+        """Remove credential files written before a failure; keep the journal."""
+        for leftover in self.staging.iterdir() if self.staging.is_dir() else ():
+            if leftover.name != JOURNAL:
+                leftover.unlink(missing_ok=True)
+
+    def abort(self) -> None:
+        """Nothing was recorded: leave no trace (unless an earlier run may have been)."""
+        if self.resumable:
+            self.drop_staged()
+        else:
+            shutil.rmtree(self.staging, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM wait while the service records the device and its credentials
+    are saved: an operator's Ctrl-C lands after the save, not inside the window."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _registered(client: Any, serial: str) -> dict[str, Any] | None:
+    from device.provisioner import ServiceError
+
+    try:
+        found: dict[str, Any] = client.call("GET", f"/v1/devices/{serial}")
+    except ServiceError as exc:
+        if exc.reason is Reason.NOT_ENROLLED and exc.answered:
+            return None
+        raise
+    return found
+
+
+def _spki_b64(key: Any) -> str:
+    import base64
+
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    return base64.b64encode(
+        key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)).decode()
+
+
+def _already(serial: str) -> Refused:
+    return Refused(f"device {serial} is already enrolled; use --reenroll to replace it "
+                   "(this revokes its current credentials) [already_enrolled]")
+
+
 def _enroll_one(
     args: argparse.Namespace,
     client: Any,
@@ -198,41 +655,110 @@ def _enroll_one(
     device_class: str,
     out: Path | None,
 ) -> dict[str, Any]:
-    from device.provisioner import CredentialStore, enroll_tpm, enroll_witnessed
-    from hw import open_signer
+    from device.provisioner import LocalTpm, ServiceError, enroll_tpm, enroll_witnessed
 
     if bool(tpm) == bool(pkcs11):
         raise CliError(f"{serial}: give exactly one of --tpm TCTI or --pkcs11 SPEC")
-    if tpm:
-        from hw.tpm import TpmBackend
+    _check_serial(serial, "--serial")
+    reenroll = bool(args.reenroll)
+    plan = _OutPlan(out, serial, replace=reenroll) if out is not None else None
+    if plan is not None:
+        plan.preflight()
+    created_key: tuple[Any, str] | None = None  # (PKCS#11 backend, label) made by this run
+    recording = False  # the step that records the device was sent
+    backend: Any = None
+    signer: Any = None
+    try:
+        existing = _registered(client, serial)
+        resumable = plan is not None and plan.resumable
+        if existing is not None and not reenroll and not resumable:
+            raise _already(serial)  # before any key is created anywhere
+        if tpm:
+            from hw.tpm import TpmBackend
 
-        with TpmBackend(tpm, Path(key_dir or f"{serial}-keys")) as backend:
-            issued = enroll_tpm(
-                client,
-                backend,
-                serial,
-                kind=args.kind,
-                device_class=device_class,
-                reenroll=args.reenroll,
-            )
-    else:
-        signer = open_signer(f"pkcs11:{pkcs11}", create=True)
-        try:
-            issued = enroll_witnessed(
-                client,
-                signer,
-                serial,
-                kind=args.kind,
-                device_class=device_class,
-                reenroll=args.reenroll,
-            )
-        finally:
-            close: Callable[[], None] | None = getattr(signer, "close", None)
-            if close:
-                close()
-    if out is not None:
-        CredentialStore(out).save(issued)
+            backend = TpmBackend(tpm, Path(key_dir or f"{serial}-keys"))
+            key = LocalTpm(backend).public_key()
+        else:
+            assert pkcs11 is not None
+            backend, signer, made = _open_pkcs11_key(pkcs11)
+            if made:
+                created_key = (backend, pkcs11.rpartition("/")[2])
+            key = signer.public_key()
+        _crash_point("enroll:key-created")
+        spki = _spki_b64(key)
+        if existing is not None and not reenroll:
+            if existing.get("status") == "active" and existing.get("public_key") == spki:
+                reenroll = True  # finishing the interrupted run: its credentials were lost
+            else:
+                raise _already(serial)
+
+        def progress(step: str) -> None:
+            nonlocal recording
+            if step == "accepted" and plan is not None:
+                plan.mark("accepted", key=spki)
+                _crash_point("enroll:accepted")
+            elif step == "finishing":
+                recording = True
+
+        with _signals_held():
+            if tpm:
+                issued = enroll_tpm(client, backend, serial, kind=args.kind,
+                                    device_class=device_class, reenroll=reenroll,
+                                    progress=progress)
+            else:
+                issued = enroll_witnessed(client, signer, serial, kind=args.kind,
+                                          device_class=device_class, reenroll=reenroll,
+                                          progress=progress)
+            _crash_point("enroll:issued")
+            if plan is not None:
+                try:
+                    plan.save(issued)
+                except OSError as exc:
+                    raise CliError(
+                        f"{serial} is enrolled but its credentials could not be written to "
+                        f"{out} ({_why(exc)}); fix that and run the same command again to "
+                        "finish (the unsaved credentials are then revoked and replaced)"
+                    ) from None
+    except BaseException as exc:
+        maybe_recorded = recording and not (isinstance(exc, ServiceError) and exc.answered)
+        if not maybe_recorded:
+            if created_key is not None:
+                with contextlib.suppress(Exception):
+                    created_key[0].delete_signing_key(created_key[1])
+            if plan is not None:
+                plan.abort()
+        elif plan is not None:
+            plan.drop_staged()  # the journal stays: the next run finishes the job
+        if maybe_recorded and isinstance(exc, TesseraError):
+            again = ("run the same command again to finish" if plan is not None else
+                     "run it again (with --reenroll if it says already enrolled)")
+            raise CliError(f"{serial}: {_one_line(exc)}; the service may have enrolled it: "
+                           f"{again}") from None
+        raise
+    finally:
+        for thing in (signer, backend):
+            close: Callable[[], None] | None = getattr(thing, "close", None)
+            if close is not None:
+                with contextlib.suppress(Exception):
+                    close()
     return issued
+
+
+def _open_pkcs11_key(spec: str) -> tuple[Any, Any, bool]:
+    """(backend, signer, generated here) for ``<module>#<token>/<label>``."""
+    from hw.pkcs11 import Pkcs11Backend
+
+    module, sep, labels = spec.rpartition("#")
+    token, sep2, label = labels.partition("/")
+    if not sep or not sep2 or not module or not token or not label:
+        raise CliError(f"--pkcs11 {spec!r}: expected <module>#<token>/<key label>")
+    backend = Pkcs11Backend(module, token)
+    try:
+        signer, made = backend.get_or_create_signing_key_ex(label)
+    except BaseException:
+        backend.close()
+        raise
+    return backend, signer, made
 
 
 def cmd_enroll(args: argparse.Namespace) -> None:
@@ -243,6 +769,14 @@ def cmd_enroll(args: argparse.Namespace) -> None:
         return _enroll_remote(args, client)
     if not args.serial:
         raise CliError("--serial is required (or --batch CSV)")
+    if args.out is not None and (args.out / JOURNAL).exists():
+        identity = _OutPlan(args.out, args.serial, replace=False).done_before()
+        if identity is not None:  # a run killed after its credentials were in place
+            (args.out / JOURNAL).unlink()
+            _emit(args, {"serial": args.serial, "identity": identity, "status": "done"},
+                  f"{identity} was enrolled by the interrupted run; its credentials are in "
+                  f"{args.out}")
+            return None
     issued = _enroll_one(
         args, client, args.serial, args.tpm, args.pkcs11, args.key_dir, args.device_class, args.out
     )
@@ -258,7 +792,7 @@ def cmd_enroll(args: argparse.Namespace) -> None:
 def _enroll_remote(args: argparse.Namespace, client: Any) -> None:
     """Enroll a device on the network through its agent's enrollment endpoint."""
     from device.enrollment_endpoint import RemoteDevice
-    from device.provisioner import enroll_attested
+    from device.provisioner import CredentialStore, enroll_attested
 
     if args.tpm or args.pkcs11:
         raise CliError("--device enrolls a remote device: leave out --tpm/--pkcs11")
@@ -267,6 +801,10 @@ def _enroll_remote(args: argparse.Namespace, client: Any) -> None:
     serial = device.info()["serial"]
     if args.serial and args.serial != serial:
         raise CliError(f"the device at {args.device} is {serial}, not {args.serial}")
+    if args.out is not None:  # refused before the device is enrolled, not after
+        plan = _OutPlan(args.out, serial, replace=args.reenroll)
+        plan.preflight()
+        plan.abort()
     issued = enroll_attested(
         client, device, serial, kind=args.kind, device_class=args.device_class,
         reenroll=args.reenroll,
@@ -279,59 +817,114 @@ def _enroll_remote(args: argparse.Namespace, client: Any) -> None:
             "fix that and run again with --reenroll"
         ) from None
     if args.out:
-        from device.provisioner import CredentialStore
-
-        CredentialStore(args.out).save(issued)
+        try:
+            CredentialStore(args.out).save(issued)
+        except OSError as exc:
+            raise CliError(f"{serial} is enrolled and holds its credentials, but the copy "
+                           f"for --out {args.out} could not be written ({_why(exc)})") from None
     _emit(args, issued, f"enrolled {issued['identity']} ({issued['attestation']}) over the "
                         f"network; the device stored its credentials")
 
 
-def _enroll_batch(args: argparse.Namespace, client: Any) -> None:
+def _read_batch(path: str) -> list[dict[str, str]]:
     try:
-        with open(args.batch, newline="") as fh:
-            rows = list(csv.DictReader(fh))
+        data = Path(path).read_bytes()
     except OSError as exc:
-        raise CliError(f"cannot read {args.batch}: {exc.strerror}") from None
+        raise CliError(f"--batch {path}: cannot read it ({_why(exc)})") from None
+    try:
+        text = data.decode("utf-8-sig")
+        if "\0" in text:
+            raise UnicodeDecodeError("utf-8", data, text.index("\0"), text.index("\0") + 1,
+                                     "NUL byte")
+    except UnicodeDecodeError as exc:
+        raise CliError(f"--batch {path}: not a text CSV file (byte {exc.start} is not UTF-8 "
+                       "text); pass a CSV with a header row serial,tpm|pkcs11,...") from None
+    try:
+        rows = list(csv.DictReader(text.splitlines()))
+    except csv.Error as exc:
+        raise CliError(f"--batch {path}: not valid CSV ({exc})") from None
     if not rows or "serial" not in rows[0]:
-        raise CliError(f"{args.batch} needs a header row with at least: serial, and tpm or pkcs11")
+        raise CliError(f"--batch {path} needs a header row with at least: serial, and tpm or "
+                       "pkcs11")
+    return rows
+
+
+def _enroll_batch(args: argparse.Namespace, client: Any) -> None:
+    """Every row gets a verdict (done, skipped as done before, refused by the service,
+    failed here) and the run goes on past bad rows; with --out a re-run skips the rows
+    whose credentials are in place and finishes interrupted ones."""
+    from device.provisioner import ServiceError
+
+    rows = _read_batch(args.batch)
+    root = Path(args.out) if args.out else None
+    if root is not None:
+        if root.exists() and not root.is_dir():
+            raise CliError(f"--out {root} is not a directory; with --batch it is the "
+                           "directory that gets one subdirectory per serial")
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CliError(f"--out {root}: cannot create it ({_why(exc)})") from None
     results: list[dict[str, Any]] = []
     width = 30
+    interrupted = False
     for i, row in enumerate(rows, 1):
         serial = (row.get("serial") or "").strip()
-        out = Path(args.out) / serial if args.out else None
+        out = root / serial if root is not None and serial and "/" not in serial else None
+        result: dict[str, Any] = {"serial": serial, "row": i}
         try:
-            issued = _enroll_one(
-                args,
-                client,
-                serial,
-                row.get("tpm") or None,
-                row.get("pkcs11") or None,
-                row.get("key_dir") or None,
-                row.get("device_class") or args.device_class,
-                out,
-            )
-            results.append({"serial": serial, "ok": True, "identity": issued["identity"]})
+            identity = _OutPlan(out, serial, replace=False).done_before() if out else None
+            if identity is not None:
+                result.update(status="skipped", ok=True, identity=identity)
+            else:
+                issued = _enroll_one(
+                    args, client, serial, row.get("tpm") or None, row.get("pkcs11") or None,
+                    row.get("key_dir") or None, row.get("device_class") or args.device_class,
+                    out,
+                )
+                result.update(status="done", ok=True, identity=issued["identity"])
+        except KeyboardInterrupt:
+            interrupted = True
+        except Refused as exc:
+            result.update(status="refused", ok=False, error=_one_line(exc))
+        except ServiceError as exc:
+            status = "refused" if exc.answered else "failed"
+            result.update(status=status, ok=False, error=_one_line(exc))
         except (TesseraError, CliError) as exc:
-            results.append({"serial": serial, "ok": False, "error": _one_line(exc)})
+            result.update(status="failed", ok=False, error=_one_line(exc))
+        except OSError as exc:
+            result.update(status="failed", ok=False,
+                          error=f"{_why(exc)}" + (f" ({exc.filename})" if exc.filename else ""))
+        except Exception as exc:  # one bad row must not end the batch
+            result.update(status="failed", ok=False, error=f"{type(exc).__name__}: "
+                                                           f"{_one_line(exc)}")
+        if interrupted:
+            break
+        results.append(result)
         if not args.json:
+            line = f"{serial or '(row ' + str(i) + ')'}: {result['status']}"
+            line += f": {result['error']}" if "error" in result else ""
+            print(line, flush=True)
             done = int(width * i / len(rows))
-            print(
-                f"\r[{'#' * done}{'.' * (width - done)}] {i}/{len(rows)}",
-                end="",
-                file=sys.stderr,
-                flush=True,
-            )
+            print(f"\r[{'#' * done}{'.' * (width - done)}] {i}/{len(rows)}", end="",
+                  file=sys.stderr, flush=True)
     if not args.json:
         print(file=sys.stderr)
-    failed = [r for r in results if not r["ok"]]
-    summary = f"enrolled {len(results) - len(failed)} of {len(results)} devices"
-    lines = [summary] + [f"  {r['serial']}: {r['error']}" for r in failed]
-    _emit(
-        args,
-        {"results": results, "enrolled": len(results) - len(failed), "failed": len(failed)},
-        "\n".join(lines),
-    )
-    if failed:
+    counts = {s: sum(r["status"] == s for r in results)
+              for s in ("done", "skipped", "refused", "failed")}
+    ok = counts["done"] + counts["skipped"]
+    summary = (f"enrolled {ok} of {len(rows)} devices ({counts['done']} now, "
+               f"{counts['skipped']} before; {counts['refused']} refused, "
+               f"{counts['failed']} failed)")
+    if interrupted:
+        summary += f"; interrupted after {len(results)} rows: run it again to resume"
+    elif ok < len(rows) and root is not None:
+        summary += "; fix the rows above and run it again: rows done are skipped"
+    _emit(args, {"results": results, "enrolled": ok, **counts, "interrupted": interrupted},
+          summary)
+    if interrupted:
+        raise KeyboardInterrupt
+    if ok < len(rows):
         raise SystemExit(1)
 
 
@@ -364,12 +957,14 @@ def cmd_list(args: argparse.Namespace) -> None:
 
 
 def cmd_show(args: argparse.Namespace) -> None:
-    d = _client(args).call("GET", f"/v1/devices/{args.serial}")
+    serial = _check_serial(args.serial, "serial")
+    d = _client(args).call("GET", f"/v1/devices/{serial}")
     _emit(args, d, "\n".join(f"{k:<24} {v}" for k, v in d.items()))
 
 
 def cmd_revoke(args: argparse.Namespace) -> None:
-    e = _client(args).call("POST", f"/v1/devices/{args.serial}/revoke", {"reason": args.reason})
+    serial = _check_serial(args.serial, "serial")
+    e = _client(args).call("POST", f"/v1/devices/{serial}/revoke", {"reason": args.reason})
     _emit(
         args,
         e,
@@ -378,21 +973,50 @@ def cmd_revoke(args: argparse.Namespace) -> None:
 
 
 def cmd_renew(args: argparse.Namespace) -> None:
-    from device.provisioner import CredentialStore, renew
+    """Renewal records a new operational credential and leaves the old one valid, so
+    it needs no journal: --out is checked before the service is asked, the new files
+    replace the old ones all or nothing, and a run that fails to save simply runs again."""
+    from device.provisioner import CredentialStore, renew, write_synced
     from hw import open_signer
 
-    client = _client(args, operator=False)
+    serial = _check_serial(args.serial, "--serial")
     if bool(args.tpm) == bool(args.pkcs11):
         raise CliError("give exactly one of --tpm TCTI (with --key-dir) or --pkcs11 SPEC")
+    out: Path | None = args.out
+    if out is not None:
+        if out.is_symlink() or (out.exists() and not out.is_dir()):
+            raise CliError(f"--out {out} exists and is not a directory; pass the device's "
+                           "credentials directory")
+        held = _OutPlan(out, serial, replace=True).done_before()
+        if out.is_dir() and (out / "identity").exists() and held is None:
+            raise CliError(f"--out {out} holds another device's credentials; pass {serial}'s")
+        probe_dir = out if out.is_dir() else out.absolute().parent
+        probe = probe_dir / f".renew-probe-{os.getpid()}"
+        try:
+            write_synced(probe, b"\0" * _SPACE_PROBE)
+        except OSError as exc:
+            raise CliError(f"--out {out}: cannot write there ({_why(exc)}); nothing was "
+                           "renewed. Free space or choose a writable directory") from None
+        finally:
+            probe.unlink(missing_ok=True)
+    client = _client(args, operator=False)
     spec = f"tpm:{args.tpm}#tessera-device" if args.tpm else f"pkcs11:{args.pkcs11}"
-    options = {"key_dir": args.key_dir or f"{args.serial}-keys"} if args.tpm else {}
+    options = {"key_dir": args.key_dir or f"{serial}-keys"} if args.tpm else {}
     signer = open_signer(spec, **options)
     try:
-        issued = renew(client, signer, args.serial)
+        with _signals_held():
+            issued = renew(client, signer, serial)
+            _crash_point("renew:issued")
+            if out is not None:
+                try:
+                    CredentialStore(out).save(issued)
+                except OSError as exc:
+                    raise CliError(
+                        f"{serial} was renewed but the new credential could not be written to "
+                        f"{out} ({_why(exc)}); the old one there is untouched and still valid. "
+                        "Fix that and run the same command again") from None
     finally:
         getattr(signer, "close", lambda: None)()
-    if args.out:
-        CredentialStore(args.out).save(issued)
     _emit(
         args, issued, f"renewed {issued['identity']}: valid until {issued['operational_not_after']}"
     )
@@ -413,7 +1037,7 @@ def cmd_export_bundle(args: argparse.Namespace) -> None:
     if args.output == "-":
         sys.stdout.write(pem.decode())
     else:
-        Path(args.output).write_bytes(pem)
+        _write_atomic(Path(args.output), pem, "-o")
         if not args.json:
             print(f"trust bundle written to {args.output}")
 
@@ -571,13 +1195,19 @@ def cmd_broker_config(args: argparse.Namespace) -> None:
         if name in options:
             options[name] = str(Path(options[name]).resolve())
     options.update(_step_up_options(args.plugin_opt or []))
+    _check_pem(args.bundle, "--bundle", "the trust bundle 'tessera export-bundle' wrote")
+    _check_pem(args.credential, "--credential", "this broker's credential PEM "
+               "('tessera enroll --kind broker --out DIR' writes DIR/operational.pem)")
     joined = _read_mosquitto_conf(Path(args.check)) if args.check else []
     try:
         plugin = ensure_built()
     except BuildError as exc:
         raise CliError(exc.detail) from None
     # the broker starts with these options: refuse here, in one line, what it would refuse
-    enforcer, signer = build_enforcer(options)
+    try:
+        enforcer, signer = build_enforcer(options)
+    except (ValueError, OSError) as exc:
+        raise CliError(f"the plugin would refuse these options: {_one_line(exc)}") from None
     getattr(signer, "close", lambda: None)()
     if args.user:
         blocked = readable_by(args.user)
@@ -616,10 +1246,25 @@ def cmd_broker_config(args: argparse.Namespace) -> None:
     if args.output == "-":
         sys.stdout.write(text)
     else:
-        Path(args.output).write_text(text)
+        _write_atomic(Path(args.output), text.encode(), "-o")
         if not args.json:
             print(f"mosquitto configuration written to {args.output} "
                   f"(policy {enforcer.policy.digest.hex()[:12]})")
+
+
+def _check_pem(path: str, flag: str, what: str) -> None:
+    from cryptography import x509
+
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise CliError(f"{flag} {path}: cannot read it ({_why(exc)}); pass {what}") from None
+    try:
+        certs = x509.load_pem_x509_certificates(data)
+    except ValueError:
+        certs = []
+    if not certs:
+        raise CliError(f"{flag} {path} holds no PEM certificate; pass {what}")
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> None:
@@ -763,8 +1408,16 @@ def _conf_problems(joined: list[tuple[str, str, list[str]]],
 # -- parser ------------------------------------------------------------------------
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors follow the CLI's rule: one line on stderr, exit 1 (argparse's own
+    is the usage block and exit 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise CliError(f"{self.prog}: {message} (see '{self.prog} --help')")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="tessera", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -804,13 +1457,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="CA certificates of TPM makers whose EK certificates are accepted",
     )
     s.add_argument("--operator", default="admin", help="name of the first operator")
-    s.add_argument("--operational-lifetime", type=int, default=24 * 60, metavar="MINUTES")
+    s.add_argument("--operational-lifetime", type=_lifetime, default=24 * 60,
+                   metavar="MINUTES",
+                   help=f"operational credential lifetime, {MIN_LIFETIME}..{MAX_LIFETIME} "
+                        "(default %(default)s)")
     s.set_defaults(func=cmd_init)
 
     s = sub.add_parser("serve", help="run the provisioning service")
     s.add_argument("--dir", type=Path, default=DEFAULT_DIR)
     s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8443)
+    s.add_argument("--port", type=_port, default=8443)
     s.add_argument("--tls-cert")
     s.add_argument("--tls-key")
     s.set_defaults(func=cmd_serve)
@@ -931,17 +1587,44 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, turned into an exception so that undo code runs as for Ctrl-C."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise _Terminated
+
+
+def _fail(message: str) -> int:
+    print(f"tessera: error: {message}", file=sys.stderr)
+    return 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command == "export-bundle":
-        args.dir_given = args.dir is not None
+    """Exit codes: 0 done; 1 an error (one line on stderr: what, where, the fix; usage
+    errors included); 130 interrupted by SIGINT or SIGTERM (what was left is finished by
+    running the same command again)."""
     try:
+        args = build_parser().parse_args(argv)
+        if args.command == "export-bundle":
+            args.dir_given = args.dir is not None
+        if args.command != "serve":  # uvicorn handles SIGTERM for serve
+            signal.signal(signal.SIGTERM, _on_sigterm)
         args.func(args)
     except (CliError, TesseraError) as exc:
-        print(f"tessera: error: {_one_line(exc)}", file=sys.stderr)
-        return 1
+        return _fail(_one_line(exc))
     except KeyboardInterrupt:
+        print("tessera: interrupted; nothing is half-done: run the same command again to "
+              "finish", file=sys.stderr)
         return 130
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename else ""
+        return _fail(f"{_why(exc)}{where}")
+    except Exception as exc:
+        if os.environ.get("TESSERA_DEBUG"):
+            raise
+        return _fail(f"unexpected {type(exc).__name__}: {_one_line(exc)} (a bug: please report "
+                     "it; TESSERA_DEBUG=1 shows where)")
     return 0
 
 

@@ -350,9 +350,12 @@ class EnrollmentService:
             enrollment_not_after=enrollment.not_valid_after_utc,
             ak_public=ak_public,
         )
-        event = self.registry.enroll(
-            record, reenroll=bool(state["reenroll"]), revoked_by=state["operator"]
-        )
+        reenroll = state.get("reenroll", False)
+        if type(reenroll) is not bool:  # never truthiness: "false" must not re-enroll
+            raise EnrollmentError(
+                "field 'reenroll' must be true or false", Reason.ATTESTATION_FAILED
+            )
+        event = self.registry.enroll(record, reenroll=reenroll, revoked_by=state["operator"])
         return Issued(
             record, _pem(enrollment), _pem(operational), self.authority.bundle_pem(), event
         )

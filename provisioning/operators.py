@@ -22,6 +22,13 @@ _NAME = re.compile(r"[A-Za-z0-9._@-]{1,64}")
 TOKEN_PREFIX = "tso_"
 
 
+def check_operator_name(name: object) -> str:
+    """The name, if it is one an operator may have; else ConfigurationError."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ConfigurationError("operator name must be 1-64 of [A-Za-z0-9._@-]")
+    return name
+
+
 def _hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
@@ -39,8 +46,7 @@ class Operators:
 
     def add(self, name: str) -> str:
         """Create an operator; returns its token (shown once, never stored)."""
-        if not _NAME.fullmatch(name):
-            raise ConfigurationError("operator name must be 1-64 of [A-Za-z0-9._@-]")
+        check_operator_name(name)
         if name in self._hashes:
             raise ConfigurationError(f"operator {name} exists already")
         token = TOKEN_PREFIX + secrets.token_urlsafe(32)
@@ -61,8 +67,12 @@ class Operators:
     def _save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".operators.")
-        with os.fdopen(fd, "w") as fh:
-            json.dump({"operators": self._hashes}, fh, indent=1)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
+        try:
+            with os.fdopen(fd, "w") as fh:
+                json.dump({"operators": self._hashes}, fh, indent=1)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)  # a full disk leaves no temporary file
+            raise
