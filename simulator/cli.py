@@ -5,6 +5,9 @@
     tessera-sim softhsm init --dir DIR --label L     user PIN from $TESSERA_PKCS11_PIN
     tessera-sim softhsm delete --dir DIR --label L
     tessera-sim demo [--workdir DIR] [--protocol-only]  the whole story (simulator.story)
+    tessera-sim fleet up [--brokers 3] [--workdir DIR]  PostgreSQL, the provisioning
+                                            service, N brokers and HAProxy in front;
+                                            runs until Ctrl-C (simulator.fleet)
 
 ``softhsm init`` prints shell lines (``eval "$(tessera-sim softhsm init ...)"``): the
 module path as a comment and the SOFTHSM2_CONF export. The SO PIN is taken from
@@ -84,11 +87,42 @@ def _demo(args: argparse.Namespace) -> int:
     return int(run_demo(Path(args.workdir) if args.workdir else None))
 
 
+def _fleet_up(args: argparse.Namespace) -> int:
+    import signal
+    import tempfile
+    import threading
+
+    from simulator.fleet import BrokerFleet
+
+    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="fleet-"))
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    print(f"starting {args.brokers} brokers in {workdir} ...", file=sys.stderr, flush=True)
+    with BrokerFleet(workdir, args.brokers) as fleet:
+        print(fleet.describe(), flush=True)
+        print("running; Ctrl-C stops everything", file=sys.stderr, flush=True)
+        done.wait()
+    print("stopped", file=sys.stderr)
+    return 0
+
+
+def _brokers(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 16:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of brokers 1 .. 16")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tessera-sim", description="Software stand-ins for Tessera: swtpm and SoftHSM2."
     )
-    tools = parser.add_subparsers(dest="tool", required=True, metavar="{swtpm,softhsm,demo}")
+    tools = parser.add_subparsers(dest="tool", required=True,
+                                  metavar="{swtpm,softhsm,demo,fleet}")
 
     swtpm = tools.add_parser("swtpm", help="a software TPM 2.0 on 127.0.0.1")
     swtpm_cmds = swtpm.add_subparsers(dest="command", required=True)
@@ -119,6 +153,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--protocol-only", action="store_true",
                       help="only the SA1 handshake and messages between two hardware keys")
     demo.set_defaults(func=_demo)
+
+    fleet = tools.add_parser(
+        "fleet", help="several brokers behind HAProxy on one PostgreSQL registry")
+    fleet_cmds = fleet.add_subparsers(dest="command", required=True)
+    up = fleet_cmds.add_parser("up", help="start it all on 127.0.0.1; Ctrl-C stops it")
+    up.add_argument("--brokers", type=_brokers, default=3, help="Mosquitto replicas (1..16)")
+    up.add_argument("--workdir", help="keep the fleet's files here (default: a temp dir)")
+    up.set_defaults(func=_fleet_up)
     return parser
 
 
