@@ -49,6 +49,32 @@ from structauth.errors import ConfigurationError, Reason, TesseraError
 
 log = logging.getLogger("tessera.agent")
 
+#: exit status of ``tessera-agent run`` when the broker refused this device as revoked:
+#: the agent stops instead of retrying (the unit's RestartPreventExitStatus), since
+#: only a new enrollment can help
+EXIT_REVOKED = 3
+#: reasons that mean "this device is revoked", as the MQTT client reports a refusal
+_REVOKED = (Reason.CREDENTIAL_REVOKED, Reason.DEVICE_REVOKED)
+
+
+def revocation_of(error: BaseException | None) -> str | None:
+    """The broker's word, when ``error`` says this device is revoked; else None.
+
+    The interface with device/mqtt.py (which reads the broker's CONNACK / DISCONNECT
+    reason code and MQTT 5 reason string): a refusal the client recognises arrives as a
+    TesseraError whose reason is CREDENTIAL_REVOKED or DEVICE_REVOKED; a broker reason
+    string naming ``credential_revoked`` / ``device_revoked`` in its detail counts too.
+    A connection the broker closes hands its error to the agent as the client's
+    ``disconnect_error`` attribute (None or absent: no reason known). Anything else, a
+    plain "not authorized" included, is retried with backoff.
+    """
+    if not isinstance(error, TesseraError):
+        return None
+    detail = error.detail
+    if error.reason in _REVOKED or any(r.name.lower() in detail for r in _REVOKED):
+        return detail
+    return None
+
 #: how long after its deadline the broker keeps an unanswered step-up for a CONNECT that
 #: carries its nonce (the broker's step_up_reconnect_window_s default); past it the agent
 #: connects plainly and the broker, if it still has the challenge, asks again
@@ -63,6 +89,13 @@ _SECTIONS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "reconnect": {"initial_s": (int, float), "max_s": (int, float)},
     "renewal": {"enabled": bool, "provisioner": str, "cafile": str, "at_fraction": float},
     "heartbeat": {"topic": str, "interval_s": (int, float)},
+}
+
+
+_FIXES = {
+    "device.state_dir": "the directory enrollment wrote (agent.json, operational.pem)",
+    "mqtt.tls_cafile": "the PEM bundle of the CA that signed the broker's TLS certificate",
+    "renewal.cafile": "the PEM bundle of the CA of the provisioning service's TLS certificate",
 }
 
 
@@ -88,14 +121,72 @@ class AgentConfig:
     renew_at_fraction: float = 2 / 3
     heartbeat_topic: str | None = None
     heartbeat_interval_s: float = 60.0
+    #: where the configuration came from (error messages name it)
+    source: str = "<agent config>"
 
     @classmethod
     def load(cls, path: Path) -> AgentConfig:
+        """Parse ``path`` and check what it names on this machine (files, the device
+        state, the broker's trust domain, installed extras): every problem is one
+        ConfigurationError line naming the file, the key and the fix."""
         try:
             text = path.read_text()
         except OSError as exc:
-            raise ConfigurationError(f"cannot read {path}: {exc.strerror}") from None
-        return cls.parse(text, str(path))
+            raise ConfigurationError(
+                f"cannot read the agent configuration {path}: {exc.strerror} (write one as "
+                "docs/AGENT.md shows, or pass --config FILE)") from None
+        config = cls.parse(text, str(path))
+        config.check()
+        return config
+
+    def _problem(self, key: str, why: str, fix: str) -> ConfigurationError:
+        return ConfigurationError(f"{self.source}: {key}: {why}; {fix}")
+
+    def check(self) -> DeviceState:
+        """What the configuration names must exist and fit together; the device state.
+
+        Refused here, before anything connects (one line each): a file that is not
+        there, a state directory without an enrollment, a broker identity in another
+        trust domain than the device's credential, a key backend whose Python package
+        (extra) is not installed."""
+        for key, value in (("mqtt.tls_cafile", self.tls_cafile),
+                           ("renewal.cafile", self.provisioner_cafile)):
+            if value is not None and not Path(value).is_file():
+                raise self._problem(key, f"{value} does not exist",
+                                    f"set it to {_FIXES[key]}")
+        if not (self.state_dir / "agent.json").is_file():
+            raise self._problem(
+                "device.state_dir", f"{self.state_dir} holds no agent.json",
+                f"set it to {_FIXES['device.state_dir']}, or enroll this device first "
+                "('tessera-agent enroll', or 'tessera enroll --out DIR' at the station)")
+        try:
+            state = DeviceState.load(self.state_dir)
+            device = state.credential().identity
+        except ConfigurationError as exc:
+            raise self._problem("device.state_dir", exc.detail,
+                                "re-enroll, or point it at a complete state directory"
+                                ) from None
+        broker = Identity.parse(self.broker_identity)
+        if broker.trust_domain != device.trust_domain:
+            raise self._problem(
+                "mqtt.broker_identity",
+                f"{self.broker_identity} is in trust domain {broker.trust_domain!r}, this "
+                f"device ({device}) in {device.trust_domain!r}",
+                f"use the broker's identity in {device.trust_domain!r}, e.g. "
+                f"spiffe://{device.trust_domain}/broker/<name>")
+        backend = state.settings["backend"]
+        needs = [("paho", "paho-mqtt", "device-tpm" if backend == "tpm" else "device-pkcs11")]
+        needs.append(("tpm2_pytss", "tpm2-pytss", "device-tpm") if backend == "tpm"
+                     else ("pkcs11", "python-pkcs11", "device-pkcs11"))
+        import importlib.util
+
+        for module, package, extra in needs:
+            if importlib.util.find_spec(module) is None:
+                raise ConfigurationError(
+                    f"{self.state_dir / 'agent.json'}: backend {backend!r} needs the Python "
+                    f"package {package}, which is not installed; pip install "
+                    f"'tessera[{extra}]'")
+        return state
 
     @classmethod
     def parse(cls, text: str, source: str = "<agent config>") -> AgentConfig:
@@ -106,16 +197,23 @@ class AgentConfig:
         for section, values in data.items():
             if section not in _SECTIONS:
                 raise ConfigurationError(
-                    f"{source}: unknown section [{section}] (known: {', '.join(_SECTIONS)})"
+                    f"{source}: unknown section [{section}] (known: {', '.join(_SECTIONS)}); "
+                    "remove it or fix its name (docs/AGENT.md)"
                 )
             if not isinstance(values, dict):
-                raise ConfigurationError(f"{source}: {section} must be a table")
+                raise ConfigurationError(f"{source}: {section} must be a table ([{section}])")
             for key, value in values.items():
                 want = _SECTIONS[section].get(key)
                 if want is None:
-                    raise ConfigurationError(f"{source}: unknown key {section}.{key}")
+                    raise ConfigurationError(
+                        f"{source}: unknown key {section}.{key} (known in [{section}]: "
+                        f"{', '.join(_SECTIONS[section])}); remove it or fix its name")
                 if (isinstance(value, bool) and want is not bool) or not isinstance(value, want):
-                    raise ConfigurationError(f"{source}: {section}.{key} has the wrong type")
+                    kinds = want if isinstance(want, tuple) else (want,)
+                    names = " or ".join({int: "a number", float: "a number", str: "a string",
+                                         bool: "true or false"}[k] for k in kinds)
+                    raise ConfigurationError(
+                        f"{source}: {section}.{key} has the wrong type; it takes {names}")
 
         def get(section: str, key: str, default: Any = None) -> Any:
             return data.get(section, {}).get(key, default)
@@ -153,6 +251,7 @@ class AgentConfig:
             renew_at_fraction=get("renewal", "at_fraction", 2 / 3),
             heartbeat_topic=get("heartbeat", "topic"),
             heartbeat_interval_s=float(get("heartbeat", "interval_s", 60)),
+            source=source,
         )
         problems = [
             (not 1 <= config.port <= 65535, "mqtt.port must be 1..65535"),
@@ -229,6 +328,11 @@ class Agent:
         self._thread: threading.Thread | None = None
         self._renew_retry_at = 0.0
         self._renew_due: dt.datetime | None = None
+        #: the broker's word when it refused this device as revoked; the agent then
+        #: stops (``finished`` is set) instead of retrying
+        self.revoked: str | None = None
+        #: set when the agent stopped by itself (revoked)
+        self.finished = threading.Event()
 
     # -- SDK ------------------------------------------------------------------
     def topic(self, template: str) -> str:
@@ -397,6 +501,9 @@ class Agent:
             if previous is not None:
                 previous(*args)
             if self.client is client:  # an old connection's late news changes nothing
+                why = revocation_of(getattr(client, "disconnect_error", None))
+                if why is not None:
+                    self._revoke(why)
                 self.connected.clear()
                 self._lost.set()
 
@@ -483,6 +590,10 @@ class Agent:
                              self.identity)
                     backoff = self.config.backoff_initial_s
                 except TesseraError as exc:
+                    why = revocation_of(exc)
+                    if why is not None:
+                        self._revoke(why)
+                        break
                     self._note(f"connect: {exc}")
                     delay = backoff * random.uniform(0.5, 1.5)
                     backoff = min(backoff * 2, self.config.backoff_max_s)
@@ -495,6 +606,22 @@ class Agent:
                 next_heartbeat = now + self.config.heartbeat_interval_s
             self._maybe_rehandshake()
             self._lost.wait(0.2)
+        if self.revoked is not None:
+            self.finished.set()
+
+    def _revoke(self, why: str) -> None:
+        """Said once; then the loop ends: retrying a revoked identity only hammers the
+        broker, and only a new enrollment helps."""
+        if self.revoked is not None:
+            return
+        self.revoked = why
+        self.stats.last_error = f"revoked: {why}"
+        log.error("the broker refused this device as revoked (%s); stopping. Re-enroll it "
+                  "('tessera-agent enroll --reenroll', or 'tessera enroll --reenroll' at the "
+                  "station) and start the agent again", why)
+        self._stop.set()
+        self._lost.set()
+        self.finished.set()
 
     def _note(self, text: str) -> None:
         log.warning("%s", text)
@@ -515,7 +642,11 @@ class Agent:
                 self.connected.clear()  # no AUTH support: a fresh CONNECT instead
             self.stats.rehandshakes += 1
         except TesseraError as exc:
-            self._note(f"re-handshake: {exc}")
+            why = revocation_of(exc)
+            if why is not None:
+                self._revoke(why)
+            else:
+                self._note(f"re-handshake: {exc}")
             self.connected.clear()
             return
         self._flush()

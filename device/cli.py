@@ -9,6 +9,12 @@ Enrollment runs at the factory: either on the device with the operator's token
 (TESSERA_OPERATOR_TOKEN), or from the station (`tessera enroll --device URL`) while the
 device runs its enrollment endpoint, which needs no token, only the pairing code it
 shows. Renewal needs only the device's own hardware key.
+
+Everywhere: --json (anywhere on the line) for machine-readable output, errors included;
+--log-level and --log-format text|json; --version.
+Exit codes: 0 done; 1 an error (one line on stderr: what, where, the fix; usage and
+configuration errors included); 3 revoked (the broker refused this device as revoked:
+re-enroll it; systemd does not restart the agent then); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import logging
 import os
 import random
 import sys
@@ -23,13 +30,75 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from cryptography import x509
 
 from structauth.errors import ConfigurationError, TesseraError
 
 STATE_DIR = Path(os.environ.get("TESSERA_STATE_DIR", "/var/lib/tessera"))
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_REVOKED = 3  # device.agent.EXIT_REVOKED (not imported here: paho is an extra)
+EXIT_INTERRUPTED = 130
+
+#: Python packages of the extras, and the extra that brings each
+_EXTRAS = {
+    "paho": ("paho-mqtt", "device-tpm"),
+    "tpm2_pytss": ("tpm2-pytss", "device-tpm"),
+    "pkcs11": ("python-pkcs11", "device-pkcs11"),
+    "cryptography": ("cryptography", "device-tpm"),
+}
+
+
+def version() -> str:
+    """The installed distribution's version (importlib.metadata), e.g. ``0.2.0``."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("tessera")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _emit(args: argparse.Namespace, text: str, **data: Any) -> None:
+    """One result: a line of text, or with --json one JSON object."""
+    if getattr(args, "json", False):
+        print(json.dumps(data, default=str), flush=True)
+    else:
+        print(text, flush=True)
+
+
+class _JsonFormatter(logging.Formatter):
+    """One JSON object per log record: time, level, logger, message (and the error)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(
+                timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info and record.exc_info[1] is not None:
+            out["error"] = f"{type(record.exc_info[1]).__name__}: {record.exc_info[1]}"
+        return json.dumps(out)
+
+
+def setup_logging(level: str, fmt: str) -> None:
+    """Logging to stderr (journald takes it from there) at ``level``, as text or JSON."""
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
 
 
 def cmd_enroll(args: argparse.Namespace) -> None:
@@ -53,17 +122,26 @@ def cmd_enroll(args: argparse.Namespace) -> None:
         from hw.tpm import TpmBackend
 
         with TpmBackend(args.tpm, Path(key_dir)) as backend:
-            issued = enroll_tpm(client, backend, args.serial, device_class=args.device_class)
+            issued = enroll_tpm(client, backend, args.serial, device_class=args.device_class,
+                                reenroll=args.reenroll)
         state = {"backend": "tpm", "tcti": args.tpm, "key_dir": key_dir}
     else:
         signer = open_signer(f"pkcs11:{args.pkcs11}", create=True)
         try:
-            issued = enroll_witnessed(client, signer, args.serial, device_class=args.device_class)
+            issued = enroll_witnessed(client, signer, args.serial,
+                                      device_class=args.device_class, reenroll=args.reenroll)
         finally:
             getattr(signer, "close", lambda: None)()
         state = {"backend": "pkcs11", "pkcs11": args.pkcs11}
     _save(args.state_dir, state, args.serial, args.provisioner, issued)
-    print(f"enrolled as {issued['identity']} ({issued['attestation']})")
+    _enrolled(args, issued)
+
+
+def _enrolled(args: argparse.Namespace, issued: dict[str, Any]) -> None:
+    # 'attestation' is absent from what some services send (a witnessed enrollment)
+    how = issued.get("attestation")
+    _emit(args, f"enrolled as {issued['identity']}" + (f" ({how})" if how else ""),
+          identity=issued["identity"], attestation=how, state_dir=str(args.state_dir))
 
 
 def _save(
@@ -103,12 +181,13 @@ def cmd_enrollment_endpoint(args: argparse.Namespace) -> None:
         if args.code_file and code is None:
             args.code_file.write_text(endpoint.code + "\n")
             args.code_file.chmod(0o600)
-        print(f"enrollment endpoint for {args.serial} on {endpoint.url}", flush=True)
-        print(f"pairing code: {endpoint.code}", flush=True)
+        _emit(args, f"enrollment endpoint for {args.serial} on {endpoint.url}\n"
+              f"pairing code: {endpoint.code}", serial=args.serial, url=endpoint.url,
+              pairing_code=endpoint.code)
         if not endpoint.serve_until_enrolled(args.timeout):
             raise ConfigurationError(f"not enrolled within {args.timeout:.0f} s; nothing stored")
     assert endpoint.issued is not None
-    print(f"enrolled as {endpoint.issued['identity']} ({endpoint.issued['attestation']})")
+    _enrolled(args, endpoint.issued)
 
 
 def renew_due(args: argparse.Namespace) -> dt.datetime:
@@ -140,8 +219,10 @@ def renew_once(args: argparse.Namespace) -> dt.datetime:
 
 
 def cmd_renew(args: argparse.Namespace) -> None:
+    log = logging.getLogger("tessera.agent.renew")
     if not args.watch:
-        print(f"renewed; valid until {renew_once(args).isoformat()}")
+        until = renew_once(args).isoformat()
+        _emit(args, f"renewed; valid until {until}", renewed=True, valid_until=until)
         return
     # On failure retry with jittered backoff; if the credential expires meanwhile the
     # device stops exactly as if revoked, and keeps trying.
@@ -152,47 +233,89 @@ def cmd_renew(args: argparse.Namespace) -> None:
             time.sleep(min(wait, 3600))
             continue
         try:
-            print(f"renewed; valid until {renew_once(args).isoformat()}", flush=True)
+            until = renew_once(args).isoformat()
+            _emit(args, f"renewed; valid until {until}", renewed=True, valid_until=until)
             backoff = 5.0
         except TesseraError as exc:
-            print(f"tessera-agent: renewal failed: {exc}", file=sys.stderr, flush=True)
+            log.warning("renewal failed: %s", " ".join(str(exc).split()))
             time.sleep(backoff * random.uniform(0.5, 1.5))
             backoff = min(backoff * 2, 300)
 
 
-def cmd_run(args: argparse.Namespace) -> None:
-    import logging
+def cmd_run(args: argparse.Namespace) -> int:
     import signal
 
     from device.agent import Agent, AgentConfig
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    config = AgentConfig.load(args.config)
-    agent = Agent(config).start()
+    config = AgentConfig.load(args.config)  # every config problem: one line, before anything
+    agent = Agent(config)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    print(f"tessera-agent: running as {agent.identity} against "
-          f"{config.host}:{config.port}", flush=True)
-    stop.wait()
+    agent.start()
+    _emit(args, f"tessera-agent {version()}: running as {agent.identity} against "
+          f"{config.host}:{config.port}", event="running", version=version(),
+          identity=str(agent.identity), broker=f"{config.host}:{config.port}")
+    while not stop.is_set() and not agent.finished.is_set():
+        stop.wait(0.5)
     agent.stop()
+    if agent.revoked is not None:
+        raise _Revoked(agent.revoked)
+    return EXIT_OK
+
+
+class _Revoked(Exception):
+    """The broker refused this device as revoked (exit status 3)."""
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as exceptions, so --json can report them as JSON too."""
+
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError(f"{message} (see {self.prog} --help)")
+
+
+def _common() -> _Parser:
+    """--json and the logging options, accepted before and after the subcommand (the
+    subcommand's copy must not reset what was given before it: SUPPRESS defaults)."""
+    c = _Parser(add_help=False)
+    c.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                   help="machine-readable output: one JSON object per result or error")
+    c.add_argument("--log-level", default=argparse.SUPPRESS,
+                   choices=["debug", "info", "warning", "error"], help="default info")
+    c.add_argument("--log-format", default=argparse.SUPPRESS, choices=["text", "json"],
+                   help="text (default) or one JSON object per line, on stderr")
+    return c
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    common = _common()
+    p = _Parser(
         prog="tessera-agent",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[common],
     )
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    s = sub.add_parser("enroll", help="enroll this device with the provisioning service")
+    p.add_argument("--version", action="version", version=f"tessera-agent {version()}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                           parser_class=_Parser)
+    s = sub.add_parser("enroll", help="enroll this device with the provisioning service",
+                       parents=[common])
     s.add_argument("--provisioner", required=True)
     s.add_argument("--serial", required=True)
     s.add_argument("--tpm", metavar="TCTI", help="e.g. device:/dev/tpmrm0")
     s.add_argument("--key-dir")
     s.add_argument("--pkcs11", metavar="SPEC")
     s.add_argument("--device-class", default="default")
-    for sp in (s, r := sub.add_parser("renew", help="renew the operational credential")):
+    s.add_argument("--reenroll", action="store_true",
+                   help="replace this serial's existing enrollment (after a revocation or "
+                        "a new TPM)")
+    for sp in (s, r := sub.add_parser("renew", help="renew the operational credential",
+                                      parents=[common])):
         sp.add_argument("--state-dir", type=Path, default=STATE_DIR)
         sp.add_argument("--cafile", default=os.environ.get("TESSERA_CAFILE"),
                         help="CA bundle for the service's TLS certificate")
@@ -203,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser(
         "enrollment-endpoint",
         help="let a factory station enroll this device over the network (one enrollment)",
+        parents=[common],
     )
     e.add_argument("--serial", required=True)
     e.add_argument("--tpm", metavar="TCTI", required=True)
@@ -213,20 +337,52 @@ def build_parser() -> argparse.ArgumentParser:
                    help="read the pairing code from here, or write a new one here")
     e.add_argument("--timeout", type=float, default=None, help="give up after SECONDS")
     e.set_defaults(func=cmd_enrollment_endpoint)
-    run = sub.add_parser("run", help="keep this device connected to its MQTT broker")
+    run = sub.add_parser("run", help="keep this device connected to its MQTT broker",
+                         parents=[common])
     run.add_argument("--config", type=Path, default=Path("/etc/tessera/agent.toml"),
                      help="agent configuration (docs/AGENT.md)")
     run.set_defaults(func=cmd_run)
     return p
 
 
+def _fail(json_mode: bool, message: str, code: int, reason: str = "error") -> int:
+    message = " ".join(message.split())
+    if json_mode:
+        print(json.dumps({"error": message, "reason": reason, "exit_code": code}),
+              file=sys.stderr, flush=True)
+    else:
+        print(f"tessera-agent: error: {message}", file=sys.stderr, flush=True)
+    return code
+
+
+def _missing_extra(exc: ModuleNotFoundError) -> str:
+    top = (exc.name or "").split(".")[0]
+    package, extra = _EXTRAS.get(top, (top, "device-tpm"))
+    return (f"this command needs the Python package {package}, which is not installed: "
+            f"pip install 'tessera[{extra}]'")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Exit codes: see the module doc (0 done, 1 error, 3 revoked, 130 interrupted)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    json_mode = "--json" in argv  # known before parsing, so usage errors are JSON too
     try:
-        args.func(args)
-    except TesseraError as exc:
-        print(f"tessera-agent: error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 1
+        args = build_parser().parse_args(argv)
+        setup_logging(getattr(args, "log_level", "info"), getattr(args, "log_format", "text"))
+        result = args.func(args)
+    except _UsageError as exc:
+        return _fail(json_mode, str(exc), EXIT_ERROR, "usage")
+    except _Revoked as exc:
+        return _fail(json_mode, f"revoked: {exc}; re-enroll this device "
+                     "(tessera-agent enroll --reenroll)", EXIT_REVOKED, "revoked")
+    except TesseraError as exc:  # JSON carries the reason as its own field
+        return _fail(json_mode, exc.detail if json_mode else str(exc), EXIT_ERROR,
+                     exc.reason.name.lower())
+    except ModuleNotFoundError as exc:
+        return _fail(json_mode, _missing_extra(exc), EXIT_ERROR, "missing_extra")
     except KeyboardInterrupt:
-        return 130
-    return 0
+        return EXIT_INTERRUPTED
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename else ""
+        return _fail(json_mode, f"{exc.strerror or exc}{where}", EXIT_ERROR, "os_error")
+    return result if isinstance(result, int) else EXIT_OK
