@@ -31,7 +31,7 @@ import sys
 import tempfile
 import threading
 import tomllib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -72,11 +72,14 @@ def _crash_point(name: str) -> None:
     spec = os.environ.get(_CRASH_ENV)
     if not spec:
         return
-    point, _, action = spec.partition(":")
+    actions = {"kill": signal.SIGKILL, "int": signal.SIGINT, "term": signal.SIGTERM,
+               "stop": signal.SIGSTOP}
+    point, _, action = spec.rpartition(":")
+    if action not in actions:
+        point, action = spec, "kill"
     if point != name:
         return
-    sig = {"": signal.SIGKILL, "kill": signal.SIGKILL, "int": signal.SIGINT,
-           "term": signal.SIGTERM, "stop": signal.SIGSTOP}[action]
+    sig = actions[action]
     os.kill(os.getpid(), sig)
 
 
@@ -604,19 +607,38 @@ class _OutPlan:
             shutil.rmtree(self.staging, ignore_errors=True)
 
 
-@contextlib.contextmanager
-def _signals_held() -> Iterator[None]:
+class _SignalsHeld:
     """SIGINT and SIGTERM wait while the service records the device and its credentials
-    are saved: an operator's Ctrl-C lands after the save, not inside the window."""
-    held = {signal.SIGINT, signal.SIGTERM}
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    are saved: an operator's Ctrl-C lands after the save, not inside the window.
+    :meth:`hold` starts the window (idempotent); leaving the ``with`` block ends it."""
+
+    HELD = frozenset({signal.SIGINT, signal.SIGTERM})
+
+    def __init__(self) -> None:
+        self._old: set[int] | None = None
+
+    def hold(self) -> None:
+        if self._old is None and threading.current_thread() is threading.main_thread():
+            self._old = set(signal.pthread_sigmask(signal.SIG_BLOCK, self.HELD))
+
+    def __enter__(self) -> _SignalsHeld:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._old is None:
+            return
+        # a signal that arrived meanwhile is taken here and remembered, not raised: the
+        # work it waited for is done, so the command reports it and then stops (exit 130)
+        while self.HELD & signal.sigpending():
+            taken = signal.sigtimedwait(self.HELD, 0)
+            if taken is None:
+                break
+            _DEFERRED.append(taken.si_signo)
+        signal.pthread_sigmask(signal.SIG_SETMASK, self._old)
+        self._old = None
+
+
+_DEFERRED: list[int] = []  # SIGINT/SIGTERM taken while held; the command stops after
 
 
 def _registered(client: Any, serial: str) -> dict[str, Any] | None:
@@ -698,9 +720,10 @@ def _enroll_one(
                 plan.mark("accepted", key=spki)
                 _crash_point("enroll:accepted")
             elif step == "finishing":
+                window.hold()
                 recording = True
 
-        with _signals_held():
+        with _SignalsHeld() as window:
             if tpm:
                 issued = enroll_tpm(client, backend, serial, kind=args.kind,
                                     device_class=device_class, reenroll=reenroll,
@@ -769,13 +792,12 @@ def cmd_enroll(args: argparse.Namespace) -> None:
         return _enroll_remote(args, client)
     if not args.serial:
         raise CliError("--serial is required (or --batch CSV)")
-    if args.out is not None and (args.out / JOURNAL).exists():
-        identity = _OutPlan(args.out, args.serial, replace=False).done_before()
-        if identity is not None:  # a run killed after its credentials were in place
-            (args.out / JOURNAL).unlink()
+    if args.out is not None and not args.reenroll:
+        identity = _finished_before(client, args.out, args.serial)
+        if identity is not None:
             _emit(args, {"serial": args.serial, "identity": identity, "status": "done"},
-                  f"{identity} was enrolled by the interrupted run; its credentials are in "
-                  f"{args.out}")
+                  f"{identity} is enrolled and its credentials are in {args.out} (done "
+                  "before; nothing changed)")
             return None
     issued = _enroll_one(
         args, client, args.serial, args.tpm, args.pkcs11, args.key_dir, args.device_class, args.out
@@ -787,6 +809,29 @@ def cmd_enroll(args: argparse.Namespace) -> None:
         f"operational credential valid until {issued['operational_not_after']}"
         + (f"; credentials in {args.out}" if args.out else ""),
     )
+    if _DEFERRED:
+        raise KeyboardInterrupt
+
+
+def _finished_before(client: Any, out: Path, serial: str) -> str | None:
+    """The identity, if --out already holds this serial's credentials for the key the
+    registry holds for it (a finished run, perhaps killed before it could say so): the
+    same command run again is then done, not refused."""
+    from cryptography import x509
+
+    identity = _OutPlan(out, serial, replace=False).done_before()
+    if identity is None:
+        return None
+    try:
+        cert = x509.load_pem_x509_certificate((out / "operational.pem").read_bytes())
+    except (OSError, ValueError):
+        return None
+    record = _registered(client, serial)
+    if (record is None or record.get("status") != "active"
+            or record.get("public_key") != _spki_b64(cert.public_key())):
+        return None
+    (out / JOURNAL).unlink(missing_ok=True)
+    return identity
 
 
 def _enroll_remote(args: argparse.Namespace, client: Any) -> None:
@@ -901,6 +946,7 @@ def _enroll_batch(args: argparse.Namespace, client: Any) -> None:
         if interrupted:
             break
         results.append(result)
+        interrupted = bool(_DEFERRED)  # Ctrl-C during a row: that row finished first
         if not args.json:
             line = f"{serial or '(row ' + str(i) + ')'}: {result['status']}"
             line += f": {result['error']}" if "error" in result else ""
@@ -908,6 +954,8 @@ def _enroll_batch(args: argparse.Namespace, client: Any) -> None:
             done = int(width * i / len(rows))
             print(f"\r[{'#' * done}{'.' * (width - done)}] {i}/{len(rows)}", end="",
                   file=sys.stderr, flush=True)
+        if interrupted:
+            break
     if not args.json:
         print(file=sys.stderr)
     counts = {s: sum(r["status"] == s for r in results)
@@ -1004,7 +1052,8 @@ def cmd_renew(args: argparse.Namespace) -> None:
     options = {"key_dir": args.key_dir or f"{serial}-keys"} if args.tpm else {}
     signer = open_signer(spec, **options)
     try:
-        with _signals_held():
+        with _SignalsHeld() as window:
+            window.hold()  # renewal records in its last step: hold from the start
             issued = renew(client, signer, serial)
             _crash_point("renew:issued")
             if out is not None:
@@ -1020,6 +1069,8 @@ def cmd_renew(args: argparse.Namespace) -> None:
     _emit(
         args, issued, f"renewed {issued['identity']}: valid until {issued['operational_not_after']}"
     )
+    if _DEFERRED:
+        raise KeyboardInterrupt
 
 
 def cmd_export_bundle(args: argparse.Namespace) -> None:
@@ -1034,6 +1085,13 @@ def cmd_export_bundle(args: argparse.Namespace) -> None:
             authority.close()
     else:
         pem = _client(args, operator=False).call("GET", "/v1/bundle", raw=True)
+        from cryptography import x509
+
+        try:
+            x509.load_pem_x509_certificates(pem)
+        except ValueError:
+            raise CliError(f"{args.provisioner} sent no PEM certificate for /v1/bundle: is "
+                           "--provisioner the Tessera service? Nothing was written") from None
     if args.output == "-":
         sys.stdout.write(pem.decode())
     else:
