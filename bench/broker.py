@@ -58,6 +58,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from structauth import mqtt_binding
+from structauth.mqtt_binding import AUTH_METHOD, packet, seal, varint
+from structauth.wire import var16
+
 from . import env
 from .report import Report, Row
 from .timing import percentile
@@ -70,7 +74,6 @@ if TYPE_CHECKING:
     from structauth.session import Session
 
 HOST = "127.0.0.1"
-AUTH_METHOD = "tessera-sa1"
 PAYLOAD_SIZE = 100
 TOPIC = "devices/{name}/telemetry/load"
 LOG_TYPES = "error warning notice information"
@@ -125,110 +128,33 @@ def _progress(text: str) -> None:
 # ---------------------------------------------------------------- MQTT 5 on the wire
 
 
-def _vbi(n: int) -> bytes:
-    """MQTT variable byte integer."""
-    out = bytearray()
-    while True:
-        n, digit = divmod(n, 128)
-        out.append(digit | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
 def _str(value: str | bytes) -> bytes:
-    data = value.encode() if isinstance(value, str) else value
-    return len(data).to_bytes(2, "big") + data
-
-
-def _packet(first: int, body: bytes) -> bytes:
-    return bytes((first,)) + _vbi(len(body)) + body
+    return var16(value.encode() if isinstance(value, str) else value)
 
 
 def connect_packet(client_id: str, auth_data: bytes | None = None, keepalive: int = 600) -> bytes:
     """MQTT 5 CONNECT, clean start; with ``auth_data``, SA1 msg1 as Authentication Data."""
-    props = b""
-    if auth_data is not None:
-        props = b"\x15" + _str(AUTH_METHOD) + b"\x16" + _str(auth_data)
+    props = mqtt_binding.auth_properties(auth_data) if auth_data is not None else b""
     body = (_str("MQTT") + bytes((5, 0x02)) + keepalive.to_bytes(2, "big")
-            + _vbi(len(props)) + props + _str(client_id))
-    return _packet(0x10, body)
+            + varint(len(props)) + props + _str(client_id))
+    return packet(0x10, body)
 
 
 def subscribe_packet(topic_filter: str, packet_id: int = 1) -> bytes:
-    return _packet(0x82, packet_id.to_bytes(2, "big") + b"\x00" + _str(topic_filter) + b"\x00")
+    return packet(0x82, packet_id.to_bytes(2, "big") + b"\x00" + _str(topic_filter) + b"\x00")
 
 
 def publish_packet(topic: bytes, payload: bytes) -> bytes:
     """QoS 0 PUBLISH without properties."""
-    return _packet(0x30, _str(topic) + b"\x00" + payload)
-
-
-def auth_packet(reason: int, auth_data: bytes | None) -> bytes:
-    """MQTT 5 AUTH with method ``tessera-sa1`` and, if given, Authentication Data."""
-    props = b"\x15" + _str(AUTH_METHOD)
-    if auth_data is not None:
-        props += b"\x16" + _str(auth_data)
-    return _packet(0xF0, bytes((reason,)) + _vbi(len(props)) + props)
-
-
-# MQTT 5 property identifier -> size of its value: 1, 2, 4 bytes, or "s" (two-byte
-# length and bytes), "p" (a pair of those); what AUTH and CONNACK carry
-_PROPERTY_SIZES: dict[int, int | str] = {
-    0x11: 4, 0x12: "s", 0x13: 2, 0x15: "s", 0x16: "s", 0x1A: "s", 0x1C: "s", 0x1F: "s",
-    0x21: 2, 0x22: 2, 0x24: 1, 0x25: 1, 0x26: "p", 0x27: 4, 0x28: 1, 0x29: 1, 0x2A: 1,
-}
-
-
-def _auth_props(props: bytes) -> bytes | None:
-    """Authentication Data (0x16) of an AUTH or CONNACK property block; None without it.
-    (paho's general Properties parser costs the connectors ~100 µs a packet, which the
-    storm would bill to the cores the broker shares.) ValueError for what it does not
-    know."""
-    data, i = None, 0
-    while i < len(props):
-        size = _PROPERTY_SIZES.get(props[i])
-        if size is None:
-            raise ValueError(f"property 0x{props[i]:02x}")
-        start = i + 1
-        if isinstance(size, int):
-            i = start + size
-        else:
-            i = start
-            for _ in range(2 if size == "p" else 1):
-                i += 2 + int.from_bytes(props[i:i + 2], "big")
-        if i > len(props):
-            raise ValueError("truncated property")
-        if props[start - 1] == 0x16:
-            data = bytes(props[start + 2:i])
-    return data
-
-
-def _props_block(body: bytes, at: int) -> bytes:
-    length, mult, i = 0, 1, at
-    while True:
-        b = body[i]
-        length += (b & 0x7F) * mult
-        i += 1
-        if b < 0x80:
-            return body[i:i + length]
-        mult *= 128
+    return packet(0x30, _str(topic) + b"\x00" + payload)
 
 
 def auth_data_of(body: bytes) -> tuple[int, bytes | None]:
-    """(reason code, Authentication Data) of an AUTH packet's body."""
-    if not body:
-        return 0, None
-    if len(body) == 1:
-        return body[0], None
-    try:
-        return body[0], _auth_props(_props_block(body, 1))
-    except (ValueError, IndexError):
-        from paho.mqtt.packettypes import PacketTypes
-        from paho.mqtt.properties import Properties
-
-        props, _ = Properties(PacketTypes.AUTH).unpack(body[1:])  # type: ignore[no-untyped-call]
-        data = getattr(props, "AuthenticationData", None)
-        return body[0], bytes(data) if data is not None else None
+    """(reason code, Authentication Data) of an AUTH packet's body (the binding's own
+    parser: paho's general Properties parser costs the connectors ~100 µs a packet,
+    which the storm would bill to the cores the broker shares)."""
+    reason, _, data = mqtt_binding.decode_auth(body)
+    return reason, data
 
 
 DISCONNECT = b"\xe0\x00"
@@ -288,19 +214,18 @@ class Conn:
         if first >> 4 != 15:  # refused at msg1: a CONNACK
             return _connack(first, body)[0], None
         reason, msg2 = auth_data_of(body)
-        if reason != 0x18 or not msg2:
+        if reason != mqtt_binding.RC_CONTINUE_AUTHENTICATION or not msg2:
             raise ConnectionError(f"AUTH reason 0x{reason:02x} without SA1 msg2")
         wall = TimePolicy.trusted(dt.datetime.now(dt.UTC))
         done = initiator.receive(msg2, time.monotonic(), wall)
-        self.sock.sendall(auth_packet(0x18, done.reply))
+        self.sock.sendall(mqtt_binding.encode_auth(mqtt_binding.RC_CONTINUE_AUTHENTICATION,
+                                                   done.reply))
         first, body = self.read_packet()
         if first >> 4 != 2:
             raise ConnectionError(f"expected CONNACK, got packet type {first >> 4}")
         rc = body[1]
-        try:
-            carried = _auth_props(_props_block(body, 2)) if len(body) > 2 else None
-        except (ValueError, IndexError):  # other properties: paho reads them
-            carried = getattr(_connack(first, body)[1], "AuthenticationData", None)
+        carried = (mqtt_binding.properties(mqtt_binding.property_block(body, 2)).get(
+            mqtt_binding.PROP_AUTHENTICATION_DATA) if len(body) > 2 else None)
         if rc == 0 and carried:
             raise ConnectionError("CONNACK with authentication data: an SA1 v1 broker")
         return rc, done.session if rc == 0 else None
@@ -527,11 +452,10 @@ def _throughput_round(lab: Lab, plugin: bool, messages: int, warmup: int,
         sub, _ = sa1_connect(broker.port, lab.subscriber, lab.fleet.trust, lab.broker)
         pub, session = sa1_connect(broker.port, publisher, lab.fleet.trust, lab.broker)
         now = time.monotonic()
-        protect = session.protect
+        name = topic.decode()
 
         def wire() -> bytes:
-            header, body = protect(topic, payload, now)
-            return publish_packet(topic, body + header)
+            return publish_packet(topic, seal(session, name, payload, now))
 
         warm = b"".join(wire() for _ in range(warmup))
         timed = b"".join(wire() for _ in range(messages))
@@ -869,11 +793,8 @@ def _host_breakdown(report: Report, options: dict[str, str], fleet: Any, broker:
         connect(sub)
         pid, sid = pub.credential.identity.uri, sub.credential.identity.uri
         topic = f"devices/{pub.credential.identity.name}/telemetry/load"
-        tb, payload, now = topic.encode(), _payload(), time.monotonic()
-        wires = []
-        for _ in range(plan.total + 1):
-            header, body = session.protect(tb, payload, now)
-            wires.append(body + header)
+        payload, now = _payload(), time.monotonic()
+        wires = [seal(session, topic, payload, now) for _ in range(plan.total + 1)]
         feed = Feed(wires[:-1])
         acl, on_message, on_tick = host.on_acl_check, host.on_message, host.on_tick
 
@@ -982,8 +903,7 @@ def _fast_lane_cost(host: Any, client_id: str, session: Session, topic: str, pay
         raise RuntimeError("the host's session could not be handed to the fast lane")
     mod.cache_topic(client_id, topic)
     now = time.monotonic()
-    feed = Feed([b"".join(reversed(session.protect(topic.encode(), payload, now)))
-                 for _ in range(plan.total + 1)])
+    feed = Feed([seal(session, topic, payload, now) for _ in range(plan.total + 1)])
     message = mod.message
 
     def batch(n: int) -> int:

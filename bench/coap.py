@@ -509,7 +509,7 @@ def _per_message(report: Report, quick: bool, fleet: Any, device: Any) -> None:
 
     from device.coap import PROOF_OPTION
     from structauth import accel
-    from structauth.coap_actions import PROOF_OPTION_NUMBER, request_action
+    from structauth.coap_binding import PROOF_OPTION_NUMBER, request_action
     from structauth.credentials import TimePolicy
     from structauth.handshake import Initiator, Responder
 

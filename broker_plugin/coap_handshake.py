@@ -14,7 +14,7 @@ Everything here happens before anyone is authenticated, so everything here is bo
   source and 1,024 in all, for the responder's ``pending_timeout`` (10 s). A full table
   pushes out its oldest entry (the same source's first), never a confirmed session.
 * **Confirmation.** msg3 rides on the first proven request (option 65007,
-  :data:`~structauth.coap_actions.CONFIRM_OPTION_NUMBER`): :meth:`HandshakeEndpoint.confirm`
+  :data:`~structauth.coap_binding.CONFIRM_OPTION_NUMBER`): :meth:`HandshakeEndpoint.confirm`
   finds the pending handshake by the session id, lets the responder check msg3 (one
   try), and only then does the site create the session, log the device in and audit
   ``handshake_ok``.

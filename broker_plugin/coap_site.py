@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import functools
 import heapq
 import ipaddress
 import logging
@@ -64,13 +63,15 @@ from aiocoap.numbers.optionnumbers import OptionNumber
 from aiocoap.optiontypes import OpaqueOption
 
 from structauth import accel
-from structauth.coap_actions import (
+from structauth.coap_binding import (
     CONFIRM_OPTION_NUMBER,
     HANDSHAKE_PATH,
+    METHOD_NAMES,
     NO_PREVIOUS,
     PROOF_OPTION_NUMBER,
     block_action,
-    request_action,
+    cached_request_action,
+    diagnostic,
     response_action,
 )
 from structauth.credentials import Credential, Identity
@@ -105,7 +106,6 @@ CONFIRM_OPTION.set_format(OpaqueOption)
 #: the largest request payload assembled from Block1 transfers (4.13 beyond it)
 MAX_PAYLOAD = 64 * 1024
 
-METHODS = {1: "GET", 2: "POST", 3: "PUT", 4: "DELETE", 5: "FETCH", 6: "PATCH", 7: "iPATCH"}
 
 #: critical options this site understands; any other critical option is refused 4.02.
 #: Conditional requests (If-Match, If-None-Match) are not evaluated by aiocoap's
@@ -155,30 +155,6 @@ def _valid_host(host: str) -> bool:
 
 
 # ------------------------------------------------------------------ action strings
-
-
-_cached_request_action = functools.lru_cache(maxsize=1024)(request_action)
-
-
-def _request_action(
-    code: int,
-    path: tuple[str, ...],
-    query: tuple[str, ...],
-    content_format: Any,
-    accept: Any,
-    observe: Any,
-) -> bytes:
-    """The request action; cached only for short paths, so that nobody can fill the
-    cache with large ones before proving anything (at most 1024 x ~600 bytes)."""
-    if len(path) + len(query) <= 16 and sum(map(len, path)) + sum(map(len, query)) <= 512:
-        return _cached_request_action(code, path, query, content_format, accept, observe)
-    return request_action(code, path, query, content_format, accept, observe)
-
-
-def diagnostic(reason: Reason, detail: str = "") -> bytes:
-    """The payload of a refusal: ``tessera: <reason> (<code>)[: <detail>]``."""
-    text = f"tessera: {reason.name.lower()} ({int(reason)})"
-    return (text + (f": {detail}" if detail else "")).encode()
 
 
 def _is_proven(message: Any) -> bool:
@@ -752,7 +728,8 @@ class TesseraSite(interfaces.Resource, resource.PathCapable):  # type: ignore[mi
             # a later block of a response proven whole, found by the request's proof
             return self._later_block(request, header, block2)
         code = int(request.code)
-        action = _request_action(code, path, query, opt.content_format, opt.accept, opt.observe)
+        action = cached_request_action(code, path, query, opt.content_format, opt.accept,
+                                       opt.observe)
         block1 = opt.block1
         if block1 is not None:
             return await self._block(pipe, request, peer, header, action, path, block1, now)
@@ -838,7 +815,7 @@ class TesseraSite(interfaces.Resource, resource.PathCapable):  # type: ignore[mi
         policy = self.policy
         if policy is None:
             return None
-        method = METHODS.get(int(request.code), str(request.code))
+        method = METHOD_NAMES.get(int(request.code), str(request.code))
         decision = policy.may_request(peer.identity, peer.device_class, method, path)
         if decision.allowed:
             return None
@@ -876,7 +853,7 @@ class TesseraSite(interfaces.Resource, resource.PathCapable):  # type: ignore[mi
         except error.RenderableError as exc:
             proving.add_response(exc.to_message(), is_last=True)
         except Exception:
-            method = METHODS.get(int(request.code), str(request.code))
+            method = METHOD_NAMES.get(int(request.code), str(request.code))
             log.exception("inner site failed on %s %s", method, "/".join(path))
             proving.add_response(aiocoap.Message(code=codes.INTERNAL_SERVER_ERROR), is_last=True)
         final = proving.final
@@ -1141,9 +1118,6 @@ __all__ = [
     "GatewayLimits",
     "ProvenAddress",
     "TesseraSite",
-    "diagnostic",
     "local_port",
-    "request_action",
-    "response_action",
     "start_gateway",
 ]

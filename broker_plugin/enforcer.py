@@ -93,7 +93,6 @@ import datetime as dt
 import heapq
 import hmac
 import ipaddress
-import json
 import os
 import time
 from collections import deque
@@ -112,9 +111,7 @@ from broker_plugin.stepup import (
     LRU,
     NEW_NETWORK,
     RATE_SPIKE,
-    RESYNC_TOPIC,
     SENSITIVE_TOPIC,
-    STEP_UP_TOPIC,
     Challenge,
     Counter,
     NetworkMemory,
@@ -130,14 +127,27 @@ from structauth.errors import AuthorizationError, MalformedMessage, Reason, Tess
 from structauth.events import HandshakeConfirmed
 from structauth.fanout import ANCHOR_TOPIC, HELLO_TOPIC, FanoutSigner
 from structauth.handshake import PendingHandshake, Responder, msg3_session_id
+from structauth.mqtt_binding import (
+    AUTH_METHOD,
+    MAX_REPLACED,
+    RC_NOT_AUTHORIZED,
+    RC_PAYLOAD_FORMAT_INVALID,
+    REKEYED_TOPIC,
+    RESYNC_TOPIC,
+    STEP_UP_TOPIC,
+    ReplacedSessions,
+    action,
+    pick_session,
+    refusal_text,
+    resync_payload,
+    seal,
+    session_id_of,
+    split,
+)
 from structauth.params import SessionParams
-from structauth.session import HEADER_SIZE, Session, SessionState
+from structauth.session import Session, SessionState
 
-AUTH_METHOD = "tessera-sa1"
 SCAN_INTERVAL_S = 0.05
-#: the broker's first message on a re-authenticated session (empty, proven, QoS 0;
-#: devices need not subscribe to it and may ignore it)
-REKEYED_TOPIC = "tessera/rekeyed"
 
 # Mosquitto return codes (mosquitto.h)
 MOSQ_ERR_AUTH_CONTINUE = -4
@@ -150,12 +160,6 @@ MOSQ_ACL_READ = 0x01
 MOSQ_ACL_WRITE = 0x02
 MOSQ_ACL_SUBSCRIBE = 0x04
 MOSQ_ACL_UNSUBSCRIBE = 0x08
-# MQTT 5 reason codes
-RC_NOT_AUTHORIZED = 0x87
-RC_BAD_AUTH_METHOD = 0x8C
-RC_PAYLOAD_FORMAT_INVALID = 0x99
-RC_TOPIC_NAME_INVALID = 0x90
-RC_IMPLEMENTATION_SPECIFIC = 0x83
 
 # Reasons a rejected PUBLISH maps to, for QoS 1/2 publishers (PUBACK/PUBREC reason).
 _PUBLISH_RC = {
@@ -198,8 +202,8 @@ class Client:
     extra: dict[str, Any] = field(default_factory=dict)
     #: sessions this connection's re-authentications replaced, by session id, each
     #: still verifying messages that name it until its time (in-flight QoS 1 across
-    #: swaps); newest last, at most MAX_PREVIOUS
-    previous: dict[bytes, tuple[Session, float]] = field(default_factory=dict)
+    #: swaps); newest last, at most MAX_PREVIOUS (the grace is set at login)
+    previous: ReplacedSessions = field(default_factory=ReplacedSessions)
     #: last successful step-up on this connection (monotonic), and whether it carried a
     #: verified TPM quote
     stepped_up_at: float | None = None
@@ -216,7 +220,7 @@ class Client:
 
 DEFAULT_DIRECT = ("devices/{id}/commands/#",)
 #: replaced sessions kept per connection (rotations faster than this lose the oldest)
-MAX_PREVIOUS = 4
+MAX_PREVIOUS = MAX_REPLACED
 #: session ids remembered per identity (its newest sessions, over all its connections),
 #: so a message under one of its own older sessions is told from a foreign session id
 RECENT_SESSIONS = 16
@@ -666,10 +670,8 @@ class Enforcer:
                 if previous.fast:
                     self.fast.take_back(client_id, previous.session)
                 kept = previous.previous
-                kept[previous.session.session_id] = (
-                    previous.session, now + self.settings.rotation_grace_s)
-                while len(kept) > MAX_PREVIOUS:
-                    kept.pop(next(iter(kept)))[0].close()
+                kept.grace_s = self.settings.rotation_grace_s
+                kept.retire(previous.session, now)
                 client.previous = kept
                 client.stepped_up_at = previous.stepped_up_at
                 client.stepped_up_quote = previous.stepped_up_quote
@@ -678,8 +680,7 @@ class Enforcer:
                 if previous.fast:
                     self.fast.release(client_id)
                 previous.session.close()
-                for old_session, _ in previous.previous.values():
-                    old_session.close()
+                previous.previous.close()
         if self.settings.rate_spike and identity.kind == "device":
             client.rate = self.rates.touch(identity.uri, lambda: RateMeter(now))
         if self.fast is not None and not session.params.sealed:
@@ -782,9 +783,7 @@ class Enforcer:
             if client.fast:
                 self.fast.release(client_id)
             client.session.close()
-            for old, _ in client.previous.values():
-                old.close()
-            client.previous.clear()
+            client.previous.close()
 
     # -- authorization -------------------------------------------------------------
     def acl(self, client_id: str, access: int, topic: str, now: float | None = None) -> int:
@@ -894,28 +893,24 @@ class Enforcer:
                 return ROUTE_UNCHANGED
             return self._reject(None, client_id, topic, Reason.UNKNOWN_SESSION,
                                 "no Tessera session for this client", now)
-        if len(payload) < HEADER_SIZE:
-            return self._reject(client, client_id, topic, Reason.TRUNCATED,
-                                "payload shorter than the SA1 proof", now)
-        cut = len(payload) - HEADER_SIZE
-        header = payload[cut:]
-        session = client.session
-        old = None
-        if client.previous and header[1:9] != session.session_id:
-            kept = client.previous.get(header[1:9])
-            if kept is not None and now < kept[1]:
-                session = old = kept[0]  # in flight across a re-authentication
+        try:
+            body, header = split(payload)
+        except TesseraError as exc:
+            return self._reject(client, client_id, topic, exc.reason, exc.detail, now)
+        # in flight across a re-authentication: the replaced session it names
+        old = pick_session(client.session, client.previous, header, now)
+        session = old or client.session
         try:
             timer = self.timer
             if timer is None:
-                verified = session.verify(header, topic.encode(), payload[:cut], now)
+                verified = session.verify(header, action(topic), body, now)
             else:
                 t0 = timer()
-                verified = session.verify(header, topic.encode(), payload[:cut], now)
+                verified = session.verify(header, action(topic), body, now)
                 self.metrics.verify_seconds.observe(timer() - t0)
         except TesseraError as exc:
             return self._reject(client, client_id, topic, exc.reason, exc.detail, now,
-                                session=session, sid=header[1:9])
+                                session=session, sid=session_id_of(header))
         return self._after_verify(client, client_id, topic, verified.payload, now, old)[0]
 
     def verified(self, client_id: str, topic: str, payload: bytes,
@@ -993,7 +988,7 @@ class Enforcer:
             # a plain route; repeatable unless a step-up rule or a challenge decides
             plain = step is None and old is None and challenge is None
             if self.fanout is not None:
-                sealed = self.fanout.seal(topic.encode(), payload, now)
+                sealed = self.fanout.seal(action(topic), payload, now)
                 if plain and self.fast is not None:  # C seals the rest of this interval
                     self.fast.seal_interval(self.fanout.interval_key(now))
                 return MessageAnswer(MOSQ_ERR_SUCCESS, sealed, 0, None), plain
@@ -1006,14 +1001,14 @@ class Enforcer:
                                 f"{name} is not connected; direct messages are not queued",
                                 now), False
         try:
-            header, body = recipient.session.protect(topic.encode(), payload, now)
+            proven = seal(recipient.session, topic, payload, now)
         except TesseraError as exc:
             return self._reject(client, client_id, topic, exc.reason,
                                 f"cannot prove the message to {name}: {exc.detail}",
                                 now), False
         if self.metrics is not None:
             self.metrics.messages_out.inc()
-        return MessageAnswer(MOSQ_ERR_SUCCESS, body + header, 0, None), False
+        return MessageAnswer(MOSQ_ERR_SUCCESS, proven, 0, None), False
 
     def _held(self, topic: str) -> MessageAnswer:
         """A genuine publish refused until the device steps up (not a breaker failure)."""
@@ -1061,7 +1056,7 @@ class Enforcer:
                                      counter.count)
         rc = _PUBLISH_RC.get(reason, RC_NOT_AUTHORIZED if reason is Reason.NOT_AUTHORIZED
                              else RC_PAYLOAD_FORMAT_INVALID)
-        return MessageAnswer(MOSQ_ERR_ACL_DENIED, None, rc, f"tessera: {name}")
+        return MessageAnswer(MOSQ_ERR_ACL_DENIED, None, rc, refusal_text(reason))
 
     def _ask_resync(self, client: Client, now: float) -> bool:
         """Ask ``client`` to re-handshake: a message of its current session was refused
@@ -1076,10 +1071,8 @@ class Enforcer:
         if now - client.resync_at < self.settings.resync_interval_s:
             return False
         client.resync_at = now
-        body = json.dumps({"reason": "epoch_out_of_window",
-                           "session": client.session.session_id.hex()},
-                          separators=(",", ":")).encode()
-        sent = self._send(client, RESYNC_TOPIC, body, now, qos=0)
+        sent = self._send(client, RESYNC_TOPIC, resync_payload(client.session.session_id),
+                          now, qos=0)
         if sent:
             self.count("resync_requests", "")
         return sent
@@ -1120,8 +1113,7 @@ class Enforcer:
         session = client.session
         if session.state is not SessionState.ESTABLISHED:
             return
-        body = json.dumps(challenge.payload(now), separators=(",", ":")).encode()
-        if self._send(client, STEP_UP_TOPIC, body, now):
+        if self._send(client, STEP_UP_TOPIC, challenge.request(now).encode(), now):
             challenge.sent = True
 
     def _send(self, client: Client, topic: str, body: bytes, now: float,
@@ -1132,10 +1124,10 @@ class Enforcer:
         if client.session.state is not SessionState.ESTABLISHED:
             return False
         try:
-            header, body = client.session.protect(topic.encode(), body, now)
+            proven = seal(client.session, topic, body, now)
         except TesseraError:
             return False
-        self._outbox.append(("publish", client.client_id, topic, body + header, qos, False))
+        self._outbox.append(("publish", client.client_id, topic, proven, qos, False))
         if self.fast is not None:
             self.fast.tick_soon()
         if self.metrics is not None:
@@ -1302,10 +1294,7 @@ class Enforcer:
             if client is None or not client.previous:
                 del self._rotated[client_id]
                 continue
-            for sid, (old, until) in list(client.previous.items()):
-                if now >= until:
-                    old.close()
-                    del client.previous[sid]
+            client.previous.expire(now)
         for uri, until in list(self.quarantined.items()):
             if now >= until:
                 self.release(uri, by="timeout")

@@ -41,7 +41,6 @@ that device's TPM.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
 import ipaddress
@@ -55,13 +54,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from structauth.errors import ProtocolError, Reason, TesseraError
+from structauth.mqtt_binding import StepUpRequest, decode_quote  # shared with the device
 from structauth.wire import Reader
-
-STEP_UP_TOPIC = "tessera/step-up"
-#: the broker asks a device to re-handshake because one of its messages was refused for
-#: its epoch (clock drift or a step): proven under the device's session, QoS 0
-RESYNC_TOPIC = "tessera/resync"
-QUOTE_MAGIC = b"TQ1"
 
 # triggers (audit field ``trigger``)
 SENSITIVE_TOPIC = "sensitive_topic"
@@ -149,13 +143,10 @@ class Challenge:
     #: kicked at the deadline already (so a reconnect without the nonce is re-asked)
     timed_out: bool = False
 
-    def payload(self, now: float) -> dict[str, Any]:
-        return {
-            "nonce": base64.b64encode(self.nonce).decode(),
-            "quote": self.quote,
-            "reason": self.trigger,
-            "deadline_s": max(1, int(-(-(self.deadline - now) // 1))),
-        }
+    def request(self, now: float) -> StepUpRequest:
+        """What goes to the device (whole seconds left, rounded up, at least 1)."""
+        return StepUpRequest(self.nonce, self.quote, self.trigger,
+                             max(1, int(-(-(self.deadline - now) // 1))))
 
 
 class LRU(OrderedDict[str, Any]):
@@ -298,13 +289,6 @@ class VerifiedQuote:
     enrolled_ak: bool  # checked against the device's enrolled AK
 
 
-def encode_quote(attest: bytes, signature: bytes, ak_public: bytes) -> bytes:
-    def var16(b: bytes) -> bytes:
-        return len(b).to_bytes(2, "big") + b
-
-    return QUOTE_MAGIC + var16(attest) + var16(signature) + var16(ak_public)
-
-
 def _tpm2b(r: Reader, what: str) -> bytes:
     return r.var16(what)
 
@@ -360,13 +344,7 @@ def verify_quote(blob: bytes, nonce: bytes, enrolled_ak: bytes | None = None) ->
 
 
 def _verify_quote(blob: bytes, nonce: bytes, enrolled_ak: bytes | None) -> VerifiedQuote:
-    r = Reader(blob, "quote")
-    if r.fixed(3, "magic") != QUOTE_MAGIC:
-        raise QuoteError("not a Tessera quote (magic)")
-    attest = r.var16("attest", min_len=1)
-    signature = r.var16("signature", min_len=8, max_len=72)
-    ak_public = r.var16("ak_public", min_len=1)
-    r.end()
+    attest, signature, ak_public = decode_quote(blob)
     key, name = parse_ak_public(ak_public)
     if enrolled_ak is not None:
         _, enrolled_name = parse_ak_public(enrolled_ak)

@@ -44,9 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import functools
 import os
-import re
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -59,13 +57,15 @@ from aiocoap.numbers.optionnumbers import OptionNumber
 from aiocoap.optiontypes import OpaqueOption
 
 from structauth import accel
-from structauth.coap_actions import (
+from structauth.coap_binding import (
     CONFIRM_OPTION_NUMBER,
     HANDSHAKE_PATH,
+    METHODS,
     NO_PREVIOUS,
     PROOF_OPTION_NUMBER,
     block_action,
-    request_action,
+    cached_request_action,
+    diagnostic_reason,
     response_action,
 )
 from structauth.credentials import Credential, Identity, TimePolicy, TrustStore
@@ -74,9 +74,8 @@ from structauth.handshake import Initiator
 from structauth.keys import Signer
 from structauth.session import HEADER_SIZE, Session, SessionState
 
-#: Tessera-Proof, 65003: experimental range, critical (odd), unsafe to forward (bit 1).
-#: Must equal broker_plugin.coap_site.PROOF_OPTION (device and broker_plugin are
-#: independent layers, so each defines it; tests/test_coap.py checks they agree).
+#: Tessera-Proof, 65003: experimental range, critical (odd), unsafe to forward (bit 1);
+#: the number is the binding's (structauth.coap_binding), registered with aiocoap here
 PROOF_OPTION = OptionNumber(PROOF_OPTION_NUMBER)
 PROOF_OPTION.set_format(OpaqueOption)
 #: Tessera-Confirm, 65007: msg3 on the first proven request(s) of a session.
@@ -84,7 +83,6 @@ CONFIRM_OPTION = OptionNumber(CONFIRM_OPTION_NUMBER)
 CONFIRM_OPTION.set_format(OpaqueOption)
 
 
-_DIAGNOSTIC = re.compile(rb"^tessera: ([a-z_]+) \((\d+)\)")
 #: refusals after which a fresh handshake can help (the gateway lost or ended our session)
 _RETRY_REASONS = frozenset(
     {Reason.UNKNOWN_SESSION, Reason.SESSION_EXPIRED, Reason.BAD_CONFIRMATION}
@@ -93,14 +91,9 @@ _RETRY_REASONS = frozenset(
 _UNDERSTOOD_CRITICAL = frozenset(
     {int(OptionNumber.BLOCK2), int(OptionNumber.BLOCK1), int(PROOF_OPTION)}
 )
-_REASON_CODES = frozenset(int(r) for r in Reason)
-METHODS = {"GET": 1, "POST": 2, "PUT": 3, "DELETE": 4, "FETCH": 5, "PATCH": 6, "iPATCH": 7}
 _CODES = {name: codes.Code(number) for name, number in METHODS.items()}
 #: Block1 size exponent of uploads (1024-byte blocks, aiocoap's UDP default)
 BLOCK_SZX = 6
-
-
-_request_action = functools.lru_cache(maxsize=1024)(request_action)
 
 
 # ------------------------------------------------------------------ errors and results
@@ -117,10 +110,7 @@ class GatewayRefused(CoapError):
     path, said no. Carries the CoAP code and the diagnostic payload."""
 
     def __init__(self, code: Any, diagnostic: bytes) -> None:
-        match = _DIAGNOSTIC.match(diagnostic)
-        reason = Reason.NOT_AUTHORIZED
-        if match and int(match.group(2)) in _REASON_CODES:
-            reason = Reason(int(match.group(2)))
+        reason = diagnostic_reason(diagnostic) or Reason.NOT_AUTHORIZED
         text = diagnostic[:200].decode("utf-8", "replace")
         super().__init__(f"gateway answered {code}: {text or '(no diagnostic)'}", reason)
         self.code = code
@@ -428,7 +418,7 @@ class TesseraCoapClient:
     ) -> tuple[aiocoap.Message, bytes]:
         """One proven request (its whole payload in one message)."""
         code, segments, query = self._parse(method, path, query)
-        action = _request_action(int(code), segments, query, content_format, accept, observe)
+        action = cached_request_action(int(code), segments, query, content_format, accept, observe)
         header, body = session.protect(action, payload, self.clock())
         msg = self._message(session, code, segments, query, content_format, accept, observe,
                             header, body)
@@ -484,7 +474,7 @@ class TesseraCoapClient:
         """Send ``payload`` block by block, each block proven and chained to the one
         before; returns the (reassembled) final response and the last block's header."""
         code, segments, query = self._parse(method, path, query)
-        action = _request_action(int(code), segments, query, content_format, accept, None)
+        action = cached_request_action(int(code), segments, query, content_format, accept, None)
         size = 1 << (BLOCK_SZX + 4)
         previous = NO_PREVIOUS
         number = 0
@@ -602,7 +592,4 @@ __all__ = [
     "ProvenResponse",
     "ResponseRejected",
     "TesseraCoapClient",
-    "block_action",
-    "request_action",
-    "response_action",
 ]

@@ -48,10 +48,8 @@ quote=...)`` within the broker's reconnect window.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import datetime as dt
-import json
 import logging
 import socket
 import struct
@@ -66,34 +64,34 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from structauth import mqtt_binding as binding
 from structauth.credentials import Credential, Identity, TimePolicy, TrustStore
 from structauth.errors import Reason, TesseraError
 from structauth.handshake import Initiator
 from structauth.keys import Signer
-from structauth.session import HEADER_SIZE, Session
+from structauth.mqtt_binding import (
+    AUTH_METHOD,
+    EPOCH_REFUSAL,
+    PACKET_AUTH,
+    PACKET_CONNACK,
+    PACKET_PUBREC,
+    RC_CONTINUE_AUTHENTICATION,
+    RC_REAUTHENTICATE,
+    RC_SUCCESS,
+    RESYNC_TOPIC,
+    STEP_UP_TOPIC,
+    ReplacedSessions,
+    decode_auth,
+    encode_auth,
+    encode_quote,
+)
+from structauth.session import Session
 
 log = logging.getLogger("tessera.agent.mqtt")
 
-AUTH_METHOD = "tessera-sa1"
-STEP_UP_TOPIC = "tessera/step-up"
-#: the broker asks for a re-handshake: a message of ours was refused for its epoch
-RESYNC_TOPIC = "tessera/resync"
-#: the reason string of a PUBACK/PUBREC refusing a message for its epoch, from a broker
-#: that passes a plugin's reason string on (Mosquitto 2.0.x sends a bare 0x87)
-EPOCH_REFUSAL = "tessera: epoch_out_of_window"
 #: what a re-handshake cures when protect() raises it
 _RESYNC_REASONS = frozenset({Reason.EPOCH_OUT_OF_WINDOW, Reason.SESSION_EXPIRED,
                              Reason.SEQUENCE_EXHAUSTED})
-
-# MQTT 5 control packet types (upper nibble) and AUTH reason codes
-PACKET_CONNACK = 0x20
-PACKET_PUBREC = 0x50
-PACKET_AUTH = 0xF0
-RC_SUCCESS = 0x00
-RC_CONTINUE_AUTHENTICATION = 0x18
-RC_REAUTHENTICATE = 0x19
-PROP_AUTHENTICATION_METHOD = 0x15
-PROP_AUTHENTICATION_DATA = 0x16
 
 if not all(hasattr(mqtt.Client, name) for name in ("_packet_handle", "_packet_queue")):
     raise ImportError("this paho-mqtt has no Client._packet_handle / _packet_queue, which "
@@ -102,56 +100,6 @@ if not all(hasattr(mqtt.Client, name) for name in ("_packet_handle", "_packet_qu
 
 class MqttError(TesseraError):
     """The broker refused us, or the connection failed."""
-
-
-def _varint(n: int) -> bytes:
-    """MQTT Variable Byte Integer."""
-    if not 0 <= n <= 268_435_455:
-        raise ValueError("too large for an MQTT variable byte integer")
-    out = bytearray()
-    while True:
-        n, digit = divmod(n, 128)
-        out.append(digit | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def encode_auth(reason: int, method: str, data: bytes | None) -> bytes:
-    """An MQTT 5 AUTH packet: fixed header 0xF0, remaining length, reason code, then the
-    properties Authentication Method (0x15, UTF-8 string) and Authentication Data (0x16,
-    binary data), each a two-byte length and its bytes."""
-    m = method.encode()
-    props = bytes([PROP_AUTHENTICATION_METHOD]) + struct.pack("!H", len(m)) + m
-    if data:
-        if len(data) > 0xFFFF:
-            raise ValueError("authentication data longer than 65535 bytes")
-        props += bytes([PROP_AUTHENTICATION_DATA]) + struct.pack("!H", len(data)) + data
-    body = bytes([reason]) + _varint(len(props)) + props
-    return bytes([PACKET_AUTH]) + _varint(len(body)) + body
-
-
-def decode_auth(body: bytes) -> tuple[int, str | None, bytes | None]:
-    """(reason code, authentication method, authentication data) of an AUTH packet's
-    variable header (what follows the fixed header). An empty body is reason 0x00."""
-    if not body:
-        return RC_SUCCESS, None, None
-    reason = body[0]
-    if len(body) == 1:
-        return reason, None, None
-    props = Properties(PacketTypes.AUTH)
-    props.unpack(bytes(body[1:]))
-    method = getattr(props, "AuthenticationMethod", None)
-    data = getattr(props, "AuthenticationData", None)
-    return reason, method, bytes(data) if data is not None else None
-
-
-def encode_quote(attest: bytes, signature: bytes, ak_public: bytes) -> bytes:
-    """The msg1 ``quote`` field: ``"TQ1" || var16 attest || var16 signature || var16
-    ak_public`` (the format broker_plugin/stepup.py verifies)."""
-    def var16(b: bytes) -> bytes:
-        return struct.pack("!H", len(b)) + b
-
-    return b"TQ1" + var16(attest) + var16(signature) + var16(ak_public)
 
 
 def tpm_quote_fn(backend: Any, ak_name: str, pcrs: tuple[int, ...] = tuple(range(8))
@@ -169,27 +117,16 @@ def tpm_quote_fn(backend: Any, ak_name: str, pcrs: tuple[int, ...] = tuple(range
 
 
 @dataclass(frozen=True)
-class StepUpRequest:
-    """A verified ``tessera/step-up`` request from the broker."""
+class StepUpRequest(binding.StepUpRequest):
+    """A verified ``tessera/step-up`` request from the broker, and when it came."""
 
-    nonce: bytes
-    quote: bool
-    reason: str
-    deadline_s: int
-    received_at: float  # the client's clock
+    received_at: float = 0.0  # the client's clock
 
     @classmethod
-    def parse(cls, payload: bytes, now: float) -> StepUpRequest:
-        try:
-            data = json.loads(payload)
-            nonce = base64.b64decode(data["nonce"], validate=True)
-            quote, reason, deadline = data["quote"], data["reason"], data["deadline_s"]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise MqttError(f"malformed step-up request: {exc}", Reason.MALFORMED) from None
-        if (not isinstance(quote, bool) or not isinstance(reason, str) or len(reason) > 64
-                or type(deadline) is not int or deadline < 0 or not 16 <= len(nonce) <= 64):
-            raise MqttError("malformed step-up request", Reason.MALFORMED)
-        return cls(nonce, quote, reason, deadline, now)
+    def received(cls, payload: bytes, now: float) -> StepUpRequest:
+        """The request in a verified payload (MalformedMessage if it is not one)."""
+        request = binding.StepUpRequest.parse(payload)
+        return cls(request.nonce, request.quote, request.reason, request.deadline_s, now)
 
 
 @dataclass
@@ -249,10 +186,10 @@ class _AuthClient(mqtt.Client):
             if len(body) >= 3 and body[2] >= 0x80:
                 text = ""
                 if len(body) > 3:
-                    with contextlib.suppress(Exception):  # paho's own property errors
-                        props = Properties(PacketTypes.PUBREC)
-                        props.unpack(body[3:])
-                        text = str(getattr(props, "ReasonString", "") or "")
+                    with contextlib.suppress(TesseraError):  # no reason string then
+                        raw = binding.properties(binding.property_block(body, 3)).get(
+                            binding.PROP_REASON_STRING, b"")
+                        text = raw.decode("utf-8", "replace")
                 self.pubrec_handler(struct.unpack("!H", body[:2])[0], body[2], text)
         handler = self.auth_handler
         if handler is not None and (command == PACKET_AUTH or (
@@ -278,7 +215,7 @@ class _AuthClient(mqtt.Client):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         super()._call_socket_open(sock)
 
-    def send_auth(self, reason: int, method: str, data: bytes | None, *,
+    def send_auth(self, reason: int, data: bytes | None, *,
                   hold: bool = False, release: bool = False) -> Any:
         """Queue an AUTH packet behind what paho has queued already. ``hold``: every
         later packet waits (a re-authentication's msg1 went out); ``release``: what
@@ -287,7 +224,7 @@ class _AuthClient(mqtt.Client):
             if self._sock is None:
                 self._held = None
                 return MQTTErrorCode.MQTT_ERR_NO_CONN
-            rc = super()._packet_queue(PACKET_AUTH, encode_auth(reason, method, data), 0, 0)
+            rc = super()._packet_queue(PACKET_AUTH, encode_auth(reason, data), 0, 0)
             if hold:
                 self._held = []
             if release:
@@ -352,7 +289,7 @@ class TesseraMqttClient:
         self.keepalive = keepalive
         self.client_id = client_id or credential.identity.uri
         self.session: Session | None = None
-        self._previous: dict[bytes, tuple[Session, float]] = {}
+        self._replaced = ReplacedSessions(self.rotation_grace_s, self.max_previous)
         self._connected = threading.Event()
         self._failure: MqttError | None = None
         self._initiator: Initiator | None = None
@@ -426,7 +363,7 @@ class TesseraMqttClient:
         asked for one)."""
         self._initiator = self._new_initiator()
         self._confirmed = None
-        props = Properties(PacketTypes.CONNECT)
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.AuthenticationMethod = AUTH_METHOD
         props.AuthenticationData = self._initiator.start(context=context, quote=quote)
         self._context = context
@@ -511,7 +448,7 @@ class TesseraMqttClient:
             self._reauth = waiter
             # from here until msg3, every other packet waits (Mosquitto 2.0.11 closes a
             # connection that sends anything else while it re-authenticates)
-            rc = self.client.send_auth(RC_REAUTHENTICATE, AUTH_METHOD, msg1, hold=True)
+            rc = self.client.send_auth(RC_REAUTHENTICATE, msg1, hold=True)
             if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
                 self._reauth = None
                 self.client.drop_held()
@@ -547,7 +484,7 @@ class TesseraMqttClient:
             return MQTTErrorCode.MQTT_ERR_CONN_REFUSED
         try:
             reason, method, data = decode_auth(body)
-        except Exception as exc:  # paho raises its own exceptions for bad properties
+        except TesseraError as exc:
             reason, method, data = -1, None, None
             log.warning("malformed AUTH packet: %s", exc)
         if not self.client.is_connected():
@@ -589,13 +526,10 @@ class TesseraMqttClient:
             old = self.session
             self.session = done.session
             if old is not None:
-                self._previous[old.session_id] = (old, now + self.rotation_grace_s)
-                while len(self._previous) > self.max_previous:
-                    self._previous.pop(next(iter(self._previous)))[0].close()
+                self._replaced.retire(old, now)
             waiter.session = done.session
             waiter.confirmed = True
-            self.client.send_auth(RC_CONTINUE_AUTHENTICATION, AUTH_METHOD, done.reply,
-                                  release=True)
+            self.client.send_auth(RC_CONTINUE_AUTHENTICATION, done.reply, release=True)
         return ok
 
     def _time_policy(self) -> TimePolicy:
@@ -620,7 +554,7 @@ class TesseraMqttClient:
             self._fail_connect(exc)
             return MQTTErrorCode.MQTT_ERR_PROTOCOL
         self._confirmed = done.session
-        return self.client.send_auth(RC_CONTINUE_AUTHENTICATION, AUTH_METHOD, done.reply)
+        return self.client.send_auth(RC_CONTINUE_AUTHENTICATION, done.reply)
 
     # -- step-up -------------------------------------------------------------------
     def answer_step_ups(self, quote_fn: Callable[[bytes], bytes] | None = None) -> None:
@@ -636,7 +570,7 @@ class TesseraMqttClient:
     def _on_step_up_message(self, client: Any, userdata: Any, msg: Any) -> None:
         data = bytes(msg.payload)
         try:
-            request = StepUpRequest.parse(self.open_delivery(msg.topic, data), self.clock())
+            request = StepUpRequest.received(self.open_delivery(msg.topic, data), self.clock())
         except TesseraError as exc:
             self.step_ups_ignored += 1
             self.rejected.append(exc.reason)
@@ -684,8 +618,7 @@ class TesseraMqttClient:
         with self._lock:
             if self.session is None:
                 raise MqttError("not connected", Reason.INVALID_STATE)
-            header, body = self.session.protect(topic.encode(), payload, self.clock())
-        return body + header
+            return binding.seal(self.session, topic, payload, self.clock())
 
     def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> Any:
         """Prove and send one message; paho's MQTTMessageInfo. QoS 1/2 messages are
@@ -821,9 +754,8 @@ class TesseraMqttClient:
 
     def _on_resync_message(self, client: Any, userdata: Any, msg: Any) -> None:
         try:  # a refusal for the epoch here requests a resync itself (open_delivery)
-            data = json.loads(self.open_delivery(msg.topic, bytes(msg.payload)))
-            named = bytes.fromhex(data["session"])
-        except (TesseraError, ValueError, KeyError, TypeError) as exc:
+            named = binding.resync_session(self.open_delivery(msg.topic, bytes(msg.payload)))
+        except TesseraError as exc:
             self.resync_ignored += 1
             log.info("tessera/resync not verified: %s", exc)
             return
@@ -913,35 +845,27 @@ class TesseraMqttClient:
     def open_delivery(self, topic: str, data: bytes) -> bytes:
         """The payload of a message the broker proved to us (``payload || header``
         under this session, bound to ``topic``); raises a ProtocolError otherwise."""
-        if self.session is None or len(data) < HEADER_SIZE:
+        if self.session is None:
             raise MqttError("message without the broker's proof", Reason.TRUNCATED)
-        cut = len(data) - HEADER_SIZE
-        header = data[cut:]
+        body, header = binding.split(data)
         now = self.clock()
         with self._lock:
-            session = self.session
-            if self._previous and header[1:9] != session.session_id:
-                kept = self._previous.get(header[1:9])
-                if kept is not None and now < kept[1]:
-                    session = kept[0]  # proven before the broker switched
-                for sid, (old, until) in list(self._previous.items()):
-                    if now >= until:
-                        old.close()
-                        del self._previous[sid]
+            current = self.session
+            self._replaced.expire(now)
+            # proven before the broker switched: the replaced session it names
+            session = binding.pick_session(current, self._replaced, header, now) or current
             try:
-                return session.verify(header, topic.encode(), data[:cut], now).payload
+                return session.verify(header, binding.action(topic), body, now).payload
             except TesseraError as exc:
-                if (exc.reason is Reason.EPOCH_OUT_OF_WINDOW
-                        and session is self.session and header[1:9] == session.session_id):
+                if (exc.reason is Reason.EPOCH_OUT_OF_WINDOW and session is current
+                        and binding.session_id_of(header) == current.session_id):
                     # our clock and the broker's disagree: unproven (the epoch is read
                     # before any proof), hence rate-limited
                     self.request_resync("receive_epoch")
                 raise
 
     def _drop_previous(self) -> None:
-        for old, _ in self._previous.values():
-            old.close()
-        self._previous.clear()
+        self._replaced.close()
 
     def subscribe(self, topic: str, callback: Callable[[str, bytes], None], qos: int = 0,
                   *, proven: bool = True) -> None:

@@ -30,7 +30,6 @@ from paho.mqtt.properties import Properties
 from bench.broker import (
     Conn,
     auth_data_of,
-    auth_packet,
     connect_packet,
     publish_packet,
     subscribe_packet,
@@ -42,6 +41,7 @@ from simulator.mosquitto import Mosquitto, find_mosquitto, plugin_files
 from structauth.credentials import Identity
 from structauth.errors import ConfigurationError, Reason, TesseraError
 from structauth.handshake import Initiator
+from structauth.mqtt_binding import encode_auth
 from tests.support import wait_for
 
 pytestmark = pytest.mark.broker
@@ -613,7 +613,7 @@ def test_a_msg1_replayed_after_a_broker_restart_never_completes(tmp_path: Path) 
         conn, kind, body = _raw_replay(w.broker.port, uri, msg1)
         assert kind == 0xF and auth_data_of(body)[0] == 0x18
         made_up = b"SA1\x23\x00\x01" + bytes(8) + bytes(32)
-        conn.sock.sendall(auth_packet(0x18, made_up))
+        conn.sock.sendall(encode_auth(0x18, made_up))
         first_byte, body = conn.read_packet()
         assert (first_byte >> 4, body[1]) == (2, 0x87)  # CONNACK, not authorized
         assert _closed(conn)

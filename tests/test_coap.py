@@ -34,7 +34,6 @@ from hypothesis import strategies as st
 from broker_plugin import coap_site
 from broker_plugin.coap_site import TesseraSite, local_port
 from broker_plugin.policy import parse_policy
-from device import coap as device_coap
 from device.coap import (
     CONFIRM_OPTION,
     PROOF_OPTION,
@@ -43,6 +42,7 @@ from device.coap import (
     TesseraCoapClient,
 )
 from simulator.fleet import T0, Fleet, Member
+from structauth import coap_binding
 from structauth.credentials import Identity
 from structauth.errors import ConfigurationError, Reason
 from structauth.handshake import Initiator, Responder
@@ -278,7 +278,7 @@ def test_proof_option_is_experimental_critical_unsafe_and_opaque() -> None:
     accept=st.none() | st.integers(0, 65535),
     observe=st.none() | st.integers(0, 1),
 )
-def test_device_and_gateway_build_the_same_actions(
+def test_binding_builds_the_actions_docs_coap_md_defines(
     code: int,
     path: list[str],
     query: list[str],
@@ -286,14 +286,68 @@ def test_device_and_gateway_build_the_same_actions(
     accept: int | None,
     observe: int | None,
 ) -> None:
-    a = device_coap.request_action(code, path, query, cf, accept, observe)
-    assert a == coap_site.request_action(code, path, query, cf, accept, observe)
+    """The device and the gateway both call structauth.coap_binding, so comparing them
+    proves nothing; the binding is compared with a construction written from the
+    layout in docs/COAP.md ("Action strings"), field by field."""
+    assert coap_binding.request_action(code, path, query, cf, accept, observe) == \
+        spec_request_action(code, path, query, cf, accept, observe)
     header = os.urandom(31)
-    assert device_coap.response_action(header, 69, cf) == coap_site.response_action(header, 69, cf)
+    assert coap_binding.response_action(header, 69, cf) == spec_response_action(header, 69, cf)
+    request = spec_request_action(code, path, query, cf, accept, observe)
+    assert coap_binding.block_action(request, 3, 6, True, header) == \
+        spec_block_action(request, 3, 6, True, header)
+
+
+ABSENT = b"\xff\xff\xff\xff"
+
+
+def _spec_str16(text: str) -> bytes:
+    raw = text.encode("utf-8")
+    return len(raw).to_bytes(2, "big") + raw
+
+
+def _spec_u32(value: int | None) -> bytes:
+    return ABSENT if value is None else value.to_bytes(4, "big")
+
+
+def spec_request_action(code: int, path: list[str], query: list[str], cf: int | None,
+                        accept: int | None, observe: int | None) -> bytes:
+    """docs/COAP.md: "coap-req" 0x00, u8 code, u16 n + n str16 path segments, u16 m + m
+    str16 query items, u32 Content-Format, u32 Accept, u32 Observe (ABSENT: ff ff ff ff)."""
+    out = bytearray(b"coap-req\x00")
+    out.append(code)
+    out += len(path).to_bytes(2, "big")
+    for segment in path:
+        out += _spec_str16(segment)
+    out += len(query).to_bytes(2, "big")
+    for item in query:
+        out += _spec_str16(item)
+    return bytes(out + _spec_u32(cf) + _spec_u32(accept) + _spec_u32(observe))
+
+
+def spec_response_action(request_header: bytes, code: int, cf: int | None) -> bytes:
+    return b"coap-res\x00" + request_header + bytes([code]) + _spec_u32(cf)
+
+
+def spec_block_action(request: bytes, number: int, szx: int, more: bool,
+                      previous: bytes) -> bytes:
+    return (b"coap-blk\x00" + number.to_bytes(4, "big") + bytes([szx, int(more)])
+            + previous + request)
+
+
+def test_the_documented_example_action() -> None:
+    """The example bytes printed in docs/COAP.md, copied by hand."""
+    example = bytes.fromhex(
+        "636f61702d72657100" "02" "0003" "0007") + b"sensors" + bytes.fromhex("0004") \
+        + b"pi-1" + bytes.fromhex("0008") + b"readings" + bytes.fromhex("0001" "0006") \
+        + b"unit=C" + bytes.fromhex("00000000" "ffffffff" "ffffffff")
+    assert coap_binding.request_action(
+        coap_binding.METHODS["POST"], ["sensors", "pi-1", "readings"], ["unit=C"],
+        content_format=0) == example
 
 
 def test_actions_are_unambiguous() -> None:
-    act = coap_site.request_action
+    act = coap_binding.request_action
     distinct = {
         act(1, ["a/b"]),
         act(1, ["a", "b"]),
@@ -385,7 +439,7 @@ def test_handshake_messages_travel_blockwise(world: World) -> None:
                 wrong = await raw_request(ctx, gw.uri + "/.well-known/sa1", codes.GET)
                 assert wrong.code == codes.METHOD_NOT_ALLOWED
                 # msg3 rides on the first proven request
-                action = coap_site.request_action(1, ("sensors", "pi-1", "temp"))
+                action = coap_binding.request_action(1, ("sensors", "pi-1", "temp"))
                 header, _ = done.session.protect(action, b"", time.monotonic())
                 msg = aiocoap.Message(code=codes.GET, uri=gw.uri + "/sensors/pi-1/temp")
                 msg.opt.add_option(PROOF_OPTION.create_option(value=header))

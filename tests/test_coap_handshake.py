@@ -17,12 +17,12 @@ import pytest
 from aiocoap import resource
 from aiocoap.numbers import codes
 
-from broker_plugin import coap_site
 from broker_plugin.coap_handshake import HandshakeLimits
 from broker_plugin.coap_limits import Limits
 from broker_plugin.coap_site import GatewayLimits
 from device.coap import CONFIRM_OPTION, PROOF_OPTION
 from simulator.fleet import Fleet
+from structauth import coap_binding
 from structauth.credentials import TimePolicy
 from structauth.errors import Reason
 from structauth.events import HandshakeCompleted
@@ -83,7 +83,7 @@ async def proven_get(
     ctx: aiocoap.Context, gw: Gateway, done: HandshakeCompleted, msg3: bytes | None,
     path: tuple[str, ...] = ("sensors", "pi-1", "temp"),
 ) -> aiocoap.Message:
-    action = coap_site.request_action(1, path)
+    action = coap_binding.request_action(1, path)
     header, _ = done.session.protect(action, b"", gw.clock())
     msg = aiocoap.Message(code=codes.GET, uri=gw.uri)
     msg.opt.uri_path = path

@@ -12,7 +12,7 @@ from aiocoap.numbers import codes
 from cryptography.exceptions import InvalidTag
 
 from simulator.fleet import Fleet
-from structauth.coap_actions import request_action
+from structauth.coap_binding import request_action
 from structauth.errors import StaleMessage
 from structauth.params import SessionParams
 from structauth.session import Session

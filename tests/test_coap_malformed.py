@@ -23,7 +23,7 @@ from aiocoap.numbers.optionnumbers import OptionNumber
 from broker_plugin import coap_site
 from device.coap import CONFIRM_OPTION, PROOF_OPTION, TesseraCoapClient
 from simulator.fleet import Fleet
-from structauth.coap_actions import block_action, request_action, response_action
+from structauth.coap_binding import block_action, request_action, response_action
 from structauth.errors import MalformedMessage, Reason
 from tests.test_coap import Gateway, World, gateway, reason_of, run
 
@@ -372,11 +372,6 @@ def _option(delta: int, value: bytes) -> bytes:
     d, dx = nibble(delta)
     ln, lx = nibble(len(value))
     return bytes(((d << 4) | ln,)) + dx + lx + value
-
-
-def test_site_module_still_exports_the_action_builders() -> None:
-    assert coap_site.request_action is request_action
-    assert coap_site.response_action is response_action
 
 
 def test_misplaced_and_repeated_tessera_options(world: World,

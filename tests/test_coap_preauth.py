@@ -156,7 +156,7 @@ def test_proven_blocks_cannot_be_reordered_replayed_or_spliced(world: World) -> 
             await device.request("GET", "sensors/pi-1/temp")
             session = await device.session_for_use()
             action = device_action(READINGS)
-            from structauth.coap_actions import NO_PREVIOUS, block_action
+            from structauth.coap_binding import NO_PREVIOUS, block_action
 
             def block(number: int, more: bool, previous: bytes, data: bytes) -> tuple[
                     aiocoap.Message, bytes]:
@@ -201,7 +201,7 @@ def test_proven_blocks_cannot_be_reordered_replayed_or_spliced(world: World) -> 
 
 
 def device_action(path: tuple[str, ...]) -> bytes:
-    from structauth.coap_actions import request_action
+    from structauth.coap_binding import request_action
 
     return request_action(2, path)
 
@@ -220,7 +220,7 @@ def test_a_device_uploads_within_its_own_budget(world: World) -> None:
         ):
             await other.request("GET", "sensors/pi-2/temp")
             session = await greedy.session_for_use()
-            from structauth.coap_actions import NO_PREVIOUS, block_action, request_action
+            from structauth.coap_binding import NO_PREVIOUS, block_action, request_action
 
             sender = Sender(gw)
             try:

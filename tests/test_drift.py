@@ -37,7 +37,7 @@ from broker_plugin.enforcer import (
     Enforcer,
 )
 from broker_plugin.policy import parse_policy
-from broker_plugin.stepup import RESYNC_TOPIC, StepUpSettings
+from broker_plugin.stepup import StepUpSettings
 from device.mqtt import MqttError, TesseraMqttClient
 from hw.software import InsecureSoftwareSigner
 from provisioning.certificates import issue_credential
@@ -45,6 +45,7 @@ from simulator.fleet import Fleet, Member
 from structauth.credentials import Credential, Identity, TimePolicy, TrustStore
 from structauth.errors import Reason, TesseraError
 from structauth.handshake import Initiator, Responder
+from structauth.mqtt_binding import RESYNC_TOPIC
 from structauth.session import Session
 from tests.support import wait_for
 

@@ -24,11 +24,12 @@ from broker_plugin.enforcer import (
     Enforcer,
 )
 from broker_plugin.policy import parse_policy
-from broker_plugin.stepup import AK_REQUIRED, STEP_UP_TOPIC, StepUpSettings, encode_quote
+from broker_plugin.stepup import AK_REQUIRED, StepUpSettings
 from simulator.fleet import Fleet, Member
 from structauth.credentials import TimePolicy
 from structauth.errors import TesseraError
 from structauth.handshake import Initiator, Responder
+from structauth.mqtt_binding import STEP_UP_TOPIC, encode_quote
 from structauth.session import Session
 
 POLICY = parse_policy("""
@@ -352,7 +353,7 @@ def test_rotation_keeps_the_previous_session_for_in_flight_messages(fleet: Fleet
     assert e.events[-1][1]["reason"] == "unknown_session"  # type: ignore[attr-defined]
     # a takeover by a new connection (not an AUTH) keeps no previous session
     d.handshake(7.0)
-    assert e.clients[d.uri].previous == {}
+    assert len(e.clients[d.uri].previous) == 0
 
 
 def test_wrong_nonce_fails_and_repeated_failures_quarantine(fleet: Fleet) -> None:

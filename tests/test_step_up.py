@@ -567,12 +567,11 @@ def test_a_command_queued_during_a_re_authentication_is_delivered_after_it(
     in_window, published = threading.Event(), threading.Event()
     send_auth = device.client.send_auth
 
-    def msg3_when_the_command_is_queued(reason: int, method: str, data: bytes | None,
-                                        **kw: bool) -> Any:
+    def msg3_when_the_command_is_queued(reason: int, data: bytes | None, **kw: bool) -> Any:
         if kw.get("release"):  # msg3: hold it until the broker has taken the command
             in_window.set()
             assert published.wait(5)
-        return send_auth(reason, method, data, **kw)
+        return send_auth(reason, data, **kw)
 
     device.client.send_auth = msg3_when_the_command_is_queued  # type: ignore[method-assign]
     rotation = threading.Thread(target=device.reauthenticate)

@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from hw.software import InsecureSoftwareSigner
 from simulator.fleet import Fleet, Member
-from structauth.coap_actions import (
+from structauth.coap_binding import (
     HANDSHAKE_PATH,
     NO_PREVIOUS,
     block_action,

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from simulator.fleet import Fleet
-from structauth.coap_actions import HANDSHAKE_PATH, request_action
+from structauth.coap_binding import HANDSHAKE_PATH, request_action
 from tests.attacks import coap as c
 from tests.attacks.coapworld import CoapDevice, GatewayProcess, LiveCoapDevice
 
@@ -393,7 +393,7 @@ def test_block1_upload_by_an_enrolled_device_is_bounded(bed: Bed) -> None:
     # a chain whose block 1 is skipped
     evil = bed.evil
     action = request_action(c.POST, READINGS, (), None, None, None)
-    from structauth.coap_actions import NO_PREVIOUS, block_action
+    from structauth.coap_binding import NO_PREVIOUS, block_action
 
     assert evil.session is not None
     b0 = block_action(action, 0, 6, True, NO_PREVIOUS)

@@ -1,7 +1,12 @@
-"""The SA1 action strings of CoAP requests, request blocks and responses (docs/COAP.md).
+"""SA1 over CoAP: everything the gateway and the device must agree on (docs/COAP.md).
 
-Part of the wire format, so it lives in the core and both adapters (the gateway's site
-wrapper and the device's client) build the same bytes from the same code.
+The option numbers (Tessera-Proof, Tessera-Confirm), the handshake path, the SA1
+action strings of requests, request blocks and responses, the method codes, and the
+diagnostic payload of an unproven refusal. Part of the wire format, so it lives in the
+core and both adapters (the gateway's site wrapper and the device's client) build the
+same bytes from the same code; tests/test_coap.py checks the bytes against an
+independent construction from docs/COAP.md. Sans-IO: no aiocoap here (each adapter
+registers the two option numbers with aiocoap as opaque options).
 
 An action is at most 65,535 bytes (SA1 binds it with a u16 length); a request whose
 path, query or number of segments does not fit raises :class:`MalformedMessage`
@@ -10,6 +15,8 @@ path, query or number of segments does not fit raises :class:`MalformedMessage`
 
 from __future__ import annotations
 
+import functools
+import re
 import struct
 from collections.abc import Sequence
 
@@ -31,6 +38,10 @@ MAX_ACTION = 0xFFFF
 #: the 31-byte header, as in structauth.session.HEADER_SIZE
 HEADER_SIZE = 31
 NO_PREVIOUS = bytes(HEADER_SIZE)
+
+#: CoAP request codes (RFC 7252, RFC 8132) by method name, and back
+METHODS = {"GET": 1, "POST": 2, "PUT": 3, "DELETE": 4, "FETCH": 5, "PATCH": 6, "iPATCH": 7}
+METHOD_NAMES = {code: name for name, code in METHODS.items()}
 
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
@@ -139,3 +150,40 @@ def response_action(request_header: bytes, code: int, content_format: int | None
         + bytes((code,))
         + _u32_or_absent(content_format, "Content-Format")
     )
+
+
+_cached_request_action = functools.lru_cache(maxsize=1024)(request_action)
+
+
+def cached_request_action(
+    code: int,
+    path: tuple[str, ...],
+    query: tuple[str, ...],
+    content_format: int | None,
+    accept: int | None,
+    observe: int | None,
+) -> bytes:
+    """:func:`request_action`, cached for short paths only, so that nobody can fill the
+    cache with large ones before proving anything (at most 1024 x ~600 bytes)."""
+    if len(path) + len(query) <= 16 and sum(map(len, path)) + sum(map(len, query)) <= 512:
+        return _cached_request_action(code, path, query, content_format, accept, observe)
+    return request_action(code, path, query, content_format, accept, observe)
+
+
+_DIAGNOSTIC = re.compile(rb"^tessera: ([a-z_]+) \((\d+)\)")
+_REASON_CODES = frozenset(int(r) for r in Reason)
+
+
+def diagnostic(reason: Reason, detail: str = "") -> bytes:
+    """The payload of an unproven refusal: ``tessera: <reason> (<code>)[: <detail>]``."""
+    text = f"tessera: {reason.name.lower()} ({int(reason)})"
+    return (text + (f": {detail}" if detail else "")).encode()
+
+
+def diagnostic_reason(payload: bytes) -> Reason | None:
+    """The reason a refusal's diagnostic payload names (None: not a Tessera diagnostic).
+    Unproven: anyone on the path can write one, so it only chooses what to try next."""
+    match = _DIAGNOSTIC.match(payload)
+    if match and int(match.group(2)) in _REASON_CODES:
+        return Reason(int(match.group(2)))
+    return None
