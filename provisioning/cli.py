@@ -451,6 +451,9 @@ def _check_tls(cert: str | None, key: str | None) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
+    _check_tls(args.tls_cert, args.tls_key)
+    service = build_service(args.dir)  # every configuration problem refused first
+
     import logging
 
     import uvicorn
@@ -458,8 +461,6 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from provisioning.operators import Operators
     from provisioning.service import build_app
 
-    _check_tls(args.tls_cert, args.tls_key)
-    service = build_service(args.dir)
     app = build_app(service, Operators(args.dir / "operators.json"))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     print(
