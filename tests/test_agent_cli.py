@@ -12,7 +12,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import os
 import signal
 import subprocess
 import sys
@@ -296,11 +295,3 @@ def test_revocation_of_reads_reasons_and_reason_strings() -> None:
     assert revocation_of(MqttError("Not authorized", Reason.NOT_AUTHORIZED)) is None
     assert revocation_of(None) is None
     assert revocation_of(OSError("revoked")) is None
-
-
-def test_systemd_unit_does_not_restart_a_revoked_agent() -> None:
-    unit = (Path(__file__).resolve().parent.parent / "deploy" / "tessera-agent.service")
-    if not unit.exists():
-        pytest.skip("deploy/tessera-agent.service not written yet")
-    assert f"RestartPreventExitStatus={EXIT_REVOKED}" in unit.read_text()
-    assert os.path.basename(AGENT) == "tessera-agent"

@@ -194,3 +194,71 @@ def test_missing_package_data_is_one_line_naming_the_file(
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
     assert done.stderr.startswith(f"error: plugin source missing: {header} ")
     assert "pip install --force-reinstall 'tessera[broker]'" in done.stderr
+
+
+# -- the agent as a systemd service (deploy/) --------------------------------------------
+
+DEPLOY = ROOT / "deploy"
+UNIT = DEPLOY / "tessera-agent.service"
+
+
+def _unit_settings() -> dict[str, list[str]]:
+    settings: dict[str, list[str]] = {}
+    for line in UNIT.read_text().splitlines():
+        if "=" in line and not line.startswith(("#", "[")):
+            key, _, value = line.partition("=")
+            settings.setdefault(key.strip(), []).append(value.strip())
+    return settings
+
+
+def test_unit_scores_ok_in_systemd_analyze_security() -> None:
+    done = subprocess.run(["systemd-analyze", "security", "--offline=yes", str(UNIT)],
+                          capture_output=True, text=True, timeout=60)
+    if "--offline" in done.stderr and done.returncode != 0:
+        pytest.skip(f"this systemd-analyze has no --offline: {done.stderr.strip()}")
+    last = done.stdout.strip().splitlines()[-1]
+    assert "Overall exposure level for tessera-agent.service:" in last, done.stdout
+    score = float(last.split(":")[1].split()[0])
+    assert score <= 2.0, last
+
+
+def test_unit_parses_and_matches_the_agent(tmp_path: Path) -> None:
+    from device.agent import EXIT_REVOKED
+    from device.cli import STATE_DIR
+
+    settings = _unit_settings()
+    assert settings["RestartPreventExitStatus"] == [str(EXIT_REVOKED)]
+    assert settings["User"] == ["tessera"] and settings["StateDirectory"] == ["tessera"]
+    assert Path("/var/lib/tessera") == STATE_DIR
+    # systemd's own parser: every directive known; only ExecStart's path is this host's
+    agent = Path(sys.executable).parent / "tessera-agent"
+    copy = tmp_path / "tessera-agent.service"
+    copy.write_text(UNIT.read_text().replace("/opt/tessera/venv/bin/tessera-agent", str(agent)))
+    done = subprocess.run(["systemd-analyze", "verify", str(copy)], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "Unknown key" not in done.stderr and "Unknown section" not in done.stderr
+
+
+def test_sysusers_and_tmpfiles_make_the_account_and_its_state(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    for tool, conf, extra in (("systemd-sysusers", "sysusers.d", []),
+                              ("systemd-tmpfiles", "tmpfiles.d", ["--create"])):
+        with (DEPLOY / conf / "tessera.conf").open() as stdin:
+            done = subprocess.run([tool, f"--root={root}", *extra, "-"], stdin=stdin,
+                                  capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+    users = {line.split(":")[0]: line.split(":") for line in
+             (root / "etc" / "passwd").read_text().splitlines()}
+    groups = {line.split(":")[0]: line.split(":") for line in
+              (root / "etc" / "group").read_text().splitlines()}
+    tessera = users["tessera"]
+    assert tessera[5] == "/var/lib/tessera" and tessera[6].endswith("nologin")
+    assert "tessera" in groups["tss"][3].split(",")  # opens /dev/tpmrm0
+    uid, gid = int(tessera[2]), int(tessera[3])
+    for path, mode, owner in (("var/lib/tessera", 0o700, (uid, gid)),
+                              ("var/lib/tessera/keys", 0o700, (uid, gid)),
+                              ("etc/tessera", 0o750, (0, gid))):
+        st = (root / path).stat()
+        assert (st.st_mode & 0o7777, (st.st_uid, st.st_gid)) == (mode, owner), path
