@@ -53,7 +53,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from structauth.errors import ProtocolError, Reason, TesseraError
+from structauth.errors import ConfigurationError, ProtocolError, Reason, TesseraError
 from structauth.mqtt_binding import StepUpRequest, decode_quote  # shared with the device
 from structauth.wire import Reader
 
@@ -122,6 +122,62 @@ class StepUpSettings:
     #: at most one ``tessera/resync`` request per session this often (a device whose
     #: messages are refused for their epoch is asked to re-handshake)
     resync_interval_s: float = 1.0
+
+
+#: the step-up, quarantine and rotation knobs as Mosquitto plugin options
+#: (``plugin_opt_<name>``): option -> (StepUpSettings field, kind, minimum). Public:
+#: ``tessera broker-config`` checks options against it before the broker reads them.
+STEP_UP_OPTIONS: dict[str, tuple[str, str, float]] = {
+    "step_up_deadline_s": ("deadline_s", "seconds", 0.1),
+    "step_up_reconnect_window_s": ("reconnect_window_s", "seconds", 0.0),
+    "step_up_fresh_s": ("fresh_s", "seconds", 0.0),
+    "step_up_change_grace_s": ("change_grace_s", "seconds", 0.1),
+    "rotation_grace_s": ("rotation_grace_s", "seconds", 0.0),
+    "step_up_new_network": ("new_network", "switch", 0),
+    "step_up_new_network_quote": ("new_network_quote", "switch", 0),
+    "network_memory": ("networks_per_identity", "count", 1),
+    "max_identities": ("max_identities", "count", 1),
+    "step_up_rate_spike": ("rate_spike", "switch", 0),
+    "rate_factor": ("rate_factor", "number", 1.0),
+    "rate_min": ("rate_min", "number", 0.0),
+    "rate_window_s": ("rate_window_s", "seconds", 0.1),
+    "quarantine_failures": ("quarantine_failures", "count", 0),
+    "quarantine_rejections": ("quarantine_rejections", "count", 0),
+    "quarantine_window_s": ("quarantine_window_s", "seconds", 0.1),
+    "quarantine_s": ("quarantine_s", "seconds", 0.0),
+    "resync_interval_s": ("resync_interval_s", "seconds", 0.0),
+}
+
+
+def parse_settings(options: dict[str, str]) -> StepUpSettings:
+    """StepUpSettings from ``plugin_opt_*`` values; ConfigurationError with one line."""
+    values: dict[str, object] = {}
+    for option, (name, kind, minimum) in STEP_UP_OPTIONS.items():
+        raw = options.get(option)
+        if raw is None:
+            continue
+        text = raw.strip().lower()
+        value: object
+        try:
+            if kind == "switch":
+                if text not in ("on", "off", "true", "false", "yes", "no", "1", "0"):
+                    raise ValueError
+                value = text in ("on", "true", "yes", "1")
+            elif kind == "count":
+                value = int(text)
+                if value < minimum:
+                    raise ValueError
+            else:
+                value = float(text)
+                if not value >= minimum or value == float("inf"):
+                    raise ValueError
+        except ValueError:
+            want = {"switch": "on or off", "count": f"a whole number >= {minimum:g}",
+                    "seconds": f"seconds >= {minimum:g}",
+                    "number": f"a number >= {minimum:g}"}[kind]
+            raise ConfigurationError(f"plugin_opt_{option}: {raw!r} is not {want}") from None
+        values[name] = value
+    return StepUpSettings(**values)  # type: ignore[arg-type]
 
 
 @dataclass

@@ -24,7 +24,7 @@ TPM's own word on the device key's attributes. Until :func:`check_activation` pa
 :class:`VerifiedEvidence` is a claim, not a fact: record nothing before it.
 
 The wire records, :class:`TpmEvidence` and :class:`ActivationChallenge` (JSON with
-base64 bytes fields), are defined once, by the device (``device.attestation``), and
+base64 bytes fields), are defined once, in ``hw.tpm_evidence`` (shared with the device), and
 re-exported here; they validate their fields on construction, so ``verify_evidence``
 starts from well-formed structures.
 """
@@ -58,7 +58,7 @@ from tpm2_pytss import (
 )
 from tpm2_pytss.utils import make_credential
 
-from device.attestation import MAX_INTERMEDIATES, ActivationChallenge, TpmEvidence
+from hw.tpm_evidence import MAX_INTERMEDIATES, ActivationChallenge, TpmEvidence
 from structauth.errors import ConfigurationError, EnrollmentError, Reason, StateError
 
 __all__ = [
