@@ -294,8 +294,8 @@ class BrokerFleet:
         for broker in self.brokers:
             with contextlib.suppress(Exception):
                 broker.stop()
-        if self.service is not None:
-            self.service.stop()
+        if self.service is not None:  # SIGKILL: its graceful stop waits 10 s for the
+            self.service.kill()          # brokers' long polls; nothing here outlives it
         if self.postgres is not None:
             self.postgres.stop()
         if self.softhsm is not None:

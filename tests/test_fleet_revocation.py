@@ -84,8 +84,11 @@ def world(tmp_path: Path, softhsm: Any, request: pytest.FixtureRequest) -> Itera
         trust = TrustStore(x509.load_pem_x509_certificates(b["bundle"].encode()),
                            service.trust_domain)
         me = Credential.from_pem(b["operational_credential"].encode()).identity
-        with Mosquitto(tmp_path / "mosquitto", plugin_options=options) as broker:
-            yield World(service, broker, tmp_path, port, me, trust, operator)
+        try:
+            with Mosquitto(tmp_path / "mosquitto", plugin_options=options) as broker:
+                yield World(service, broker, tmp_path, port, me, trust, operator)
+        finally:
+            service.kill()  # its graceful stop waits 10 s
 
 
 def _delivers(device: TesseraMqttClient, topic: str) -> None:
@@ -117,7 +120,7 @@ def test_a_revoked_device_stays_refused_after_a_restart_while_the_feed_is_down(
     device.client.loop_stop()
     wait_for(lambda: world.audit("revocation_applied"), 5, "the revocation in the audit log")
 
-    world.service.stop()
+    world.service.kill()  # an outage (SIGKILL: a graceful stop waits 10 s here)
     world.broker.kill()  # a crash: nothing saved at exit
     world.broker.start()
     wait_for(lambda: len(world.audit("revocations_loaded")) == 2, 5, "the restart's record")
@@ -158,7 +161,7 @@ def test_a_stale_feed_refuses_new_handshakes_after_the_grace_with_an_alarm(
     newcomer = world.enroll("pi-new")
     live.connect()
     assert world.metric(STALE) == 0
-    world.service.stop()
+    world.service.kill()  # an outage (SIGKILL: a graceful stop waits 10 s here)
     wait_for(lambda: world.metric(STALE) == 1, 10, "the staleness alarm")
     [alarm] = world.audit("revocation_feed_stale")
     assert alarm["grace_s"] == 1 and alarm["policy"] == "refuse"
@@ -194,7 +197,7 @@ def test_a_stale_feed_refuses_new_handshakes_after_the_grace_with_an_alarm(
                          indirect=True)
 def test_policy_allow_admits_new_handshakes_but_still_raises_the_alarm(world: World) -> None:
     newcomer = world.enroll("pi-new")
-    world.service.stop()
+    world.service.kill()  # an outage (SIGKILL: a graceful stop waits 10 s here)
     wait_for(lambda: world.metric(STALE) == 1, 10, "the staleness alarm")
     device = world.device(newcomer)
     device.connect()
