@@ -66,11 +66,14 @@ def run(service: ProvisioningServer, *args: str, crash: str | None = None,
 
 
 def registered(service: ProvisioningServer, serial: str) -> dict | None:  # type: ignore[type-arg]
-    done = service.cli("--json", "show", serial)
-    if done.returncode != 0:
-        assert "not enrolled" in done.stderr, done.stderr
+    from device.provisioner import ProvisionerClient, ServiceError
+
+    client = ProvisionerClient(service.url, operator_token=service.operator_token)
+    try:
+        return client.call("GET", f"/v1/devices/{serial}")  # type: ignore[no-any-return]
+    except ServiceError as exc:
+        assert exc.reason is Reason.NOT_ENROLLED, exc
         return None
-    return json.loads(done.stdout)  # type: ignore[no-any-return]
 
 
 def token_keys(softhsm: SoftHsm, token: tuple[str, str], label: str) -> list[str]:
