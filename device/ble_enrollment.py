@@ -58,9 +58,8 @@ from bumble import hci
 from bumble.device import Device
 
 from device.attestation import ActivationChallenge
-from device.ble_peripheral import Channel, MessageService
+from device.ble_peripheral import Advertiser, Channel, MessageService
 from device.ble_peripheral import start as advertise
-from device.ble_peripheral import stop as stop_advertising
 from device.provisioner import CredentialStore, LocalTpm, check_issued
 from structauth.errors import EnrollmentError, MalformedMessage, Reason, TesseraError
 from structauth.gatt import (
@@ -228,6 +227,8 @@ class EnrollmentPeripheral:
         self.device = device
         self.enrollment = enrollment
         self.connections: list[EnrollmentConnection] = []
+        self._quiet: asyncio.Task[None] | None = None
+        self.advertiser: Advertiser | None = None
         self.service = MessageService(
             device, service_uuid=ENROLL_SERVICE, rx_uuid=ENROLL_RX, tx_uuid=ENROLL_TX,
             info_uuid=ENROLL_INFO, info=enrollment.info, handler_for=self._new)
@@ -239,9 +240,16 @@ class EnrollmentPeripheral:
 
     async def start(self, *, max_mtu: int = 247, interval_ms: float = 100.0
                     ) -> EnrollmentPeripheral:
-        await advertise(self.device, ENROLL_SERVICE, self.enrollment.serial,
-                        max_mtu=max_mtu, interval_ms=interval_ms)
+        self.advertiser = await advertise(self.device, ENROLL_SERVICE, self.enrollment.serial,
+                                          max_mtu=max_mtu, interval_ms=interval_ms)
+        self._quiet = asyncio.get_running_loop().create_task(self._stop_when_enrolled())
         return self
+
+    async def _stop_when_enrolled(self) -> None:
+        # an enrolled device no longer offers enrollment (a batch scan skips it)
+        await self.enrollment.enrolled.wait()
+        if self.advertiser is not None:
+            await self.advertiser.stop()
 
     async def serve_until_enrolled(self, timeout: float | None = None) -> bool:
         try:
@@ -249,7 +257,8 @@ class EnrollmentPeripheral:
         except TimeoutError:
             return False
         finally:
-            await stop_advertising(self.device)
+            if self.advertiser is not None:
+                await self.advertiser.stop()
         return True
 
 

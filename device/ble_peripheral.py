@@ -188,34 +188,51 @@ def advertising_data(service_uuid: str, name: str) -> bytes:
     ]))
 
 
+class Advertiser:
+    """Advertises one service until :meth:`stop`, again after every connection (a
+    peripheral stops advertising when a central connects; going on lets a second
+    station, or another device, connect too)."""
+
+    def __init__(self, device: Device, data: bytes, interval_ms: float) -> None:
+        self.device = device
+        self.data = data
+        self.interval_ms = interval_ms
+        self.stopped = False
+
+    async def _advertise(self) -> None:
+        if self.stopped:
+            return
+        with contextlib.suppress(core.BaseBumbleError):
+            await self.device.start_advertising(
+                advertising_data=self.data, advertising_interval_min=self.interval_ms,
+                advertising_interval_max=self.interval_ms)
+
+    def _again(self, _connection: Connection) -> None:
+        if not self.stopped and not self.device.is_advertising:
+            asyncio.get_running_loop().create_task(self._advertise())
+
+    async def start(self) -> Advertiser:
+        self.device.on("connection", self._again)
+        await self._advertise()
+        return self
+
+    async def stop(self) -> None:
+        if self.stopped:
+            return
+        self.stopped = True
+        self.device.remove_listener("connection", self._again)
+        with contextlib.suppress(core.BaseBumbleError):
+            await self.device.stop_advertising()
+
+
 async def start(device: Device, service_uuid: str, name: str, *, max_mtu: int = 247,
-                interval_ms: float = 100.0) -> None:
-    """Power the device on and advertise ``service_uuid`` (again after each
-    disconnection). ``max_mtu``: the largest ATT_MTU this device grants."""
+                interval_ms: float = 100.0) -> Advertiser:
+    """Power the device on and advertise ``service_uuid`` until the returned
+    advertiser is stopped. ``max_mtu``: the largest ATT_MTU this device grants."""
     device.gatt_server.max_mtu = max_mtu
     await device.power_on()
-    data = advertising_data(service_uuid, name)
-
-    async def advertise() -> None:
-        with contextlib.suppress(core.BaseBumbleError):
-            await device.start_advertising(
-                advertising_data=data, auto_restart=True,
-                advertising_interval_min=interval_ms, advertising_interval_max=interval_ms)
-
-    def again(_connection: Connection) -> None:
-        # a peripheral stops advertising when a central connects; go on, so that
-        # others (a second station, another device) can still connect
-        if not device.is_advertising:
-            asyncio.get_running_loop().create_task(advertise())
-
-    device.on("connection", again)
-    await advertise()
-
-
-async def stop(device: Device) -> None:
-    with contextlib.suppress(core.BaseBumbleError):
-        await device.stop_advertising()
+    return await Advertiser(device, advertising_data(service_uuid, name), interval_ms).start()
 
 
 Sender = Callable[[bytes], Awaitable[None]]
-__all__ = ["Channel", "Handler", "MessageService", "advertising_data", "start", "stop"]
+__all__ = ["Advertiser", "Channel", "Handler", "MessageService", "advertising_data", "start"]

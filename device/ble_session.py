@@ -27,7 +27,7 @@ from bumble.device import Device
 from cryptography import x509
 
 from device.ble_central import GattLink, LinkError
-from device.ble_peripheral import Channel, MessageService
+from device.ble_peripheral import Advertiser, Channel, MessageService
 from device.ble_peripheral import start as advertise
 from structauth.credentials import Credential, Identity, RevocationCheck, TimePolicy, TrustStore
 from structauth.errors import ConfigurationError, CredentialError, ProtocolError, Reason
@@ -198,6 +198,7 @@ class Sa1Peripheral:
         self.clock = clock
         self.sessions: set[PeerSession] = set()
         self.refusals: list[Refused] = []
+        self.advertiser: Advertiser | None = None
         self.service = MessageService(device, service_uuid=SA1_SERVICE, rx_uuid=SA1_RX,
                                       tx_uuid=SA1_TX, handler_for=self._new)
 
@@ -207,7 +208,7 @@ class Sa1Peripheral:
         return session
 
     async def start(self, name: str, *, max_mtu: int = 247) -> Sa1Peripheral:
-        await advertise(self.device, SA1_SERVICE, name, max_mtu=max_mtu)
+        self.advertiser = await advertise(self.device, SA1_SERVICE, name, max_mtu=max_mtu)
         return self
 
     def established(self) -> list[PeerSession]:

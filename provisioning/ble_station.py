@@ -37,7 +37,7 @@ from device.attestation import ActivationChallenge, TpmEvidence
 from device.ble_central import Backends, GattLink, LinkError, scan
 from device.ble_enrollment import b64, unb64
 from device.provisioner import ProvisionerClient, enroll_attested
-from structauth.errors import EnrollmentError, ProtocolError, Reason
+from structauth.errors import EnrollmentError, ProtocolError, Reason, TesseraError
 from structauth.gatt import (
     ENROLL_RX,
     ENROLL_SERVICE,
@@ -54,6 +54,12 @@ from structauth.gatt import (
 )
 
 CodeLookup = Callable[[str], str | None]
+ClassLookup = Callable[[str], str | None]
+
+
+def serial_of(exc: BaseException) -> str:
+    """The serial of the device that an enrollment failure is about ("" if unknown)."""
+    return str(getattr(exc, "ble_serial", ""))
 
 
 class DeviceRefused(EnrollmentError):
@@ -201,6 +207,7 @@ class BleStation:
         self.retries = retries
         self.resume_dir = resume_dir
         self.provisioner_url = provisioner_url or client.url
+        self._connecting: asyncio.Lock | None = None
 
     async def scan(self, timeout: float = 3.0, stop_after: int | None = None
                    ) -> list[BLEDevice]:
@@ -214,8 +221,13 @@ class BleStation:
                         write_timeout=self.write_timeout, retries=self.retries)
 
     async def _open(self, target: BLEDevice | str, timing: Timing) -> DeviceSession:
+        if self._connecting is None:
+            self._connecting = asyncio.Lock()
         started = time.perf_counter()
-        link = await self._link(target).connect()
+        # one connection attempt at a time: a controller (bumble's, and most real ones
+        # behind BlueZ) creates LE connections one after the other
+        async with self._connecting:
+            link = await self._link(target).connect()
         timing.connect += time.perf_counter() - started
         session = DeviceSession(link, self.step_timeout, timing)
         try:
@@ -270,7 +282,7 @@ class BleStation:
         code: str | CodeLookup,
         serial: str | None = None,
         kind: str = "device",
-        device_class: str = "default",
+        device_class: str | ClassLookup = "default",
         reenroll: bool = False,
     ) -> Enrolled:
         """Enroll the device at ``target``. ``serial``: the one the operator means
@@ -280,47 +292,66 @@ class BleStation:
         started = time.perf_counter()
         session = await self._open(target, timing)
         try:
-            if serial is not None and session.serial != serial:
-                raise EnrollmentError(f"the device at {session.link.address} is "
-                                      f"{session.serial}, not {serial}", Reason.WRONG_IDENTITY)
-            label = code(session.serial) if callable(code) else code
-            if label is None:
-                raise EnrollmentError(f"{session.serial} is not on the manifest: skipped",
-                                      Reason.NOT_AUTHORIZED)
-            try:
-                session.bind(label)
-            except ValueError as exc:
-                raise EnrollmentError(f"{session.serial}: {exc}", Reason.BAD_PARAMETERS) from None
-            issued = self._kept(session.serial)
-            resumed = issued is not None
-            if issued is None:
-                if session.state == "enrolled":
-                    raise EnrollmentError(f"{session.serial} says it is already enrolled",
-                                          Reason.ALREADY_ENROLLED)
-                attester = _Attester(session, asyncio.get_running_loop(),
-                                     self.step_timeout * 2)
-                service_started = time.perf_counter()
-                device_before = timing.radio + timing.device_tpm
-                issued = await asyncio.to_thread(
-                    enroll_attested, self.client, attester, session.serial, kind=kind,
-                    device_class=device_class, reenroll=reenroll)
-                timing.service += (time.perf_counter() - service_started) - (
-                    timing.radio + timing.device_tpm - device_before)
-                issued = {**issued, "provisioner": self.provisioner_url}
-                self._keep(session.serial, issued)
-            session = await self._deliver(session, target, issued)
-            self._forget(session.serial)
-            timing.total = time.perf_counter() - started
-            timing.fragments = session.link.fragments_in + session.link.fragments_out
-            return Enrolled(session.serial, issued, session.link.address, session.link.mtu,
-                            resumed, timing)
+            return await self._enroll(session, target, timing, started, code=code,
+                                      serial=serial, kind=kind, device_class=device_class,
+                                      reenroll=reenroll)
+        except TesseraError as exc:
+            # which device refused (batch reports name it); exceptions carry no serial
+            exc.ble_serial = session.serial  # type: ignore[attr-defined]
+            raise
         finally:
             await session.link.close()
+
+    async def _enroll(self, session: DeviceSession, target: BLEDevice | str, timing: Timing,
+                      started: float, *, code: str | CodeLookup, serial: str | None,
+                      kind: str, device_class: str | ClassLookup, reenroll: bool) -> Enrolled:
+        if serial is not None and session.serial != serial:
+            raise EnrollmentError(f"the device at {session.link.address} is "
+                                  f"{session.serial}, not {serial}", Reason.WRONG_IDENTITY)
+        label = code(session.serial) if callable(code) else code
+        if label is None:
+            raise EnrollmentError(f"{session.serial} is not on the manifest: skipped",
+                                  Reason.NOT_AUTHORIZED)
+        try:
+            session.bind(label)
+        except ValueError as exc:
+            raise EnrollmentError(f"{session.serial}: {exc}", Reason.BAD_PARAMETERS) from None
+        issued = self._kept(session.serial)
+        resumed = issued is not None
+        if issued is None:
+            if session.state == "enrolled":
+                raise EnrollmentError(f"{session.serial} says it is already enrolled",
+                                      Reason.ALREADY_ENROLLED)
+            attester = _Attester(session, asyncio.get_running_loop(),
+                                 self.step_timeout * 2)
+            service_started = time.perf_counter()
+            device_before = timing.radio + timing.device_tpm
+            chosen = (device_class(session.serial) if callable(device_class)
+                      else device_class) or "default"
+            issued = await asyncio.to_thread(
+                enroll_attested, self.client, attester, session.serial, kind=kind,
+                device_class=chosen, reenroll=reenroll)
+            timing.service += (time.perf_counter() - service_started) - (
+                timing.radio + timing.device_tpm - device_before)
+            issued = {**issued, "provisioner": self.provisioner_url}
+            self._keep(session.serial, issued)
+        delivered = await self._deliver(session, target, issued)
+        try:
+            self._forget(session.serial)
+            timing.total = time.perf_counter() - started
+            links = {id(session.link): session.link, id(delivered.link): delivered.link}
+            timing.fragments = sum(x.fragments_in + x.fragments_out for x in links.values())
+            return Enrolled(session.serial, issued, delivered.link.address,
+                            delivered.link.mtu, resumed, timing)
+        finally:
+            if delivered is not session:
+                await delivered.link.close()
 
     async def _deliver(self, session: DeviceSession, target: BLEDevice | str,
                        issued: dict[str, Any]) -> DeviceSession:
         """Deliver, reconnecting on a dropped link (the device takes a delivery on any
-        connection whose nonce the binding covers)."""
+        connection whose nonce the binding covers). The caller closes ``session``."""
+        first = session
         for attempt in range(self.retries + 1):
             try:
                 await session.deliver(issued)
@@ -328,7 +359,8 @@ class BleStation:
             except LinkError:
                 if attempt == self.retries:
                     raise
-                await session.link.close()
+                if session is not first:
+                    await session.link.close()
                 fresh = await self._open(target, session.timing)
                 fresh.key = session.key
                 session = fresh
@@ -339,4 +371,5 @@ def one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
 
 
-__all__ = ["BleStation", "DeviceRefused", "DeviceSession", "Enrolled", "Timing", "one_line"]
+__all__ = ["BleStation", "DeviceRefused", "DeviceSession", "Enrolled", "Timing", "one_line",
+           "serial_of"]
