@@ -15,16 +15,13 @@ from provisioning import ble_cli
 from simulator.provisioner import ProvisioningServer
 from simulator.swtpm import Swtpm
 from structauth.errors import ConfigurationError
-from tests.test_ble_enrollment import (  # noqa: F401 - fixtures
-    CODE,
-    OTHER_CODE,
-    Factory,
-    factory,
-    registered,
-    run,
-    second_tpm,
-    service,
-)
+from tests import test_ble_enrollment as ble
+from tests.test_ble_enrollment import CODE, OTHER_CODE, Factory, registered, run
+
+# the enrollment tests' fixtures: a second swtpm, the provisioning service, the factory
+second_tpm = ble.second_tpm
+service = ble.service
+factory = ble.factory
 
 pytestmark = pytest.mark.hardware
 
