@@ -26,20 +26,43 @@ entry for 93 s, with no per-source cap).
 
 from __future__ import annotations
 
+import datetime as dt
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Generic, Protocol, TypeVar
 
 import aiocoap
 from aiocoap.numbers import codes
 
-from structauth.credentials import TimePolicy
+from structauth.credentials import Credential, TimePolicy
 from structauth.errors import MalformedMessage, ProtocolError, Reason, TesseraError
-from structauth.handshake import HandshakeConfirmed, PendingHandshake, msg3_session_id
+from structauth.handshake import HandshakeConfirmed, PendingHandshake, Responder, msg3_session_id
 
 from .coap_limits import BoundedTable, Limits, source_of
 
-if TYPE_CHECKING:
-    from .coap_site import CoapPeer, TesseraSite
+PeerT = TypeVar("PeerT", covariant=True)
+
+
+class GatewaySite(Protocol[PeerT]):
+    """What the endpoint needs from its site (broker_plugin.coap_site.TesseraSite): a
+    protocol, so that this module does not import the site (which imports it)."""
+
+    responder: Responder
+    clock: Callable[[], float]
+    wall_clock: Callable[[], dt.datetime]
+
+    def count(self, metric: str, label: str) -> None: ...
+
+    def refuse(self, request: aiocoap.Message, code: Any, reason: Reason, detail: str,
+               metric: str = ..., *, max_age: int = ...,
+               size1: int | None = ...) -> aiocoap.Message: ...
+
+    def full(self, now: float) -> bool: ...
+
+    def is_revoked(self, credential: Credential) -> bool: ...
+
+    def admit(self, request: aiocoap.Message, confirmed: HandshakeConfirmed,
+              now: float) -> PeerT: ...
 
 #: the largest msg1 the endpoint assembles: the biggest valid msg1 (four 4 KB
 #: certificates, a 255-byte responder name, a 512-byte context, a 4 KB quote) is ~26 KB
@@ -93,10 +116,11 @@ def _endpoint(request: aiocoap.Message) -> tuple[Any, bytes]:
     return (request.remote, bytes(tags[0]) if tags else b"")
 
 
-class HandshakeEndpoint:
+class HandshakeEndpoint(Generic[PeerT]):
     """``/.well-known/sa1`` of one :class:`~broker_plugin.coap_site.TesseraSite`."""
 
-    def __init__(self, site: TesseraSite, limits: HandshakeLimits | None = None) -> None:
+    def __init__(self, site: GatewaySite[PeerT], limits: HandshakeLimits | None = None
+                 ) -> None:
         self.site = site
         self.limits = limits or HandshakeLimits()
         self.assemblies: BoundedTable[Any, bytearray] = BoundedTable(self.limits.msg1)
@@ -248,7 +272,7 @@ class HandshakeEndpoint:
 
     # -- msg3 --------------------------------------------------------------------------
     def confirm(self, request: aiocoap.Message, sid: bytes, msg3: bytes,
-                now: float) -> CoapPeer:
+                now: float) -> PeerT:
         """Confirm the pending handshake ``sid`` with ``msg3`` (carried on a proven
         request whose header names ``sid``). Returns the new session's peer; raises
         :class:`ConfirmRefused` (with a 4.01/4.00/5.03 to send) otherwise. One try: a
