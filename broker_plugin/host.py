@@ -467,6 +467,49 @@ class RevocationFeed:
         self.store.close()
 
 
+class AuditAlarm:
+    """The audit log failing to write (disk full, I/O error): the broker keeps
+    enforcing (authentication and authorisation never wait on the audit log; refusing
+    every device because a log disk filled would turn it into an outage of the fleet)
+    and raises ``tessera_audit_failing`` to 1, counting ``tessera_audit_records_lost_total``;
+    once a record is written again the alarm clears and the log itself says what is
+    missing (the writer's ``audit_overflow`` record with the counts)."""
+
+    INTERVAL_S = 0.25
+
+    def __init__(self, writer: Any, metrics: Any) -> None:
+        self.writer = writer
+        r = metrics.registry
+        self.failing = r.gauge("tessera_audit_failing", "1 while the audit log cannot be "
+                               "written (records are being lost: disk full?).")
+        self.lost = r.counter("tessera_audit_records_lost_total", "Audit records not "
+                              "written (write failed or queue full).")
+        self._failed = self._written = self._lost = 0
+        self._next = 0.0
+        self.alarm = False
+
+    def check(self, now: float) -> None:
+        if now < self._next:
+            return
+        self._next = now + self.INTERVAL_S
+        w = self.writer
+        failed, written = w.failed_total, w.written_total
+        lost = failed + w.dropped_total
+        if lost > self._lost:
+            self.lost.inc(lost - self._lost)
+            self._lost = lost
+        if failed > self._failed and not self.alarm:
+            self.alarm = True
+            self.failing.set(1.0)
+            log.error("audit log %s cannot be written: %s (still enforcing; records lost)",
+                      w.log.path, w.last_error)
+        elif self.alarm and failed == self._failed and written > self._written:
+            self.alarm = False
+            self.failing.set(0.0)
+            log.warning("audit log %s written again", w.log.path)
+        self._failed, self._written = failed, written
+
+
 # -- the shim's contract -------------------------------------------------------------
 
 
@@ -505,6 +548,8 @@ def plugin_init(options: dict[str, str]) -> None:
 
         audit = AsyncAuditWriter(AuditLog(Path(options["audit_log"])))
         enforcer.audit = audit.submit
+    audit_alarm = AuditAlarm(audit, enforcer.metrics) \
+        if audit is not None and enforcer.metrics is not None else None
     feed = RevocationFeed(options, enforcer) if options.get("provisioner") else None
     if feed is None:
         from broker_plugin.revocation_store import parse_feed_options
@@ -518,7 +563,7 @@ def plugin_init(options: dict[str, str]) -> None:
     # keys) is frozen out of the collector; collections are rarer.
     gc.freeze()
     gc.set_threshold(GC_THRESHOLD, 20, 20)
-    _state.update(enforcer=enforcer, signer=signer, feed=feed,
+    _state.update(enforcer=enforcer, signer=signer, feed=feed, audit_alarm=audit_alarm,
                   audit=audit, options=options, metrics_server=metrics_server,
                   identity_digest=_identity_files_digest(options), nonces=nonces)
 
@@ -639,6 +684,9 @@ def on_tick() -> list[tuple[Any, ...]]:
     feed = _state.get("feed")
     if feed is not None:
         feed.check(time.monotonic())
+    audit_alarm = _state.get("audit_alarm")
+    if audit_alarm is not None:
+        audit_alarm.check(time.monotonic())
     nonces = _state.get("nonces")
     if nonces is not None:
         nonces.tick(time.monotonic())

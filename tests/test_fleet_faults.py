@@ -5,15 +5,27 @@ replicas behind HAProxy). A broker killed and restarted is in tests/test_fleet.p
 
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
+import json
+import os
+import shutil
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from bench.broker import Conn, sa1_connect
-from simulator.fleet import BrokerFleet, Enrolled, Member
+from device.mqtt import TesseraMqttClient
+from hw.software import InsecureSoftwareSigner
+from simulator.fleet import BrokerFleet, Enrolled, Fleet, Member
+from simulator.mosquitto import Mosquitto, plugin_files
+from simulator.provisioner import free_port
 from tests.support import wait_for
 
 pytestmark = pytest.mark.broker
@@ -130,3 +142,98 @@ def test_revocation_during_a_connect_storm(fleet: BrokerFleet, devices: int) -> 
           f"revoked, {sum(s in conns for s in doomed)} ended connected (all cut), "
           f"{sum(s in refused for s in doomed)} were refused "
           f"({sorted(refused.values())[:3]}...)")
+
+
+def test_a_full_audit_disk_keeps_the_broker_enforcing_and_raises_the_alarm(
+        tmp_path: Path) -> None:
+    """A real full disk: the broker runs in a private mount namespace (``unshare -rm``)
+    with its audit log on a 256 kB tmpfs, filled through /proc/<pid>/root. Decision
+    (docs/MQTT.md): the broker keeps enforcing, a device still logs in and publishes,
+    an unauthorised publish is still refused, and ``tessera_audit_failing`` is 1 with
+    the lost records counted; when there is room again the alarm clears and the log
+    holds an audit_overflow record saying how many records are missing."""
+    if shutil.which("unshare") is None:
+        pytest.fail("unshare (util-linux) is needed to mount a small tmpfs", pytrace=False)
+    authority = Fleet(t0=dt.datetime.now(dt.UTC) - dt.timedelta(days=1))
+    key = InsecureSoftwareSigner.generate()
+    me = authority.member("broker", "mqtt-1", signer=key)
+    audit_dir = tmp_path / "audit"
+    audit_dir.mkdir()
+    port = free_port()
+    options = plugin_files(
+        tmp_path, trust_domain=authority.trust_domain,
+        bundle_pem=authority.root.public_bytes(Encoding.PEM),
+        credential_pem=me.credential.chain[0].public_bytes(Encoding.PEM),
+        key=f"insecure-software:{key.save(tmp_path / 'bk.pem')}",
+        audit_log=str(audit_dir / "audit.jsonl"), metrics_port=str(port))
+    broker = Mosquitto(tmp_path / "mosquitto", plugin_options=options)
+    wrapper = tmp_path / "mosquitto-in-ns"
+    wrapper.write_text(
+        "#!/bin/sh\nexec unshare -rm sh -c 'mount -t tmpfs -o size=256k tmpfs \"$0\" && "
+        f"exec {broker.binary} \"$@\"' {audit_dir} \"$@\"\n")
+    wrapper.chmod(0o755)
+    broker.binary = str(wrapper)
+
+    def metric(series: str) -> float:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            for line in r.read().decode().splitlines():
+                name, _, value = line.rpartition(" ")
+                if name == series:
+                    return float(value)
+        return 0.0
+
+    def device(name: str) -> TesseraMqttClient:
+        m = authority.member("device", name)
+        return TesseraMqttClient(signer=m.signer, credential=m.credential,
+                                 trust=authority.trust, host="127.0.0.1", port=broker.port,
+                                 broker=me.identity)
+
+    with broker:
+        inside = Path(f"/proc/{broker.pid}/root") / str(audit_dir).lstrip("/")
+        log = inside / "audit.jsonl"
+        wait_for(lambda: log.exists(), 5, "the audit log on the tmpfs")
+        assert not (audit_dir / "audit.jsonl").exists()  # the tmpfs is the broker's own
+        first = device("pi-1")
+        first.connect()
+        filler = inside / "filler"
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            with contextlib.suppress(OSError):  # until ENOSPC
+                while True:
+                    os.write(fd, b"\0" * 4096)
+        finally:
+            os.close(fd)
+        assert metric("tessera_audit_failing") == 0
+        second = device("pi-2")
+        second.connect()  # a login while nothing can be audited
+        codes: list[int] = []
+        second.client.on_publish = lambda c, u, mid, rc, p: codes.append(rc.value)
+        second.publish("devices/pi-2/telemetry/t", b"ok", qos=1).wait_for_publish(5)
+        second.publish("devices/pi-1/telemetry/t", b"not mine", qos=1).wait_for_publish(5)
+        wait_for(lambda: len(codes) == 2, 5, "both PUBACKs")
+        assert codes[0] in (0x00, 0x10) and codes[1] == 0x87  # still enforcing
+        more = iter(range(100))
+
+        def alarm() -> bool:
+            # the log's last tmpfs page may still hold a few records: log in more devices
+            extra = device(f"pi-x{next(more)}")
+            extra.connect()
+            extra.close()
+            return metric("tessera_audit_failing") == 1
+
+        wait_for(alarm, 20, "the audit alarm")
+        assert metric("tessera_audit_records_lost_total") >= 1
+        filler.unlink()
+        third = device("pi-3")
+        third.connect()  # a record to write: the alarm clears once it is
+        wait_for(lambda: metric("tessera_audit_failing") == 0, 10, "the alarm to clear")
+        rows = []
+        for line in log.read_text().splitlines():
+            with contextlib.suppress(ValueError):  # a line the full disk cut short
+                rows.append(json.loads(line))
+        [overflow] = [r for r in rows if r["event"] == "audit_overflow"]
+        assert overflow["failed"] >= 1
+        assert any(r["event"] == "handshake_ok" and r["identity"].endswith("/pi-3")
+                   for r in rows)
+        for c in (first, second, third):
+            c.close()
