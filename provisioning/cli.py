@@ -1467,6 +1467,15 @@ def _conf_problems(joined: list[tuple[str, str, list[str]]],
 # -- parser ------------------------------------------------------------------------
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("tessera")
+    except PackageNotFoundError:  # a source checkout that was never installed
+        return "unknown"
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage errors follow the CLI's rule: one line on stderr, exit 1 (argparse's own
     is the usage block and exit 2)."""
@@ -1479,7 +1488,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="tessera", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--json", action="store_true",
+                   help="machine-readable output, errors included (anywhere on the line)")
+    p.add_argument("--version", action="version", version=f"tessera {_version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def remote(sp: argparse.ArgumentParser) -> None:
@@ -1654,28 +1665,53 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     raise _Terminated
 
 
-def _fail(message: str) -> int:
-    print(f"tessera: error: {message}", file=sys.stderr)
-    return 1
+_JSON_ERRORS = False  # --json anywhere on the line: errors are one JSON object too
+
+
+def _fail(message: str, reason: str | None = None, code: int = 1) -> int:
+    if _JSON_ERRORS:
+        error: dict[str, Any] = {"error": message, "exit": code}
+        if reason is not None:
+            error["reason"] = reason
+        print(json.dumps(error), file=sys.stderr)
+    else:
+        print(f"tessera: error: {message}" if code == 1 else f"tessera: {message}",
+              file=sys.stderr)
+    return code
+
+
+def _json_anywhere(argv: Sequence[str]) -> tuple[list[str], bool]:
+    """``--json`` may come anywhere (``tessera list --json``, as scripts write it), not
+    only before the command; it is taken out and applied to the whole line. After
+    ``--`` everything is an argument."""
+    args = list(argv)
+    cut = args.index("--") if "--" in args else len(args)
+    head = [a for a in args[:cut] if a != "--json"]
+    return head + args[cut:], len(head) != cut
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Exit codes: 0 done; 1 an error (one line on stderr: what, where, the fix; usage
     errors included); 130 interrupted by SIGINT or SIGTERM (what was left is finished by
     running the same command again)."""
+    global _JSON_ERRORS
+    words, as_json = _json_anywhere(sys.argv[1:] if argv is None else argv)
+    _JSON_ERRORS = as_json
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser().parse_args(words)
+        args.json = as_json
         if args.command == "export-bundle":
             args.dir_given = args.dir is not None
         if args.command != "serve":  # uvicorn handles SIGTERM for serve
             signal.signal(signal.SIGTERM, _on_sigterm)
         args.func(args)
-    except (CliError, TesseraError) as exc:
+    except TesseraError as exc:
+        return _fail(_one_line(exc), exc.reason.name.lower())
+    except CliError as exc:
         return _fail(_one_line(exc))
     except KeyboardInterrupt:
-        print("tessera: interrupted; nothing is half-done: run the same command again to "
-              "finish", file=sys.stderr)
-        return 130
+        return _fail("interrupted; nothing is half-done: run the same command again to "
+                     "finish", "interrupted", 130)
     except OSError as exc:
         where = f" ({exc.filename})" if exc.filename else ""
         return _fail(f"{_why(exc)}{where}")

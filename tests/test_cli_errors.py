@@ -443,3 +443,50 @@ def test_failed_init_can_be_run_again(world: dict[str, object]) -> None:
     assert sorted(p.name for p in d.iterdir()) == [
         "authority-key.pem", "authority.toml", "operators.json", "registry.db", "root.pem",
         "service.toml"]
+
+
+# -- one convention: --json anywhere, errors as JSON in JSON mode, --version (issue 14) --
+
+
+@pytest.mark.parametrize("argv", [
+    ["list", "--json", "--provisioner", "http://127.0.0.1:9"],
+    ["--json", "list", "--provisioner", "http://127.0.0.1:9"],
+    ["list", "--provisioner", "http://127.0.0.1:9", "--json"],
+])
+def test_json_anywhere_and_errors_as_json(argv: list[str]) -> None:
+    import json
+
+    done = subprocess.run([TESSERA, *argv], capture_output=True, text=True,
+                          env={"PATH": os.environ.get("PATH", ""),
+                               "TESSERA_OPERATOR_TOKEN": "tso_x"})
+    assert done.returncode == 1 and done.stdout == ""
+    [line] = done.stderr.splitlines()
+    error = json.loads(line)
+    assert error["exit"] == 1 and error["reason"] == "backend_unavailable"
+    assert "cannot reach" in error["error"]
+
+
+def test_usage_error_as_json() -> None:
+    import json
+
+    done = subprocess.run([TESSERA, "list", "--frobnicate", "--json"], capture_output=True,
+                          text=True)
+    assert done.returncode == 1
+    [line] = done.stderr.splitlines()
+    assert "--frobnicate" in json.loads(line)["error"]
+
+
+def test_json_after_the_command_on_success(tmp_path: Path) -> None:
+    import json
+
+    done = subprocess.run(init(tmp_path / "a", "--json"), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["operator_token"].startswith("tso_")
+
+
+def test_version() -> None:
+    from importlib.metadata import version
+
+    done = subprocess.run([TESSERA, "--version"], capture_output=True, text=True)
+    assert done.returncode == 0
+    assert done.stdout.strip() == f"tessera {version('tessera')}"
