@@ -25,6 +25,7 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -39,6 +40,8 @@ from structauth.fanout import (
 
 log = logging.getLogger("tessera.fanout")
 CONTROL = "tessera/fanout/#"
+#: refusals whose (topic, reason) are kept (FanoutSubscriber.rejected)
+REJECTED_KEPT = 256
 
 
 def _boottime() -> float:
@@ -60,7 +63,14 @@ class FanoutSubscriber:
         self.clock = clock
         self.verifier = FanoutVerifier(max_pending, max_drift_ppm=max_drift_ppm,
                                        margin_s=margin_s)
-        self.rejected: list[tuple[str, Reason]] = []
+        #: the most recent refusals (topic, reason), newest last; at most REJECTED_KEPT,
+        #: the rest only counted
+        self.rejected: deque[tuple[str, Reason]] = deque(maxlen=REJECTED_KEPT)
+        self.rejected_count = 0
+        #: called with each refusal's topic and reason (on the thread that refused it)
+        self.on_rejected: Callable[[str, Reason], None] | None = None
+        #: key disclosures received (each may release buffered messages)
+        self.keys_received = 0
         self.ready = threading.Event()  # set once a time bound is in place
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # an anchor came
@@ -113,6 +123,9 @@ class FanoutSubscriber:
 
     def _reject(self, topic: str, reason: Reason, why: object) -> None:
         self.rejected.append((topic, reason))
+        self.rejected_count += 1
+        if self.on_rejected is not None:
+            self.on_rejected(topic, reason)
         log.warning("dropped a fan-out message on %s: %s", topic, why)
 
     def _on_data(self, topic: str, data: bytes) -> None:
@@ -145,6 +158,7 @@ class FanoutSubscriber:
                         self.ready.set()
                     self._changed.notify_all()
                 elif msg.topic == KEY_TOPIC:
+                    self.keys_received += 1
                     good, bad = self.verifier.on_key(body, now)
                     for topic, reason in bad:
                         self._reject(topic, reason, self.verifier.violation

@@ -55,6 +55,7 @@ import socket
 import struct
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -89,6 +90,8 @@ from structauth.session import Session
 
 log = logging.getLogger("tessera.agent.mqtt")
 
+#: refused deliveries whose reasons are kept (TesseraMqttClient.rejected)
+REJECTED_KEPT = 256
 #: what a re-handshake cures when protect() raises it
 _RESYNC_REASONS = frozenset({Reason.EPOCH_OUT_OF_WINDOW, Reason.SESSION_EXPIRED,
                              Reason.SEQUENCE_EXHAUSTED})
@@ -299,7 +302,12 @@ class TesseraMqttClient:
         self._lock = threading.RLock()
         self._reauth: _Reauth | None = None
         self._reauth_serial = threading.Lock()  # one re-authentication at a time
-        self.rejected: list[Reason] = []
+        #: the reasons of the most recent deliveries refused here (unproven, forged,
+        #: stale), newest last; at most REJECTED_KEPT, the rest only counted
+        self.rejected: deque[Reason] = deque(maxlen=REJECTED_KEPT)
+        self.rejected_count = 0
+        #: called (on paho's network thread) with each refused delivery's topic and reason
+        self.on_rejected: Callable[[str, Reason], None] | None = None
         #: step-up: what to do with a verified request (on its own thread)
         self.on_step_up: Callable[[StepUpRequest], None] | None = None
         #: the last verified step-up request not answered yet
@@ -573,7 +581,7 @@ class TesseraMqttClient:
             request = StepUpRequest.received(self.open_delivery(msg.topic, data), self.clock())
         except TesseraError as exc:
             self.step_ups_ignored += 1
-            self.rejected.append(exc.reason)
+            self._rejected(msg.topic, exc.reason)
             log.warning("ignored a step-up request that the broker did not prove: %s", exc)
             return
         log.info("step-up requested by the broker (%s, quote %s, %d s)", request.reason,
@@ -864,6 +872,12 @@ class TesseraMqttClient:
                     self.request_resync("receive_epoch")
                 raise
 
+    def _rejected(self, topic: str, reason: Reason) -> None:
+        self.rejected.append(reason)
+        self.rejected_count += 1
+        if self.on_rejected is not None:
+            self.on_rejected(topic, reason)
+
     def _drop_previous(self) -> None:
         self._replaced.close()
 
@@ -884,7 +898,7 @@ class TesseraMqttClient:
             try:
                 payload = self.open_delivery(msg.topic, data)
             except TesseraError as exc:
-                self.rejected.append(exc.reason)
+                self._rejected(msg.topic, exc.reason)
                 log.warning("dropped a message on %s: %s", msg.topic, exc)
                 return
             callback(msg.topic, payload)

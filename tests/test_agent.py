@@ -9,7 +9,6 @@ import json
 import queue
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from simulator.fleet import Fleet
 from simulator.mosquitto import Mosquitto, plugin_files
 from simulator.swtpm import Swtpm
 from structauth.errors import ConfigurationError
+from tests.support import wait_for
 
 pytestmark = [pytest.mark.broker, pytest.mark.hardware]
 
@@ -116,10 +116,7 @@ def test_agent_survives_broker_restart_and_buffers_offline(world: World) -> None
     with Agent(config) as agent:
         assert agent.wait_connected(15)
         world.broker.stop()
-        deadline = dt.datetime.now() + dt.timedelta(seconds=10)
-        while agent.connected.is_set() and dt.datetime.now() < deadline:
-            pass
-        assert not agent.connected.is_set()
+        wait_for(lambda: not agent.connected.is_set(), 10, "the agent to see the broker go")
         for i in range(5):  # offline: kept, oldest dropped beyond 3
             assert agent.publish(agent.topic("devices/{id}/telemetry/n"), str(i).encode()) \
                 is False
@@ -195,10 +192,8 @@ def test_agent_renews_its_credential_even_without_a_broker(tmp_path: Path,
             f'[mqtt]\nhost = "127.0.0.1"\nport = {free_port()}\n'  # nobody listens there
             + BROKER + '[renewal]\nat_fraction = 0.1\n')
         with Agent(config) as agent:
-            deadline = time.monotonic() + 20
-            while agent.stats.renewals == 0 and time.monotonic() < deadline:
-                time.sleep(0.1)
-            assert agent.stats.renewals >= 1, agent.stats.errors
+            wait_for(lambda: agent.stats.renewals >= 1, 20,
+                     f"a renewal (errors: {agent.stats.errors})")
             assert not agent.connected.is_set()
         after = (state / "operational.pem").read_bytes()
         assert after != before

@@ -108,12 +108,14 @@ def _collector(client: TesseraMqttClient, topic: str,
     return got
 
 
-def _nothing(got: queue.Queue[tuple[str, bytes]], wait: float = 0.5) -> bool:
-    try:
-        got.get(timeout=wait)
-    except queue.Empty:
-        return True
-    return False
+def _nothing(got: queue.Queue[tuple[str, bytes]], sender: TesseraMqttClient,
+             topic: str) -> bool:
+    """Nothing was delivered of what ``sender`` published before: a genuine marker it
+    publishes now (same connection, so the broker handles it after everything before
+    it, and the subscriber gets it in that order) is the next thing that arrives."""
+    marker = os.urandom(8).hex().encode()
+    sender.publish(topic, marker, qos=1).wait_for_publish(5)
+    return got.get(timeout=5) == (topic, marker)
 
 
 def test_proven_telemetry_reaches_the_subscriber_stripped(setup: Setup) -> None:
@@ -142,34 +144,35 @@ def test_forged_replayed_moved_and_cross_topic_are_dropped(setup: Setup) -> None
     forged = wire[:-1] + bytes([wire[-1] ^ 1])
     info = raw.publish("devices/pi-2/telemetry/t", forged, qos=1)
     info.wait_for_publish(5)
-    assert _nothing(got)
+    assert _nothing(got, device, "devices/pi-2/telemetry/t")
     assert acks[info.mid] == 0x87  # the QoS 1 publisher learns it was refused
     info = raw.publish("devices/pi-2/telemetry/t", wire, qos=1)
     info.wait_for_publish(5)
     assert got.get(timeout=5)[1] == b"genuine"
     assert acks[info.mid] == 0
     raw.publish("devices/pi-2/telemetry/t", wire, qos=1).wait_for_publish(5)  # replay
-    assert _nothing(got)
+    assert _nothing(got, device, "devices/pi-2/telemetry/t")
     moved = device.proven("devices/pi-2/telemetry/a", b"x")
     raw.publish("devices/pi-2/telemetry/b", moved, qos=0)
-    assert _nothing(got)
+    assert _nothing(got, device, "devices/pi-2/telemetry/t")
     device.publish("devices/pi-9/telemetry/t", b"not mine", qos=1).wait_for_publish(5)
-    assert _nothing(got)
+    assert _nothing(got, device, "devices/pi-2/telemetry/t")
     raw.publish("devices/pi-2/telemetry/t", b"no proof at all", qos=0)
-    assert _nothing(got)
+    assert _nothing(got, device, "devices/pi-2/telemetry/t")
     # the session survives all of that: genuine messages still pass
     device.publish("devices/pi-2/telemetry/t", b"still fine")
     assert got.get(timeout=5)[1] == b"still fine"
     device.close()
     backend.close()
-    import json
 
     from broker_plugin.audit import verify_chain
 
-    time.sleep(0.3)  # the audit writer thread
-    records = [json.loads(line) for line in
-               (setup.directory / "audit.jsonl").read_text().splitlines()]
-    reasons = [r.get("reason") for r in records if r["event"] == "message_rejected"]
+    def reasons() -> list[object]:
+        return [r.get("reason") for r in setup.audit("message_rejected")]
+
+    # the audit writer is a thread: wait for the five refusals to be written
+    wait_for(lambda: len(reasons()) >= 5, 10, "five message_rejected records")
+    reasons = reasons()
     assert reasons.count("bad_tag") == 2, reasons  # forged, moved
     assert "replayed" in reasons and "not_authorized" in reasons and "truncated" in reasons
     assert verify_chain([setup.directory / "audit.jsonl"]).ok
@@ -221,7 +224,6 @@ def test_subscription_outside_the_policy_is_refused(setup: Setup) -> None:
     with pytest.raises(MqttError):
         device.subscribe("devices/pi-5/telemetry/#", lambda t, p: None)
     device.close()
-    time.sleep(0.1)
 
 
 def _tessera(*args: str) -> subprocess.CompletedProcess[str]:
@@ -251,14 +253,15 @@ def test_broker_config_writes_a_working_snippet(setup: Setup, tmp_path: Path) ->
     (tmp_path / "tessera.conf").write_text(conf)
     proc = subprocess.Popen([find_mosquitto(), "-c", str(tmp_path / "tessera.conf")])
     try:
-        deadline = time.monotonic() + 10
-        while True:
+        def listening() -> bool:
+            assert proc.poll() is None, "the broker exited"
             try:
                 socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
             except OSError:
-                assert time.monotonic() < deadline and proc.poll() is None
-                time.sleep(0.05)
+                return False
+            return True
+
+        wait_for(listening, 10, "the broker to listen")
         member = setup.fleet.member("device", "pi-cfg")
         device = TesseraMqttClient(signer=member.signer, credential=member.credential,
                                    trust=setup.fleet.trust, host="127.0.0.1", port=port,
@@ -332,17 +335,14 @@ def test_revocation_cuts_the_live_session(tmp_path: Path, softhsm: object) -> No
             device.connect()
             gone = threading.Event()
             device.client.on_disconnect = lambda *a: gone.set()
-            time.sleep(0.5)  # the plugin's feed follower is long-polling by now
-            t0 = time.monotonic()
             service.cli("revoke", "pi-rv", "--reason", "stolen", check=True)
+            # how fast is the benchmark's business (bench broker: revocation_ms < 1 s)
             assert gone.wait(10), "the revoked device was not disconnected"
-            elapsed = time.monotonic() - t0
             device.client.loop_stop()
             again = TesseraMqttClient(signer=device_key, credential=credential, trust=trust,
                                       host="127.0.0.1", port=broker.port, broker=me)
             with pytest.raises(MqttError):
                 again.connect(timeout=5)
-    assert elapsed < 5  # the benchmark measures the real figure (target < 1 s)
 
 
 def test_commands_are_proven_to_their_one_recipient(setup: Setup) -> None:
@@ -360,9 +360,7 @@ def test_commands_are_proven_to_their_one_recipient(setup: Setup) -> None:
     device.client.message_callback_add("devices/pi-6/commands/x",
                                        lambda c, u, m: seen.append(bytes(m.payload)))
     backend.publish("devices/pi-6/commands/x", b"later", qos=1).wait_for_publish(5)
-    deadline = time.monotonic() + 5
-    while not seen and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_for(lambda: seen, 5, "the delivery")
     [delivered] = seen
     assert delivered[:-31] == b"later"  # payload || the broker's proof for pi-6
     assert got.get(timeout=5) == ("devices/pi-6/commands/x", b"later")  # verified once
@@ -372,9 +370,7 @@ def test_commands_are_proven_to_their_one_recipient(setup: Setup) -> None:
     # a fresh delivery the device has not opened yet: moved or altered copies fail
     device.client.message_callback_remove("devices/pi-6/commands/#")
     backend.publish("devices/pi-6/commands/x", b"fresh", qos=1).wait_for_publish(5)
-    deadline = time.monotonic() + 5
-    while len(seen) < 2 and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_for(lambda: len(seen) >= 2, 5, "the second delivery")
     fresh = seen[1]
     for topic, data, reason in [
         ("devices/pi-6/commands/y", fresh, Reason.BAD_TAG),  # moved to another topic
@@ -392,7 +388,7 @@ def test_commands_are_proven_to_their_one_recipient(setup: Setup) -> None:
     # a command to a device that is not connected is refused to its sender
     info = backend.publish("devices/pi-404/commands/x", b"?", qos=1)
     info.wait_for_publish(5)
-    assert device.rejected == []
+    assert list(device.rejected) == [] and device.rejected_count == 0
     device.close()
     backend.close()
 
@@ -438,13 +434,16 @@ def test_a_will_message_cannot_carry_unproven_data(setup: Setup) -> None:
     device = setup.device("pi-w")
     device.client.will_set("devices/pi-w/telemetry/last", b"UNPROVEN WILL", qos=1)
     device.connect()
-    time.sleep(0.3)
     device.client.socket().close()  # an ungraceful end: the broker would send the will
-    time.sleep(1.5)
-    payloads = []
-    while not got.empty():
-        payloads.append(got.get()[1])
-    assert b"UNPROVEN WILL" not in payloads
+    # the broker decided (the refusal is audited after Mosquitto asked, when a will it
+    # allowed would already be queued to the subscriber); then a marker from a live
+    # client must be the next delivery
+    wait_for(lambda: setup.audit("will_refused"), 10, "the will's refusal in the audit")
+    other = setup.device("pi-wm")
+    other.connect()
+    other.publish("devices/pi-wm/telemetry/marker", b"marker", qos=1).wait_for_publish(5)
+    assert got.get(timeout=5) == ("devices/pi-wm/telemetry/marker", b"marker")
+    other.close()
     backend.close()
 
 
