@@ -209,7 +209,8 @@ class BrokerFleet:
     def __init__(self, directory: Path, brokers: int = 3, *,
                  broker_options: dict[str, str] | None = None,
                  operational_lifetime_minutes: int = 24 * 60,
-                 log_type: str = "error warning notice") -> None:
+                 log_type: str = "error warning notice",
+                 maker_roots: tuple[Path, ...] = ()) -> None:
         if not 1 <= brokers <= 16:
             from structauth.errors import ConfigurationError
 
@@ -219,6 +220,9 @@ class BrokerFleet:
         self.count = brokers
         self.broker_options = {**FLEET_BROKER_OPTIONS, **(broker_options or {})}
         self.lifetime = operational_lifetime_minutes
+        #: TPM makers' CA certificates the provisioning service trusts (swtpm's, for
+        #: TPM enrollment: enroll_tpm)
+        self.maker_roots = maker_roots
         self.log_type = log_type
         self.postgres: Any = None
         self.softhsm: Any = None
@@ -255,7 +259,7 @@ class BrokerFleet:
         self.softhsm = SoftHsm(self.directory / "softhsm")
         self.service = ProvisioningServer(
             self.directory / "authority", self.softhsm, registry_url=self.database_url,
-            operational_lifetime_minutes=self.lifetime).start()
+            operational_lifetime_minutes=self.lifetime, maker_roots=self.maker_roots).start()
         self.operator = ProvisionerClient(self.service.url,
                                           operator_token=self.service.operator_token)
         # one broker identity for all replicas: the name devices put in msg1 is the
@@ -329,6 +333,17 @@ class BrokerFleet:
         pem = issued["operational_credential"].encode()
         return Enrolled(serial, signer, Credential.from_pem(pem), pem)
 
+    def enroll_tpm(self, serial: str, backend: Any) -> Enrolled:
+        """TPM enrollment (EK certificate, activation) of the device key in ``backend``
+        (a hw.tpm.TpmBackend whose maker CA is in ``maker_roots``)."""
+        from device.provisioner import enroll_tpm
+        from device.state import DEVICE_KEY_NAME
+
+        issued = enroll_tpm(self.operator, backend, serial)
+        pem = issued["operational_credential"].encode()
+        return Enrolled(serial, backend.get_or_create_signing_key(DEVICE_KEY_NAME),
+                        Credential.from_pem(pem), pem)
+
     def revoke(self, serial: str, reason: str = "fleet") -> dict[str, Any]:
         result: dict[str, Any] = self.operator.call(
             "POST", f"/v1/devices/{serial}/revoke", {"reason": reason})
@@ -344,9 +359,12 @@ class BrokerFleet:
                                  port=port if port is not None else self.front_port,
                                  broker=self.identity, **kw)
 
-    def agent_config(self, device: Enrolled, state_dir: Path, **sections: str) -> Any:
+    def agent_config(self, device: Enrolled, state_dir: Path, *,
+                     key: dict[str, str] | None = None, **sections: str) -> Any:
         """An AgentConfig for ``device`` to the front, its state directory written as
-        enrollment leaves it; pass the device's signer to Agent(signer=...)."""
+        enrollment leaves it. ``key``: how the agent opens the device key (agent.json,
+        e.g. ``{"backend": "tpm", "tcti": ..., "key_dir": ...}``); without it, pass the
+        device's signer to Agent(signer=...)."""
         import json
 
         from device.agent import AgentConfig
@@ -357,7 +375,7 @@ class BrokerFleet:
         # the key is handed to the Agent (software, or a TPM the caller opened): the
         # backend named here is never opened
         (state_dir / "agent.json").write_text(json.dumps(
-            {"backend": "pkcs11", "pkcs11": "unused", "serial": device.serial}))
+            {**(key or {"backend": "pkcs11", "pkcs11": "unused"}), "serial": device.serial}))
         assert self.identity is not None
         text = (f'[device]\nstate_dir = "{state_dir}"\n'
                 f'[mqtt]\nhost = "127.0.0.1"\nport = {self.front_port}\n'

@@ -9,7 +9,9 @@ import contextlib
 import datetime as dt
 import json
 import os
+import queue
 import shutil
+import signal
 import threading
 import time
 import urllib.request
@@ -21,11 +23,14 @@ import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from bench.broker import Conn, sa1_connect
+from device.agent import Agent
 from device.mqtt import TesseraMqttClient
 from hw.software import InsecureSoftwareSigner
+from hw.tpm import TpmBackend
 from simulator.fleet import BrokerFleet, Enrolled, Fleet, Member
 from simulator.mosquitto import Mosquitto, plugin_files
 from simulator.provisioner import free_port
+from simulator.swtpm import Swtpm
 from tests.support import wait_for
 
 pytestmark = pytest.mark.broker
@@ -237,3 +242,73 @@ def test_a_full_audit_disk_keeps_the_broker_enforcing_and_raises_the_alarm(
                    for r in rows)
         for c in (first, second, third):
             c.close()
+
+
+def test_swtpm_killed_and_restarted_the_agent_comes_back_on_the_first_retry(
+        swtpm: Swtpm, tmp_path: Path) -> None:
+    """An agent whose key is in swtpm, connected through the front. swtpm is
+    SIGKILLed and the agent's broker restarted, so the agent must sign a new handshake:
+    its attempts fail (the TPM is unreachable) and what it publishes is buffered. Once
+    swtpm is back on its port, the first retry connects (no failure noted after it
+    came back) and the buffered QoS 1 messages reach the backend."""
+    with BrokerFleet(tmp_path / "fleet", 2, maker_roots=swtpm.manufacturer_ca_paths) as fleet:
+        _swtpm_fault(fleet, swtpm, tmp_path)
+
+
+def _swtpm_fault(fleet: BrokerFleet, swtpm: Swtpm, tmp_path: Path) -> None:
+    subs, got = [], queue.Queue()  # type: ignore[var-annotated]
+    backend = fleet.enroll("backend-tpm", kind="broker")
+    for port in fleet.broker_ports:
+        c = fleet.client(backend, port=port)
+        c.connect()
+        c.subscribe("devices/pi-tpm/telemetry/#", lambda t, p: got.put(p), qos=1,
+                    proven=False)
+        subs.append(c)
+    key_dir = tmp_path / "keys"
+    with TpmBackend(swtpm.tcti, key_dir) as tpm:
+        device = fleet.enroll_tpm("pi-tpm", tpm)  # EK certificate, activation
+    config = fleet.agent_config(device, tmp_path / "state", key={
+        "backend": "tpm", "tcti": swtpm.tcti, "key_dir": str(key_dir)},
+        reconnect="initial_s = 0.2\nmax_s = 0.5")
+    agent = Agent(config).start()
+    home = -1
+    try:
+        assert agent.wait_connected(20)
+        [home] = fleet.where(device.identity)
+        assert agent.publish("devices/pi-tpm/telemetry/t", b"before")
+        assert got.get(timeout=10) == b"before"
+        os.kill(swtpm.pid, signal.SIGKILL)  # type: ignore[arg-type]
+        wait_for(lambda: not _alive(swtpm.pid), 5, "swtpm to die")
+        swtpm.pid = None
+        fleet.brokers[home].kill()
+        fleet.brokers[home].start()
+        wait_for(lambda: sum("connect" in e for e in agent.stats.errors) >= 2, 20,
+                 "connection attempts failing on the dead TPM")
+        assert not agent.connected.is_set()
+        for i in range(5):
+            agent.publish("devices/pi-tpm/telemetry/t", b"%d" % i)
+        swtpm.start()  # same port, same state: the key is still there
+        failures = len(agent.stats.errors)
+        assert agent.wait_connected(20)
+        after = agent.stats.errors[failures:]
+        assert after == [], f"failed after swtpm came back: {after}"
+        wait_for(lambda: got.qsize() >= 5, 10, "the five buffered messages")
+        assert sorted(got.get_nowait() for _ in range(5)) == [b"%d" % i for i in range(5)]
+        print(f"\nswtpm down: {failures} failed attempts noted "
+              f"(last: {agent.stats.errors[-1][:100]}); first retry after restart connected")
+    finally:
+        agent.stop()
+        for c in subs:
+            c.close()
+
+
+def _alive(pid: int | None) -> bool:
+    if pid is None:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/stat") as f:
+        return f.read().split()[2] != "Z"
+    return True
