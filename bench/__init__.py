@@ -49,5 +49,10 @@ SUBCOMMANDS: dict[str, Subcommand] = {
             "agents with drifting and stepping clocks through Mosquitto: lost, duplicated, "
             "quarantined",
         ),
+        Subcommand(
+            "metrics",
+            "bench.metrics",
+            "the broker's metrics on the message path (inc, observe) vs prometheus_client",
+        ),
     )
 }
