@@ -17,6 +17,7 @@ its state directory, as the guide does.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import shlex
@@ -83,9 +84,9 @@ def journey_script(blocks: list[Block]) -> str:
     ]
     for n, block in enumerate(blocks, start=1):
         parts.append(f"JOURNEY_BLOCK={n}; JOURNEY_LINE={block.line}; "
-                     f"echo '::journey block {n} (line {block.line})' >&2")
+                     f"echo \"::journey block {n} (line {block.line}) at $EPOCHREALTIME\" >&2")
         parts.append(block.text)
-    parts.append("echo '::journey done' >&2")
+    parts.append("echo \"::journey done at $EPOCHREALTIME\" >&2")
     return "\n".join(parts) + "\n"
 
 
@@ -133,6 +134,16 @@ def _stop_everything(pgid: int, workdir: Path, env: dict[str, str]) -> list[str]
         subprocess.run([str(VENV_BIN / "tessera-sim"), "swtpm", "stop", "--state",
                         str(pid_file.parent)], env=env, capture_output=True, timeout=30)
     return forced
+
+
+_MARK = re.compile(r"^::journey (?:block (\d+) \(line (\d+)\)|done) at ([\d.]+)$", re.M)
+
+
+def block_times(stderr: str) -> list[tuple[int, float]]:
+    """(guide line, seconds) of each block that finished, from the markers."""
+    marks = [(m.group(2), float(m.group(3))) for m in _MARK.finditer(stderr)]
+    return [(int(line), round(t1 - t0, 2))
+            for (line, t0), (_, t1) in itertools.pairwise(marks) if line]
 
 
 def _tail(path: Path, lines: int = 25) -> str:
@@ -195,8 +206,10 @@ def test_the_getting_started_guide_runs_as_written(tmp_path: Path) -> None:
         f"--- serve.log\n{_tail(workdir / 'serve.log')}\n"
         f"--- broker/mosquitto.log\n{_tail(workdir / 'broker' / 'mosquitto.log')}\n"
         f"--- device/agent.log\n{_tail(workdir / 'device' / 'agent.log')}\n")
+    slowest = sorted(block_times(stderr), key=lambda lt: -lt[1])[:4]
     print(f"journey: {ran} command blocks executed in {elapsed:.1f} s "
-          f"(clean-up: {', '.join(forced) or 'nothing forced'})")
+          f"(clean-up: {', '.join(forced) or 'nothing forced'}); slowest blocks "
+          + ", ".join(f"line {line} {t:.1f} s" for line, t in slowest))
     assert code is not None, f"the journey did not finish within {BUDGET_S:.0f} s{report}"
     assert code == 0 and "::journey done" in stderr, f"the journey failed{report}"
     assert ran == len(blocks), report
