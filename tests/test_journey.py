@@ -110,22 +110,29 @@ def _environment(workdir: Path) -> dict[str, str]:
 
 
 def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    """Whether a process of group ``pgid`` still runs (zombies, which kill(0) still
+    finds until their parent reaps them, do not count)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # pid (comm) state ppid pgrp ...: comm may hold spaces, so split after it
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
 
 
-def _stop_everything(pgid: int, workdir: Path, env: dict[str, str]) -> list[str]:
+def _stop_everything(proc: subprocess.Popen[bytes], workdir: Path,
+                     env: dict[str, str]) -> list[str]:
     """Stop what the journey left running; says what needed force."""
     forced = []
+    pgid = proc.pid  # start_new_session: bash leads its own group
     if _group_alive(pgid):
         os.killpg(pgid, signal.SIGTERM)
         deadline = time.monotonic() + 5
         while _group_alive(pgid) and time.monotonic() < deadline:
+            proc.poll()  # reap bash, so its orphans go to init
             time.sleep(0.05)
         if _group_alive(pgid):
             forced.append("process group needed SIGKILL")
@@ -192,7 +199,7 @@ def test_the_getting_started_guide_runs_as_written(tmp_path: Path) -> None:
             code = None
         elapsed = time.monotonic() - t0
     finally:
-        forced = _stop_everything(proc.pid, workdir, env)
+        forced = _stop_everything(proc, workdir, env)
         if proc.poll() is None:
             proc.kill()
             proc.wait(5)
