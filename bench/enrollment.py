@@ -106,8 +106,8 @@ def collect(
                 report.rate("renewals_per_second", "renewals per second at the service",
                             sum(count) / elapsed, "/s", f"{sum(count)} in {elapsed:.1f} s")
         finally:
-            for t in tpms:
-                t.stop()
+            for tpm in tpms:
+                tpm.stop()
     ratio = per_minute / AZURE_DPS_PER_MINUTE
     report.ratios["enrollments_over_azure_dps"] = ratio
     report.target("azure_dps", "TPM enrollments per minute vs Azure DPS (1,000/min)",

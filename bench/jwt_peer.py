@@ -54,7 +54,7 @@ def verifier(algorithm: str, payload_size: int = 120) -> tuple[Callable[[], Any]
         raise ValueError(f"unsupported algorithm {algorithm}")
     token = jwt.encode(claims(payload_size), private, algorithm=algorithm)
     algorithms = [algorithm]
-    options = {"require": ["exp"]}
+    options: Any = {"require": ["exp"]}  # pyjwt's Options TypedDict
     decode = jwt.decode
 
     def verify() -> Any:

@@ -24,7 +24,9 @@ from aiocoap.message import Direction, Message
 from aiocoap.numbers import CON, POST
 
 
-class MemoryContext(oscore.CanProtect, oscore.CanUnprotect, oscore.SecurityContextUtils):
+# aiocoap has no type information: its classes are Any to mypy
+class MemoryContext(oscore.CanProtect, oscore.CanUnprotect,  # type: ignore[misc]
+                    oscore.SecurityContextUtils):  # type: ignore[misc]
     """An RFC 8613 security context whose state lives in memory only (benchmark use)."""
 
     def __init__(
@@ -86,7 +88,7 @@ def protect_wire(ctx: MemoryContext, plain: Message) -> bytes:
     outer.mid = plain.mid
     outer.token = plain.token
     outer.mtype = plain.mtype
-    return outer.encode()
+    return bytes(outer.encode())
 
 
 def received(wire: bytes) -> Message:

@@ -73,7 +73,8 @@ class Report:
         self.ratio_rows.append(Row(key, label, value, "x"))
         return value
 
-    def target(self, key: str, label: str, value: float, op: str, threshold: float, unit: str):
+    def target(self, key: str, label: str, value: float, op: str, threshold: float,
+               unit: str) -> None:
         if op not in _OPS:
             raise ValueError(f"unknown comparison {op}")
         self.targets.append(Target(key, label, value, op, threshold, unit))

@@ -125,7 +125,9 @@ from broker_plugin.stepup import (
     KEY_CHANGE,
     POLICY_CHANGE,
     STEP_UP_OPTIONS,
-    parse_settings,
+)
+from broker_plugin.stepup import (
+    parse_settings as parse_settings,  # re-exported: callers import it from here
 )
 from structauth.errors import ConfigurationError, TesseraError
 from structauth.fanout import FanoutSigner

@@ -83,6 +83,8 @@ class EnrollmentEndpoint:
     @property
     def url(self) -> str:
         host, port = self._server.server_address[:2]
+        if isinstance(host, bytes):  # an AF_UNIX-style address: not what we bind
+            host = host.decode()
         return f"http://{host}:{port}"
 
     def serve_until_enrolled(self, timeout: float | None = None) -> bool:

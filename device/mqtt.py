@@ -105,6 +105,18 @@ class MqttError(TesseraError):
     """The broker refused us, or the connection failed."""
 
 
+def _reason_string(properties: Any) -> str:
+    """The MQTT 5 Reason String of a packet's properties (paho's), or ""."""
+    return str(getattr(properties, "ReasonString", "") or "") if properties else ""
+
+
+def _broker_error(what: str, code: int, text: str) -> MqttError:
+    """A refusal or disconnection the broker explained with a reason code and maybe a
+    reason string: ``what: 0x87 not authorized (tessera: credential_revoked)``."""
+    detail = f"{what}: {binding.reason_text(code)}" + (f" ({text[:200]})" if text else "")
+    return MqttError(detail, binding.broker_refusal(code, text))
+
+
 def tpm_quote_fn(backend: Any, ak_name: str, pcrs: tuple[int, ...] = tuple(range(8))
                  ) -> Callable[[bytes], bytes]:
     """A ``quote_fn`` for :meth:`TesseraMqttClient.answer_step_ups`: TPM2_Quote of
@@ -147,6 +159,50 @@ class Outgoing:
     resends: int = 0
     refused_at: float = 0.0
     reason: str = ""
+    #: the broker's answer to this attempt: None (none yet), "" (accepted) or why not
+    verdict: str | None = None
+
+
+class Publication:
+    """What :meth:`TesseraMqttClient.publish` returns: paho's MQTTMessageInfo (``mid``,
+    ``rc``, ``wait_for_publish()``, ``is_published()``) plus the broker's answer.
+
+    At QoS 1/2 the broker answers (PUBACK/PUBREC): :meth:`accepted` waits for it and
+    says whether the message was taken (a topic the policy denies, a refused proof:
+    False, and :attr:`refused` says why). At QoS 0 there is no answer: a message
+    counts as accepted once it is sent."""
+
+    def __init__(self, info: Any, outgoing: Outgoing | None) -> None:
+        self.info = info
+        self._outgoing = outgoing
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.info, name)
+
+    @property
+    def refused(self) -> str | None:
+        """Why the broker refused this message (its reason string, or the bare reason
+        code, e.g. ``0x87``: Mosquitto 2.0.x drops plugins' reason strings); None if it
+        did not (yet)."""
+        out = self._outgoing
+        return out.verdict or None if out is not None else None
+
+    def accepted(self, timeout: float = 10.0) -> bool:
+        """Wait for the broker's answer: True if it took the message, False if it
+        refused it (:attr:`refused`). MqttError if nothing came within ``timeout``.
+        (A message refused for its epoch is resent after a resynchronisation, and may
+        be accepted then: this is the answer to the first attempt.)"""
+        out = self._outgoing
+        if out is not None and out.verdict is not None:
+            return out.verdict == ""
+        try:
+            self.info.wait_for_publish(timeout)
+        except (RuntimeError, ValueError) as exc:  # paho: not queued, or the connection went
+            raise MqttError(f"not sent: {exc}", Reason.BACKEND_UNAVAILABLE) from None
+        if not self.info.is_published():
+            raise MqttError(f"no answer from the broker within {timeout:g} s",
+                            Reason.BACKEND_UNAVAILABLE)
+        return out is None or out.verdict == ""
 
 
 class _Reauth:
@@ -292,6 +348,9 @@ class TesseraMqttClient:
         self.keepalive = keepalive
         self.client_id = client_id or credential.identity.uri
         self.session: Session | None = None
+        #: why the broker ended the last connection, when it said (reason code and
+        #: string); None if it did not, or the client closed it
+        self.disconnect_error: MqttError | None = None
         self._replaced = ReplacedSessions(self.rotation_grace_s, self.max_previous)
         self._connected = threading.Event()
         self._failure: MqttError | None = None
@@ -377,6 +436,7 @@ class TesseraMqttClient:
         self._context = context
         self._connected.clear()
         self._failure = None
+        self.disconnect_error = None
         try:
             self.client.connect(self.host, self.port, keepalive=self.keepalive,
                                 clean_start=True, properties=props)
@@ -405,8 +465,8 @@ class TesseraMqttClient:
                     properties: Any) -> None:
         try:
             if reason_code.is_failure:
-                raise MqttError(f"broker refused the connection: {reason_code}",
-                                Reason.NOT_AUTHORIZED)
+                raise _broker_error("the broker refused the connection", reason_code.value,
+                                    _reason_string(properties))
             if getattr(properties, "AuthenticationData", None):
                 raise MqttError("CONNACK carries authentication data: an SA1 v1 broker "
                                 "(msg2 in CONNACK, no key confirmation); refused",
@@ -423,17 +483,35 @@ class TesseraMqttClient:
             self._fail_connect(exc)
             client.disconnect()
 
-    def _on_disconnect(self, *args: Any) -> None:
+    def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason_code: Any,
+                       properties: Any) -> None:
+        """paho's network thread: the connection is gone. With a DISCONNECT from the
+        broker (MQTT 5: Mosquitto 2.0.15+ sends one when it refuses a re-authentication
+        or another connection takes the client id over) its reason code and reason
+        string say why; 2.0.11 mostly just closes. The why is kept in
+        :attr:`disconnect_error` (the agent reads it) and given to a waiting handshake."""
         held = self.client.drop_held()
+        from_broker = bool(getattr(flags, "is_disconnect_packet_from_server", False))
+        error = None
+        if from_broker:
+            error = _broker_error("the broker ended the connection",
+                                  getattr(reason_code, "value", binding.RC_UNSPECIFIED_ERROR),
+                                  _reason_string(properties))
+            log.warning("%s", error.detail)
+        if error is not None or self.disconnect_error is None:
+            self.disconnect_error = error
         waiter = self._reauth
         if waiter is not None:
             self._reauth = None
-            waiter.fail(MqttError("the connection closed during re-authentication"
-                                  + (f" ({held} packets held back were lost)" if held else ""),
-                                  Reason.NOT_AUTHORIZED))
+            waiter.fail(MqttError(
+                "the connection closed during re-authentication"
+                + (f": {error.detail}" if error is not None else "")
+                + (f" ({held} packets held back were lost)" if held else ""),
+                error.reason if error is not None else Reason.NOT_AUTHORIZED))
         if not self._connected.is_set():  # closed before CONNACK: refused
-            self._fail_connect(MqttError("the broker closed the connection during the "
-                                         "handshake", Reason.NOT_AUTHORIZED))
+            self._fail_connect(error or MqttError(
+                "the broker closed the connection during the handshake",
+                Reason.NOT_AUTHORIZED))
 
     # -- re-authentication --------------------------------------------------------
     def reauthenticate(self, context: bytes = b"", quote: bytes = b"",
@@ -481,14 +559,21 @@ class TesseraMqttClient:
         waiter = self._reauth
         if command == PACKET_CONNACK:
             # Mosquitto 2.0.11 refuses a re-authentication with CONNACK 0x87, then closes
-            reason = body[1] if len(body) > 1 else -1
+            # (2.0.15+ sends DISCONNECT: _on_disconnect)
+            reason = body[1] if len(body) > 1 else binding.RC_UNSPECIFIED_ERROR
+            text = ""
+            with contextlib.suppress(TesseraError, IndexError):
+                raw = binding.properties(binding.property_block(body, 2)).get(
+                    binding.PROP_REASON_STRING, b"")
+                text = raw.decode("utf-8", "replace")
+            error = _broker_error("the broker refused the re-authentication (CONNACK)",
+                                  reason, text)
+            self.disconnect_error = error
             self.client.drop_held()
             if waiter is not None:
                 self._reauth = None
-                waiter.fail(MqttError(
-                    f"broker refused the re-authentication (CONNACK {reason:#04x})",
-                    Reason.NOT_AUTHORIZED))
-            log.warning("CONNACK %#04x on a live connection: the broker refused us", reason)
+                waiter.fail(error)
+            log.warning("%s", error.detail)
             return MQTTErrorCode.MQTT_ERR_CONN_REFUSED
         try:
             reason, method, data = decode_auth(body)
@@ -628,16 +713,18 @@ class TesseraMqttClient:
                 raise MqttError("not connected", Reason.INVALID_STATE)
             return binding.seal(self.session, topic, payload, self.clock())
 
-    def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> Any:
-        """Prove and send one message; paho's MQTTMessageInfo. QoS 1/2 messages are
-        tracked until the broker accepts them (see :meth:`resync_on_refusal`). If the
-        session cannot prove it (keys of this epoch erased because the clock went back,
-        session over because it jumped ahead), a resynchronisation is requested and the
-        error raised: nothing was sent."""
+    def publish(self, topic: str, payload: bytes, qos: int = 0,
+                retain: bool = False) -> Publication:
+        """Prove and send one message: a :class:`Publication` (paho's MQTTMessageInfo,
+        and at QoS 1/2 the broker's answer: ``accepted()`` is False for a topic the
+        policy denies). QoS 1/2 messages are tracked until the broker accepts them (see
+        :meth:`resync_on_refusal`). If the session cannot prove it (keys of this epoch
+        erased because the clock went back, session over because it jumped ahead), a
+        resynchronisation is requested and the error raised: nothing was sent."""
         return self._send_tracked(topic, payload, qos, retain, 0)
 
     def _send_tracked(self, topic: str, payload: bytes, qos: int, retain: bool,
-                      resends: int) -> Any:
+                      resends: int) -> Publication:
         # proven and queued under the lock the session swap takes, so nothing proven
         # under an old session is queued after a newer session's first message
         with self._lock:
@@ -650,6 +737,7 @@ class TesseraMqttClient:
             assert self.session is not None
             sid = self.session.session_id
             info = self.client.publish(topic, wire, qos=qos, retain=retain)
+        out = None
         if qos:
             out = Outgoing(topic, payload, qos, retain, sid, resends)
             if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
@@ -665,7 +753,7 @@ class TesseraMqttClient:
                         self._inflight[info.mid] = out
                 if early is not None:
                     self._settled(out, *early)
-        return info
+        return Publication(info, out)
 
     # -- refusals and resynchronisation ---------------------------------------------
     def resync_on_refusal(self, on_resynced: Callable[[], None] | None = None) -> None:
@@ -744,16 +832,20 @@ class TesseraMqttClient:
 
     def _settled(self, out: Outgoing, failed: bool, text: str) -> None:
         if not failed:
+            out.verdict = ""
             with self._track:
                 self.acked += 1
             return
-        self._refused(out, text or "0x87")
+        out.verdict = text or f"{binding.RC_NOT_AUTHORIZED:#04x}"
+        self._refused(out, out.verdict)
         if text == EPOCH_REFUSAL:
             self.request_resync("puback_epoch")
 
     def _refused(self, out: Outgoing, why: str) -> None:
         out.refused_at = self.timer()
         out.reason = why
+        if out.verdict is None:  # not sent at all
+            out.verdict = why
         with self._track:
             self._parked.append(out)
         session = self.session

@@ -25,6 +25,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -89,7 +90,9 @@ DISCONNECT_REASONS: dict[int, str] = {
     RC_BAD_AUTH_METHOD: "bad authentication method",
     0x8D: "keep alive timeout",
     RC_SESSION_TAKEN_OVER: "session taken over (another connection with this client id)",
+    0x97: "quota exceeded",
     RC_ADMINISTRATIVE_ACTION: "administrative action",
+    0x9F: "connection rate exceeded",
 }
 
 
@@ -204,6 +207,28 @@ def refusal_text(reason: Reason) -> str:
 
 #: the reason string of a PUBACK/PUBREC refusing a message for its epoch
 EPOCH_REFUSAL = refusal_text(Reason.EPOCH_OUT_OF_WINDOW)
+_REFUSAL = re.compile(r"tessera: ([a-z_]+)")
+#: reason codes that say "not now" rather than "not you"
+_UNAVAILABLE_CODES = frozenset({0x89, 0x8B, 0x8D, 0x97, 0x9F})
+
+
+def refused_reason(text: str) -> Reason | None:
+    """The reason a ``tessera: <reason>`` reason string names (what
+    :func:`refusal_text` wrote); None for any other text. Unproven: it only explains."""
+    match = _REFUSAL.match(text or "")
+    if match is None:
+        return None
+    return Reason.__members__.get(match.group(1).upper())
+
+
+def broker_refusal(code: int, text: str = "") -> Reason:
+    """What a CONNACK or DISCONNECT reason code (and its reason string, if the broker
+    passed one on) means for a device: the reason the string names, else "try later"
+    for server busy / shutting down / keep alive / quota / rate, else not authorized."""
+    named = refused_reason(text)
+    if named is not None:
+        return named
+    return Reason.BACKEND_UNAVAILABLE if code in _UNAVAILABLE_CODES else Reason.NOT_AUTHORIZED
 
 
 # ----------------------------------------------------------------------- MQTT 5 AUTH
