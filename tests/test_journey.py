@@ -13,10 +13,15 @@ Whatever happens, every process the journey started is stopped: bash runs in its
 process group (the service, Mosquitto and the agent are its background jobs), which
 gets SIGTERM, then SIGKILL; swtpm daemonizes out of the group and is stopped through
 its state directory, as the guide does.
+
+The other docs' command lines are not run (they name real hardware and hosts), but each
+``tessera``/``tessera-agent``/``tessera-sim`` call in README.md and docs/*.md must parse
+with the real argument parser: a renamed option or subcommand fails here.
 """
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import os
 import re
@@ -27,6 +32,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,6 +94,56 @@ def journey_script(blocks: list[Block]) -> str:
         parts.append(block.text)
     parts.append("echo \"::journey done at $EPOCHREALTIME\" >&2")
     return "\n".join(parts) + "\n"
+
+
+# -- every command line in the docs names options the CLIs have -----------------------
+
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+_SHELLS = ("sh", "bash", "shell", "console", "")
+_SEPARATORS = re.compile(r"&&|\|\||;|\||(?<![<>])&(?!&)|\$\(|\)")
+
+
+def documented_command_lines() -> list[tuple[str, list[str]]]:
+    """(where, argv) of every ``tessera``, ``tessera-agent`` and ``tessera-sim`` call in
+    the shell blocks of README.md and docs/*.md (continuations joined, comments,
+    redirections and leading variable assignments dropped)."""
+    found = []
+    for path in DOCS:
+        for block in fenced_blocks(path.read_text()):
+            if block.lang not in _SHELLS:
+                continue
+            for line in block.text.replace("\\\n", " ").splitlines():
+                for segment in _SEPARATORS.split(line.split(" #")[0]):
+                    try:
+                        words = shlex.split(segment)
+                    except ValueError:
+                        continue
+                    while words and "=" in words[0] and not words[0].startswith("-"):
+                        words.pop(0)  # VAR=value command ...
+                    if words[:2] == ["sudo", "-u"]:
+                        words = words[3:]
+                    if not words or words[0].rsplit("/", 1)[-1] not in _CLIS:
+                        continue
+                    if any(w.startswith("[") for w in words):
+                        continue  # a synopsis ("tessera list [--status ...]"), not a call
+                    argv = []
+                    for w in words:
+                        if re.fullmatch(r"\d?>>?&?\d?", w) or re.fullmatch(r"\d?>&\d", w):
+                            break  # a redirection: the command's words are over
+                        argv.append(w)
+                    found.append((f"{path.name}:{block.line}", argv))
+    return found
+
+
+def _parsers() -> dict[str, Callable[[], argparse.ArgumentParser]]:
+    from device.cli import build_parser as agent
+    from provisioning.cli import build_parser as factory
+    from simulator.cli import build_parser as sim
+
+    return {"tessera": factory, "tessera-agent": agent, "tessera-sim": sim}
+
+
+_CLIS = ("tessera", "tessera-agent", "tessera-sim")
 
 
 def _free_port() -> int:
@@ -166,6 +222,31 @@ def test_every_fenced_block_of_the_guide_says_whether_it_runs() -> None:
     untagged = [b.line for b in blocks if b.lang not in ("sh", "text", "toml", "json")]
     assert not untagged, f"{GUIDE.name}: blocks at lines {untagged} need ```sh or ```text"
     assert len(journey_blocks()) >= 10
+
+
+def test_every_documented_command_line_names_options_the_cli_has() -> None:
+    """Each documented call parses with the real argument parser, up to values the
+    reader fills in: an unknown option or subcommand is drift."""
+    import contextlib
+    import io
+
+    parsers = _parsers()
+    calls = documented_command_lines()
+    assert len(calls) >= 30, calls
+    drift = []
+    for where, argv in calls:
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            try:
+                parsers[argv[0].rsplit("/", 1)[-1]]().parse_args(argv[1:])
+            except SystemExit:
+                pass
+            except Exception as exc:  # provisioning.cli raises its one-line CliError
+                print(exc, file=err)
+        said = err.getvalue()
+        if "unrecognized arguments" in said or "invalid choice" in said:
+            drift.append(f"{where}: {shlex.join(argv)}\n    {said.strip().splitlines()[-1]}")
+    assert not drift, "documented commands the CLI refuses:\n" + "\n".join(drift)
 
 
 def test_the_extractor_takes_sh_blocks_verbatim_and_only_those() -> None:
