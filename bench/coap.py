@@ -5,7 +5,7 @@ aiocoap server contexts on 127.0.0.1, all around the same resource
 (``POST /sensors/pi-0042/readings``, 100-byte payload in, 16-byte answer out):
 
 ``plain``    aiocoap's Site, nothing else;
-``proven``   ``broker_plugin.coap_site.TesseraSite`` (tagged mode) with a policy check;
+``proven``   ``broker_plugin.coap.site.TesseraSite`` (tagged mode) with a policy check;
 ``sealed``   the same in sealed mode (ChaCha20-Poly1305 on both payloads);
 ``oscore``   aiocoap's ``OscoreSiteWrapper`` with a static RFC 8613 context held in
              memory (``bench.oscore_peer.MemoryContext``: no sequence-number fsync, so
@@ -116,7 +116,7 @@ async def _serve(material: dict[str, Any], conn: Connection) -> None:
     from aiocoap.oscore_sitewrapper import OscoreSiteWrapper
     from cryptography import x509
 
-    from broker_plugin.coap_site import TesseraSite, local_port
+    from broker_plugin.coap.site import TesseraSite, local_port
     from broker_plugin.policy import parse_policy
     from hw.software import InsecureSoftwareSigner
     from structauth.credentials import Credential, TrustStore
@@ -800,7 +800,7 @@ async def _flood_serve(material: dict[str, Any], conn: Connection, traced: bool)
     from aiocoap import resource
     from cryptography import x509
 
-    from broker_plugin.coap_site import TesseraSite, local_port, start_gateway
+    from broker_plugin.coap.site import TesseraSite, local_port, start_gateway
     from broker_plugin.policy import parse_policy
     from hw.software import InsecureSoftwareSigner
     from structauth.credentials import Credential, TrustStore

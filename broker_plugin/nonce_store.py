@@ -71,7 +71,7 @@ sooner, or while the database is unreachable, costs B what it cost before (a sig
 check, a signature, a pending handshake that grants nothing) and B records the nonce
 itself.
 
-The CoAP gateway (broker_plugin/coap_site.py) keeps its own in-memory cache for now; it
+The CoAP gateway (broker_plugin/coap/site.py) keeps its own in-memory cache for now; it
 can use :class:`NonceSync` the same way.
 """
 

@@ -20,7 +20,7 @@ A policy is one TOML file::
     inherits  = "default"           # everything of "default", plus:
     publish   = ["sites/{id}/+/telemetry/#"]
 
-    [classes.default.coap]          # CoAP (broker_plugin.coap_site): method -> path templates
+    [classes.default.coap]          # CoAP (broker_plugin.coap.site): method -> path templates
     GET       = ["sensors/{id}/#", "fleet/config"]
     POST      = ["sensors/{id}/readings"]
 

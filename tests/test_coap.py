@@ -1,6 +1,6 @@
 """CoAP on SA1 sessions, end to end: real aiocoap servers and clients on 127.0.0.1.
 
-The gateway is ``broker_plugin.coap_site.TesseraSite`` around an ordinary aiocoap Site;
+The gateway is ``broker_plugin.coap.site.TesseraSite`` around an ordinary aiocoap Site;
 the device is ``device.coap.TesseraCoapClient``. Keys are software keys from a throwaway
 fleet. Each scenario runs in both session modes (tagged and sealed).
 """
@@ -31,8 +31,8 @@ from aiocoap.optiontypes import OpaqueOption
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker_plugin import coap_site
-from broker_plugin.coap_site import TesseraSite, local_port
+from broker_plugin.coap import site as coap_site
+from broker_plugin.coap.site import TesseraSite, local_port
 from broker_plugin.policy import parse_policy
 from device.coap import (
     CONFIRM_OPTION,

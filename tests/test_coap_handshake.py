@@ -17,9 +17,9 @@ import pytest
 from aiocoap import resource
 from aiocoap.numbers import codes
 
-from broker_plugin.coap_handshake import HandshakeLimits
-from broker_plugin.coap_limits import Limits
-from broker_plugin.coap_site import GatewayLimits
+from broker_plugin.coap.handshake import HandshakeLimits
+from broker_plugin.coap.limits import Limits
+from broker_plugin.coap.site import GatewayLimits
 from device.coap import CONFIRM_OPTION, PROOF_OPTION
 from simulator.fleet import Fleet
 from structauth import coap_binding

@@ -20,7 +20,7 @@ import pytest
 from aiocoap.numbers import codes
 from aiocoap.numbers.optionnumbers import OptionNumber
 
-from broker_plugin import coap_site
+from broker_plugin.coap import site as coap_site
 from device.coap import CONFIRM_OPTION, PROOF_OPTION, TesseraCoapClient
 from simulator.fleet import Fleet
 from structauth.coap_binding import block_action, request_action, response_action

@@ -18,10 +18,10 @@ import aiocoap
 import pytest
 from aiocoap.numbers import codes
 
-from broker_plugin.coap_handshake import MAX_MSG1, HandshakeLimits
-from broker_plugin.coap_limits import BoundedTable, Limits, source_of_host
-from broker_plugin.coap_site import MAX_PAYLOAD, GatewayLimits
-from broker_plugin.coap_transport import DedupLimits
+from broker_plugin.coap.handshake import MAX_MSG1, HandshakeLimits
+from broker_plugin.coap.limits import BoundedTable, Limits, source_of_host
+from broker_plugin.coap.site import MAX_PAYLOAD, GatewayLimits
+from broker_plugin.coap.transport import DedupLimits
 from device.coap import PROOF_OPTION
 from simulator.fleet import Fleet
 from structauth.errors import Reason

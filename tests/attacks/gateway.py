@@ -1,5 +1,5 @@
 """A real CoAP gateway for the attack suite, in its own process (so its memory can be
-measured): ``broker_plugin.coap_site.TesseraSite`` around an aiocoap Site, on UDP
+measured): ``broker_plugin.coap.site.TesseraSite`` around an aiocoap Site, on UDP
 127.0.0.1.
 
     python -m tests.attacks.gateway DIR
@@ -31,9 +31,9 @@ from aiocoap import resource
 from aiocoap.numbers import codes
 from cryptography import x509
 
-from broker_plugin import coap_site
 from broker_plugin.audit import AsyncAuditWriter, AuditLog
-from broker_plugin.coap_site import TesseraSite, local_port
+from broker_plugin.coap import site as coap_site
+from broker_plugin.coap.site import TesseraSite, local_port
 from broker_plugin.policy import parse_policy
 from hw.software import InsecureSoftwareSigner
 from structauth.credentials import Credential, TrustStore

@@ -6,7 +6,7 @@
     context = await start_gateway(site, bind=("::", 5683))
 
 * ``POST /.well-known/sa1`` carries SA1 msg1 and is answered ``2.04`` with msg2
-  (block-wise both ways; broker_plugin/coap_handshake.py). The gateway then holds only
+  (block-wise both ways; broker_plugin/coap/handshake.py). The gateway then holds only
   a pending handshake: no session, no identity, nothing granted.
 * The device's first proven request carries msg3 in the **Tessera-Confirm** option
   (65007) beside its proof: the gateway confirms the session (only now is the device
@@ -32,7 +32,7 @@
   per-interval counts by reason and source, so a flood cannot fill the audit log.
 * Everything kept before authentication is bounded per source address and in total
   (:class:`GatewayLimits`, docs/COAP.md "Bounds"), including aiocoap's own message
-  deduplication (:func:`start_gateway` / :func:`~broker_plugin.coap_transport.harden`),
+  deduplication (:func:`start_gateway` / :func:`~broker_plugin.coap.transport.harden`),
   and datagrams from addresses without a session are decoded only within a budget
   (:meth:`TesseraSite.admit_datagram`), so devices with sessions are served during a
   flood.
@@ -79,9 +79,9 @@ from structauth.errors import MalformedMessage, Reason, TesseraError
 from structauth.handshake import HandshakeConfirmed, Responder
 from structauth.session import HEADER_SIZE, Session, SessionState
 
-from .coap_handshake import MAX_MSG1, ConfirmRefused, HandshakeEndpoint, HandshakeLimits
-from .coap_limits import BoundedTable, Limits, source_of, source_of_host
-from .coap_transport import (
+from .handshake import MAX_MSG1, ConfirmRefused, HandshakeEndpoint, HandshakeLimits
+from .limits import BoundedTable, Limits, source_of, source_of_host
+from .transport import (
     BoundedDedup,
     DedupLimits,
     TokenBucket,
@@ -443,7 +443,7 @@ class TesseraSite(interfaces.Resource, resource.PathCapable):  # type: ignore[mi
 
     def attach(self, context: Any) -> None:
         """Bound the message-layer state of the aiocoap ``context`` serving this site
-        and catch undecodable datagrams (broker_plugin/coap_transport.py). The site
+        and catch undecodable datagrams (broker_plugin/coap/transport.py). The site
         also does this by itself for the interface of the first request it sees, so a
         context made with plain ``create_server_context`` is covered from then on."""
         self.dedup += harden(context, **self._harden_options())

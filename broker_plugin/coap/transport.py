@@ -7,7 +7,7 @@ so that a retransmitted confirmable request is answered byte for byte instead of
 twice (RFC 7252 section 4.5). That is per-message state for anyone who can send a
 datagram: a 10 s flood of refused requests leaves tens of thousands of entries for four
 minutes. :func:`harden` replaces that store on a gateway's context with two
-:class:`~broker_plugin.coap_limits.BoundedTable` (owner: the source address):
+:class:`~broker_plugin.coap.limits.BoundedTable` (owner: the source address):
 
 * **proven** exchanges (the response carries the gateway's proof): kept for 247 s as
   the RFC asks, at most :attr:`DedupLimits.proven` per source and in all;
@@ -40,7 +40,7 @@ from aiocoap.message import Direction
 from aiocoap.numbers import codes
 from aiocoap.numbers.types import Type
 
-from .coap_limits import BoundedTable, Limits, source_of
+from .limits import BoundedTable, Limits, source_of
 
 log = logging.getLogger("tessera.coap")
 

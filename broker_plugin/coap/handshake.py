@@ -38,13 +38,13 @@ from structauth.credentials import Credential, TimePolicy
 from structauth.errors import MalformedMessage, ProtocolError, Reason, TesseraError
 from structauth.handshake import HandshakeConfirmed, PendingHandshake, Responder, msg3_session_id
 
-from .coap_limits import BoundedTable, Limits, source_of
+from .limits import BoundedTable, Limits, source_of
 
 PeerT = TypeVar("PeerT", covariant=True)
 
 
 class GatewaySite(Protocol[PeerT]):
-    """What the endpoint needs from its site (broker_plugin.coap_site.TesseraSite): a
+    """What the endpoint needs from its site (broker_plugin.coap.site.TesseraSite): a
     protocol, so that this module does not import the site (which imports it)."""
 
     responder: Responder
@@ -85,7 +85,7 @@ def _default_pending() -> Limits:
 @dataclass(frozen=True)
 class HandshakeLimits:
     """Bounds of the handshake endpoint's pre-authentication state (owner: the source
-    address, see :func:`~broker_plugin.coap_limits.source_of`)."""
+    address, see :func:`~broker_plugin.coap.limits.source_of`)."""
 
     msg1: Limits = field(default_factory=_default_msg1)
     pending: Limits = field(default_factory=_default_pending)
@@ -117,7 +117,7 @@ def _endpoint(request: aiocoap.Message) -> tuple[Any, bytes]:
 
 
 class HandshakeEndpoint(Generic[PeerT]):
-    """``/.well-known/sa1`` of one :class:`~broker_plugin.coap_site.TesseraSite`."""
+    """``/.well-known/sa1`` of one :class:`~broker_plugin.coap.site.TesseraSite`."""
 
     def __init__(self, site: GatewaySite[PeerT], limits: HandshakeLimits | None = None
                  ) -> None:
