@@ -3,8 +3,8 @@ handshakes (three messages).
 
 Keys are ``hw.software.InsecureSoftwareSigner`` (in memory): the benchmarks compare
 CPU cost like with like against TLS, whose server key is in memory too. A TPM or
-PKCS#11 signature adds its own latency on top (see DESIGN.md: swtpm 0.6 ms, SoftHSM2
-0.11 ms) and is measured by the hardware benchmarks, not here.
+PKCS#11 signature adds its own latency on top (the design brief measured swtpm 0.6 ms,
+SoftHSM2 0.11 ms) and is measured by the hardware benchmarks, not here.
 """
 
 from __future__ import annotations
