@@ -27,7 +27,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from bench.broker import (
+from bench.mqtt_wire import (
     Conn,
     auth_data_of,
     connect_packet,
