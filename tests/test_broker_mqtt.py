@@ -286,7 +286,7 @@ def test_broker_config_writes_a_working_snippet(setup: Setup, tmp_path: Path) ->
 
 @pytest.mark.parametrize(("change", "expect"), [
     (["--policy", "/nonexistent.toml"], "plugin_opt_policy"),
-    (["--bundle", "/nonexistent.pem"], "plugin_opt_bundle"),
+    (["--bundle", "/nonexistent.pem"], "--bundle /nonexistent.pem: cannot read it"),
     (["--listener", "nonsense"], "HOST:PORT"),
     (["--user", "mosquitto"], "cannot read"),
     (["--plugin-opt", "quarantine_failures=-1"], "plugin_opt_quarantine_failures"),
