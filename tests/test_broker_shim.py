@@ -27,6 +27,7 @@ from paho.mqtt.properties import Properties
 from broker_plugin import build
 from simulator.mosquitto import Mosquitto
 from structauth.errors import ConfigurationError
+from tests.support import wait_for
 
 pytestmark = pytest.mark.broker
 
@@ -675,11 +676,14 @@ def test_host_errors_fail_closed_and_the_broker_keeps_running(broker: Broker) ->
 def test_host_threads_run_between_callbacks(broker: Broker) -> None:
     c = _connect_ok(broker, "threads")
     c.publish("threads/1", b"", qos=1)
-    time.sleep(0.5)
-    c.publish("threads/2", b"", qos=1)
-    first = broker.records("on_message", topic="threads/1")[-1]["counter"]
-    second = broker.records("on_message", topic="threads/2")[-1]["counter"]
-    assert second - first > 50  # the counter thread ran while the broker idled
+    first = broker.wait_record("on_message", topic="threads/1")["counter"]
+
+    def counter_ran() -> bool:
+        c.publish("threads/2", b"", qos=1)
+        return bool(broker.records("on_message", topic="threads/2")[-1]["counter"] - first > 50)
+
+    # the counter thread runs while the broker idles between callbacks
+    wait_for(counter_ran, 5, "the host's counter thread to advance by 50")
     c.close()
 
 
