@@ -11,7 +11,7 @@ keep in ``key_dir/<name>.tpmkey``; the blob is useless on any other TPM.
 Objects and their attributes:
 
 * device signing key: ECC P-256, ECDSA-SHA256, fixedTPM | fixedParent |
-  sensitiveDataOrigin | userWithAuth | sign. It never leaves the TPM.
+  sensitiveDataOrigin | userWithAuth | noDA | sign. It never leaves the TPM.
 * attestation key (AK): the same plus ``restricted``, so it only signs structures the
   TPM itself produced (quotes, certifications) and can be bound to the EK by
   credential activation.
@@ -227,18 +227,27 @@ def srk_template(*, tss: bool = False) -> TPM2B_PUBLIC:
     )
 
 
+#: noDA: the keys have an empty authorization value, so dictionary-attack protection
+#: guards no secret; but a DA-protected key used since the last orderly TPM2_Shutdown
+#: counts every power cut (or killed swtpm) as a failed authorization, and after
+#: maxTries of them (3 on swtpm, typically 32 on a TPM chip) the device key refuses to
+#: sign until the recovery time passes. tpm2-tss-engine, tpm2-openssl and tpm2-pytss's
+#: tsskey set noDA for password-less keys for the same reason.
 SIGNING_KEY_ATTRIBUTES = (
     TPMA_OBJECT.FIXEDTPM
     | TPMA_OBJECT.FIXEDPARENT
     | TPMA_OBJECT.SENSITIVEDATAORIGIN
     | TPMA_OBJECT.USERWITHAUTH
+    | TPMA_OBJECT.NODA
     | TPMA_OBJECT.SIGN_ENCRYPT
 )
 ATTESTATION_KEY_ATTRIBUTES = SIGNING_KEY_ATTRIBUTES | TPMA_OBJECT.RESTRICTED
 
 
-def _child_template(kind: int) -> TPM2B_PUBLIC:
+def _child_template(kind: int, *, noda: bool = True) -> TPM2B_PUBLIC:
     attrs = SIGNING_KEY_ATTRIBUTES if kind == _KIND_SIGNING else ATTESTATION_KEY_ATTRIBUTES
+    if not noda:  # a DA-protected key, as Tessera 0.1 made them (tests of lockout)
+        attrs &= ~TPMA_OBJECT.NODA
     return _ecc_template(
         attrs, _ecdsa_sha256(), TPMT_SYM_DEF_OBJECT(algorithm=TPM2_ALG.NULL), zero_unique=False
     )
@@ -915,14 +924,16 @@ class TpmBackend:
             Reason.BAD_PARAMETERS,
         )
 
-    def _create(self, name: str, kind: int) -> _KeyFile:
+    def _create(self, name: str, kind: int, *, noda: bool = True) -> _KeyFile:
         path = self._key_path(name)
         if path.exists():
             raise self._exists(path)
         with self._tpm(f"creation of {_KIND_LABEL[kind]} {name!r}") as esapi:
             with self._srk(esapi) as (srk, _):
                 private, public, *_ = self._retry_on_full(
-                    lambda: esapi.create(srk, TPM2B_SENSITIVE_CREATE(), _child_template(kind))
+                    lambda: esapi.create(
+                        srk, TPM2B_SENSITIVE_CREATE(), _child_template(kind, noda=noda)
+                    )
                 )
             keyfile = _KeyFile(kind, None, public.marshal(), private.marshal())
         self._write_keyfile(path, keyfile)

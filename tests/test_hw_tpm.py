@@ -87,10 +87,11 @@ def test_key_attributes_in_public_area(tpm_backend: TpmBackend) -> None:
         TPMA_OBJECT.FIXEDPARENT,
         TPMA_OBJECT.SENSITIVEDATAORIGIN,
         TPMA_OBJECT.USERWITHAUTH,
+        TPMA_OBJECT.NODA,  # empty auth: power cuts must not lock the key out (hw/tpm.py)
         TPMA_OBJECT.SIGN_ENCRYPT,
     ):
         assert attrs & required, f"{required} not set"
-    for forbidden in (TPMA_OBJECT.RESTRICTED, TPMA_OBJECT.DECRYPT, TPMA_OBJECT.NODA):
+    for forbidden in (TPMA_OBJECT.RESTRICTED, TPMA_OBJECT.DECRYPT):
         assert not attrs & forbidden, f"{forbidden} set"
     assert area.type == TPM2_ALG.ECC
     assert area.parameters.eccDetail.curveID == TPM2_ECC.NIST_P256
@@ -249,7 +250,9 @@ def test_bad_tcti_strings(tmp_path: Path) -> None:
 
 def test_dictionary_attack_lockout_is_token_locked(bare_swtpm: Swtpm, tmp_path: Path) -> None:
     backend = TpmBackend(bare_swtpm.tcti, tmp_path)
-    signer = backend.create_signing_key("device")
+    device = backend.create_signing_key("device")  # noDA: lockout does not stop it
+    backend._create("legacy", 1, noda=False)  # DA-protected, as Tessera 0.1 made keys
+    signer = backend.load_signing_key("legacy")
     signer.sign_digest(DIGEST)
     # Lock the TPM for real: one allowed failure, then a wrong password on a DA-protected
     # object of our own.
@@ -270,6 +273,7 @@ def test_dictionary_attack_lockout_is_token_locked(bare_swtpm: Swtpm, tmp_path: 
         signer.sign_digest(DIGEST)
     assert info.value.reason == Reason.TOKEN_LOCKED
     assert "lockout" in info.value.detail
+    device.public_key().verify(device.sign_digest(DIGEST), DIGEST, PREHASHED)
     backend.close()
 
 

@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import os
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -203,6 +204,21 @@ def test_first_retry_after_swtpm_restart_works(bare_swtpm: Swtpm, tmp_path: Path
             signer.sign_digest(DIGEST)
         assert down.value.reason == Reason.BACKEND_UNAVAILABLE
         bare_swtpm.start()
+        signer.public_key().verify(signer.sign_digest(DIGEST), DIGEST, PREHASHED)
+
+
+def test_device_key_survives_repeated_power_cuts(bare_swtpm: Swtpm, tmp_path: Path) -> None:
+    """Each swtpm kill is a non-orderly shutdown; a DA-protected key used before it counts
+    as a failed authorization, and after maxTries (3 on swtpm) such a key is locked out.
+    Our keys have empty auth and noDA, so a device that loses power keeps signing."""
+    with TpmBackend(bare_swtpm.tcti, tmp_path) as backend:
+        signer = backend.create_signing_key("device")
+        for _ in range(5):
+            signer.public_key().verify(signer.sign_digest(DIGEST), DIGEST, PREHASHED)
+            assert bare_swtpm.pid is not None
+            os.kill(bare_swtpm.pid, signal.SIGKILL)  # no TPM2_Shutdown: a power cut
+            bare_swtpm.stop()  # reaps it
+            bare_swtpm.start()
         signer.public_key().verify(signer.sign_digest(DIGEST), DIGEST, PREHASHED)
 
 
