@@ -233,6 +233,9 @@ class TesseraMqttClient:
     resync_min_interval_s: float = 1.0
     max_resends: int = 3
     refusal_hold_s: float = 10.0
+    #: refused (or unsent) QoS 1/2 messages kept for a resend; beyond it the oldest is
+    #: given up (counted in refused_dropped)
+    max_parked: int = 1000
 
     def __init__(
         self,
@@ -763,6 +766,11 @@ class TesseraMqttClient:
             out.verdict = why
         with self._track:
             self._parked.append(out)
+            while len(self._parked) > self.max_parked:  # oldest first: given up
+                gone = self._parked.pop(0)
+                self.refused_dropped += 1
+                log.warning("gave up %s (QoS %d): more than %d refused messages wait",
+                            gone.topic, gone.qos, self.max_parked)
         session = self.session
         if session is None or out.session_id != session.session_id:
             self._wake.set()  # refused under an older session: resend it now

@@ -32,6 +32,17 @@ def test_the_clients_rejected_list_is_bounded_at_its_limit() -> None:
     assert client.step_ups_ignored == mqtt.REJECTED_KEPT + 44
 
 
+def test_refused_messages_kept_for_a_resend_are_bounded_at_their_limit() -> None:
+    client = _client(Fleet())
+    client.max_parked = 5
+    for i in range(8):  # as the broker refusing eight QoS 1 messages (PUBACK 0x87)
+        out = mqtt.Outgoing(f"devices/pi-b/telemetry/{i}", b"x", 1, False, b"s" * 8)
+        client._settled(out, True, "0x87")
+    assert [o.topic for o in client._parked] == [
+        f"devices/pi-b/telemetry/{i}" for i in range(3, 8)]  # the newest five
+    assert client.refused_dropped == 3
+
+
 def test_the_fanout_subscribers_rejected_list_is_bounded_at_its_limit() -> None:
     sub = fanout.FanoutSubscriber(SimpleNamespace(client=None), lambda t, p: None)
     for i in range(fanout.REJECTED_KEPT + 10):
