@@ -50,6 +50,12 @@ SUBCOMMANDS: dict[str, Subcommand] = {
             "quarantined",
         ),
         Subcommand(
+            "fleet",
+            "bench.fleet",
+            "three brokers behind HAProxy: 1,000-device soak (lost, duplicated, false "
+            "rejects, memory slope), 1/2/3-broker scaling, revocation across brokers",
+        ),
+        Subcommand(
             "metrics",
             "bench.metrics",
             "the broker's metrics on the message path (inc, observe) vs prometheus_client",
