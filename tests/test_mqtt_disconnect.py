@@ -70,6 +70,7 @@ class Script:
     """What the scripted broker sends once the device is connected."""
 
     after_connack: bytes
+    keepalive: int | None = None  # what the device's CONNECT asked for
 
 
 @pytest.fixture
@@ -91,6 +92,8 @@ def scripted(fleet: Fleet) -> Iterator[tuple[int, Script, threading.Event]]:
         with conn:
             kind, body = _read(conn)
             assert kind == 0x10
+            at = 2 + int.from_bytes(body[:2], "big") + 2  # name, level, flags
+            script.keepalive = int.from_bytes(body[at:at + 2], "big")
             policy = TimePolicy.trusted(dt.datetime.now(dt.UTC))
             answered = responder.accept(_msg1_of_connect(body), 0.0, policy)
             conn.sendall(mb.encode_auth(mb.RC_CONTINUE_AUTHENTICATION, answered.reply))
@@ -112,11 +115,12 @@ def scripted(fleet: Fleet) -> Iterator[tuple[int, Script, threading.Event]]:
         thread.join(5)
 
 
-def _device(fleet: Fleet, port: int) -> TesseraMqttClient:
+def _device(fleet: Fleet, port: int, keepalive: int = 60) -> TesseraMqttClient:
     member = fleet.member("device", "pi-d")
     return TesseraMqttClient(signer=member.signer, credential=member.credential,
                              trust=fleet.trust, host="127.0.0.1", port=port,
-                             broker=fleet.member("broker", "mqtt-1").identity)
+                             broker=fleet.member("broker", "mqtt-1").identity,
+                             keepalive=keepalive)
 
 
 def test_a_disconnect_with_a_reason_is_read_and_reported(
@@ -146,5 +150,16 @@ def test_a_takeover_is_reported_as_such(
     assert error is not None and error.reason is Reason.NOT_AUTHORIZED
     assert "0x8e session taken over" in error.detail
     assert revocation_of(error) is None  # not a revocation: the agent retries
+    done.set()
+    device.client.loop_stop()
+
+
+def test_the_configured_keepalive_is_what_connect_asks_for(
+        fleet: Fleet, scripted: tuple[int, Script, threading.Event]) -> None:
+    """mqtt.keepalive_s reaches the wire (the agent passes it as ``keepalive``)."""
+    port, script, done = scripted
+    device = _device(fleet, port, keepalive=17)
+    device.connect()
+    assert script.keepalive == 17
     done.set()
     device.client.loop_stop()
