@@ -576,6 +576,28 @@ def scaling(report: Report, fleet: Any, workdir: Path, quick: bool) -> None:
     report.info["scaling"] = figures
 
 
+def renewals(report: Report, fleet: Any, quick: bool) -> None:
+    """Credential renewals/s at the provisioning service on PostgreSQL (challenge,
+    proof, a new credential signed by the SoftHSM2 authority, the registry rows), 8
+    clients at once."""
+    from device.provisioner import ProvisionerClient, renew
+
+    devices = [fleet.enroll(f"renew-{i:03d}") for i in range(16)]
+    total = 48 if quick else 240
+    client = ProvisionerClient(fleet.service.url)
+
+    def one(i: int) -> None:
+        d = devices[i % len(devices)]
+        renew(client, d.signer, d.serial)
+
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(one, range(total)))
+    wall = time.monotonic() - t0
+    report.rate("renewals_per_s", "renewals/s (provisioning service on PostgreSQL)",
+                total / wall, "/s", f"{total} renewals, 8 clients; SoftHSM2 authority")
+
+
 def revocation_latency(report: Report, fleet: Any, count: int) -> None:
     """``count`` devices, spread over the brokers directly, revoked one by one: revoke
     call -> EOF on the device's socket."""
@@ -644,6 +666,8 @@ def run(args: argparse.Namespace) -> int:
                 if not args.no_scaling:
                     _progress("scaling: handshakes and messages through 1, 2, 3 brokers")
                     scaling(report, fleet, work, args.quick)
+                _progress("renewals on PostgreSQL")
+                renewals(report, fleet, args.quick)
                 _progress(f"revocation latency over {revocations} devices")
                 revocation_latency(report, fleet, revocations)
                 soak(report, fleet, devices=devices, seconds=seconds, rate=args.rate,
