@@ -1,195 +1,136 @@
-"""The provisioning API's OpenAPI 3.1 description, served at /openapi.json."""
+"""The provisioning API's OpenAPI 3.1 document, generated from the service's routes
+(``Operation``, one per route: provisioning.service builds both its Starlette routes
+and this document from the same table) and the pydantic models of
+``provisioning.schemas``. Served at ``/openapi.json``; tests validate it with
+openapi-spec-validator and run schemathesis against the live service with it."""
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
-_B64 = {"type": "string", "contentEncoding": "base64"}
-_OPERATOR = [{"operatorToken": []}]
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+from provisioning import schemas
+
+_REF = "#/components/schemas/{model}"
 
 
-def _obj(required: list[str], **props: Any) -> dict[str, Any]:
-    return {"type": "object", "required": required, "properties": props}
+@dataclass(frozen=True)
+class Operation:
+    """One route of the API: what it takes, what it answers, who may call it."""
+
+    method: str
+    path: str
+    summary: str
+    handler: Any  # async (Call) -> Response; typed in provisioning.service
+    body: type[BaseModel] | None = None
+    query: type[BaseModel] | None = None
+    answer: type[BaseModel] | None = None
+    #: media type of a non-JSON answer (the bundle's PEM, the CRL's DER)
+    media: str | None = None
+    operator: bool = False
+    #: the one-use id field a malformed request still uses up (one try per id)
+    one_use_id: str | None = None
+    path_params: dict[str, dict[str, Any]] = field(default_factory=dict)
+    description: str | None = None
+
+    @property
+    def operation_id(self) -> str:
+        words = re.sub(r"[{}]", "", self.path).strip("/").replace("/", "_").replace(".", "_")
+        return f"{self.method.lower()}_{words or 'root'}"
 
 
-def _op(
-    summary: str, request: dict[str, Any] | None, response: str, secure: bool = True
-) -> dict[str, Any]:
-    op: dict[str, Any] = {
-        "summary": summary,
-        "responses": {
-            "200": {
-                "description": "OK",
-                "content": {
-                    "application/json": {"schema": {"$ref": f"#/components/schemas/{response}"}}
-                },
-            },
-            "default": {
-                "description": "Refused",
-                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
-            },
+def serial_param(description: str = "the device's serial") -> dict[str, Any]:
+    return {"type": "string", "minLength": 1, "maxLength": 64,
+            "pattern": schemas.SERIAL_PATTERN, "description": description}
+
+
+def build_openapi(operations: Sequence[Operation], *, title: str, version: str
+                  ) -> dict[str, Any]:
+    models: list[type[BaseModel]] = [schemas.Error]
+    for op in operations:
+        models += [m for m in (op.body, op.answer) if m is not None]
+    unique = list(dict.fromkeys(models))
+    refs, defs = models_json_schema(
+        [(m, "validation") for m in unique], ref_template=_REF
+    )
+    components = defs.get("$defs", {})
+
+    def ref(model: type[BaseModel]) -> dict[str, Any]:
+        return dict(refs[(model, "validation")])
+
+    error = {"description": "Refused: {error, code, detail}",
+             "content": {"application/json": {"schema": ref(schemas.Error)}}}
+    paths: dict[str, dict[str, Any]] = {}
+    for op in operations:
+        entry: dict[str, Any] = {"operationId": op.operation_id, "summary": op.summary}
+        if op.description:
+            entry["description"] = op.description
+        params: list[dict[str, Any]] = [
+            {"name": name, "in": "path", "required": True, "schema": schema}
+            for name, schema in op.path_params.items()
+        ]
+        if op.query is not None:
+            qschema = op.query.model_json_schema(ref_template=_REF)
+            required = set(qschema.get("required", []))
+            for name, prop in qschema["properties"].items():
+                prop = {k: v for k, v in prop.items() if k != "title"}
+                description = prop.pop("description", None)
+                param: dict[str, Any] = {"name": name, "in": "query",
+                                         "required": name in required, "schema": prop}
+                if description:
+                    param["description"] = description
+                params.append(param)
+        if params:
+            entry["parameters"] = params
+        if op.body is not None:
+            entry["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": ref(op.body)}},
+            }
+        if op.answer is not None:
+            ok: dict[str, Any] = {"description": "OK", "content": {
+                "application/json": {"schema": ref(op.answer)}}}
+        else:
+            media = op.media or "application/octet-stream"
+            ok = {"description": "OK", "content": {media: {
+                "schema": {"type": "object" if media == "application/json" else "string"}}}}
+        entry["responses"] = {"200": ok, "default": error}
+        if op.operator:
+            entry["security"] = [{"operatorToken": []}]
+        paths.setdefault(op.path, {})[op.method.lower()] = entry
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": title,
+            "version": version,
+            "description": "Every refusal is one JSON object {error, code, detail}; "
+                           "error and code name a structauth.errors.Reason.",
+        },
+        "paths": paths,
+        "components": {
+            "schemas": components,
+            "securitySchemes": {"operatorToken": {
+                "type": "http", "scheme": "bearer",
+                "description": "an operator token (tessera init prints the first one)"}},
         },
     }
-    if request is not None:
-        op["requestBody"] = {"required": True, "content": {"application/json": {"schema": request}}}
-    if secure:
-        op["security"] = _OPERATOR
-    return op
 
 
-_ISSUED = _obj(
-    ["serial", "identity", "operational_credential", "bundle"],
-    serial={"type": "string"},
-    identity={"type": "string", "format": "uri"},
-    attestation={"enum": ["tpm-attested", "factory-witnessed"]},
-    enrollment_credential={"type": "string", "description": "PEM"},
-    operational_credential={"type": "string", "description": "PEM"},
-    operational_not_after={"type": "string", "format": "date-time"},
-    bundle={"type": "string", "description": "trust bundle, PEM"},
-)
-_START = _obj(
-    ["serial"],
-    serial={"type": "string", "pattern": "^[A-Za-z0-9._-]{1,64}$"},
-    kind={"enum": ["device", "broker"]},
-    device_class={"type": "string"},
-    reenroll={"type": "boolean"},
-)
+def main() -> int:
+    """``python -m provisioning.openapi``: print the document (docs/openapi.json)."""
+    import json
+    import sys
 
-OPENAPI: dict[str, Any] = {
-    "openapi": "3.1.0",
-    "info": {"title": "Tessera provisioning API", "version": "1"},
-    "components": {
-        "securitySchemes": {"operatorToken": {"type": "http", "scheme": "bearer"}},
-        "schemas": {
-            "Error": _obj(
-                ["error", "code", "detail"],
-                error={"type": "string"},
-                code={"type": "integer"},
-                detail={"type": "string"},
-            ),
-            "Nonce": _obj(["enrollment_id", "nonce"], enrollment_id={"type": "string"}, nonce=_B64),
-            "Challenge": _obj(
-                ["enrollment_id", "challenge"],
-                enrollment_id={"type": "string"},
-                challenge=_obj(
-                    ["credential_blob", "encrypted_secret"],
-                    credential_blob=_B64,
-                    encrypted_secret=_B64,
-                ),
-            ),
-            "Issued": _ISSUED,
-            "Device": {"type": "object"},
-            "Devices": _obj(
-                ["devices"],
-                devices={"type": "array", "items": {"$ref": "#/components/schemas/Device"}},
-            ),
-            "Revocation": _obj(
-                ["id", "serial", "identity", "cert_serials"],
-                id={"type": "integer"},
-                serial={"type": "string"},
-                identity={"type": "string"},
-                cert_serials={"type": "array", "items": {"type": "string"}},
-                reason={"type": "string"},
-                revoked_at={"type": "string", "format": "date-time"},
-            ),
-            "Revocations": _obj(
-                ["events"],
-                events={"type": "array", "items": {"$ref": "#/components/schemas/Revocation"}},
-            ),
-            "RenewalNonce": _obj(
-                ["renewal_id", "nonce"], renewal_id={"type": "string"}, nonce=_B64
-            ),
-        },
-    },
-    "paths": {
-        "/v1/enroll/tpm/start": {"post": _op("Start a TPM-attested enrollment", _START, "Nonce")},
-        "/v1/enroll/tpm/evidence": {
-            "post": _op(
-                "Send TPM evidence (EK cert, EK/AK/key public areas, Certify over the nonce)",
-                _obj(
-                    ["enrollment_id", "evidence"],
-                    enrollment_id={"type": "string"},
-                    evidence={"type": "object"},
-                ),
-                "Challenge",
-            )
-        },
-        "/v1/enroll/tpm/finish": {
-            "post": _op(
-                "Answer the credential-activation challenge; records the device",
-                _obj(["enrollment_id", "secret"], enrollment_id={"type": "string"}, secret=_B64),
-                "Issued",
-            )
-        },
-        "/v1/enroll/witnessed/start": {
-            "post": _op(
-                "Start a factory-witnessed (PKCS#11) enrollment",
-                {
-                    **_START,
-                    "properties": {
-                        **_START["properties"],
-                        "public_key": _B64,
-                        "key_backend": {"enum": ["pkcs11", "insecure-software"]},
-                    },
-                },
-                "Nonce",
-            )
-        },
-        "/v1/enroll/witnessed/finish": {
-            "post": _op(
-                "Prove possession of the token key; records the device",
-                _obj(
-                    ["enrollment_id", "signature"], enrollment_id={"type": "string"}, signature=_B64
-                ),
-                "Issued",
-            )
-        },
-        "/v1/renew/challenge": {
-            "post": _op(
-                "Ask for a renewal nonce",
-                _obj(["serial"], serial={"type": "string"}),
-                "RenewalNonce",
-                secure=False,
-            )
-        },
-        "/v1/renew": {
-            "post": _op(
-                "Renew the operational credential with a hardware signature over the nonce",
-                _obj(["renewal_id", "signature"], renewal_id={"type": "string"}, signature=_B64),
-                "Issued",
-                secure=False,
-            )
-        },
-        "/v1/devices": {"get": _op("List devices", None, "Devices")},
-        "/v1/devices/{serial}": {"get": _op("Show one device", None, "Device")},
-        "/v1/devices/{serial}/revoke": {
-            "post": _op("Revoke a device", _obj([], reason={"type": "string"}), "Revocation")
-        },
-        "/v1/revocations": {
-            "get": {
-                **_op(
-                    "Revocation feed: events after ?since=<id>, long-polling up to ?wait=<s>",
-                    None,
-                    "Revocations",
-                    secure=False,
-                )
-            }
-        },
-        "/v1/bundle": {
-            "get": {
-                "summary": "Trust bundle (PEM)",
-                "responses": {
-                    "200": {"description": "PEM", "content": {"application/x-pem-file": {}}}
-                },
-            }
-        },
-        "/v1/crl": {
-            "get": {
-                "summary": "Signed revocation list (DER)",
-                "responses": {
-                    "200": {"description": "CRL", "content": {"application/pkix-crl": {}}}
-                },
-            }
-        },
-    },
-}
+    from provisioning.service import openapi_document
+
+    sys.stdout.write(json.dumps(openapi_document(), indent=1, sort_keys=True) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
