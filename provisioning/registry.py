@@ -454,6 +454,17 @@ class Registry:
             return None
         return base64.b64decode(row[0])
 
+    def purge_pending(self, now: dt.datetime) -> int:
+        """Delete every expired pending row (the service calls this on a timer, so
+        abandoned steps do not pile up until someone takes one); how many went."""
+        with self._tx() as q:
+            return int(q.run("DELETE FROM pending WHERE expires_at <= ?", _ts(now)).rowcount)
+
+    def count_pending(self) -> int:
+        """Pending rows, expired or not (what the service caps)."""
+        with self._tx(write=False) as q:
+            return int(q.one("SELECT COUNT(*) FROM pending")[0])
+
     def close(self) -> None:
         with suppress(*self._driver_errors):
             self._conn.close()
