@@ -60,5 +60,11 @@ SUBCOMMANDS: dict[str, Subcommand] = {
             "bench.metrics",
             "the broker's metrics on the message path (inc, observe) vs prometheus_client",
         ),
+        Subcommand(
+            "ble",
+            "bench.ble",
+            "Bluetooth LE on the virtual radio: enrollment (radio vs TPM time, batch per "
+            "minute) and SA1 over GATT at MTU 23 and 247",
+        ),
     )
 }

@@ -64,6 +64,7 @@ class GattLink:
         *,
         rx_uuid: str,
         tx_uuid: str,
+        service_uuid: str | None = None,
         backends: Backends = None,
         connect_timeout: float = 10.0,
         write_timeout: float = 5.0,
@@ -75,7 +76,8 @@ class GattLink:
         self.tx_uuid = tx_uuid
         self.write_timeout = write_timeout
         self.retries = retries
-        self._client = BleakClient(target, timeout=connect_timeout,
+        self._client = BleakClient(target, services=[service_uuid] if service_uuid else None,
+                                   timeout=connect_timeout,
                                    disconnected_callback=self._dropped,
                                    backend=backends[1] if backends else None)
         self._reassembler = Reassembler(max_message)
@@ -126,17 +128,23 @@ class GattLink:
             raise LinkError(f"cannot read {uuid}: {exc}") from None
 
     async def send(self, message: bytes) -> None:
+        """Every fragment but the last as a write without response (several go in one
+        connection event), the last with response: the peripheral answers it with an
+        ATT error if any fragment of the message did not fit (it dropped that one and
+        changed nothing), so a message is acknowledged as a whole."""
         self._number = (self._number + 1) & 0x3F
-        for piece in fragment(message, self._number, self.mtu):
-            await self.write_raw(piece)
+        pieces = fragment(message, self._number, self.mtu)
+        for piece in pieces[:-1]:
+            await self.write_raw(piece, response=False)
+        await self.write_raw(pieces[-1])
 
-    async def write_raw(self, piece: bytes) -> None:
+    async def write_raw(self, piece: bytes, *, response: bool = True) -> None:
         """One fragment, retried on timeout; an ATT error from the peripheral raises
         :class:`~structauth.errors.ProtocolError` (it refused the fragment)."""
         for attempt in range(self.retries + 1):
             try:
                 await asyncio.wait_for(
-                    self._client.write_gatt_char(self.rx_uuid, piece, response=True),
+                    self._client.write_gatt_char(self.rx_uuid, piece, response=response),
                     self.write_timeout)
                 self.fragments_out += 1
                 return

@@ -108,7 +108,8 @@ class MessageService:
         self.fragments_out = 0
         self.rx: gatt.Characteristic[bytes] = gatt.Characteristic(
             rx_uuid,
-            gatt.Characteristic.Properties.WRITE,
+            gatt.Characteristic.Properties.WRITE
+            | gatt.Characteristic.Properties.WRITE_WITHOUT_RESPONSE,
             gatt.Characteristic.WRITEABLE,
             gatt.CharacteristicValue[bytes](write=self._on_write),
         )

@@ -337,7 +337,8 @@ class Sa1Central:
 
 def sa1_link(target: Any, *, backends: Any = None, **kwargs: Any) -> GattLink:
     """A :class:`GattLink` to a peripheral's SA1 service."""
-    return GattLink(target, rx_uuid=SA1_RX, tx_uuid=SA1_TX, backends=backends, **kwargs)
+    return GattLink(target, rx_uuid=SA1_RX, tx_uuid=SA1_TX, service_uuid=SA1_SERVICE,
+                    backends=backends, **kwargs)
 
 
 __all__ = ["LastSeenRevocations", "PeerRefusedError", "PeerSession", "Sa1Central",

@@ -217,7 +217,8 @@ class BleStation:
         return [device for device, _ in found]
 
     def _link(self, target: BLEDevice | str) -> GattLink:
-        return GattLink(target, rx_uuid=ENROLL_RX, tx_uuid=ENROLL_TX, backends=self.backends,
+        return GattLink(target, rx_uuid=ENROLL_RX, tx_uuid=ENROLL_TX,
+                        service_uuid=ENROLL_SERVICE, backends=self.backends,
                         write_timeout=self.write_timeout, retries=self.retries)
 
     async def _open(self, target: BLEDevice | str, timing: Timing) -> DeviceSession:

@@ -53,13 +53,19 @@ _Due = tuple[float, Callable[[], None]]
 class TimedLink(LocalLink):
     """bumble's LocalLink with BLE timing: a packet leaves at the next connection
     event (multiples of ``interval`` seconds), or right after the packet before it in
-    the same event, and arrives after its air time. Order per direction is kept."""
+    the same event (at most ``per_event`` packets per event and direction), and arrives
+    after its air time. Order per direction is kept."""
 
-    def __init__(self, interval: float = 0.0, bitrate: int = PHY_1M) -> None:
+    def __init__(self, interval: float = 0.0, bitrate: int = PHY_1M,
+                 per_event: int = 6) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.interval = interval
         self.bitrate = bitrate
+        #: packets one direction sends in one connection event (controllers cap the
+        #: event length; 4 to 8 is what phones and Pi-class controllers do)
+        self.per_event = per_event
         self._free: dict[tuple[int, int], float] = {}
+        self._in_event: dict[tuple[int, int], int] = {}
         self._queues: dict[tuple[int, int], collections.deque[_Due]] = {}
         #: seconds of air time and packets carried (benchmarks read these)
         self.air_time = 0.0
@@ -80,10 +86,15 @@ class TimedLink(LocalLink):
         now = loop.time()
         key = (id(sender), id(destination))
         free = self._free.get(key, 0.0)
-        if free > now:  # the same connection event goes on
-            due = free + airtime
+        if free > now and self._in_event.get(key, 0) < self.per_event:
+            due = free + airtime  # the same connection event goes on
+            self._in_event[key] = self._in_event.get(key, 0) + 1
         else:
-            due = math.ceil(now / self.interval) * self.interval + airtime
+            start = max(now, free)
+            due = math.ceil(start / self.interval) * self.interval + airtime
+            if due - airtime <= free:  # that event is full: the next one
+                due += self.interval
+            self._in_event[key] = 1
         self._free[key] = due
         source = sender.random_address
         queue = self._queues.setdefault(key, collections.deque())
@@ -204,6 +215,10 @@ class BumbleClient(BaseBleakClient):
         self._connection: Connection | None = None
         self._peer: Peer | None = None
         self._subscribers: dict[int, Callable[[bytes], None]] = {}
+        #: BleakClient(services=...): discover only these (as BlueZ does with its cache
+        #: and CoreBluetooth with discoverServices:), which saves round trips
+        wanted = kwargs.get("services")
+        self._wanted: list[str] | None = sorted(wanted) if wanted else None
 
     @property
     def name(self) -> str:
@@ -230,7 +245,14 @@ class BumbleClient(BaseBleakClient):
         # BlueZ and CoreBluetooth exchange the MTU on their own when connecting
         if self.mtu_request > 23:
             await peer.request_mtu(self.mtu_request)
-        await peer.discover_all()  # type: ignore[no-untyped-call]
+        if self._wanted is None:
+            await peer.discover_all()  # type: ignore[no-untyped-call]
+        else:
+            for wanted in self._wanted:
+                for service in await peer.discover_service(core.UUID(wanted)):
+                    await peer.discover_characteristics(service=service)
+                    for char in service.characteristics:
+                        await peer.discover_descriptors(characteristic=char)
         self.services = self._collection(peer)
 
     def _on_disconnection(self, *args: Any) -> None:

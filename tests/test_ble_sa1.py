@@ -228,6 +228,15 @@ def test_attacking_central_gets_nothing_before_msg3(world: World) -> None:
                 await attacker2.write_raw(junk)
             assert exc.value.reason is Reason.MALFORMED
         assert peripheral.service.refused == 3
+        # a message whose middle fragment (a write without response: no answer of its
+        # own) does not fit is refused as a whole on its last fragment
+        pieces = gatt.fragment(b"\x10" + bytes(100), 9, 23)
+        await attacker2.write_raw(pieces[0], response=False)
+        await attacker2.write_raw(bytes((9, 7)) + pieces[1][2:], response=False)
+        for piece in pieces[2:-1]:
+            await attacker2.write_raw(piece, response=False)
+        with pytest.raises(ProtocolError):
+            await attacker2.write_raw(pieces[-1])
         await attacker2.close()
 
         await central.link.send(captured)
