@@ -47,6 +47,10 @@ from structauth.errors import (
 log = logging.getLogger("tessera.agent.enrollment")
 
 MAX_BODY = 64 * 1024
+#: a body over MAX_BODY but not over this is read and dropped before the refusal (a
+#: larger one, or a Content-Length that is not a number, is left unread: the connection
+#: closes, and the kernel may reset it before the client reads the answer)
+DRAIN_MAX = 1024 * 1024
 
 
 def new_pairing_code() -> str:
@@ -69,6 +73,7 @@ class EnrollmentEndpoint:
         host: str = "127.0.0.1",
         port: int = 0,
         code: str | None = None,
+        timeout: float = 30.0,
     ) -> None:
         self.tpm = tpm
         self.serial = serial
@@ -77,6 +82,7 @@ class EnrollmentEndpoint:
         self.enrolled = threading.Event()
         self.issued: dict[str, Any] | None = None
         self._lock = threading.Lock()  # one TPM, one request at a time
+        self.timeout = timeout  # a client silent this long mid-request is dropped
         self._server = ThreadingHTTPServer((host, port), self._handler())
         self._server.daemon_threads = True
 
@@ -132,17 +138,38 @@ class EnrollmentEndpoint:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # socket timeout: a request line, header or body that stops arriving ends
+            # the connection (http.server catches the timeout and closes quietly)
+            timeout = endpoint.timeout
 
             def log_message(self, format: str, *args: Any) -> None:
                 log.debug(format, *args)
 
             def _reply(self, status: int, data: dict[str, Any]) -> None:
+                if status != 200:
+                    self.close_connection = True  # one refusal per connection
                 raw = json.dumps(data).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(raw)))
-                self.end_headers()
-                self.wfile.write(raw)
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(raw)))
+                    if self.close_connection:
+                        self.send_header("Connection", "close")
+                    self.end_headers()
+                    self.wfile.write(raw)
+                except OSError as exc:  # the client left before its answer: one line
+                    self.close_connection = True
+                    log.info("client %s left before its answer: %s", self.client_address[0],
+                             exc.strerror or type(exc).__name__)
+
+            def send_error(self, code: int, message: str | None = None,
+                           explain: str | None = None) -> None:
+                """http.server's own refusals (a request line or header it cannot
+                parse, too long, an unknown method) as the endpoint's JSON, not HTML."""
+                self.close_connection = True
+                self._reply(code, {"error": Reason.MALFORMED.name.lower(),
+                                   "code": int(Reason.MALFORMED),
+                                   "detail": message or explain or "bad request"})
 
             def _handle(self, method: str) -> None:
                 given = self.headers.get("Authorization", "")
@@ -158,14 +185,25 @@ class EnrollmentEndpoint:
                     except ValueError:
                         length = -1
                     if not 0 <= length <= MAX_BODY:
-                        self.close_connection = True  # the body is left unread
+                        self.close_connection = True
+                        if MAX_BODY < length <= DRAIN_MAX:
+                            # read and drop it: closing on an unread body resets the
+                            # connection, and the client may never see why
+                            left = length
+                            while left > 0 and (chunk := self.rfile.read(min(left, 65536))):
+                                left -= len(chunk)
                         raise EnrollmentError("request body too large or Content-Length not "
                                               "a number", Reason.MALFORMED)
                     raw = self.rfile.read(length) if length else b"{}"
-                    try:
-                        body = json.loads(raw)
-                    except (ValueError, RecursionError):  # not JSON, or nested too deep
-                        body = None
+                    if len(raw) < length:
+                        raise EnrollmentError("request body shorter than its Content-Length",
+                                              Reason.MALFORMED)
+                    body = None
+                    if not _too_deep(raw):
+                        try:
+                            body = json.loads(raw)
+                        except (ValueError, RecursionError):  # not JSON (or a backstop)
+                            body = None
                     if not isinstance(body, dict):
                         raise EnrollmentError("request body must be a JSON object",
                                               Reason.MALFORMED)
@@ -177,6 +215,13 @@ class EnrollmentEndpoint:
                 except TesseraError as exc:
                     log.warning("refused %s %s: %s", method, self.path, exc)
                     return self._reply(400, _error(exc))
+                except Exception as exc:  # a fault of ours: a JSON 500, one log line
+                    log.error("failed %s %s: %s: %s", method, self.path,
+                              type(exc).__name__, exc)
+                    return self._reply(500, {"error": Reason.INVALID_STATE.name.lower(),
+                                             "code": int(Reason.INVALID_STATE),
+                                             "detail": "the device failed to answer; see "
+                                                       "its log"})
                 self._reply(200, answer)
 
             def do_GET(self) -> None:
@@ -185,11 +230,51 @@ class EnrollmentEndpoint:
             def do_POST(self) -> None:
                 self._handle("POST")
 
+            def _not_allowed(self) -> None:
+                log.warning("refused %s %s from %s: method not allowed", self.command,
+                            self.path, self.client_address[0])
+                self.close_connection = True  # any body is left unread
+                self._reply(405, {"error": Reason.MALFORMED.name.lower(),
+                                  "code": int(Reason.MALFORMED),
+                                  "detail": f"{self.command} is not allowed here "
+                                            "(GET or POST)"})
+
+            do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _not_allowed
+            do_TRACE = do_CONNECT = _not_allowed
+
         return Handler
 
 
 class _NotFound(Exception):
     pass
+
+
+#: deepest JSON nesting a request may have (the deepest genuine one has 2 levels)
+MAX_DEPTH = 32
+
+
+def _too_deep(raw: bytes, limit: int = MAX_DEPTH) -> bool:
+    """Does JSON text nest brackets deeper than ``limit``? Counted outside strings, so
+    json.loads is never asked to recurse that far."""
+    depth = 0
+    in_string = escaped = False
+    for byte in raw:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            if depth > limit:
+                return True
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return False
 
 
 def _error(exc: TesseraError) -> dict[str, Any]:
