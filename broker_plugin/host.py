@@ -21,6 +21,9 @@ Options (``plugin_opt_<name>`` in mosquitto.conf; ``tessera broker config`` writ
                   the revoked set and feed position kept across restarts, and what
                   a feed unreachable for longer than the grace means for new
                   handshakes (broker_plugin/revocation_store.py)
+    quarantine_database
+                  postgresql:// URL shared by replicas: a quarantine decided at one
+                  is entered at the others (broker_plugin/quarantine_store.py)
     cafile        CA bundle for the provisioner's TLS certificate
     audit_log     JSON-lines audit log path (hash-chained)
     direct        comma-separated topic templates that name one recipient device with
@@ -553,6 +556,11 @@ def plugin_init(options: dict[str, str]) -> None:
     audit_alarm = AuditAlarm(audit, enforcer.metrics) \
         if audit is not None and enforcer.metrics is not None else None
     feed = RevocationFeed(options, enforcer) if options.get("provisioner") else None
+    from broker_plugin.quarantine_store import QuarantineShare
+
+    quarantine = QuarantineShare.from_options(options, enforcer.responder.identity.uri)
+    if quarantine is not None:
+        quarantine.start()
     if feed is None:
         from broker_plugin.revocation_store import parse_feed_options
 
@@ -566,6 +574,7 @@ def plugin_init(options: dict[str, str]) -> None:
     gc.freeze()
     gc.set_threshold(GC_THRESHOLD, 20, 20)
     _state.update(enforcer=enforcer, signer=signer, feed=feed, audit_alarm=audit_alarm,
+                  quarantine=quarantine,
                   audit=audit, options=options, metrics_server=metrics_server,
                   identity_digest=_identity_files_digest(options), nonces=nonces)
 
@@ -574,6 +583,9 @@ def plugin_cleanup() -> None:
     feed = _state.get("feed")
     if feed is not None:
         feed.close()
+    quarantine = _state.get("quarantine")
+    if quarantine is not None:
+        quarantine.close()
     audit = _state.get("audit")
     if audit is not None:
         audit.close()
@@ -689,6 +701,9 @@ def on_tick() -> list[tuple[Any, ...]]:
     audit_alarm = _state.get("audit_alarm")
     if audit_alarm is not None:
         audit_alarm.check(time.monotonic())
+    quarantine = _state.get("quarantine")
+    if quarantine is not None:
+        quarantine.tick(enforcer, time.monotonic())
     nonces = _state.get("nonces")
     if nonces is not None:
         nonces.tick(time.monotonic())

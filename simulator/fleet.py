@@ -281,6 +281,7 @@ class BrokerFleet:
                 key=f"insecure-software:{key_path}", audit_log=str(d / "audit.jsonl"),
                 metrics_port=str(port), provisioner=self.service.url,
                 nonce_database=self.database_url, nonce_file=str(d / "nonces"),
+                quarantine_database=self.database_url,
                 revocation_file=str(d / "revocations.json"), **self.broker_options)
             self.metrics_ports.append(port)
             self.brokers.append(Mosquitto(d / "mosquitto", plugin_options=options,

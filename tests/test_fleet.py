@@ -5,6 +5,7 @@ nonce table, following one revocation feed (simulator.fleet.BrokerFleet, what
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import signal
@@ -19,10 +20,10 @@ from typing import Any
 
 import pytest
 
-from bench.broker import Conn, connect_packet
+from bench.mqtt_wire import Conn, connect_packet, sa1_connect
 from device.agent import Agent
 from device.mqtt import MqttError, TesseraMqttClient
-from simulator.fleet import BrokerFleet
+from simulator.fleet import BrokerFleet, Member
 from tests.support import wait_for
 
 pytestmark = pytest.mark.broker
@@ -158,6 +159,39 @@ def test_a_revocation_cuts_the_session_at_whichever_broker_holds_it(
                 fleet.client(d, port=port).connect(timeout=5)
     print("\nrevoke call -> disconnect at brokers 0, 1, 2: "
           + ", ".join(f"{1000 * x:.0f} ms" for x in cut))
+
+
+def test_a_quarantine_at_one_broker_holds_at_every_broker(fleet: BrokerFleet) -> None:
+    """A device floods broker 0 with forged proofs (500 rejections quarantine it there,
+    and cut its session); the quarantine goes through the shared table, so its next
+    handshake is refused at brokers 1 and 2 too (audited there with cause replica),
+    while another device is welcome everywhere."""
+    from structauth.mqtt_binding import packet, seal
+    from structauth.wire import var16
+
+    bad, good = fleet.enroll("pi-flood"), fleet.enroll("pi-calm")
+    assert fleet.trust is not None and fleet.identity is not None
+    conn, session = sa1_connect(fleet.broker_ports[0], Member(bad.signer, bad.credential),
+                                fleet.trust, fleet.identity)
+    topic = "devices/pi-flood/telemetry/t"
+    with contextlib.suppress(OSError):  # the broker cuts it part-way
+        for _ in range(520):
+            body = bytearray(seal(session, topic, b"x", time.monotonic()))
+            body[-1] ^= 1  # a forged tag
+            conn.sock.sendall(packet(0x30, var16(topic.encode()) + b"\x00" + bytes(body)))
+    wait_for(lambda: [r for r in fleet.audit(0, "quarantined")
+                      if r["identity"] == bad.identity.uri], 10, "the quarantine at broker 0")
+    conn.sock.close()
+    for i in (1, 2):
+        wait_for(lambda i=i: [r for r in fleet.audit(i, "quarantined")  # type: ignore[misc]
+                              if r["identity"] == bad.identity.uri
+                              and r["cause"] == "replica"], 5, f"the quarantine at broker {i}")
+    for port in fleet.broker_ports:
+        with pytest.raises(ConnectionError, match="refused"):
+            sa1_connect(port, Member(bad.signer, bad.credential), fleet.trust, fleet.identity)
+        ok, _ = sa1_connect(port, Member(good.signer, good.credential), fleet.trust,
+                            fleet.identity)
+        ok.close()
 
 
 def test_an_agent_moves_when_its_broker_dies_and_its_buffered_qos1_arrive(

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from bench.broker import Conn, sa1_connect
+from bench.mqtt_wire import Conn, sa1_connect
 from device.agent import Agent
 from device.mqtt import TesseraMqttClient
 from hw.software import InsecureSoftwareSigner
