@@ -4,6 +4,7 @@
     tessera-agent enrollment-endpoint --serial S --tpm TCTI [--listen HOST:PORT]
     tessera-agent renew  --provisioner URL [--watch]
     tessera-agent run    --config /etc/tessera/agent.toml
+    tessera-agent persist-key --handle 0x81000010   (TPM: the key at a persistent handle)
 
 Enrollment runs at the factory: either on the device with the operator's token
 (TESSERA_OPERATOR_TOKEN), or from the station (`tessera enroll --device URL`) while the
@@ -190,6 +191,26 @@ def cmd_enrollment_endpoint(args: argparse.Namespace) -> None:
     _enrolled(args, endpoint.issued)
 
 
+def cmd_persist_key(args: argparse.Namespace) -> None:
+    from device.state import DEVICE_KEY_NAME, DeviceState
+    from hw.tpm import TpmBackend
+
+    try:
+        handle = int(args.handle, 16)
+    except ValueError:
+        raise ConfigurationError(f"--handle {args.handle!r}: expected a hex handle such as "
+                                 "0x81000010") from None
+    state = DeviceState.load(args.state_dir)
+    if state.settings["backend"] != "tpm":
+        raise ConfigurationError(f"{args.state_dir / 'agent.json'}: the device key is not in "
+                                 "a TPM (backend 'pkcs11'); persist-key is for TPM keys")
+    with TpmBackend(state.settings["tcti"], state.settings["key_dir"]) as backend:
+        backend.persist_key(DEVICE_KEY_NAME, handle)
+    _emit(args, f"device key at persistent handle 0x{handle:08x} (tpm2_sign -c "
+          f"0x{handle:08x}); the agent uses it from its next start",
+          handle=f"0x{handle:08x}", key=DEVICE_KEY_NAME)
+
+
 def renew_due(args: argparse.Namespace) -> dt.datetime:
     """When the current operational credential should be renewed: once two thirds of
     its lifetime have passed."""
@@ -337,6 +358,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="read the pairing code from here, or write a new one here")
     e.add_argument("--timeout", type=float, default=None, help="give up after SECONDS")
     e.set_defaults(func=cmd_enrollment_endpoint)
+    k = sub.add_parser("persist-key", parents=[common],
+                       help="make the TPM device key a persistent object at a handle you "
+                            "choose (for tpm2-tools / OpenSSL on the device)")
+    k.add_argument("--handle", required=True, help="owner range 0x81000000-0x817fffff")
+    k.add_argument("--state-dir", type=Path, default=STATE_DIR)
+    k.set_defaults(func=cmd_persist_key)
     run = sub.add_parser("run", help="keep this device connected to its MQTT broker",
                          parents=[common])
     run.add_argument("--config", type=Path, default=Path("/etc/tessera/agent.toml"),

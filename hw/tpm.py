@@ -104,6 +104,7 @@ from structauth.errors import (
 
 __all__ = [
     "EK_CERT_INDICES",
+    "HANDLE_FILE_SUFFIX",
     "KEY_FILE_SUFFIX",
     "TpmAttestationKey",
     "TpmBackend",
@@ -112,6 +113,8 @@ __all__ = [
 ]
 
 KEY_FILE_SUFFIX = ".tpmkey"
+#: beside a key file: the persistent handle the operator put the key at (persist_key)
+HANDLE_FILE_SUFFIX = ".handle"
 _T = TypeVar("_T")
 
 #: (NV index of the EK certificate, TCG EK template, usual persistent EK handle), in the
@@ -267,6 +270,17 @@ def parse_tcti(tcti: str) -> tuple[str, str | None]:
     if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
         raise ConfigurationError(f"bad TCTI name {name!r} in {tcti!r}; expected 'name:conf'")
     return name, (conf if sep else None)
+
+
+def _check_persistent(handle: int) -> int:
+    if isinstance(handle, bool) or not isinstance(handle, int) or not (
+        0x81000000 <= handle <= 0x817FFFFF
+    ):
+        raise StateError(
+            f"persistent handle {handle!r} is outside the owner range 0x81000000-0x817fffff "
+            "(e.g. 0x81000010)",
+            Reason.BAD_PARAMETERS)
+    return handle
 
 
 def _check_name(name: str) -> str:
@@ -543,6 +557,10 @@ class TpmBackend:
         #: orphans, flushed through the next connection if the TPM still holds them.
         self._objects: dict[int, tuple[int, bytes]] = {}
         self._orphans: list[tuple[int, bytes]] = []
+        #: keys the operator made persistent (persist_key), by public area: TPM handle
+        self._persist_at: dict[bytes, int] = {}
+        #: ESYS handles of persistent objects: closed, never flushed
+        self._persistent: set[int] = set()
         self._pinned: set[bytes] = set()  # cached keys in use by the running command
         self._ek: _EkChoice | None = None
         with self._lock:
@@ -565,6 +583,7 @@ class TpmBackend:
         (BAD_SEQUENCE), so a broken context is never reused: the next call connects
         afresh."""
         self._loaded.clear()
+        self._persistent.clear()
         self._orphans.extend(self._objects.values())
         self._objects.clear()
         esapi, tcti = self._esapi, self._tcti_ctx
@@ -725,6 +744,11 @@ class TpmBackend:
         return handle
 
     def _flush(self, esapi: ESAPI, handle: ESYS_TR) -> None:
+        if int(handle) in self._persistent:  # the operator's persistent key stays put
+            self._persistent.discard(int(handle))
+            with contextlib.suppress(Exception):
+                esapi.tr_close(handle)
+            return
         try:
             esapi.flush_context(handle)
         except Exception:
@@ -946,13 +970,102 @@ class TpmBackend:
         return TpmSigner(self, name, self._create(name, _KIND_SIGNING))
 
     def load_signing_key(self, name: str) -> TpmSigner:
-        """Open an existing signing key; raises KEY_NOT_FOUND if there is none."""
+        """Open an existing signing key; raises KEY_NOT_FOUND if there is none. A key
+        made persistent (:meth:`persist_key`) is used at its handle, not loaded."""
         keyfile = self._read_keyfile(name, _KIND_SIGNING)
+        handle = self._read_handle(name)
+        if handle is not None:
+            self._persist_at[keyfile.public] = handle
         with self._tpm(f"load of key {name!r}") as esapi:
             # Load now, so a blob this TPM cannot use is reported here, not at first use.
             if keyfile.public not in self._loaded:
-                self._loaded[keyfile.public] = self._load(esapi, keyfile, name)
+                self._loaded[keyfile.public] = self._resolve(esapi, keyfile, name)
         return TpmSigner(self, name, keyfile)
+
+    # -- persistent keys ----------------------------------------------------------
+
+    def _handle_path(self, name: str) -> Path:
+        return self.key_dir / f"{_check_name(name)}{HANDLE_FILE_SUFFIX}"
+
+    def _read_handle(self, name: str) -> int | None:
+        path = self._handle_path(name)
+        try:
+            text = path.read_text().strip()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise KeyBackendError(f"cannot read {path}: {exc.strerror}",
+                                  Reason.KEY_NOT_FOUND) from None
+        try:
+            return _check_persistent(int(text, 16))
+        except (ValueError, StateError):
+            raise KeyBackendError(
+                f"{path} does not hold a persistent handle (0x81000000-0x817fffff): "
+                f"{text[:20]!r}; fix it, or delete it to load the key from its file",
+                Reason.KEY_NOT_FOUND) from None
+
+    def _resolve(self, esapi: ESAPI, keyfile: _KeyFile, name: str) -> ESYS_TR:
+        """The key's handle for this connection: its persistent handle (checked to
+        hold this very key), else a transient load of its file."""
+        persistent = self._persist_at.get(keyfile.public)
+        if persistent is None:
+            return self._load(esapi, keyfile, name)
+        try:
+            handle = esapi.tr_from_tpmpublic(persistent)
+        except TSS2_Exception as exc:
+            if int(exc.rc) & _LAYER_MASK != 0 or _base_rc(int(exc.rc)) != int(TPM2_RC.HANDLE):
+                raise
+            raise KeyBackendError(
+                f"key {name!r} should be at persistent handle 0x{persistent:08x}, which is "
+                f"empty: persist it again (tessera-agent persist-key), or delete "
+                f"{self._handle_path(name)} to load it from its file",
+                Reason.KEY_NOT_FOUND) from None
+        if bytes(esapi.tr_get_name(handle)) != keyfile.tpm_name():
+            with contextlib.suppress(Exception):
+                esapi.tr_close(handle)
+            raise KeyBackendError(
+                f"persistent handle 0x{persistent:08x} holds another key than {name!r}; "
+                f"delete {self._handle_path(name)} to load the key from its file",
+                Reason.KEY_NOT_FOUND)
+        self._persistent.add(int(handle))
+        return handle
+
+    def persist_key(self, name: str, handle: int) -> None:
+        """Make signing key ``name`` a persistent object at ``handle`` (owner range
+        0x81000000-0x817fffff), where tpm2-tools and the tpm2 OpenSSL provider use it
+        directly (``tpm2_sign -c 0x81000010``, ``handle:0x81000010``). The key file
+        stays (the key's public area, and the way back); ``<name>.handle`` records the
+        handle, and every later load uses it. Idempotent for the same key."""
+        _check_persistent(handle)
+        keyfile = self._read_keyfile(name, _KIND_SIGNING)
+        with self._tpm(f"persisting key {name!r} at 0x{handle:08x}") as esapi:
+            if handle in self._handles(esapi, TPM2_HT.PERSISTENT):
+                there = esapi.tr_from_tpmpublic(handle)
+                try:
+                    same = bytes(esapi.tr_get_name(there)) == keyfile.tpm_name()
+                finally:
+                    with contextlib.suppress(Exception):
+                        esapi.tr_close(there)
+                if not same:
+                    raise KeyBackendError(
+                        f"persistent handle 0x{handle:08x} already holds another object; "
+                        "choose a free one ('tpm2_getcap handles-persistent' lists those in "
+                        "use)", Reason.BAD_PARAMETERS)
+            else:
+                with self._transient(esapi, keyfile, name) as transient:
+                    made = esapi.evict_control(ESYS_TR.OWNER, transient, handle)
+                    with contextlib.suppress(Exception):
+                        esapi.tr_close(made)
+        path = self._handle_path(name)
+        tmp = path.with_name(f".{path.name}.tmp")
+        try:
+            tmp.write_text(f"0x{handle:08x}\n")
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise KeyBackendError(f"cannot write {path}: {exc.strerror}",
+                                  Reason.BACKEND_FAILURE) from None
+        self._forget(keyfile)  # the next use resolves the persistent handle
+        self._persist_at[keyfile.public] = handle
 
     def get_or_create_signing_key(self, name: str) -> TpmSigner:
         if self._key_path(name).exists():
@@ -999,7 +1112,7 @@ class TpmBackend:
                 handle = self._loaded.get(keyfile.public)
                 cached = handle is not None
                 if handle is None:
-                    handle = self._load(esapi, keyfile, "signing key")
+                    handle = self._resolve(esapi, keyfile, "signing key")
                     self._loaded[keyfile.public] = handle
                 try:
                     signature = esapi.sign(handle, TPM2B_DIGEST(digest), _sig_scheme(), validation)

@@ -22,11 +22,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from device import cli
 from device.agent import EXIT_REVOKED, Agent, AgentConfig, revocation_of
 from device.mqtt import MqttError
+from device.state import DeviceState
 from hw.tpm import TpmBackend
 from simulator.fleet import Fleet
 from simulator.provisioner import free_port
@@ -295,3 +299,24 @@ def test_revocation_of_reads_reasons_and_reason_strings() -> None:
     assert revocation_of(MqttError("Not authorized", Reason.NOT_AUTHORIZED)) is None
     assert revocation_of(None) is None
     assert revocation_of(OSError("revoked")) is None
+
+
+def test_persist_key_puts_the_device_key_at_the_operators_handle(tmp_path: Path) -> None:
+    with Swtpm(ek_certs=False) as tpm:  # its own TPM: the handle outlives the test
+        dev = Device(tmp_path, tpm)
+        done = _agent("persist-key", "--handle", "0x81000010", "--state-dir", str(dev.state),
+                      "--json")
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout) == {"handle": "0x81000010", "key": "tessera-device"}
+        assert (dev.state / "keys" / "tessera-device.handle").read_text() == "0x81000010\n"
+        # the agent's own way of opening its key now uses the handle
+        signer = DeviceState.load(dev.state).signer()
+        try:
+            digest = bytes(32)
+            signer.public_key().verify(signer.sign_digest(digest), digest,
+                                       ec.ECDSA(Prehashed(hashes.SHA256())))
+        finally:
+            signer.close()
+        bad = _agent("persist-key", "--handle", "0x01000010", "--state-dir", str(dev.state))
+        assert bad.returncode == 1 and len(bad.stderr.splitlines()) == 1
+        assert "outside the owner range 0x81000000-0x817fffff" in bad.stderr

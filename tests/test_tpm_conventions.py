@@ -348,3 +348,72 @@ def test_libtss2_prints_nothing_for_handled_conditions(user_setting: str | None)
         assert done.stderr == ""
     else:  # the operator asked for libtss2's lines: they are not swallowed
         assert "WARNING:" in done.stderr or "ERROR:" in done.stderr
+
+
+# -- a persistent handle chosen by the operator ---------------------------------------------
+
+HANDLE = 0x81000010
+
+
+def _persistent_handles(tpm: Swtpm) -> list[int]:
+    name, conf = parse_tcti(tpm.tcti)
+    esapi = ESAPI(TCTILdr(name, conf))
+    try:
+        _, data = esapi.get_capability(TPM2_CAP.HANDLES, TPM2_HT.PERSISTENT << 24, 16)
+        handles = data.data.handles
+        return [int(handles.handle[i]) for i in range(handles.count)]
+    finally:
+        esapi.close()
+
+
+@pytest.mark.skipif(shutil.which("tpm2_sign") is None, reason="tpm2-tools not installed")
+def test_key_at_a_persistent_handle_serves_tpm2_tools_and_us(
+        bare_swtpm: Swtpm, tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    with TpmBackend(bare_swtpm.tcti, keys) as backend:
+        signer = backend.create_signing_key("device")
+        backend.persist_key("device", HANDLE)
+        backend.persist_key("device", HANDLE)  # idempotent
+        public = signer.public_key()
+        public.verify(signer.sign_digest(DIGEST), DIGEST, PREHASHED)
+    assert (keys / "device.handle").read_text() == "0x81000010\n"
+    assert _persistent_handles(bare_swtpm) == [HANDLE]
+    (tmp_path / "digest").write_bytes(DIGEST)
+    done = subprocess.run(
+        ["tpm2_sign", "-c", "0x81000010", "-g", "sha256", "-d", "-f", "plain", "-o",
+         "signature", "digest"], cwd=tmp_path, capture_output=True, text=True,
+        env=dict(os.environ, TPM2TOOLS_TCTI=bare_swtpm.tcti))
+    assert done.returncode == 0, done.stderr
+    public.verify((tmp_path / "signature").read_bytes(), DIGEST, PREHASHED)
+    # a new backend (the agent after a restart) signs at the handle: nothing is loaded
+    with TpmBackend(bare_swtpm.tcti, keys) as backend:
+        again = backend.load_signing_key("device")
+        public.verify(again.sign_digest(DIGEST), DIGEST, PREHASHED)
+        assert _transient_handles(bare_swtpm) == []
+    assert _persistent_handles(bare_swtpm) == [HANDLE]  # closing did not evict it
+
+
+def test_persistent_handle_refusals(bare_swtpm: Swtpm, tmp_path: Path) -> None:
+    from structauth.errors import StateError
+
+    with TpmBackend(bare_swtpm.tcti, tmp_path) as backend:
+        backend.create_signing_key("one")
+        backend.create_signing_key("two")
+        with pytest.raises(StateError, match="outside the owner range"):
+            backend.persist_key("one", 0x81800001)  # the platform's range
+        backend.persist_key("one", HANDLE)
+        with pytest.raises(KeyBackendError) as taken:
+            backend.persist_key("two", HANDLE)
+        assert taken.value.reason == Reason.BAD_PARAMETERS
+        assert "already holds another object" in taken.value.detail
+        assert not (tmp_path / "two.handle").exists()
+        # a handle file naming a handle that holds another key: refused, not used
+        (tmp_path / "two.handle").write_text("0x81000010\n")
+        with pytest.raises(KeyBackendError) as wrong:
+            backend.load_signing_key("two")
+        assert wrong.value.reason == Reason.KEY_NOT_FOUND
+        assert "holds another key than 'two'" in wrong.value.detail
+        (tmp_path / "two.handle").write_text("0x81000011\n")  # empty handle
+        with pytest.raises(KeyBackendError, match="which is empty"):
+            backend.load_signing_key("two")
+    assert _persistent_handles(bare_swtpm) == [HANDLE]
