@@ -26,13 +26,15 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-from device.ble_central import Backends
-from device.provisioner import CredentialStore, ProvisionerClient
-from provisioning.ble_station import BleStation, Enrolled, one_line, serial_of
 from structauth.errors import ConfigurationError, Reason, TesseraError
 from structauth.gatt import normalize_code
+
+if TYPE_CHECKING:  # bleak is imported only when --ble runs (the ble extra is optional)
+    from device.ble_central import Backends
+    from device.provisioner import ProvisionerClient
+    from provisioning.ble_station import BleStation, Enrolled
 
 CODE_ENV = "TESSERA_LABEL_CODE"
 
@@ -87,6 +89,10 @@ def _bar(done: int, total: int, note: str, err: TextIO, width: int = 30) -> None
           end="", file=err, flush=True)
 
 
+def one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
 def _summary(done: Enrolled) -> dict[str, Any]:
     return {"serial": done.serial, "ok": True, "identity": done.issued["identity"],
             "address": done.address, "mtu": done.mtu, "resumed": done.resumed,
@@ -98,6 +104,8 @@ async def run_async(args: argparse.Namespace, client: ProvisionerClient, *,
                     err: TextIO = sys.stderr) -> int:
     """The command; returns the exit status. ``backends``: bleak backend classes (tests:
     the virtual radio's; None: the platform's)."""
+    from device.provisioner import CredentialStore
+    from provisioning.ble_station import BleStation
     if getattr(args, "tpm", None) or getattr(args, "pkcs11", None) or getattr(
             args, "device", None):
         raise ConfigurationError("--ble enrolls a device in radio range: leave out "
@@ -145,6 +153,9 @@ async def run_async(args: argparse.Namespace, client: ProvisionerClient, *,
 
 async def _batch(args: argparse.Namespace, station: BleStation, out: TextIO,
                  err: TextIO) -> int:
+    from device.provisioner import CredentialStore
+    from provisioning.ble_station import serial_of
+
     manifest = _manifest(args.batch)
     found = await station.scan(timeout=args.scan_time)
     results: list[dict[str, Any]] = []
@@ -231,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def client_for(args: argparse.Namespace) -> ProvisionerClient:
+    from device.provisioner import ProvisionerClient
+
     token = os.environ.get("TESSERA_OPERATOR_TOKEN")
     if args.token_file:
         try:

@@ -70,9 +70,12 @@ class DeviceRefused(EnrollmentError):
 class Timing:
     """Where an enrollment's time went (seconds): ``device_tpm`` as the device
     measured it, ``radio`` the rest of the device steps' round trips (GATT, framing,
-    waiting on connection events), ``service`` the provisioning service's calls."""
+    waiting on connection events), ``service`` the provisioning service's calls,
+    ``connect`` making the connection (LE connection, MTU exchange, service discovery,
+    subscribing), ``queue`` waiting for another device's connection attempt."""
 
     total: float = 0.0
+    queue: float = 0.0
     connect: float = 0.0
     radio: float = 0.0
     device_tpm: float = 0.0
@@ -228,8 +231,10 @@ class BleStation:
         # one connection attempt at a time: a controller (bumble's, and most real ones
         # behind BlueZ) creates LE connections one after the other
         async with self._connecting:
+            connecting = time.perf_counter()
+            timing.queue += connecting - started
             link = await self._link(target).connect()
-        timing.connect += time.perf_counter() - started
+        timing.connect += time.perf_counter() - connecting
         session = DeviceSession(link, self.step_timeout, timing)
         try:
             await session.hello()
