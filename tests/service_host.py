@@ -98,14 +98,15 @@ class Child:
 
 
 @contextmanager
-def child(directory: Path, limits: Limits) -> Iterator[Child]:
-    """The service in a child process; SIGKILLed at the end if still running."""
+def child(directory: Path, limits: Limits, *, peer: bool = False) -> Iterator[Child]:
+    """The service in a child process; SIGKILLed at the end if still running. ``peer``:
+    the app without its Guard on uvicorn's defaults (what the benchmark compares with)."""
     make_service(directory)  # create authority, registry and token here, once
     log = directory / "serve.log"
     with open(log, "ab") as err:
         proc = subprocess.Popen(
             [sys.executable, "-m", "tests.service_host", str(directory),
-             json.dumps(asdict(limits))],
+             "peer" if peer else json.dumps(asdict(limits))],
             stdout=subprocess.PIPE, stderr=err, text=True,
             cwd=Path(__file__).resolve().parent.parent,
             env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -127,11 +128,28 @@ def main(argv: list[str]) -> int:
     from provisioning.server import run_service
 
     directory, limits_json = Path(argv[0]), argv[1]
+    if limits_json == "peer":  # the app as `tessera serve` ran it before: no Guard, no
+        return _peer(directory)  # limits, uvicorn's defaults (bench service_limits)
     limits = Limits(**json.loads(limits_json))
     served = make_service(directory, limits)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s %(message)s")
     return run_service(served.app, host="127.0.0.1", port=0, limits=limits,
                        on_ready=lambda url: print(url, flush=True))
+
+
+def _peer(directory: Path) -> int:
+    import logging
+
+    import uvicorn
+
+    from provisioning.server import _listen
+
+    served = make_service(directory, Limits(max_body=2**40, long_poll_max_s=60))
+    logging.basicConfig(level=logging.WARNING)
+    sock = _listen("127.0.0.1", 0, 2048)
+    print(f"http://127.0.0.1:{sock.getsockname()[1]}", flush=True)
+    uvicorn.Server(uvicorn.Config(served.app.app, log_level="warning")).run(sockets=[sock])
+    return 0
 
 
 if __name__ == "__main__":
