@@ -61,7 +61,13 @@ from device.attestation import ActivationChallenge
 from device.ble_peripheral import Advertiser, Channel, MessageService
 from device.ble_peripheral import start as advertise
 from device.provisioner import CredentialStore, LocalTpm, check_issued
-from structauth.errors import EnrollmentError, MalformedMessage, Reason, TesseraError
+from structauth.errors import (
+    ConfigurationError,
+    EnrollmentError,
+    MalformedMessage,
+    Reason,
+    TesseraError,
+)
 from structauth.gatt import (
     ENROLL_INFO,
     ENROLL_RX,
@@ -305,32 +311,49 @@ def static_address(serial: str) -> hci.Address:
     return hci.Address(":".join(f"{b:02X}" for b in raw))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m device.ble_enrollment``: wait for a station to enroll this device
-    over BLE (bumble on the board's controller, e.g. ``--hci hci-socket:0``)."""
-    from bumble.transport import open_transport
-
-    from hw.tpm import TpmBackend
-
-    p = argparse.ArgumentParser(prog="python -m device.ble_enrollment",
-                                description=main.__doc__)
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--serial", required=True)
     p.add_argument("--tpm", required=True, metavar="TCTI")
     p.add_argument("--state-dir", type=Path, required=True)
     p.add_argument("--key-dir")
-    p.add_argument("--hci", default="hci-socket:0", help="bumble transport of the controller")
+    p.add_argument("--hci", default="hci-socket:0",
+                   help="bumble transport of the Bluetooth controller (default %(default)s)")
     p.add_argument("--show-code", action="store_true", help="print the label code and exit")
     p.add_argument("--timeout", type=float, default=None, metavar="SECONDS")
-    args = p.parse_args(argv)
+
+
+def register(sub: Any) -> argparse.ArgumentParser:
+    """``tessera-agent ble-enroll``: for device/cli.py's subparsers."""
+    p: argparse.ArgumentParser = sub.add_parser(
+        "ble-enroll", help="let a factory station enroll this device over Bluetooth LE "
+                           "(bound to the code on its label)")
+    add_arguments(p)
+    p.set_defaults(func=command)
+    return p
+
+
+def command(args: argparse.Namespace) -> None:
+    """Advertise until a station enrolled this device (ConfigurationError if not within
+    ``--timeout``); with ``--show-code``, print the label code."""
+    from bumble.transport import open_transport
+
+    from hw.tpm import TpmBackend
+
     code = load_or_create_code(args.state_dir)
     if args.show_code:
         print(f"{code[:5]}-{code[5:]}")
-        return 0
+        return
     key_dir = args.key_dir or str(args.state_dir / "keys")
 
     async def serve() -> bool:
-        async with await open_transport(args.hci) as (source, sink):
-            device = Device.with_hci(args.serial, static_address(args.serial), source, sink)
+        try:
+            transport = await open_transport(args.hci)
+        except Exception as exc:  # bumble raises a bare Exception for an unusable transport
+            raise ConfigurationError(f"cannot open the Bluetooth controller {args.hci}: "
+                                     f"{exc}") from None
+        async with transport:
+            device = Device.with_hci(args.serial, static_address(args.serial),
+                                     transport.source, transport.sink)
             with TpmBackend(args.tpm, Path(key_dir)) as backend:
                 enrollment = EnrollmentDevice(
                     LocalTpm(backend), args.serial, code,
@@ -341,13 +364,24 @@ def main(argv: Sequence[str] | None = None) -> int:
                       flush=True)
                 return await peripheral.serve_until_enrolled(args.timeout)
 
+    if not asyncio.run(serve()):
+        raise ConfigurationError(f"not enrolled within {args.timeout:g} s; nothing stored")
+    print(f"enrolled; credentials in {args.state_dir}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m device.ble_enrollment``: wait for a station to enroll this device
+    over BLE (bumble on the board's controller, e.g. ``--hci hci-socket:0``)."""
+    p = argparse.ArgumentParser(prog="python -m device.ble_enrollment",
+                                description=main.__doc__)
+    add_arguments(p)
+    args = p.parse_args(argv)
     try:
-        done = asyncio.run(serve())
+        command(args)
     except TesseraError as exc:
-        print(f"tessera-ble: error: {exc}", file=sys.stderr)
+        print(f"tessera-agent: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 1
-    print("enrolled" if done else "not enrolled (timeout)")
-    return 0 if done else 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -115,6 +115,7 @@ class VirtualRadio:
         self.link = TimedLink(interval)
         self._numbers = itertools.count(1)
         self.devices: list[Device] = []
+        self.controllers: list[Controller] = []
 
     def add_device(self, name: str) -> Device:
         n = next(self._numbers)
@@ -124,6 +125,21 @@ class VirtualRadio:
                         host=Host(controller, AsyncPipeSink(controller)))
         self.devices.append(device)
         return device
+
+    async def serve_controller(self, spec: str, name: str = "hci") -> Any:
+        """A controller on this radio for a host in another process, over a bumble HCI
+        transport (e.g. ``tcp-server:127.0.0.1:PORT``; the host then opens
+        ``tcp-client:127.0.0.1:PORT``): the code under test talks HCI to it as to a
+        Pi's controller. Returns the transport (close() it)."""
+        from bumble.transport import open_transport
+
+        transport = await open_transport(spec)
+        n = next(self._numbers)
+        address = ":".join([f"{(n >> 8) & 0xFF:02X}", f"{n & 0xFF:02X}", "7E", "55", "C0", "C1"])
+        self.controllers.append(Controller(name, host_source=transport.source,
+                                           host_sink=transport.sink, link=self.link,
+                                           public_address=address))
+        return transport
 
     def bleak_backends(self, central: Device, *, mtu: int = 247
                        ) -> tuple[type[BaseBleakScanner], type[BaseBleakClient]]:
