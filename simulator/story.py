@@ -185,7 +185,7 @@ def _broker_part(broker: Mosquitto, base: Path, server: ProvisioningServer,
         _say(f"  3 agents connected to 127.0.0.1:{broker.port} (SA1 handshake, TPM-signed)")
         for i, (serial, agent) in enumerate(agents.items()):
             agent.publish(f"devices/{serial}/telemetry/temp", f"{21 + i}.5".encode())
-        seen = {}
+        seen: dict[str, bytes] = {}
         deadline = time.monotonic() + 10
         while len(seen) < 3 and time.monotonic() < deadline:
             try:

@@ -69,6 +69,19 @@ ROLES: dict[str, tuple[list[str], list[str], list[list[str]]]] = {
         ["mqtt", "coap", "metrics", "ble", "radio"],
         [["tessera", "--help"]],
     ),
+    # a device enrolled and talking over Bluetooth LE (the peripheral side)
+    "device-tpm,ble": (
+        ["device.ble_peripheral", "device.ble_enrollment", "device.ble_session",
+         "structauth.gatt", "structauth.gatt_session"],
+        ["pkcs11", "coap", "service", "schema", "postgres", "metrics"],
+        [["tessera-agent", "--help"]],
+    ),
+    # the factory station enrolling over BLE
+    "provisioning,ble": (
+        ["provisioning.ble_cli", "provisioning.ble_station"],
+        ["mqtt", "coap", "metrics"],
+        [["tessera", "enroll", "--help"]],
+    ),
 }
 
 
@@ -103,6 +116,9 @@ def test_wheel_holds_the_packages_and_not_bench_or_tests(wheel: Path) -> None:
     tops = {n.split("/", 1)[0] for n in names if "/" in n and ".dist-info" not in n}
     assert tops >= {"structauth", "hw", "device", "broker_plugin", "provisioning", "simulator"}
     assert not tops & {"bench", "tests"}, tops
+    # PEP 561: type checkers use the installed packages' annotations
+    assert {f"{p}/py.typed" for p in ("structauth", "hw", "device", "broker_plugin",
+                                      "provisioning", "simulator")} <= set(names)
 
 
 @pytest.mark.parametrize("extra", list(ROLES), ids=lambda e: e or "core")
