@@ -201,6 +201,14 @@ def test_attacking_central_gets_nothing_before_msg3(world: World) -> None:
         target = await find_gateway(backends)
         central = Sa1Central(sa1_link(target, backends=backends), initiator(world),
                              policy=lambda: NOW)
+        sent: list[bytes] = []
+        send = central.link.send
+
+        async def recording(message: bytes) -> None:
+            sent.append(message)
+            await send(message)
+
+        central.link.send = recording  # type: ignore[method-assign]
         await central.open()
         await wait_for_async(lambda: peripheral.established(), what="confirmed session")
         legit = peripheral.established()[0]
@@ -208,6 +216,13 @@ def test_attacking_central_gets_nothing_before_msg3(world: World) -> None:
 
         attacker_dev = radio.add_device("attacker")
         await attacker_dev.power_on()
+        attacker = GattLink(target, rx_uuid=gatt.SA1_RX, tx_uuid=gatt.SA1_TX,
+                            backends=radio.bleak_backends(attacker_dev))
+        await attacker.connect()
+        await attacker.send(sent[0])  # the device's msg1, replayed
+        reason, _ = gatt.decode_error(await attacker.receive(5))
+        assert reason is Reason.HANDSHAKE_REPLAYED
+        await wait_for_async(lambda: not attacker.connected, what="attacker disconnected")
         attacker = GattLink(target, rx_uuid=gatt.SA1_RX, tx_uuid=gatt.SA1_TX,
                             backends=radio.bleak_backends(attacker_dev))
         await attacker.connect()
