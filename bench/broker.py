@@ -92,6 +92,9 @@ REVOCATIONS = 20
 
 TARGET_THROUGHPUT_RATIO = 0.70
 TARGET_REVOCATION_MS = 1000.0
+#: issue 17: a broker-sealed fan-out topic costs about what a proven one does
+TARGET_SEALED_FANOUT_RATIO = 0.60
+SEALED_INTERVAL_MS = 1000
 REVOCATION_TIMEOUT_S = 10.0
 
 
@@ -177,6 +180,8 @@ class Lab:
     subscriber: Member
     broker: Identity  # the plugin broker's identity, named in every msg1
     rounds: int = 0
+    #: a plugin broker (same identity) that seals every routed message for fan-out
+    sealed: Mosquitto | None = None
 
     def publisher(self) -> tuple[Member, bytes]:
         """A new publishing device and its topic for each round: the plugin keeps
@@ -293,8 +298,11 @@ class Round:
 
 
 def _throughput_round(lab: Lab, plugin: bool, messages: int, warmup: int,
-                      payload: bytes) -> Round:
-    broker = lab.plugin if plugin else lab.plain
+                      payload: bytes, broker: Mosquitto | None = None) -> Round:
+    """One timed round; ``broker`` (a plugin broker) instead of lab.plugin, e.g. the
+    fan-out sealing one, whose deliveries differ per interval and so all count as
+    'mismatched' (the counter still counts each PUBLISH once)."""
+    broker = broker or (lab.plugin if plugin else lab.plain)
     publisher, topic = lab.publisher()
     if plugin:
         sub, _ = sa1_connect(broker.port, lab.subscriber, lab.fleet.trust, lab.broker)
@@ -380,6 +388,41 @@ def _throughput(report: Report, lab: Lab, messages: int, rounds: int) -> None:
         "topic": TOPIC.format(name="bench-pub-NNN"),
         "messages_per_round": messages, "warmup_per_round": warmup, "rounds": rounds,
         "rounds_detail": [_round_json(x) for rs in results.values() for x in rs],
+    }
+
+
+def _sealed_fanout(report: Report, lab: Lab, messages: int, rounds: int) -> None:
+    """Plain Mosquitto against a plugin broker that seals every routed message for
+    fan-out (TESLA trailer, structauth.fanout): the C fast lane verifies the publisher's
+    proof and seals under the interval key the host hands over once per interval."""
+    assert lab.sealed is not None
+    payload, warmup = _payload(), _warmup(messages)
+    plain: list[Round] = []
+    sealed: list[Round] = []
+    for r in range(rounds):
+        _progress(f"sealed fan-out round {r + 1}/{rounds}: plain, then sealing broker")
+        plain.append(_throughput_round(lab, False, messages, warmup, payload))
+        sealed.append(_throughput_round(lab, True, messages, warmup, payload, lab.sealed))
+    plain_rate = statistics.median(x.rate for x in plain)
+    sealed_rate = statistics.median(x.rate for x in sealed)
+    report.rate("sealed_fanout_msgs_per_s", "Tessera plugin, fan-out topic sealed per message",
+                sealed_rate, "/s", f"median of {rounds} x {messages:,}; plain in the same "
+                f"rounds {plain_rate:,.0f}/s; delivered "
+                f"{sum(x.delivered for x in sealed):,}/{sum(x.sent for x in sealed):,}")
+    report.rate("sealed_fanout_broker_cpu_us_per_msg", "  broker CPU per message, sealed",
+                statistics.median(x.cpu_us_per_message for x in sealed), "µs",
+                "proof verified and fan-out trailer made in C")
+    ratio = sealed_rate / plain_rate if plain_rate else 0.0
+    _ratio(report, "sealed_fanout_over_plain_throughput", "sealed fan-out / plain throughput",
+           ratio)
+    report.target("sealed_fanout_ratio", "sealed fan-out throughput / plain", ratio * 100,
+                  ">=", TARGET_SEALED_FANOUT_RATIO * 100, "%")
+    other = sum(x.other for x in sealed)
+    if other:
+        report.note(f"sealed fan-out: {other} delivered packets were not PUBLISH.")
+    report.info["sealed_fanout"] = {
+        "interval_ms": SEALED_INTERVAL_MS, "trailer_bytes": 31,
+        "rounds_detail": [_round_json(x) for x in plain + sealed],
     }
 
 
@@ -909,12 +952,17 @@ def collect(messages: int, rounds: int, devices: int, workers: int, revocations:
         fleet = Fleet(t0=dt.datetime.now(dt.UTC) - dt.timedelta(days=1))
         broker = fleet.member("broker", "mqtt-bench", signer=InsecureSoftwareSigner.generate())
         options = _plugin_options(base, fleet, broker)
-        _progress("starting plain Mosquitto and Mosquitto with the Tessera plugin")
+        sealing = {**options, "fanout_interval_ms": str(SEALED_INTERVAL_MS),
+                   "fanout_delay": "2", "audit_log": str(base / "sealed-audit.jsonl")}
+        _progress("starting plain Mosquitto, Mosquitto with the Tessera plugin, and one "
+                  "that seals fan-out")
         with Mosquitto(base / "plain", with_plugin=False, log_type=LOG_TYPES) as plain, \
-                Mosquitto(base / "plugin", plugin_options=options, log_type=LOG_TYPES) as plug:
+                Mosquitto(base / "plugin", plugin_options=options, log_type=LOG_TYPES) as plug, \
+                Mosquitto(base / "sealed", plugin_options=sealing, log_type=LOG_TYPES) as seal_:
             lab = Lab(fleet, plain, plug, subscriber=fleet.member("broker", "bench-sub"),
-                      broker=broker.identity)
+                      broker=broker.identity, sealed=seal_)
             _throughput(report, lab, messages, rounds)
+            _sealed_fanout(report, lab, messages, rounds)
             idle = _connect_storm(report, lab, devices, workers, rounds)
             try:
                 _idle_fleet_throughput(report, lab, len(idle), idle_messages)
@@ -994,6 +1042,7 @@ ROW_ORDER = (
     "plugin_broker_cpu_us_per_msg", "fast_lane_route", "host_acl_write", "host_on_message",
     "host_acl_read",
     "host_on_tick", "host_python_us_per_msg", "plugin_rest_us_per_msg",
+    "sealed_fanout_msgs_per_s", "sealed_fanout_broker_cpu_us_per_msg",
     "plain_msgs_per_s_idle_fleet", "plugin_msgs_per_s_idle_fleet", "host_on_tick_idle_fleet",
     "handshakes_per_s", "handshake_latency_median_ms", "handshake_latency_p99_ms",
     "handshake_broker_cpu_us", "host_handshake", "handshakes_per_s_returning",
