@@ -1130,7 +1130,6 @@ int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **userdata,
 		dlopen(self.dli_fname, RTLD_NOW | RTLD_NOLOAD | RTLD_NODELETE);
 	}
 	if(!start_python(python)) return MOSQ_ERR_UNKNOWN;
-	find_run_flag();
 
 	bool ok = start_host(options, option_count, module, path);
 	for(size_t i = 0; ok && i < N_CALLBACKS; i++){
@@ -1143,6 +1142,10 @@ int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **userdata,
 	}
 	g_registered = ok;
 	if(ok){
+		/* after the host started: a broker that refuses to start says why in one line,
+		 * not after this warning (a Mosquitto built with its own makefiles exports only
+		 * the plugin API, not `run`; Debian's build exports it) */
+		find_run_flag();
 		mosquitto_log_printf(MOSQ_LOG_INFO, "tessera: host %s ready (Python %s, auth method %s)",
 				module, Py_GetVersion(), g_auth_method);
 	}
