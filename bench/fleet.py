@@ -55,7 +55,7 @@ TARGET_REVOCATION_MS = 1000.0
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--devices", type=int, default=1000)
     parser.add_argument("--seconds", type=float, default=600.0,
-                        help="soak duration (default 600)")
+                        help="soak duration (default 600; 0: no soak)")
     parser.add_argument("--rate", type=float, default=1.0,
                         help="QoS 1 messages per device per second (default 1)")
     parser.add_argument("--tpm-devices", type=int, default=4,
@@ -379,7 +379,7 @@ def soak(report: Report, fleet: Any, *, devices: int, seconds: float, rate: floa
         homes = collections.Counter(
             i for i in range(fleet.count) for _ in range(int(fleet.metric(
                 i, "tessera_active_sessions"))))
-        _progress(f"connected in {connect_s:.1f} s; sessions per broker "
+        _progress(f"connected in {connect_s:.1f} s; sessions per broker (with the backend) "
                   f"{[homes[i] for i in range(fleet.count)]}; publishing for {seconds:g} s")
         cpu0 = [_cpu_s(b.pid) for b in fleet.brokers]
         verified0 = sum(fleet.metric(i, 'tessera_messages_total{direction="in"}')
@@ -407,13 +407,13 @@ def soak(report: Report, fleet: Any, *, devices: int, seconds: float, rate: floa
                 next_minute += period
                 live = [d for d in fleet_devices
                         if not d.revoked and d.revoking_at is None and not d.work]
-                picks = rng.sample(live, max(1, devices // 100) * 2 + 1)
+                picks = rng.sample(live, min(len(live), max(1, devices // 100) * 2 + 1))
                 for d in picks[: max(1, devices // 100)]:
                     d.work = "reconnect"
                 for d in picks[max(1, devices // 100): -1]:
                     d.work = "renew"
                 victim = picks[-1]
-                if not victim.tpm:
+                if not victim.tpm and len(picks) > 2:
                     victim.revoking_at = time.monotonic()
                     fleet.revoke(victim.serial, "soak")
                     revoked.append(victim)
@@ -681,8 +681,9 @@ def run(args: argparse.Namespace) -> int:
                 renewals(report, fleet, args.quick)
                 _progress(f"revocation latency over {revocations} devices")
                 revocation_latency(report, fleet, revocations)
-                soak(report, fleet, devices=devices, seconds=seconds, rate=args.rate,
-                     tpms=tpms, drivers=args.drivers, workdir=work)
+                if seconds > 0:
+                    soak(report, fleet, devices=devices, seconds=seconds, rate=args.rate,
+                         tpms=tpms, drivers=args.drivers, workdir=work)
         finally:
             for t in tpms:
                 t.close()
