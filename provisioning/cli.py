@@ -456,25 +456,19 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     import logging
 
-    import uvicorn
-
     from provisioning.operators import Operators
     from provisioning.service import build_app
 
     app = build_app(service, Operators(args.dir / "operators.json"))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    print(
-        f"tessera: serving {service.authority.trust_domain} on "
-        f"{'https' if args.tls_cert else 'http'}://{args.host}:{args.port}",
-        flush=True,
-    )
-    uvicorn.run(
-        app,
-        host=args.host,
-        port=args.port,
-        ssl_certfile=args.tls_cert,
+    from provisioning.server import run_service
+
+    # run_service loads the TLS files and binds before on_ready: "serving" means it is
+    run_service(
+        app, host=args.host, port=args.port, ssl_certfile=args.tls_cert,
         ssl_keyfile=args.tls_key,
-        log_level="warning",
+        on_ready=lambda url: print(
+            f"tessera: serving {service.authority.trust_domain} on {url}", flush=True),
     )
 
 
