@@ -52,14 +52,17 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from bumble import hci
-from bumble.device import Device
+if TYPE_CHECKING:  # bumble is imported where it is used, so that `tessera-agent` (which
+    # lists this command) runs on a device installed without the ble extra
+    from bumble import hci
+    from bumble.device import Device
+
+    from device.ble_peripheral import Advertiser, Channel
 
 from device.attestation import ActivationChallenge
-from device.ble_peripheral import Advertiser, Channel, MessageService
-from device.ble_peripheral import start as advertise
+from device.ble_args import add_arguments
 from device.provisioner import CredentialStore, LocalTpm, check_issued
 from structauth.errors import (
     ConfigurationError,
@@ -234,6 +237,8 @@ class EnrollmentPeripheral:
         self.enrollment = enrollment
         self.connections: list[EnrollmentConnection] = []
         self._quiet: asyncio.Task[None] | None = None
+        from device.ble_peripheral import MessageService
+
         self.advertiser: Advertiser | None = None
         self.service = MessageService(
             device, service_uuid=ENROLL_SERVICE, rx_uuid=ENROLL_RX, tx_uuid=ENROLL_TX,
@@ -246,6 +251,8 @@ class EnrollmentPeripheral:
 
     async def start(self, *, max_mtu: int = 247, interval_ms: float = 100.0
                     ) -> EnrollmentPeripheral:
+        from device.ble_peripheral import start as advertise
+
         self.advertiser = await advertise(self.device, ENROLL_SERVICE, self.enrollment.serial,
                                           max_mtu=max_mtu, interval_ms=interval_ms)
         self._quiet = asyncio.get_running_loop().create_task(self._stop_when_enrolled())
@@ -308,33 +315,15 @@ def static_address(serial: str) -> hci.Address:
     stays the same for this serial across restarts."""
     raw = bytearray(hashlib.sha256(b"tessera-ble-address/" + serial.encode()).digest()[:6])
     raw[0] |= 0xC0
+    from bumble import hci
+
     return hci.Address(":".join(f"{b:02X}" for b in raw))
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--serial", required=True)
-    p.add_argument("--tpm", required=True, metavar="TCTI")
-    p.add_argument("--state-dir", type=Path, required=True)
-    p.add_argument("--key-dir")
-    p.add_argument("--hci", default="hci-socket:0",
-                   help="bumble transport of the Bluetooth controller (default %(default)s)")
-    p.add_argument("--show-code", action="store_true", help="print the label code and exit")
-    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS")
-
-
-def register(sub: Any) -> argparse.ArgumentParser:
-    """``tessera-agent ble-enroll``: for device/cli.py's subparsers."""
-    p: argparse.ArgumentParser = sub.add_parser(
-        "ble-enroll", help="let a factory station enroll this device over Bluetooth LE "
-                           "(bound to the code on its label)")
-    add_arguments(p)
-    p.set_defaults(func=command)
-    return p
 
 
 def command(args: argparse.Namespace) -> None:
     """Advertise until a station enrolled this device (ConfigurationError if not within
     ``--timeout``); with ``--show-code``, print the label code."""
+    from bumble.device import Device
     from bumble.transport import open_transport
 
     from hw.tpm import TpmBackend

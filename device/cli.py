@@ -35,6 +35,7 @@ from typing import Any, NoReturn
 
 from cryptography import x509
 
+from device.ble_args import add_arguments as add_ble_arguments
 from structauth.errors import ConfigurationError, TesseraError
 
 STATE_DIR = Path(os.environ.get("TESSERA_STATE_DIR", "/var/lib/tessera"))
@@ -50,6 +51,8 @@ _EXTRAS = {
     "tpm2_pytss": ("tpm2-pytss", "device-tpm"),
     "pkcs11": ("python-pkcs11", "device-pkcs11"),
     "cryptography": ("cryptography", "device-tpm"),
+    "bumble": ("bumble", "ble"),
+    "bleak": ("bleak", "ble"),
 }
 
 
@@ -189,6 +192,12 @@ def cmd_enrollment_endpoint(args: argparse.Namespace) -> None:
             raise ConfigurationError(f"not enrolled within {args.timeout:.0f} s; nothing stored")
     assert endpoint.issued is not None
     _enrolled(args, endpoint.issued)
+
+
+def cmd_ble_enroll(args: argparse.Namespace) -> None:
+    from device.ble_enrollment import command  # bumble: the ble extra
+
+    command(args)
 
 
 def cmd_persist_key(args: argparse.Namespace) -> None:
@@ -364,6 +373,11 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--handle", required=True, help="owner range 0x81000000-0x817fffff")
     k.add_argument("--state-dir", type=Path, default=STATE_DIR)
     k.set_defaults(func=cmd_persist_key)
+    b = sub.add_parser("ble-enroll", parents=[common],
+                       help="let a factory station enroll this device over Bluetooth LE "
+                            "(bound to the code on its label; needs the ble extra)")
+    add_ble_arguments(b)
+    b.set_defaults(func=cmd_ble_enroll)
     run = sub.add_parser("run", help="keep this device connected to its MQTT broker",
                          parents=[common])
     run.add_argument("--config", type=Path, default=Path("/etc/tessera/agent.toml"),
