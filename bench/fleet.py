@@ -590,23 +590,36 @@ def scaling(report: Report, fleet: Any, workdir: Path, quick: bool) -> None:
 def renewals(report: Report, fleet: Any, quick: bool) -> None:
     """Credential renewals/s at the provisioning service on PostgreSQL (challenge,
     proof, a new credential signed by the SoftHSM2 authority, the registry rows), 8
-    clients at once."""
+    clients at once. The service limits anonymous renewal challenges per source address
+    (a bucket of 10 refilled at 0.5/s) and every client here is 127.0.0.1: only the
+    bucket's 10 are timed, so the figure is rough."""
     from device.provisioner import ProvisionerClient, renew
 
-    devices = [fleet.enroll(f"renew-{i:03d}") for i in range(16)]
-    total = 48 if quick else 240
+    devices = [fleet.enroll(f"renew-{i:03d}") for i in range(10)]
     client = ProvisionerClient(fleet.service.url)
+    limited = 0
 
     def one(i: int) -> None:
-        d = devices[i % len(devices)]
-        renew(client, d.signer, d.serial)
+        nonlocal limited
+        d = devices[i]
+        for _ in range(10):
+            try:
+                renew(client, d.signer, d.serial)
+                return
+            except Exception as exc:
+                if "too many renewal challenges" not in str(exc):
+                    raise
+                limited += 1
+                time.sleep(2.0)
 
     t0 = time.monotonic()
     with ThreadPoolExecutor(8) as pool:
-        list(pool.map(one, range(total)))
+        list(pool.map(one, range(len(devices))))
     wall = time.monotonic() - t0
     report.rate("renewals_per_s", "renewals/s (provisioning service on PostgreSQL)",
-                total / wall, "/s", f"{total} renewals, 8 clients; SoftHSM2 authority")
+                len(devices) / wall, "/s", f"{len(devices)} renewals, 8 clients, one source "
+                f"address (the service's per-source limit: burst 10, then 0.5/s; "
+                f"{limited} waits)")
 
 
 def revocation_latency(report: Report, fleet: Any, count: int) -> None:
