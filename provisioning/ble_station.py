@@ -33,10 +33,10 @@ from typing import Any
 
 from bleak.backends.device import BLEDevice
 
-from device.attestation import ActivationChallenge, TpmEvidence
 from device.ble_central import Backends, GattLink, LinkError, scan
 from device.ble_enrollment import b64, unb64
 from device.provisioner import ProvisionerClient, enroll_attested
+from hw.tpm_evidence import ActivationChallenge, TpmEvidence
 from structauth.errors import EnrollmentError, ProtocolError, Reason, TesseraError
 from structauth.gatt import (
     ENROLL_RX,

@@ -35,6 +35,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from provisioning.ble_cli import add_arguments as add_ble_arguments
 from structauth.errors import Reason, TesseraError
 
 DEFAULT_DIR = Path(os.environ.get("TESSERA_HOME", "tessera-authority"))
@@ -781,6 +782,10 @@ def _open_pkcs11_key(spec: str) -> tuple[Any, Any, bool]:
 
 def cmd_enroll(args: argparse.Namespace) -> None:
     client = _client(args)
+    if args.ble:
+        from provisioning.ble_cli import run as run_ble  # bleak: the ble extra
+
+        return run_ble(args, client)
     if args.batch:
         return _enroll_batch(args, client)
     if args.device:
@@ -1335,7 +1340,8 @@ def cmd_audit_verify(args: argparse.Namespace) -> None:
 
 def _step_up_options(pairs: list[str]) -> dict[str, str]:
     """``NAME=VALUE`` step-up / quarantine knobs, checked by the plugin's own parser."""
-    from broker_plugin.host import _SETTINGS, parse_settings
+    from broker_plugin.stepup import STEP_UP_OPTIONS as _SETTINGS
+    from broker_plugin.stepup import parse_settings
 
     out: dict[str, str] = {}
     for pair in pairs:
@@ -1555,6 +1561,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch", metavar="CSV", help="enroll every row: serial,tpm|pkcs11,key_dir,device_class"
     )
     s.add_argument("--out", type=Path, help="write the credentials here")
+    add_ble_arguments(s)
     s.set_defaults(func=cmd_enroll)
 
     s = sub.add_parser("list", help="list devices")

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
-from device.attestation import TpmEvidence
+from hw.tpm_evidence import TpmEvidence
 from provisioning.attestation import (
     TpmMakerRoots,
     check_activation,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from provisioning import ble_cli
+from provisioning import ble_cli, cli
 from simulator.provisioner import ProvisioningServer
 from simulator.swtpm import Swtpm
 from structauth.errors import ConfigurationError
@@ -27,7 +27,14 @@ pytestmark = pytest.mark.hardware
 
 
 def args(service: ProvisioningServer, *argv: str) -> object:
-    return ble_cli.build_parser().parse_args(["--provisioner", service.url, *argv])
+    """Parsed by the real `tessera enroll` parser (the options cmd_enroll hands to
+    ble_cli.run when --ble is given)."""
+    json_mode = ["--json"] if "--json" in argv else []  # main() takes it from anywhere
+    parsed = cli.build_parser().parse_args(
+        [*json_mode, "enroll", "--ble", "--provisioner", service.url,
+         *(a for a in argv if a != "--json")])
+    assert parsed.func is cli.cmd_enroll and parsed.ble
+    return parsed
 
 
 def test_one_device_json(factory: Factory, swtpm_session: Swtpm, tmp_path: Path) -> None:

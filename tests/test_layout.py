@@ -115,10 +115,7 @@ PACKAGES = ("structauth", "hw", "device", "broker_plugin", "provisioning", "simu
 CHECKED = (*PACKAGES, "bench")
 #: known, reported and owned by someone else: (file, module, name). Delete an entry once
 #: it is fixed (the test then keeps it fixed).
-PENDING_PRIVATE = {
-    # the factory CLI: use broker_plugin.stepup.STEP_UP_OPTIONS
-    ("provisioning/cli.py", "broker_plugin.host", "_SETTINGS"),
-}
+PENDING_PRIVATE: set[tuple[str, str, str]] = set()
 
 
 def cycles(graph: grimp.ImportGraph) -> list[list[str]]:
