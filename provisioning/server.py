@@ -214,6 +214,10 @@ def run_service(
         timeout_graceful_shutdown=limits.graceful_shutdown_s,  # type: ignore[arg-type]
         backlog=backlog,
         server_header=False,
+        # the client address is the TCP peer's: with proxy headers on (uvicorn's default
+        # trusts them from 127.0.0.1) a local client could name any address and escape
+        # the renewal challenge's per-address limit
+        proxy_headers=False,
     )
     try:
         config.load()

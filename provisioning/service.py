@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
 import threading
@@ -312,7 +313,7 @@ def _starlette(service: EnrollmentService, operators: Operators, limits: Limits
         return result
 
     async def renew_challenge(c: Call) -> Response:
-        source = c.request.client.host if c.request.client else "unknown"
+        source = _source(c.request.client.host if c.request.client else "unknown")
         wait = renew_limiter.take(source)
         if wait > 0:
             raise _Refused(429, f"too many renewal challenges from {source}; retry in "
@@ -486,7 +487,7 @@ def _starlette(service: EnrollmentService, operators: Operators, limits: Limits
         headers = dict(exc.headers or {})
         if exc.status_code == 405:
             detail = f"{request.method} is not allowed on {_printable(request.url.path)} " \
-                     f"(allowed: {headers.get('Allow', headers.get('allow', '?'))})"
+                     f"(allowed: {', '.join(sorted(headers.get('Allow', '?').split(', ')))})"
         elif exc.status_code == 404:
             detail = f"no such endpoint {_printable(request.url.path)} (see /openapi.json)"
         else:
@@ -644,6 +645,20 @@ class _ClientGone(Exception):
     def __init__(self, received: int) -> None:
         super().__init__(received)
         self.received = received
+
+
+def _source(host: str) -> str:
+    """The rate limiter's key for a client address: the address, or its /64 for IPv6
+    (one host commonly holds a whole /64, and would otherwise have 2**64 buckets)."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return str(address)
 
 
 def _printable(text: str, limit: int = 200) -> str:

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import datetime as dt
 import json
+import os
 import socket
+import sys
 import threading
 import time
 import urllib.request
@@ -259,10 +262,10 @@ def _enroll(served: Served, serial: str) -> None:
                                      "signature": base64.b64encode(signature).decode()})
 
 
-def _challenge(c: Child, serial: str) -> tuple[int, dict[str, Any]]:
+def _challenge(c: Child, serial: str, **headers: str) -> tuple[int, dict[str, Any]]:
     req = urllib.request.Request(c.url + "/v1/renew/challenge", method="POST",
                                  data=json.dumps({"serial": serial}).encode(),
-                                 headers={"Content-Type": "application/json"})
+                                 headers={"Content-Type": "application/json", **headers})
     try:
         with urllib.request.urlopen(req, timeout=5) as resp:
             return int(resp.status), json.loads(resp.read())
@@ -286,7 +289,28 @@ def test_renew_challenge_rate_limited_per_source(tmp_path: Path) -> None:
             assert status == 429 and data.pop("retry_after")
             assert refused(data, "backend_unavailable").startswith(
                 "too many renewal challenges from 127.0.0.1")
+        # the source is the TCP peer: a forwarded-for header names no other bucket
+        status, data = _challenge(c, "rate-1", **{"X-Forwarded-For": "10.9.9.9",
+                                                  "Forwarded": "for=10.9.9.9"})
+        assert status == 429 and "from 127.0.0.1" in data["detail"]
         assert snapshot(directory) == before and before["pending"] == 3
+
+
+def test_rate_limit_source_keys() -> None:
+    """IPv6 clients are limited per /64 (a host holds a whole /64); IPv4-mapped
+    addresses are their IPv4 address."""
+    from provisioning.service import RateLimiter, _source
+
+    assert _source("2001:db8::1") == _source("2001:db8::ffff:2") == "2001:db8::/64"
+    assert _source("2001:db8:0:1::1") != _source("2001:db8::1")
+    assert _source("::ffff:192.0.2.7") == _source("192.0.2.7") == "192.0.2.7"
+    now = [0.0]
+    limiter = RateLimiter(per_s=1.0, burst=2, sources=2, clock=lambda: now[0])
+    assert [limiter.take("a") for _ in range(3)] == [0.0, 0.0, 1.0]
+    now[0] += 1.0
+    assert limiter.take("a") == 0.0 and limiter.take("a") == 1.0
+    limiter.take("b"), limiter.take("c")  # "a" is forgotten: the table holds two
+    assert "a" not in limiter._buckets and len(limiter._buckets) == 2
 
 
 def test_renew_challenge_refused_at_the_pending_cap(tmp_path: Path) -> None:
@@ -354,7 +378,8 @@ async def _probe(served: Served) -> None:
         resp = await client.get("/nowhere")
         assert resp.status_code == 404 and "no such endpoint /nowhere" in refused(resp.json())
         resp = await client.delete("/v1/devices")
-        assert resp.status_code == 405 and resp.headers["allow"] == "GET, HEAD"
+        assert resp.status_code == 405
+        assert set(resp.headers["allow"].split(", ")) == {"GET", "HEAD"}
         refused(resp.json())
         resp = await client.get("/v1/crl")
         assert resp.status_code == 500
@@ -444,3 +469,60 @@ def test_device_endpoint_unknown_method_and_silent_client(endpoint: EnrollmentEn
     port = int(endpoint.url.rsplit(":", 1)[1])
     with socket.create_connection(("127.0.0.1", port), timeout=10) as silent:
         assert closed_by_peer(silent)  # dropped after the endpoint's 0.5 s timeout
+
+
+# -- tessera serve ----------------------------------------------------------------------------
+@pytest.mark.hardware
+def test_tessera_serve_binds_before_serving_and_stops_with_clients(tmp_path: Path,
+                                                                  softhsm: Any) -> None:
+    """`tessera serve` (authority key in SoftHSM2): on a taken port, one line and exit
+    1 with nothing announced; running, SIGTERM with a long poll and a half-sent head
+    attached ends the poll with an answer and exits 0."""
+    import subprocess
+
+    from simulator.provisioner import ProvisioningServer
+
+    server = ProvisioningServer(tmp_path / "authority", softhsm)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", server.port))
+        taken.listen(1)
+        done = subprocess.run(
+            [str(Path(sys.executable).parent / "tessera"), "serve", "--dir",
+             str(server.directory), "--port", str(server.port)],
+            env=server.env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "serving" not in done.stdout, done
+    assert done.stderr.count("\n") == 1 and "cannot listen on 127.0.0.1:" in done.stderr
+    with server:
+        proc = server._proc
+        assert proc is not None
+        poll = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+        poll.sendall(b"GET /v1/revocations?wait=60 HTTP/1.1\r\nHost: x\r\n\r\n")
+        half = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        half.sendall(b"GET /healthz HTTP/1.1\r\n")
+        wait_for(lambda: _accepted(proc.pid, server.port, poll) and _accepted(
+            proc.pid, server.port, half), 10, "the service to accept both connections")
+        proc.terminate()
+        assert proc.wait(timeout=20) == 0
+        server._proc = None
+        status, _, answer = read_answer(poll)
+        poll.close()
+        half.close()
+    assert status == 200 and answer == {"events": []}
+    assert "serving factory.tessera.test on http://127.0.0.1:" in server.log.read_text()
+
+
+def _accepted(pid: int, port: int, client: socket.socket) -> bool:
+    """Has process ``pid`` accepted ``client``'s connection to ``port``? (its server
+    side socket, found in /proc/net/tcp by the two ports, is one of pid's files)"""
+    mine = client.getsockname()[1]
+    inodes = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote = fields[1], fields[2]
+        if int(local.split(":")[1], 16) == port and int(remote.split(":")[1], 16) == mine:
+            inodes.add(f"socket:[{fields[9]}]")
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):  # closed meanwhile
+            if os.readlink(fd) in inodes:
+                return True
+    return False
