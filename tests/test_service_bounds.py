@@ -388,6 +388,44 @@ async def _probe(served: Served) -> None:
         assert resp.status_code == 200
 
 
+def test_schema_refusals_change_nothing(tmp_path: Path) -> None:
+    """``"reenroll": "false"`` (it re-enrolled, revoking the device, before the schema
+    layer), ``?wait=nan``, ``?since`` past 64 bits and 60 KB of nesting on the anonymous
+    endpoints: each a 4xx JSON refusal naming the problem, the registry untouched."""
+    served = make_service(tmp_path / "svc")
+    _enroll(served, "schema-1")
+    before = snapshot(tmp_path / "svc")
+    asyncio.run(_schema_probe(served))
+    assert snapshot(tmp_path / "svc") == before
+    assert before["devices"] == [("schema-1", "active")] and before["revocations"] == 0
+
+
+async def _schema_probe(served: Served) -> None:
+    transport = httpx.ASGITransport(app=served.app, raise_app_exceptions=False)
+    auth = {"Authorization": f"Bearer {served.token}"}
+    async with httpx.AsyncClient(transport=transport, base_url="http://svc") as client:
+        for value in ("false", "true", 0, 1, None, "no"):
+            resp = await client.post("/v1/enroll/tpm/start", headers=auth,
+                                     json={"serial": "schema-1", "reenroll": value})
+            assert resp.status_code == 422, (value, resp.text)
+            assert refused(resp.json()) == "field 'reenroll' must be true or false"
+        resp = await client.post("/v1/enroll/tpm/start", headers=auth,
+                                 json={"serial": "schema-1", "reenrol": True})
+        assert resp.status_code == 422
+        assert refused(resp.json()) == ("field 'reenrol' is not a field of this request "
+                                        "(see /openapi.json)")
+        for query, field in (("wait=nan", "wait"), ("wait=inf", "wait"), ("wait=61", "wait"),
+                             (f"since={2**63}", "since"), (f"since={-(2**63) - 1}", "since"),
+                             ("sinse=3", "sinse")):
+            resp = await client.get(f"/v1/revocations?{query}")
+            assert resp.status_code == 422, (query, resp.text)
+            assert refused(resp.json()).startswith(f"query parameter '{field}'"), query
+        for path in ("/v1/renew/challenge", "/v1/renew"):
+            resp = await client.post(path, content=b"[" * 60_000)
+            assert resp.status_code == 400
+            assert refused(resp.json()) == "request body is nested too deep"
+
+
 # -- the device's enrollment endpoint -------------------------------------------------------
 class _UntouchedTpm:
     """Stands in for the device's TPM where no request may reach it: any use fails the
