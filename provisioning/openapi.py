@@ -2,7 +2,8 @@
 (``Operation``, one per route: provisioning.service builds both its Starlette routes
 and this document from the same table) and the pydantic models of
 ``provisioning.schemas``. Served at ``/openapi.json``; tests validate it with
-openapi-spec-validator and run schemathesis against the live service with it."""
+openapi-spec-validator and run schemathesis against the live service with it.
+``python -m provisioning.service`` prints it (docs/openapi.json)."""
 
 from __future__ import annotations
 
@@ -120,17 +121,3 @@ def build_openapi(operations: Sequence[Operation], *, title: str, version: str
         },
     }
 
-
-def main() -> int:
-    """``python -m provisioning.openapi``: print the document (docs/openapi.json)."""
-    import json
-    import sys
-
-    from provisioning.service import openapi_document
-
-    sys.stdout.write(json.dumps(openapi_document(), indent=1, sort_keys=True) + "\n")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

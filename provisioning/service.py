@@ -689,3 +689,9 @@ def _text_problem(data: object) -> str | None:
                 except UnicodeEncodeError:
                     return "request body holds a string with a lone surrogate (\\ud800-\\udfff)"
     return None
+
+
+if __name__ == "__main__":  # python -m provisioning.service > docs/openapi.json
+    import sys
+
+    sys.stdout.write(json.dumps(openapi_document(), indent=1, sort_keys=True) + "\n")

@@ -139,7 +139,7 @@ def test_openapi_document_is_valid_and_generated(served: Served) -> None:
 
 def test_openapi_checked_in_copy_is_current(served: Served) -> None:
     """docs/openapi.json is the generated document (regenerate it with
-    ``python -m provisioning.openapi > docs/openapi.json``)."""
+    ``python -m provisioning.service > docs/openapi.json``)."""
     checked_in = Path(__file__).resolve().parent.parent / "docs" / "openapi.json"
     assert json.loads(checked_in.read_text()) == served.app.state.openapi, \
-        "docs/openapi.json is stale: python -m provisioning.openapi > docs/openapi.json"
+        "docs/openapi.json is stale: python -m provisioning.service > docs/openapi.json"
