@@ -119,8 +119,9 @@ def bounded_protocol(limits: Limits) -> type[H11Protocol]:
         def send_400_response(self, msg: str) -> None:
             self.transport.write(_json_error(
                 400, "Bad Request",
-                "request is not HTTP/1.1 or its head is over "
-                f"{limits.max_header_bytes} bytes"))
+                "request head is not valid HTTP/1.1 (a malformed line or header, e.g. a "
+                f"Content-Length that is not a number) or is over {limits.max_header_bytes} "
+                "bytes"))
             self.transport.close()
 
     return BoundedH11
