@@ -16,6 +16,15 @@ proxy, and a restart forgot it. With ``plugin_opt_quarantine_database`` (a
   (``not_authorized``, "quarantined") at every replica, and an audit record
   ``quarantined`` with ``cause`` ``replica`` names where it came from.
 
+Outstanding step-up challenges travel the same way: when a device leaves a replica
+with a step-up request unanswered (it was asked, then disconnected or was kicked at the
+deadline), that replica writes a row with ``cause`` ``step_up:<trigger>:<quote>:
+<blocking>`` lasting as long as the challenge would (its reconnect window); a replica
+that then sees the identity log in asks it to step up at once (audit
+``step_up_requested``, detail "outstanding at another replica"), as the first replica
+would have on a reconnection without the answer. Without this a device could shed a
+challenge by reconnecting through the proxy to another replica.
+
 A live session of the identity at another replica is not cut by a remote quarantine
 (the device would have to hold two connections at once); an operator's early release
 (``enforcer.release``) is local. Threads: the broker thread only compares the enforcer's
@@ -63,6 +72,10 @@ class QuarantineShare:
         self._out: queue.SimpleQueue[tuple[str, float, str] | None] = queue.SimpleQueue()
         self._in: queue.SimpleQueue[tuple[str, float, str]] = queue.SimpleQueue()
         self._known: dict[str, float] = {}  # identity -> monotonic end, as last seen
+        #: identity -> (monotonic end, trigger, quote, blocking): challenges owed elsewhere
+        self.owed: dict[str, tuple[float, str, bool, bool]] = {}
+        self._offered: set[bytes] = set()  # nonces of challenges written already
+        self.asked = 0  # challenges owed elsewhere asked here
         self._next_check = 0.0
         self._stop = threading.Event()
         self._last_id = 0
@@ -162,10 +175,10 @@ class QuarantineShare:
                     f"SELECT id, identity, origin, EXTRACT(EPOCH FROM until - "
                     f"clock_timestamp()), cause FROM {TABLE} WHERE id > %s AND responder = %s "
                     "ORDER BY id", (self._last_id, self.responder)).fetchall()
-                for row_id, identity, origin, remaining, _cause in rows:
+                for row_id, identity, origin, remaining, cause in rows:
                     self._last_id = max(self._last_id, int(row_id))
                     if origin != self.origin and float(remaining) > 0:
-                        self._in.put((identity, float(remaining), origin))
+                        self._in.put((identity, float(remaining), f"{origin} {cause}"))
             except Exception as exc:
                 self._failed(exc)
                 conn = None
@@ -186,6 +199,11 @@ class QuarantineShare:
             except queue.Empty:
                 break
             until = now + remaining
+            origin, _, cause = origin.partition(" ")
+            if cause.startswith("step_up:"):
+                _, trigger, quote, blocking = [*cause.split(":"), "", "", ""][:4]
+                self.owed[identity] = (until, trigger, quote == "1", blocking == "1")
+                continue
             if table.get(identity, -math.inf) >= until:
                 continue
             table[identity] = until
@@ -200,6 +218,37 @@ class QuarantineShare:
                 self._known[identity] = until
                 if until > now:
                     self._out.put((identity, until - now, "quarantined"))
+        self._challenges(enforcer, now)
         if len(self._known) > len(table):  # released here: forget them
             for identity in [i for i in self._known if i not in table]:
                 del self._known[identity]
+
+    def _challenges(self, enforcer: Any, now: float) -> None:
+        """Offer the challenges devices left unanswered here; ask the ones owed
+        elsewhere of devices that logged in here."""
+        clients = enforcer.clients
+        for uri, challenge in enforcer.challenges.items():
+            if uri in clients or challenge.nonce in self._offered or challenge.expires <= now:
+                continue
+            self._offered.add(challenge.nonce)
+            self._out.put((uri, challenge.expires - now,
+                           f"step_up:{challenge.trigger}:{int(challenge.quote)}:"
+                           f"{int(challenge.blocking)}"))
+        if len(self._offered) > 10_000:  # old nonces: their challenges are long gone
+            self._offered.clear()
+        for uri in list(self.owed):
+            until, trigger, quote, blocking = self.owed[uri]
+            if until <= now:
+                del self.owed[uri]
+                continue
+            client = clients.get(uri)
+            if client is None:
+                continue
+            del self.owed[uri]
+            if uri in enforcer.challenges:  # asked here already
+                continue
+            # the enforcer's own way to ask (broker_plugin/enforcer.py), as it does for
+            # a reconnection that comes without the answer
+            enforcer._request(client, trigger, quote, now, blocking=blocking,
+                              detail="outstanding at another replica")
+            self.asked += 1

@@ -414,6 +414,23 @@ class BrokerFleet:
                 if any(r.get("identity") == identity.uri
                        for r in self.audit(i, "handshake_ok"))]
 
+    def home(self, identity: Identity, timeout: float = 10.0) -> int:
+        """The one broker whose audit log has a handshake_ok of ``identity``, waiting
+        for it (the audit writer is asynchronous); ConfigurationError if none or several
+        within ``timeout``."""
+        import time
+
+        from structauth.errors import ConfigurationError
+
+        deadline = time.monotonic() + timeout
+        while True:
+            found = self.where(identity)
+            if len(found) == 1:
+                return found[0]
+            if time.monotonic() > deadline:
+                raise ConfigurationError(f"{identity} logged in at brokers {found}, not one")
+            time.sleep(0.02)
+
     def describe(self) -> str:
         assert self.identity is not None and self.haproxy is not None
         lines = [f"front (HAProxy, TCP): 127.0.0.1:{self.front_port}",

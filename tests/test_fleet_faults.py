@@ -274,7 +274,7 @@ def _swtpm_fault(fleet: BrokerFleet, swtpm: Swtpm, tmp_path: Path) -> None:
     home = -1
     try:
         assert agent.wait_connected(20)
-        [home] = fleet.where(device.identity)
+        home = fleet.home(device.identity)
         assert agent.publish("devices/pi-tpm/telemetry/t", b"before")
         assert got.get(timeout=10) == b"before"
         os.kill(swtpm.pid, signal.SIGKILL)  # type: ignore[arg-type]
