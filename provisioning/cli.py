@@ -458,9 +458,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
     import logging
 
     from provisioning.operators import Operators
-    from provisioning.service import build_app
+    from provisioning.service import Limits, build_app
 
-    app = build_app(service, Operators(args.dir / "operators.json"))
+    table = _service_config(args.dir).get("limits", {})  # service.toml [limits], optional
+    if not isinstance(table, dict):
+        raise CliError(f"{args.dir / SERVICE_FILE}: limits must be a table ([limits])")
+    limits = Limits.from_mapping(table, f"{args.dir / SERVICE_FILE} [limits]")
+    app = build_app(service, Operators(args.dir / "operators.json"), limits)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     from provisioning.server import run_service
 

@@ -25,8 +25,8 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, cast
 
 import pydantic
@@ -44,7 +44,7 @@ from provisioning.enrollment import EnrollmentService, Issued, b64
 from provisioning.openapi import Operation, build_openapi, serial_param
 from provisioning.operators import Operators
 from provisioning.registry import DeviceRecord, RevocationEvent
-from structauth.errors import Reason, TesseraError
+from structauth.errors import ConfigurationError, Reason, TesseraError
 
 log = logging.getLogger("tessera.provisioning")
 
@@ -89,6 +89,27 @@ class Limits:
     purge_interval_s: float = 30.0
     #: at shutdown, requests still running after this (s) are cancelled
     graceful_shutdown_s: float = 0.5
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], where: str = "[limits]") -> Limits:
+        """Limits from a config table (service.toml's ``[limits]``): every key one of the
+        fields, every value a positive number of the field's type; anything else is
+        refused in one line naming the key."""
+        defaults = cls()
+        chosen: dict[str, Any] = {}
+        for key, value in values.items():
+            if not hasattr(defaults, key) or key.startswith("_"):
+                known = ", ".join(f.name for f in fields(cls))
+                raise ConfigurationError(f"{where}: unknown limit {key!r} (known: {known})")
+            kind = type(getattr(defaults, key))
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not number or (kind is int and not isinstance(value, int)) or not (
+                    0 < value < float("inf")):
+                raise ConfigurationError(
+                    f"{where}: {key} must be a positive {'whole ' if kind is int else ''}"
+                    f"number, not {value!r}")
+            chosen[key] = kind(value)
+        return replace(defaults, **chosen)
 
 
 _STATUS = {

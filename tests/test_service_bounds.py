@@ -530,9 +530,28 @@ def test_tessera_serve_binds_before_serving_and_stops_with_clients(tmp_path: Pat
             env=server.env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 1 and "serving" not in done.stdout, done
     assert done.stderr.count("\n") == 1 and "cannot listen on 127.0.0.1:" in done.stderr
+    # service.toml [limits]: a misspelt or wrong value is one line naming it
+    toml = server.directory / "service.toml"
+    original = toml.read_text()
+    for table, expected in (("renw_per_s = 5", "unknown limit 'renw_per_s'"),
+                            ("renew_burst = 0", "renew_burst must be a positive whole"),
+                            ("max_body = \"64k\"", "max_body must be a positive whole")):
+        toml.write_text(original + f"\n[limits]\n{table}\n")
+        done = subprocess.run(
+            [str(Path(sys.executable).parent / "tessera"), "serve", "--dir",
+             str(server.directory), "--port", str(server.port)],
+            env=server.env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 1 and "serving" not in done.stdout, done
+        assert done.stderr.count("\n") == 1 and expected in done.stderr, done.stderr
+    toml.write_text(original + "\n[limits]\nrenew_burst = 50\nrenew_per_s = 100.0\n")
     with server:
         proc = server._proc
         assert proc is not None
+        # the [limits] table took effect: 12 challenges from one address, none refused
+        # for the rate (the default burst is 10); 404: the serial is not enrolled
+        statuses = [_challenge(Child(proc, server.url, "", server.log), "nobody")[0]  # type: ignore[arg-type]
+                    for _ in range(12)]
+        assert statuses == [404] * 12
         poll = socket.create_connection(("127.0.0.1", server.port), timeout=30)
         poll.sendall(b"GET /v1/revocations?wait=60 HTTP/1.1\r\nHost: x\r\n\r\n")
         half = socket.create_connection(("127.0.0.1", server.port), timeout=10)
