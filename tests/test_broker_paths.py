@@ -221,12 +221,17 @@ def test_a_will_anywhere_but_its_own_will_topic_is_refused(
     topic = topic.format(name=name)
     marker = f"WILL-BAD-{case}".encode()
     mark, start, log_mark = by.sink.mark(), len(world.audit()), world.log_mark()
-    hs = handshake(world, name, will=m.Will(topic, marker, qos=1, retain=True))
-    hs.conn.abort()
-    closed_in_broker(world, log_mark, uri(world, name))
-    record = wait_audit(world, start, "will_refused", client_id=uri(world, name))
-    assert record["reason"] == reason and record["confirmed"] is True
-    assert record["topic"] == topic
+    try:
+        hs = handshake(world, name, will=m.Will(topic, marker, qos=1, retain=True))
+    except Refused:
+        # Mosquitto 2.0.16+ refuses a $CONTROL/ Will at CONNECT, before any plugin
+        assert case == "control"
+    else:
+        hs.conn.abort()
+        closed_in_broker(world, log_mark, uri(world, name))
+        record = wait_audit(world, start, "will_refused", client_id=uri(world, name))
+        assert record["reason"] == reason and record["confirmed"] is True
+        assert record["topic"] == topic
     assert not by.routed(mark, marker)
     assert not [p for p in retained(world, "#") if marker in p.payload]
     assert not audit_since(world, start, "will_published")
@@ -408,6 +413,12 @@ def test_delayed_wills_refused_by_default_and_shutdown_wills_are_wills(strict: W
     published = [r for r in records if r["event"] == "will_published"]
     refused_now = [r for r in records if r["event"] == "will_refused"
                    and r["client_id"] == bad.identity.uri]
+    if "does not export its run flag" in w.broker.log_text():
+        # a Mosquitto built with upstream's makefiles (e.g. 2.0.20) hides the flag: a
+        # shutdown Will is then judged as its connection's PUBLISH, unproven, and refused
+        # (the safe side; docs/MQTT.md)
+        assert published == []
+        return
     assert [r["client_id"] for r in published] == [good.identity.uri]
     assert refused_now and refused_now[0]["confirmed"] is True
     assert "will topic" in refused_now[0]["detail"]
@@ -644,7 +655,8 @@ def test_an_oversized_packet_is_refused_before_it_is_buffered(
     for conn in conns:
         assert conn.wait_closed(5)
         assert not conn.send(bytes(65536) * 4) or conn.wait_closed(1)
-    world.wait_log("disconnected due to oversize packet", log_mark)
+    # 2.0.11: over max_packet_size; 2.0.12+ refuse any CONNECT over 100,000 bytes first
+    world.wait_log("disconnected due to (oversize|malformed) packet", log_mark)
     assert _rss_kib(pid) - before < 8 * 1024  # nothing like 20 x 16 MB
     # just under the bound: read, then refused as a bad handshake
     conn = world.open()
@@ -692,12 +704,14 @@ def test_max_connections_bounds_idle_sockets_until_mosquitto_2011_miscounts(
                          policy=POLICY, **QUIET)
     with Mosquitto(tmp_path / "m", plugin_options=files,
                    bounds=ConfBounds(max_connections=20)) as mosq:
-        # Mosquitto.start made one connection (its readiness probe): already 21
+        version = subprocess.run([mosq.binary, "-h"], capture_output=True, text=True)
+        miscounts = "version 2.0.11" in version.stdout + version.stderr
+        # Mosquitto.start made one connection (its readiness probe): on 2.0.11 that came
+        # and went already moved the bound to 21; 2.0.12+ hold exactly max_connections
         socks, held = _held(mosq.port, 30)
-        assert held == 21
+        assert held == (21 if miscounts else 20)
         for s in socks:
             s.close()
-        version = subprocess.run([mosq.binary, "-h"], capture_output=True, text=True)
         for _ in range(40):  # connections that come and go, as any refused CONNECT does
             socket.create_connection(("127.0.0.1", mosq.port)).close()
         conn = m.Conn.open("127.0.0.1", mosq.port)  # a fence: all 40 handled by now
@@ -705,7 +719,7 @@ def test_max_connections_bounds_idle_sockets_until_mosquitto_2011_miscounts(
         assert m.parse_connack(conn.expect(m.CONNACK)).reason == m.NOT_AUTHORIZED
         conn.close()
         socks, held = _held(mosq.port, 100)
-        if "version 2.0.11" in version.stdout + version.stderr:
+        if miscounts:
             assert held > 21 + 40  # the miscount: the bound moved by every closed one
         else:
             assert held == 20
