@@ -61,6 +61,12 @@ SUBCOMMANDS: dict[str, Subcommand] = {
             "the broker's metrics on the message path (inc, observe) vs prometheus_client",
         ),
         Subcommand(
+            "service_limits",
+            "bench.service_limits",
+            "what hostile clients can make the provisioning service hold (100 MiB uploads, "
+            "slow clients, long polls at SIGTERM)",
+        ),
+        Subcommand(
             "ble",
             "bench.ble",
             "Bluetooth LE on the virtual radio: enrollment (radio vs TPM time, batch per "

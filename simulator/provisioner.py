@@ -73,7 +73,11 @@ class ProvisioningServer:
         registry_url: str | None = None,
         operational_lifetime_minutes: int = 24 * 60,
         tls: bool = False,
+        limits: dict[str, int | float] | None = None,
     ) -> None:
+        """``limits``: the service.toml ``[limits]`` table (docs/ENROLLMENT.md), e.g. a
+        load generator whose renewers all come from 127.0.0.1 lifts the per-source renew
+        challenge rate."""
         self.directory = Path(directory)
         self.softhsm = softhsm
         self.trust_domain = trust_domain
@@ -101,6 +105,9 @@ class ProvisioningServer:
         if done.returncode != 0:
             raise ConfigurationError(f"tessera init failed: {done.stderr.strip()}")
         self.operator_token = json.loads(done.stdout)["operator_token"]
+        if limits:
+            with open(self.directory / "service.toml", "a", encoding="utf-8") as f:
+                f.write("\n[limits]\n" + "".join(f"{k} = {v!r}\n" for k, v in limits.items()))
         self.env["TESSERA_OPERATOR_TOKEN"] = self.operator_token
         self._proc: subprocess.Popen[bytes] | None = None
         self.log = self.directory / "serve.log"
