@@ -21,7 +21,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from device.attestation import MAX_INTERMEDIATES
+from hw.tpm_evidence import MAX_INTERMEDIATES
 
 #: what check_serial accepts (provisioning.enrollment), as a pattern
 SERIAL_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
