@@ -30,14 +30,22 @@ from device.ble_central import GattLink, LinkError
 from device.ble_peripheral import Advertiser, Channel, MessageService
 from device.ble_peripheral import start as advertise
 from structauth.credentials import Credential, Identity, RevocationCheck, TimePolicy, TrustStore
-from structauth.errors import ConfigurationError, CredentialError, ProtocolError, Reason
+from structauth.errors import (
+    ConfigurationError,
+    CredentialError,
+    ProtocolError,
+    Reason,
+    StateError,
+)
 from structauth.gatt import SA1_RX, SA1_SERVICE, SA1_TX
 from structauth.gatt_session import (
+    Authorize,
     Established,
     Event,
     InitiatorConnection,
     Outgoing,
     PeerRefused,
+    PendingBudget,
     Received,
     Refused,
     ResponderConnection,
@@ -112,7 +120,9 @@ class PeerSession:
         self.owner = owner
         self.channel = channel
         self.connection = ResponderConnection(owner.responder, revoked=owner.revoked,
-                                              expected_peer=owner.expected_peer)
+                                              expected_peer=owner.expected_peer,
+                                              budget=owner.budget,
+                                              authorize=owner.authorize)
         self.received: asyncio.Queue[Received] = asyncio.Queue()
         self.refused: list[Refused] = []
         self.established = asyncio.Event()
@@ -132,7 +142,8 @@ class PeerSession:
             if isinstance(event, Outgoing):
                 await self.channel.send(event.message)
             elif isinstance(event, Established):
-                log.info("SA1 session with %s over GATT", event.peer)
+                log.info("SA1 session with %s over GATT (handshake %d on this link)",
+                         event.peer, self.connection.handshakes)
                 self.established.set()
             elif isinstance(event, Received):
                 self.received.put_nowait(event)
@@ -145,6 +156,8 @@ class PeerSession:
                     await self.channel.close()
 
     async def send(self, topic: str, payload: bytes) -> None:
+        """A proven message to the central; a topic the policy does not let it receive
+        raises ProtocolError (NOT_AUTHORIZED) and nothing is sent."""
         await self.channel.send(self.connection.send(topic, payload, self.owner.clock()))
 
     def _arm(self, now: float) -> None:
@@ -176,7 +189,9 @@ class Sa1Peripheral:
     trust and session parameters; ``peer_kind`` says who may connect: ``"device"`` for
     device-to-device, ``None`` for any kind). ``policy`` gives the credential time
     policy; ``revoked`` the revocation check (online feed, or
-    :class:`LastSeenRevocations` offline)."""
+    :class:`LastSeenRevocations` offline). ``authorize`` judges topics (a gateway:
+    ``broker_plugin.ble.GattPolicy``); ``max_pending`` bounds the handshakes pending
+    across all its connections (one per connection in any case)."""
 
     def __init__(
         self,
@@ -188,9 +203,13 @@ class Sa1Peripheral:
         expected_peer: Identity | None = None,
         on_message: Callable[[PeerSession, Received], Awaitable[None]] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        authorize: Authorize | None = None,
+        max_pending: int = 16,
     ) -> None:
         self.device = device
         self.responder = responder
+        self.authorize = authorize
+        self.budget = PendingBudget(max_pending)
         self.policy = policy
         self.revoked = revoked
         self.expected_peer = expected_peer
@@ -234,9 +253,16 @@ class Sa1Central:
         revoked: RevocationCheck | None = None,
         clock: Callable[[], float] = time.monotonic,
         answer_timeout: float = 10.0,
+        renew: Callable[[], Initiator] | None = None,
+        renew_before: float = 60.0,
     ) -> None:
         self.link = link
         self.connection = InitiatorConnection(initiator, revoked=revoked)
+        #: a fresh Initiator for the same peer: with it, the session is renewed on the
+        #: same link before its lifetime ends (make-before-break, as device.coap does)
+        self.renew = renew
+        self.renew_before = renew_before
+        self._rekey_task: asyncio.Task[None] | None = None
         self.policy = policy
         self.clock = clock
         self.answer_timeout = answer_timeout
@@ -297,19 +323,45 @@ class Sa1Central:
                     self._established.set_exception(ProtocolError(event.detail, event.reason))
                 await self.link.close()
 
+    def renew_at(self) -> float:
+        """When the current session is renewed (inf: never, or a renewal is under way):
+        its end less ``renew_before``, at most a tenth of its lifetime."""
+        session = self.connection.session
+        if (self.renew is None or session is None or self.connection.pending
+                or self.connection.state is not State.ESTABLISHED):
+            return float("inf")
+        return session.expires_at - min(self.renew_before, session.params.lifetime_s / 10)
+
     def _arm(self, now: float) -> None:
         if self._timer is not None:
             self._timer.cancel()
-        deadline = self.connection.next_deadline(now)
+        deadline = min(self.connection.next_deadline(now), self.renew_at())
         if deadline != float("inf"):
             self._timer = asyncio.get_running_loop().call_later(
                 max(0.0, deadline - now), self._tick)
 
     def _tick(self) -> None:
+        self._timer = None
+        task = asyncio.get_running_loop().create_task(self.maintain())
+        self._rekey_task = task
+
+    async def maintain(self) -> None:
+        """Erase keys due by the clock and start the renewal if it is due; re-arms the
+        timer. Runs from the timer; a test with a fake clock calls it directly."""
         now = self.clock()
         self.connection.poll(now)
-        if self.connection.state is not State.CLOSED:
-            self._arm(now)
+        if self.connection.state is State.CLOSED:
+            return
+        if now >= self.renew_at():
+            await self.rekey()
+        self._arm(now)
+
+    async def rekey(self) -> None:
+        """Start a new handshake with the same peer on this link; the current session
+        stays in use until msg2 checks out (then msg3 goes out and the new one is used)."""
+        if self.renew is None:
+            raise StateError("no renew= factory: this central cannot renew its session")
+        await self.link.send(self.connection.rekey(self.renew()))
 
     async def send(self, topic: str, payload: bytes) -> None:
         await self.link.send(self.connection.send(topic, payload, self.clock()))
@@ -327,6 +379,8 @@ class Sa1Central:
     async def close(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
+        if self._rekey_task is not None and self._rekey_task is not asyncio.current_task():
+            self._rekey_task.cancel()
         self.connection.close()
         if self._reader is not None:
             self._reader.cancel()
