@@ -32,6 +32,7 @@ is what applications use; docs/AGENT.md is the configuration reference.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import datetime as dt
 import logging
 import random
@@ -125,10 +126,12 @@ class AgentConfig:
     source: str = "<agent config>"
 
     @classmethod
-    def load(cls, path: Path) -> AgentConfig:
+    def load(cls, path: Path, state_dir: Path | None = None) -> AgentConfig:
         """Parse ``path`` and check what it names on this machine (files, the device
         state, the broker's trust domain, installed extras): every problem is one
-        ConfigurationError line naming the file, the key and the fix."""
+        ConfigurationError line naming the file, the key and the fix. ``state_dir``
+        (``run --state DIR``) replaces device.state_dir, and relative file names in
+        the configuration are read from it."""
         try:
             text = path.read_text()
         except OSError as exc:
@@ -136,6 +139,13 @@ class AgentConfig:
                 f"cannot read the agent configuration {path}: {exc.strerror} (write one as "
                 "docs/AGENT.md shows, or pass --config FILE)") from None
         config = cls.parse(text, str(path))
+        if state_dir is not None:
+            def inside(name: str | None) -> str | None:
+                return None if name is None else str(state_dir / name)  # absolute stays
+
+            config = dataclasses.replace(
+                config, state_dir=state_dir, tls_cafile=inside(config.tls_cafile),
+                provisioner_cafile=inside(config.provisioner_cafile))
         config.check()
         return config
 
@@ -162,6 +172,7 @@ class AgentConfig:
         try:
             state = DeviceState.load(self.state_dir)
             device = state.credential().identity
+            state.trust()  # bundle.pem there and readable
         except ConfigurationError as exc:
             raise self._problem("device.state_dir", exc.detail,
                                 "re-enroll, or point it at a complete state directory"

@@ -3,7 +3,7 @@
     tessera-agent enroll --provisioner URL --serial S (--tpm TCTI | --pkcs11 SPEC)
     tessera-agent enrollment-endpoint --serial S --tpm TCTI [--listen HOST:PORT]
     tessera-agent renew  --provisioner URL [--watch]
-    tessera-agent run    --config /etc/tessera/agent.toml
+    tessera-agent run    --config /etc/tessera/agent.toml  (or --state DIR)
     tessera-agent persist-key --handle 0x81000010   (TPM: the key at a persistent handle)
 
 Enrollment runs at the factory: either on the device with the operator's token
@@ -39,6 +39,7 @@ from device.ble_args import add_arguments as add_ble_arguments
 from structauth.errors import ConfigurationError, TesseraError
 
 STATE_DIR = Path(os.environ.get("TESSERA_STATE_DIR", "/var/lib/tessera"))
+DEFAULT_CONFIG = Path("/etc/tessera/agent.toml")
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -157,6 +158,8 @@ def _save(
     state.update({"serial": serial, "provisioner": provisioner, "identity": issued["identity"]})
     CredentialStore(state_dir).save(issued)
     (state_dir / "agent.json").write_text(json.dumps(state, indent=1))
+    if isinstance(issued.get("agent_toml"), str):  # from the station: run --state DIR
+        (state_dir / "agent.toml").write_text(issued["agent_toml"])
 
 
 def cmd_enrollment_endpoint(args: argparse.Namespace) -> None:
@@ -277,7 +280,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from device.agent import Agent, AgentConfig
 
-    config = AgentConfig.load(args.config)  # every config problem: one line, before anything
+    # every config problem: one line, before anything; --state DIR: DIR/agent.toml with
+    # DIR as the state directory (what 'tessera enroll --out DIR' writes)
+    path = args.config or (args.state / "agent.toml" if args.state else DEFAULT_CONFIG)
+    config = AgentConfig.load(path, state_dir=args.state)
     agent = Agent(config)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -380,8 +386,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_ble_enroll)
     run = sub.add_parser("run", help="keep this device connected to its MQTT broker",
                          parents=[common])
-    run.add_argument("--config", type=Path, default=Path("/etc/tessera/agent.toml"),
-                     help="agent configuration (docs/AGENT.md)")
+    run.add_argument("--config", type=Path,
+                     help=f"agent configuration (docs/AGENT.md; default {DEFAULT_CONFIG}, "
+                          "or DIR/agent.toml with --state)")
+    run.add_argument("--state", type=Path, metavar="DIR",
+                     help="the state directory enrollment wrote ('tessera enroll --out "
+                          "DIR'): its agent.toml, with DIR as device.state_dir")
     run.set_defaults(func=cmd_run)
     return p
 

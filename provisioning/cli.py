@@ -4,6 +4,8 @@
     tessera serve          run the provisioning service (HTTP API)
     tessera enroll         enroll a device (local TPM or PKCS#11 key, a device on the
                            network with --device URL, or --batch CSV)
+    tessera roots add|list|remove
+                           the TPM maker CA certificates enrollment accepts
     tessera list | show    what the registry holds
     tessera revoke         revoke a device (its live sessions are cut by brokers)
     tessera renew          renew a local device's operational credential
@@ -325,7 +327,7 @@ def _refuse_init_target(directory: Path) -> None:
 
 
 def cmd_init(args: argparse.Namespace) -> None:
-    from provisioning.authority import FleetAuthority, _toml_string
+    from provisioning.authority import FleetAuthority
     from provisioning.operators import Operators, check_operator_name
     from provisioning.registry import open_registry
 
@@ -374,14 +376,15 @@ def cmd_init(args: argparse.Namespace) -> None:
         )
         _crash_point("init:authority-created")
         token = Operators(stage / "operators.json").add(args.operator)
+        import tomli_w
+
         from device.provisioner import write_synced
 
-        write_synced(stage / SERVICE_FILE, (
-            "# Tessera provisioning service (written by 'tessera init')\n"
-            f"registry = {_toml_string(registry_url)}\n"
-            f"tpm_maker_roots = [{', '.join(_toml_string(r) for r in roots)}]\n"
-            f"operational_lifetime_minutes = {args.operational_lifetime}\n"
-        ).encode())
+        write_synced(stage / SERVICE_FILE, (_SERVICE_HEADER + tomli_w.dumps({
+            "registry": registry_url,
+            "tpm_maker_roots": roots,
+            "operational_lifetime_minutes": args.operational_lifetime,
+        })).encode())
         _crash_point("init:staged")
         staging.commit()
     except BaseException as exc:
@@ -477,6 +480,154 @@ def cmd_serve(args: argparse.Namespace) -> None:
     )
 
 
+# -- maker roots ---------------------------------------------------------------------
+
+_SERVICE_HEADER = "# Tessera provisioning service (written by 'tessera init' / 'tessera roots')\n"
+
+
+def _write_service_config(directory: Path, config: dict[str, Any]) -> None:
+    """service.toml rewritten all or nothing (tomli_w, then a synced rename): an error
+    leaves the old file as it was. Comments other than the header are not kept."""
+    import tomli_w
+
+    _write_atomic(directory / SERVICE_FILE,
+                  (_SERVICE_HEADER + tomli_w.dumps(config)).encode(), "--dir")
+
+
+@contextlib.contextmanager
+def _service_config_locked(directory: Path) -> Any:
+    """Two 'tessera roots' edits at once must not lose one: the second waits."""
+    import fcntl
+
+    _service_config(directory)  # refuses a directory without an authority first
+    try:
+        fd = os.open(directory / ".service.toml.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise CliError(f"--dir {directory}: cannot lock {SERVICE_FILE} ({_why(exc)}); "
+                       "run as the user that owns the authority directory") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield _service_config(directory)  # read again under the lock
+    finally:
+        os.close(fd)
+
+
+def _fingerprint(cert: Any) -> str:
+    from cryptography.hazmat.primitives import hashes
+
+    return str(cert.fingerprint(hashes.SHA256()).hex())
+
+
+def _root_rows(paths: Sequence[str]) -> list[dict[str, Any]]:
+    """Every certificate of the configured files: what it is, what it chains to."""
+    from cryptography import x509
+
+    from provisioning.attestation import _self_signed
+
+    rows: list[dict[str, Any]] = []
+    certs: list[tuple[str, Any]] = []
+    for path in paths:
+        try:
+            found = x509.load_pem_x509_certificates(Path(path).read_bytes())
+        except (OSError, ValueError):
+            rows.append({"file": path, "role": "unreadable", "subject": "", "issuer": "",
+                         "fingerprint": "", "not_after": "", "chain": []})
+            continue
+        certs += [(path, c) for c in found]
+    by_subject = {c.subject: c for _, c in certs}
+    for path, cert in certs:
+        chain, seen, here = [cert.subject.rfc4514_string()], {cert.subject}, cert
+        while not _self_signed(here) and here.issuer in by_subject and here.issuer not in seen:
+            here = by_subject[here.issuer]
+            seen.add(here.subject)
+            chain.append(here.subject.rfc4514_string())
+        rows.append({
+            "file": path,
+            "role": "root" if _self_signed(cert) else "intermediate",
+            "subject": cert.subject.rfc4514_string(),
+            "issuer": cert.issuer.rfc4514_string(),
+            "fingerprint": _fingerprint(cert),
+            "not_after": cert.not_valid_after_utc.isoformat(),
+            "chain": chain,
+            "complete": _self_signed(here),
+        })
+    return rows
+
+
+#: the service loads the roots once, at start (build_service)
+_RESTART = "restart 'tessera serve' so the running service uses the new set"
+
+
+def cmd_roots_add(args: argparse.Namespace) -> None:
+    from cryptography import x509
+
+    with _service_config_locked(args.dir) as config:
+        where = args.dir / SERVICE_FILE
+        current: list[str] = list(config["tpm_maker_roots"])
+        added: list[str] = []
+        for given in args.pem:
+            path = Path(given)
+            try:
+                certs = x509.load_pem_x509_certificates(path.read_bytes())
+            except OSError as exc:
+                raise CliError(f"{given}: cannot read it ({_why(exc)}); nothing was changed"
+                               ) from None
+            except ValueError:
+                certs = []
+            if not certs:
+                raise CliError(f"{given} holds no PEM certificate; pass the TPM maker's CA "
+                               "certificate files (root and intermediates); nothing was changed")
+            resolved = str(path.resolve())
+            if resolved not in current and resolved not in added:
+                added.append(resolved)
+        # the new set as serve loads it: no root at all, or a broken file, is refused
+        _maker_roots(current + added, f"{where}: tpm_maker_roots with {', '.join(args.pem)}")
+        if added:
+            config["tpm_maker_roots"] = current + added
+            _write_service_config(args.dir, config)
+        rows = _root_rows(added)
+    _emit(args, {"added": added, "certificates": rows, "restart_needed": bool(added)},
+          (f"added {len(added)} file(s), {len(rows)} certificate(s) to {where}; {_RESTART}"
+           if added else f"already in {where}; nothing changed"))
+
+
+def cmd_roots_list(args: argparse.Namespace) -> None:
+    config = _service_config(args.dir)
+    rows = _root_rows(config["tpm_maker_roots"])
+    text = _table(
+        [(r["fingerprint"][:16], r["role"], r["subject"], r["issuer"], r["not_after"][:10],
+          r["file"]) for r in rows],
+        ("SHA256", "ROLE", "SUBJECT", "ISSUER", "EXPIRES", "FILE"),
+    ) if rows else f"no TPM maker roots in {args.dir / SERVICE_FILE} ('tessera roots add PEM')"
+    chains = [f"  chain: {' -> '.join(r['chain'])}" + ("" if r["complete"] else " (no root!)")
+              for r in rows if r["role"] == "intermediate"]
+    _emit(args, {"roots": rows}, "\n".join([text, *chains]))
+
+
+def cmd_roots_remove(args: argparse.Namespace) -> None:
+    want = args.which.strip()
+    hexed = want.replace(":", "").lower()
+    with _service_config_locked(args.dir) as config:
+        where = args.dir / SERVICE_FILE
+        rows = _root_rows(config["tpm_maker_roots"])
+        if len(hexed) >= 8 and all(c in "0123456789abcdef" for c in hexed):
+            hits = [r for r in rows if r["fingerprint"].startswith(hexed)]
+        else:
+            hits = [r for r in rows if want in (r["subject"], r["file"])]
+        if not hits:
+            raise CliError(f"no maker certificate in {where} has fingerprint, subject or file "
+                           f"{want!r}; 'tessera roots list' shows them; nothing was changed")
+        files = {r["file"] for r in hits}
+        keep = [p for p in config["tpm_maker_roots"] if p not in files]
+        _maker_roots(keep, f"{where}: without {', '.join(sorted(files))}")
+        gone = [r for r in rows if r["file"] in files]
+        config["tpm_maker_roots"] = keep
+        _write_service_config(args.dir, config)
+    _emit(args, {"removed": sorted(files), "certificates": gone, "restart_needed": True},
+          f"removed {len(files)} file(s) ({len(gone)} certificate(s): "
+          f"{'; '.join(r['subject'] for r in gone)}) from {where}; {_RESTART}")
+
+
 # -- enrollment, two-phase -----------------------------------------------------------
 #
 # The service records a device in the step that hands out its credentials, so there is
@@ -498,6 +649,110 @@ def _journal_read(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+AGENT_TOML = "agent.toml"
+AGENT_JSON = "agent.json"
+BROKER_CA = "broker-ca.pem"
+
+
+def _agent_broker(args: argparse.Namespace) -> dict[str, Any] | None:
+    """--broker / --broker-identity / --broker-cafile, checked before anything is
+    enrolled: the [mqtt] table of the agent.toml that --out gets (None: not given, the
+    file is then a template with those keys marked)."""
+    from urllib.parse import urlsplit
+
+    from structauth.credentials import Identity
+
+    url, ident, cafile = (getattr(args, "broker", None), getattr(args, "broker_identity", None),
+                          getattr(args, "broker_cafile", None))
+    if not (url or ident or cafile):
+        return None
+    if not (url and ident):
+        raise CliError("--broker and --broker-identity go together (the agent connects to "
+                       "that broker only): pass both, or neither for an agent.toml template")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+        host = parts.hostname
+    except ValueError:
+        host = port = None
+        parts = urlsplit("")
+    if parts.scheme not in ("mqtt", "mqtts") or not host or parts.path not in ("", "/"):
+        raise CliError(f"--broker {url!r}: expected mqtt://HOST[:PORT] or "
+                       "mqtts://HOST[:PORT] (TLS, with --broker-cafile)")
+    tls = parts.scheme == "mqtts"
+    if tls and not cafile:
+        raise CliError(f"--broker {url}: TLS needs --broker-cafile, the CA certificate (PEM) "
+                       "that signed the broker's TLS certificate")
+    if cafile and not tls:
+        raise CliError("--broker-cafile is for TLS: use an mqtts:// --broker URL")
+    try:
+        broker = Identity.parse(ident)
+        if broker.kind != "broker":
+            raise ValueError
+    except (TesseraError, ValueError):
+        raise CliError(f"--broker-identity {ident!r} is not a broker identity; pass the "
+                       "broker's SPIFFE ID, spiffe://<trust domain>/broker/<name>") from None
+    mqtt: dict[str, Any] = {"host": host, "port": port or (8883 if tls else 1883),
+                            "broker_identity": ident}
+    out: dict[str, Any] = {"mqtt": mqtt, "trust_domain": broker.trust_domain}
+    if cafile:
+        _check_pem(cafile, "--broker-cafile", "the CA certificate of the broker's TLS "
+                   "certificate")
+        mqtt["tls_cafile"] = BROKER_CA
+        out["cafile_pem"] = Path(cafile).read_bytes()
+    return out
+
+
+def _check_broker_domain(client: Any, broker: dict[str, Any] | None) -> None:
+    """The broker must be in the fleet's trust domain, or the agent would refuse it at
+    every start: asked of the service before anything is enrolled."""
+    if broker is None:
+        return
+    served = client.call("GET", "/healthz").get("trust_domain")
+    if served and served != broker["trust_domain"]:
+        raise CliError(f"--broker-identity {broker['mqtt']['broker_identity']} is in trust "
+                       f"domain {broker['trust_domain']!r}, the fleet in {served!r}; pass the "
+                       f"broker's identity, spiffe://{served}/broker/<name>")
+
+
+def _agent_toml(broker: dict[str, Any] | None) -> bytes:
+    """agent.toml for ``tessera-agent run --state DIR`` (docs/AGENT.md): the state
+    directory is DIR itself, relative file names are read from DIR."""
+    import tomli_w
+
+    head = ("# tessera-agent configuration, written by 'tessera enroll --out' "
+            "(docs/AGENT.md)\n# start the agent with: tessera-agent run --state "
+            "<this directory>\n")
+    # the agent's liveness message, on the topic the documented fleet policy grants
+    # (docs/MQTT.md); remove the table to publish only what applications send
+    heartbeat = {"heartbeat": {"topic": "devices/{id}/telemetry/heartbeat", "interval_s": 60}}
+    if broker is not None:
+        return (head + tomli_w.dumps({"mqtt": broker["mqtt"], **heartbeat})).encode()
+    return (head + tomli_w.dumps(heartbeat) + "\n[mqtt]\n"
+            "# REQUIRED: the station did not know the broker ('tessera enroll --broker URL "
+            "--broker-identity ID'\n# writes these); uncomment and fill in before "
+            "'tessera-agent run --state DIR':\n"
+            "# host = \"broker.example.com\"\n"
+            "# port = 8883\n"
+            "# broker_identity = \"spiffe://<trust domain>/broker/<name>\"\n"
+            "# tls_cafile = \"broker-ca.pem\"   # TLS: the broker's CA, a file in this "
+            "directory\n").encode()
+
+
+def _agent_files(settings: dict[str, Any] | None, broker: dict[str, Any] | None,
+                 issued: dict[str, Any]) -> dict[str, bytes]:
+    """What --out holds besides the credentials so that the agent starts from it:
+    agent.json (how to reach the key; None when the key is on a remote device, which
+    wrote its own), agent.toml and the broker's TLS CA."""
+    files = {AGENT_TOML: _agent_toml(broker)}
+    if settings is not None:
+        files[AGENT_JSON] = json.dumps({**settings, "identity": issued["identity"]},
+                                       indent=1).encode()
+    if broker is not None and "cafile_pem" in broker:
+        files[BROKER_CA] = broker["cafile_pem"]
+    return files
+
+
 class _OutPlan:
     """Where one device's credentials go (``--out``), checked before anything is asked
     of the service, and the journal that lets a re-run finish an interrupted one."""
@@ -509,6 +764,9 @@ class _OutPlan:
         self.staging = out.absolute().parent / f".{out.name}.tessera-pending"
         self.journal: dict[str, Any] = {}
         self.resumable = False  # an interrupted run may have been recorded
+        #: agent.json's content (how the agent reaches the key) and the broker facts
+        self.settings: dict[str, Any] | None = None
+        self.broker: dict[str, Any] | None = None
 
     def done_before(self) -> str | None:
         """The identity in --out if it already holds this serial's credentials."""
@@ -576,6 +834,12 @@ class _OutPlan:
 
         store = CredentialStore(self.out)
         store.stage(issued, self.staging)
+        from device.provisioner import fsync_dir, write_synced
+
+        for name, data in _agent_files(self.settings, self.broker, issued).items():
+            (self.staging / name).unlink(missing_ok=True)  # left by an interrupted run
+            write_synced(self.staging / name, data)
+        fsync_dir(self.staging)
         _crash_point("enroll:staged")
         if self.out.exists() and not any(self.out.iterdir()):
             self.out.rmdir()  # an empty --out: the staging directory takes its place
@@ -587,8 +851,6 @@ class _OutPlan:
             # leaves complete credentials, which the next run recognises as done
             self.staging.chmod(0o755)
             os.rename(self.staging, self.out)
-            from device.provisioner import fsync_dir
-
             fsync_dir(self.out.parent)
         _crash_point("enroll:saved")
         (self.out / JOURNAL).unlink(missing_ok=True)
@@ -685,6 +947,12 @@ def _enroll_one(
     reenroll = bool(args.reenroll)
     plan = _OutPlan(out, serial, replace=reenroll) if out is not None else None
     if plan is not None:
+        plan.broker = getattr(args, "agent_broker", None)
+        plan.settings = (
+            {"backend": "tpm", "tcti": tpm, "key_dir": str(Path(key_dir or f"{serial}-keys")
+                                                          .absolute())}
+            if tpm else {"backend": "pkcs11", "pkcs11": pkcs11})
+        plan.settings.update(serial=serial, provisioner=args.provisioner)
         plan.preflight()
     created_key: tuple[Any, str] | None = None  # (PKCS#11 backend, label) made by this run
     recording = False  # the step that records the device was sent
@@ -785,7 +1053,9 @@ def _open_pkcs11_key(spec: str) -> tuple[Any, Any, bool]:
 
 
 def cmd_enroll(args: argparse.Namespace) -> None:
+    args.agent_broker = _agent_broker(args)  # refused before the service is asked
     client = _client(args)
+    _check_broker_domain(client, args.agent_broker)
     if args.ble:
         from provisioning.ble_cli import run as run_ble  # bleak: the ble extra
 
@@ -859,7 +1129,9 @@ def _enroll_remote(args: argparse.Namespace, client: Any) -> None:
         reenroll=args.reenroll,
     )
     try:
-        device.deliver({**issued, "provisioner": args.provisioner})
+        # the device writes agent.toml from it (tessera-agent enrollment-endpoint)
+        device.deliver({**issued, "provisioner": args.provisioner,
+                        "agent_toml": _agent_toml(args.agent_broker).decode()})
     except TesseraError as exc:
         raise CliError(
             f"{serial} is enrolled but did not take its credentials ({_one_line(exc)}); "
@@ -868,6 +1140,8 @@ def _enroll_remote(args: argparse.Namespace, client: Any) -> None:
     if args.out:
         try:
             CredentialStore(args.out).save(issued)
+            for name, data in _agent_files(None, args.agent_broker, issued).items():
+                _write_atomic(args.out / name, data, "--out")
         except OSError as exc:
             raise CliError(f"{serial} is enrolled and holds its credentials, but the copy "
                            f"for --out {args.out} could not be written ({_why(exc)})") from None
@@ -1545,6 +1819,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tls-key")
     s.set_defaults(func=cmd_serve)
 
+    s = sub.add_parser("roots", help="the TPM maker CA certificates the service accepts")
+    rsub = s.add_subparsers(dest="roots_command", required=True, metavar="ACTION")
+    r = rsub.add_parser("add", help="accept EK certificates chaining to these CA files")
+    r.add_argument("pem", nargs="+", metavar="PEM",
+                   help="PEM files: the maker's root and its intermediates")
+    r.set_defaults(func=cmd_roots_add)
+    r2 = rsub.add_parser("list", help="each maker certificate and its chain")
+    r2.set_defaults(func=cmd_roots_list)
+    r3 = rsub.add_parser("remove", help="stop accepting a maker CA file")
+    r3.add_argument("which", metavar="FINGERPRINT|SUBJECT|FILE",
+                    help="SHA-256 fingerprint (8+ hex digits), subject (as listed) or file")
+    r3.set_defaults(func=cmd_roots_remove)
+    for sp in (r, r2, r3):
+        sp.add_argument("--dir", type=Path, default=DEFAULT_DIR, help="authority directory")
+
     s = sub.add_parser("enroll", help="enroll a device")
     remote(s)
     s.add_argument("--serial")
@@ -1564,7 +1853,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--batch", metavar="CSV", help="enroll every row: serial,tpm|pkcs11,key_dir,device_class"
     )
-    s.add_argument("--out", type=Path, help="write the credentials here")
+    s.add_argument("--out", type=Path,
+                   help="write the device's agent state directory here: credentials, "
+                        "agent.json, agent.toml ('tessera-agent run --state DIR')")
+    s.add_argument("--broker", metavar="URL",
+                   help="the MQTT broker the agent connects to, mqtt://HOST[:PORT] or "
+                        "mqtts://HOST[:PORT], written to --out's agent.toml")
+    s.add_argument("--broker-identity", metavar="SPIFFE_ID",
+                   help="that broker's identity, spiffe://<trust domain>/broker/<name>")
+    s.add_argument("--broker-cafile", metavar="PEM",
+                   help="mqtts: the CA certificate of the broker's TLS certificate (copied "
+                        "into --out as broker-ca.pem)")
     add_ble_arguments(s)
     s.set_defaults(func=cmd_enroll)
 

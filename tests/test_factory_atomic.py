@@ -106,7 +106,8 @@ def assert_agree(service: ProvisioningServer, serial: str, out: Path,
     record = registered(service, serial)
     assert record is not None and record["status"] == "active", record
     assert sorted(p.name for p in out.iterdir()) == [
-        "bundle.pem", "enrollment.pem", "identity", "operational.pem"]
+        "agent.json", "agent.toml", "bundle.pem", "enrollment.pem", "identity",
+        "operational.pem"]  # agent files: the agent runs from --out (tests/test_enroll_state)
     assert (out / "identity").read_text().strip() == record["identity"]
     for name in ("operational.pem", "enrollment.pem"):
         cert = x509.load_pem_x509_certificate((out / name).read_bytes())
