@@ -1515,12 +1515,15 @@ def cmd_broker_config(args: argparse.Namespace) -> None:
         raise CliError(f"--listener {args.listener!r}: expected HOST:PORT, e.g. 0.0.0.0:8883")
     if bool(args.tls_cert) != bool(args.tls_key):
         raise CliError("TLS needs both --tls-cert and --tls-key")
+    _check_pem(args.bundle, "--bundle", "the trust bundle 'tessera export-bundle' wrote")
+    _check_pem(args.credential, "--credential", "this broker's credential PEM "
+               "('tessera enroll --kind broker --out DIR' writes DIR/operational.pem)")
     options = {
         "python": sys.executable,
-        "trust_domain": args.trust_domain,
+        "trust_domain": _broker_trust_domain(args),
         "bundle": args.bundle,
         "credential": args.credential,
-        "key": args.key,
+        "key": _broker_key(args.key),
         "policy": args.policy,
     }
     for name in ("provisioner", "cafile", "audit_log", "pin_file", "key_dir"):
@@ -1531,12 +1534,12 @@ def cmd_broker_config(args: argparse.Namespace) -> None:
         if name in options:
             options[name] = str(Path(options[name]).resolve())
     options.update(_step_up_options(args.plugin_opt or []))
-    _check_pem(args.bundle, "--bundle", "the trust bundle 'tessera export-bundle' wrote")
-    _check_pem(args.credential, "--credential", "this broker's credential PEM "
-               "('tessera enroll --kind broker --out DIR' writes DIR/operational.pem)")
     joined = _read_mosquitto_conf(Path(args.check)) if args.check else []
+    # --state-dir: the plugin is built into DIR/plugin (as 'python -m broker_plugin.build
+    # --state-dir DIR'), so the conf never points into a source checkout or site-packages
+    plugin_dir = args.state_dir.absolute() / "plugin" if args.state_dir else None
     try:
-        plugin = ensure_built()
+        plugin = ensure_built(plugin_dir)
     except BuildError as exc:
         raise CliError(exc.detail) from None
     # the broker starts with these options: refuse here, in one line, what it would refuse
@@ -1546,7 +1549,11 @@ def cmd_broker_config(args: argparse.Namespace) -> None:
         raise CliError(f"the plugin would refuse these options: {_one_line(exc)}") from None
     getattr(signer, "close", lambda: None)()
     if args.user:
-        blocked = readable_by(args.user)
+        try:
+            blocked = readable_by(args.user, plugin_dir)
+        except KeyError:
+            raise CliError(f"--user {args.user}: no such user; pass the account mosquitto "
+                           "runs as") from None
         if blocked:
             raise CliError(
                 f"mosquitto drops to user {args.user} before it loads plugins, and that user "
@@ -1616,21 +1623,91 @@ def cmd_audit_verify(args: argparse.Namespace) -> None:
                  "last_seq": result.last_seq, "head": result.head}, result.verdict())
 
 
-def _step_up_options(pairs: list[str]) -> dict[str, str]:
-    """``NAME=VALUE`` step-up / quarantine knobs, checked by the plugin's own parser."""
-    from broker_plugin.stepup import STEP_UP_OPTIONS as _SETTINGS
-    from broker_plugin.stepup import parse_settings
+#: plugin options 'broker config' sets from its own flags (--plugin-opt refers to them)
+_FLAG_OPTIONS = {"python": None, "trust_domain": "--trust-domain", "bundle": "--bundle",
+                 "credential": "--credential", "key": "--key", "pin_file": "--pin-file",
+                 "key_dir": "--key-dir", "policy": "--policy", "provisioner": "--provisioner",
+                 "cafile": "--cafile", "audit_log": "--audit-log"}
+#: the other options the plugin reads (broker_plugin/host.py's module doc; the step-up
+#: and quarantine knobs come from broker_plugin.stepup, fan-out from broker_plugin.host):
+#: listed here because the plugin has no registry of them; test_cli_broker_config's
+#: check against the host's documentation keeps the two in step
+_PLAIN_OPTIONS = ("direct", "metrics_port", "attestation_keys", "nonce_file",
+                  "nonce_database", "nonce_poll_s", "quarantine_database", "revocation_file",
+                  "revocation_grace_s", "revocation_stale", "session_epoch_ms",
+                  "session_skew_epochs", "session_lifetime_s", "session_replay_window",
+                  "pending_timeout_s", "pending_max", "pending_per_source",
+                  "pending_per_client")
 
+
+def _known_plugin_options() -> list[str]:
+    from broker_plugin.host import FANOUT_OPTIONS
+    from broker_plugin.stepup import STEP_UP_OPTIONS
+
+    return sorted({*_PLAIN_OPTIONS, *FANOUT_OPTIONS, *STEP_UP_OPTIONS})
+
+
+def _step_up_options(pairs: list[str]) -> dict[str, str]:
+    """``NAME=VALUE`` plugin options: known names only (each flag's own option through
+    its flag), the step-up / quarantine knobs checked by the plugin's own parser, the
+    others by build_enforcer (or here, for what only the running plugin reads)."""
+    from broker_plugin.stepup import STEP_UP_OPTIONS, parse_settings
+
+    known = _known_plugin_options()
     out: dict[str, str] = {}
     for pair in pairs:
         name, sep, value = pair.partition("=")
         name = name.strip().removeprefix("plugin_opt_")
-        if not sep or name not in _SETTINGS:
+        if sep and name in _FLAG_OPTIONS:
+            flag = _FLAG_OPTIONS[name]
+            raise CliError(f"--plugin-opt {pair!r}: {name} is set by "
+                           f"{flag or 'this command (the running Python)'}; use that")
+        if not sep or name not in known or not value.strip():
             raise CliError(f"--plugin-opt {pair!r}: expected NAME=VALUE with NAME one of "
-                           f"{', '.join(sorted(_SETTINGS))}")
+                           f"{', '.join(known)}")
         out[name] = value.strip()
-    parse_settings(out)  # ConfigurationError: the plugin's own one-line refusal
+    port = out.get("metrics_port")
+    if port is not None and not (port.isdigit() and 0 <= int(port) <= 65535):
+        raise CliError(f"--plugin-opt metrics_port={port}: a TCP port 1..65535, or 0 for a "
+                       "free one")
+    parse_settings({k: v for k, v in out.items() if k in STEP_UP_OPTIONS})
     return out
+
+
+def _broker_key(spec: str) -> str:
+    """--key as other commands take a key: ``pkcs11:<module>#<token>/<label>`` or
+    without the prefix (as --pkcs11 takes it), ``tpm:<tcti>#<name>``, and for
+    development ``insecure-software:<pem>``."""
+    if spec.startswith(("pkcs11:", "tpm:", "insecure-software:")):
+        return spec
+    module, sep, rest = spec.rpartition("#")
+    if sep and module and "/" in rest:
+        return f"pkcs11:{spec}"
+    raise CliError(f"--key {spec!r}: expected [pkcs11:]<module>#<token>/<label> (as "
+                   "'tessera enroll --pkcs11' takes it) or tpm:<tcti>#<name>")
+
+
+def _broker_trust_domain(args: argparse.Namespace) -> str:
+    """The credential's trust domain; --trust-domain, when given, must be that one (a
+    broker in another domain would refuse every device of this fleet)."""
+    from structauth.credentials import Credential
+
+    try:
+        cred = Credential.from_pem(Path(args.credential).read_bytes())
+    except (TesseraError, ValueError) as exc:
+        raise CliError(f"--credential {args.credential}: not a Tessera credential "
+                       f"({_one_line(exc)}); pass the broker's operational.pem") from None
+    identity = cred.identity
+    if identity.kind != "broker":
+        raise CliError(f"--credential {args.credential} is {identity}, not a broker; enroll "
+                       "the broker with 'tessera enroll --kind broker' and pass its "
+                       "operational.pem")
+    domain = str(identity.trust_domain)
+    if args.trust_domain and args.trust_domain != domain:
+        raise CliError(f"--trust-domain {args.trust_domain} is not the trust domain of "
+                       f"--credential {args.credential} ({identity}); pass "
+                       f"--trust-domain {domain} or leave it out")
+    return domain
 
 
 def _words(line: str) -> tuple[str, ...]:
@@ -1895,11 +1972,18 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("broker", help="broker plugin helpers")
     bsub = s.add_subparsers(dest="broker_command", required=True, metavar="COMMAND")
     b = bsub.add_parser("config", help="write a mosquitto.conf snippet for the Tessera plugin")
-    b.add_argument("--trust-domain", required=True)
+    b.add_argument("--trust-domain",
+                   help="the fleet's trust domain (default: the --credential's; another one "
+                        "is refused)")
     b.add_argument("--bundle", required=True, help="trust bundle PEM (tessera export-bundle)")
     b.add_argument("--credential", required=True, help="this broker's credential PEM")
     b.add_argument("--key", required=True,
-                   help="its key: pkcs11:<module>#<token>/<label> or tpm:<tcti>#<name>")
+                   help="its key: [pkcs11:]<module>#<token>/<label> (the prefix is optional, "
+                        "as with 'tessera enroll --pkcs11') or tpm:<tcti>#<name>")
+    b.add_argument("--state-dir", type=Path, metavar="DIR",
+                   help="build the plugin into DIR/plugin and point the conf there (default: "
+                        "$TESSERA_PLUGIN_DIR, else ~/.local/state/tessera/plugin when "
+                        "installed)")
     b.add_argument("--pin-file", help="PKCS#11 PIN file for the broker's key")
     b.add_argument("--key-dir", help="TPM key blob directory (tpm: keys)")
     b.add_argument("--policy", required=True, help="TOML topic policy")
@@ -1913,8 +1997,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="account mosquitto runs plugins as (checked for read access)")
     b.add_argument("-o", "--output", default="-", help="file (default: stdout)")
     b.add_argument("--plugin-opt", action="append", metavar="NAME=VALUE",
-                   help="a step-up or quarantine knob (e.g. quarantine_failures=3), checked "
-                        "as the plugin checks it; repeatable")
+                   help="another plugin option (e.g. quarantine_failures=3, metrics_port="
+                        "9101), checked as the plugin checks it; unknown names are refused "
+                        "with the list; repeatable")
     b.add_argument("--max-packet-size", type=int, default=262_144, metavar="BYTES",
                    help="largest MQTT packet the broker reads, checked before it buffers "
                         "one: msg1 (~2 KB) and the largest proven message (default 256 KiB)")
