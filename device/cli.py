@@ -36,6 +36,7 @@ from typing import Any, NoReturn
 from cryptography import x509
 
 from device.ble_args import add_arguments as add_ble_arguments
+from device.ble_args import register_sa1 as register_ble_sa1
 from structauth.errors import ConfigurationError, TesseraError
 
 STATE_DIR = Path(os.environ.get("TESSERA_STATE_DIR", "/var/lib/tessera"))
@@ -384,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "(bound to the code on its label; needs the ble extra)")
     add_ble_arguments(b)
     b.set_defaults(func=cmd_ble_enroll)
+    register_ble_sa1(sub, common)  # ble-sa1-serve, ble-sa1-send (bumble/bleak lazily)
     run = sub.add_parser("run", help="keep this device connected to its MQTT broker",
                          parents=[common])
     run.add_argument("--config", type=Path,
