@@ -38,14 +38,12 @@ from typing import Any
 
 import pytest
 
-pytestmark = [pytest.mark.hardware, pytest.mark.broker]
-
 ROOT = Path(__file__).resolve().parent.parent
 GUIDE = ROOT / "docs" / "GETTING-STARTED.md"
 VENV_BIN = Path(sys.executable).parent
 SOFTHSM_MODULE = Path("/usr/lib/softhsm/libsofthsm2.so")
 MOSQUITTO = Path("/usr/sbin/mosquitto")
-#: the whole journey, start to clean-up; it takes ~20-40 s on a shared 2-core machine
+#: the whole journey, start to clean-up; it took 8-15 s on the shared 2-core machine
 BUDGET_S = 100.0
 _FENCE = re.compile(r"^```(\S*)\s*$")
 
@@ -262,6 +260,8 @@ def test_the_extractor_takes_sh_blocks_verbatim_and_only_those() -> None:
     assert "not run" not in journey_script([block])
 
 
+@pytest.mark.hardware
+@pytest.mark.broker
 @pytest.mark.skipif(
     not (shutil.which("swtpm") and SOFTHSM_MODULE.exists() and MOSQUITTO.exists()
          and shutil.which("curl") and shutil.which("gcc")),
