@@ -455,6 +455,12 @@ def _check_tls(cert: str | None, key: str | None) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
+    # one logging set-up for every long-running Tessera process (tessera-agent's): text
+    # or one JSON object per line on stderr, at --log-level; first, so that what loading
+    # the authority logs (an insecure key's warning) has that form too
+    from device.cli import setup_logging
+
+    setup_logging(args.log_level, args.log_format)
     _check_tls(args.tls_cert, args.tls_key)
     service = build_service(args.dir)  # every configuration problem refused first
 
@@ -468,15 +474,29 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise CliError(f"{args.dir / SERVICE_FILE}: limits must be a table ([limits])")
     limits = Limits.from_mapping(table, f"{args.dir / SERVICE_FILE} [limits]")
     app = build_app(service, Operators(args.dir / "operators.json"), limits)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     from provisioning.server import run_service
+
+    def ready(url: str) -> None:
+        # uvicorn's Config installed its own handlers on its loggers: hand them to ours
+        # so that --log-format json covers them too
+        for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+            logger = logging.getLogger(name)
+            for handler in list(logger.handlers):
+                logger.removeHandler(handler)
+            logger.propagate = True
+        logging.getLogger("tessera.provisioning").info(
+            "serving %s on %s", service.authority.trust_domain, url)
+        if args.json:
+            print(json.dumps({"event": "serving", "trust_domain":
+                              service.authority.trust_domain, "url": url}), flush=True)
+        else:
+            print(f"tessera: serving {service.authority.trust_domain} on {url}", flush=True)
 
     # run_service loads the TLS files and binds before on_ready: "serving" means it is
     run_service(
         app, host=args.host, port=args.port, ssl_certfile=args.tls_cert,
-        ssl_keyfile=args.tls_key,
-        on_ready=lambda url: print(
-            f"tessera: serving {service.authority.trust_domain} on {url}", flush=True),
+        ssl_keyfile=args.tls_key, on_ready=ready,
+        log_level="info" if args.log_level == "debug" else "warning",
     )
 
 
@@ -1894,6 +1914,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=_port, default=8443)
     s.add_argument("--tls-cert")
     s.add_argument("--tls-key")
+    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="default %(default)s")
+    s.add_argument("--log-format", default="text", choices=["text", "json"],
+                   help="text (default) or one JSON object per line (ts, level, logger, "
+                        "message), on stderr")
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("roots", help="the TPM maker CA certificates the service accepts")
