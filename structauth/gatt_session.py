@@ -28,9 +28,10 @@ The rules are MQTT's and CoAP's:
   is refused BACKEND_UNAVAILABLE before its signature is checked (and ends the
   connection);
 * make-before-break: on an established connection the initiator may start a new
-  handshake with the *same* peer before the lifetime ends (:meth:`InitiatorConnection.
-  rekey`); once msg3 confirms it the new session is used to send, and the previous one
-  still verifies messages in flight until its own lifetime ends.
+  handshake with the *same* peer in the second half of the session's lifetime
+  (:meth:`InitiatorConnection.rekey`; earlier ends the connection, INVALID_STATE);
+  once msg3 confirms it the new session is used to send, and the previous one still
+  verifies messages in flight until its own lifetime ends.
 """
 
 from __future__ import annotations
@@ -264,11 +265,22 @@ class ResponderConnection(_Connection):
                 raise ProtocolError(why, Reason.NOT_AUTHORIZED)
         return super().send(topic, payload, now)
 
+    @staticmethod
+    def _rekey_from(session: Session) -> float:
+        """The earliest a renewal is accepted: half the session's lifetime."""
+        return session.expires_at - session.params.lifetime_s / 2
+
     def _msg1(self, message: bytes, now: float, policy: TimePolicy) -> list[Event]:
         rekey = self.state is State.ESTABLISHED
         if self._pending is not None or not (rekey or self.state is State.IDLE):
             return self._refuse(ProtocolError("one pending handshake per connection",
                                               Reason.INVALID_STATE), fatal=True)
+        if rekey and self.session is not None and now < self._rekey_from(self.session):
+            # an authenticated peer could otherwise make us check a signature per round
+            # trip; a central renews a tenth of the lifetime before the end at the earliest
+            return self._refuse(ProtocolError(
+                "renewal before half the session's lifetime", Reason.INVALID_STATE),
+                fatal=True)
         if self.budget is not None and not self.budget.take():
             # checked before the signature: a flood of msg1 costs a comparison each
             return self._refuse(ProtocolError(

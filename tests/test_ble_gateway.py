@@ -279,15 +279,17 @@ def test_a_renewal_for_another_peer_ends_the_link(world: World) -> None:
     """A re-handshake on an established link must be the same device: another enrolled
     device's msg1 there is refused WRONG_IDENTITY and the link ends."""
     other = world.fleet.member("device", "ble-2")
+    clock = FakeClock()
 
     async def scenario() -> None:
         radio = VirtualRadio()
-        peripheral = await gateway(world, radio)
+        peripheral = await gateway(world, radio, clock=clock)
         backends = await new_backends(radio, "device")
         central = Sa1Central(sa1_link(await target_of(backends), backends=backends),
-                             initiator(world), policy=lambda: NOW)
+                             initiator(world), policy=lambda: NOW, clock=clock)
         await central.open()
         await wait_for_async(lambda: peripheral.established(), what="confirmed session")
+        clock.now += 3000  # in the second half of the hour: a renewal may come now
         msg1 = Initiator(signer=other.signer, credential=other.credential,
                          trust=world.fleet.trust, expected_peer=world.gateway.identity).start()
         await central.link.send(bytes((gatt.SA1_MSG1,)) + msg1)
@@ -379,3 +381,53 @@ def test_pending_budget_at_the_default_bound() -> None:
     for conn in [*connections, late]:
         conn.close()
     assert budget.held == 0
+
+
+def test_a_renewal_in_the_first_half_of_the_lifetime_ends_the_link() -> None:
+    """An authenticated peer cannot make the responder check a signature per round
+    trip: a renewal before half the lifetime is refused INVALID_STATE, before its
+    bytes are parsed, and ends the connection; in the second half it is taken."""
+    from structauth.gatt_session import (
+        Established,
+        InitiatorConnection,
+        Outgoing,
+        PendingBudget,
+        Refused,
+        ResponderConnection,
+    )
+
+    fleet = Fleet()
+    gw = fleet.member("broker", "gw-soft")
+    dev = fleet.member("device", "soft-1")
+    responder = Responder(signer=gw.signer, credential=gw.credential, trust=fleet.trust,
+                          params=SessionParams(lifetime_s=3600), peer_kind="device")
+
+    def new_initiator() -> Initiator:
+        return Initiator(signer=dev.signer, credential=dev.credential, trust=fleet.trust,
+                         expected_peer=gw.identity)
+
+    def pair() -> tuple[InitiatorConnection, ResponderConnection, PendingBudget]:
+        budget = PendingBudget()
+        ini = InitiatorConnection(new_initiator())
+        res = ResponderConnection(responder, budget=budget)
+        msg2 = res.receive(ini.start(), 0.0, NOW)[0]
+        assert isinstance(msg2, Outgoing)
+        msg3 = ini.receive(msg2.message, 0.0, NOW)[0]
+        assert isinstance(msg3, Outgoing)
+        assert isinstance(res.receive(msg3.message, 0.0, NOW)[0], Established)
+        return ini, res, budget
+
+    ini, res, budget = pair()
+    events = res.receive(bytes((gatt.SA1_MSG1,)) + b"garbage", 1799.0, NOW)
+    assert [(e.reason, e.fatal) for e in events if isinstance(e, Refused)] == [
+        (Reason.INVALID_STATE, True)]
+    assert res.state is State.CLOSED and budget.held == 0
+
+    ini, res, budget = pair()
+    msg2 = res.receive(ini.rekey(new_initiator()), 1801.0, NOW)[0]
+    assert isinstance(msg2, Outgoing) and msg2.message[0] == gatt.SA1_MSG2
+    assert budget.held == 1
+    msg3 = ini.receive(msg2.message, 1801.0, NOW)[0]
+    assert isinstance(msg3, Outgoing)
+    assert isinstance(res.receive(msg3.message, 1801.0, NOW)[0], Established)
+    assert res.handshakes == 2 and budget.held == 0
