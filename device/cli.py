@@ -159,8 +159,9 @@ def _save(
     state.update({"serial": serial, "provisioner": provisioner, "identity": issued["identity"]})
     CredentialStore(state_dir).save(issued)
     (state_dir / "agent.json").write_text(json.dumps(state, indent=1))
-    if isinstance(issued.get("agent_toml"), str):  # from the station: run --state DIR
-        (state_dir / "agent.toml").write_text(issued["agent_toml"])
+    toml = state_dir / "agent.toml"  # from the station: run --state DIR; one that is
+    if isinstance(issued.get("agent_toml"), str) and not toml.exists():  # here is kept
+        toml.write_text(issued["agent_toml"])
 
 
 def cmd_enrollment_endpoint(args: argparse.Namespace) -> None:

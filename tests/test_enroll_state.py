@@ -187,3 +187,45 @@ def test_broker_facts_refused_before_enrolling(station: Station, extra: list[str
     assert not registered(station.service, "pi-x")
     assert not out.exists() and not (station.base / "keys-x").exists()
     assert not list(station.base.glob(".pi-x*"))
+
+
+def test_network_enrollment_gives_the_device_its_agent_toml(station: Station) -> None:
+    """--device URL: the device writes agent.json itself and receives agent.toml with
+    its credentials; the station's --out copy holds the credentials and agent.toml."""
+    from device.agent import AgentConfig
+    from simulator.provisioner import free_port
+    from tests.support import wait_for
+
+    state = station.base / "dev-state"
+    code_file = station.base / "net.code"
+    port = free_port()
+    env = {k: v for k, v in station.service.env.items() if k != "TESSERA_OPERATOR_TOKEN"}
+    proc = subprocess.Popen(
+        [str(BIN / "tessera-agent"), "enrollment-endpoint", "--serial", "net-1", "--tpm",
+         station.tpm.tcti, "--state-dir", str(state), "--listen", f"127.0.0.1:{port}",
+         "--code-file", str(code_file), "--timeout", "120"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        proc.stdout.readline()  # the endpoint announces itself once listening
+        wait_for(lambda: code_file.exists() and code_file.read_text().strip(), 20,
+                 "the pairing code")
+        copy = station.base / "net-copy"
+        done = run(station.service, "enroll", "--device", f"http://127.0.0.1:{port}",
+                   "--device-code", code_file.read_text().strip(), "--out", str(copy),
+                   "--broker", "mqtt://127.0.0.1:1883", "--broker-identity",
+                   f"spiffe://{TD}/broker/mqtt-1")
+        assert done.returncode == 0, done.stderr
+        proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0
+    for name in ("agent.json", "agent.toml", "operational.pem", "bundle.pem"):
+        assert (state / name).is_file(), name
+    config = AgentConfig.load(state / "agent.toml", state_dir=state)  # checks it all
+    assert (config.host, config.port) == ("127.0.0.1", 1883)
+    assert config.broker_identity == f"spiffe://{TD}/broker/mqtt-1"
+    assert sorted(p.name for p in copy.iterdir()) == [
+        "agent.toml", "bundle.pem", "enrollment.pem", "identity", "operational.pem"]
