@@ -108,9 +108,10 @@ def serve_command(args: argparse.Namespace) -> None:
         _close(signer)
 
 
-def send_command(args: argparse.Namespace) -> None:
-    """Open a session to ``--peer`` over GATT, send one proven message."""
-    from device.ble_central import LinkError, scan
+async def send_once(args: argparse.Namespace, *, backends: Any = None) -> dict[str, Any]:
+    """What ``ble-sa1-send`` does, in the caller's event loop: the result it prints.
+    ``backends``: bleak's (scanner, client) classes; None is the platform's (BlueZ)."""
+    from device.ble_central import scan
     from device.ble_session import Sa1Central, sa1_link
     from structauth import gatt
     from structauth.handshake import Initiator
@@ -123,16 +124,17 @@ def send_command(args: argparse.Namespace) -> None:
     state = DeviceState.load(args.state_dir)
     credential, trust = state.credential(), state.trust()
     revoked = _revocations(args, trust)
-
-    async def send(signer: Any) -> dict[str, Any]:
+    signer = state.signer()
+    try:
         target: Any = args.address
         if target is None:
-            found = await scan(gatt.SA1_SERVICE, timeout=args.scan_time, stop_after=1)
+            found = await scan(gatt.SA1_SERVICE, timeout=args.scan_time, stop_after=1,
+                               backends=backends)
             if not found:
                 raise ConfigurationError(f"no device advertising SA1 within "
                                          f"{args.scan_time:g} s (pass --address)")
             target = found[0][0]
-        central = Sa1Central(sa1_link(target), Initiator(
+        central = Sa1Central(sa1_link(target, backends=backends), Initiator(
             signer=signer, credential=credential, trust=trust, expected_peer=peer),
             revoked=revoked)
         try:
@@ -146,18 +148,20 @@ def send_command(args: argparse.Namespace) -> None:
             return result
         finally:
             await central.close()
+    finally:
+        _close(signer)
 
-    signer = state.signer()
+
+def send_command(args: argparse.Namespace) -> None:
+    """Open a session to ``--peer`` over GATT (BlueZ), send one proven message."""
     try:
-        print(json.dumps(asyncio.run(send(signer))))
-    except (LinkError, TesseraError):
+        print(json.dumps(asyncio.run(send_once(args))))
+    except TesseraError:
         raise
     except Exception as exc:  # bleak: no adapter, BlueZ not reachable over D-Bus, ...
         raise ConfigurationError(f"cannot use the Bluetooth adapter: {type(exc).__name__}: "
                                  f"{' '.join(str(exc).split()) or 'no detail'} (is BlueZ "
                                  "running with a powered adapter? bluetoothctl show)") from None
-    finally:
-        _close(signer)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -126,6 +126,59 @@ def test_serve_answers_sa1_in_its_own_process(swtpm_session: Swtpm, tmp_path: Pa
         {"peer": field_a.identity.uri, "topic": "field/a/hello", "payload": "from a"}]
 
 
+def test_send_reaches_serve_both_keys_in_swtpm(swtpm_session: Swtpm, tmp_path: Path) -> None:
+    """``ble-sa1-send``'s code (``send_once``, which the command runs under
+    asyncio.run with BlueZ) with the radio's bleak backends, its key in a second swtpm,
+    to ``ble-sa1-serve`` in its own process."""
+    import argparse
+
+    from device.ble_args import add_send_arguments
+    from device.ble_sa1_cli import send_once
+
+    fleet = Fleet(t0=WALL - dt.timedelta(days=1))
+    field_b = device_state(fleet, swtpm_session.tcti, tmp_path / "b", "field-b")
+    (tmp_path / "crl.pem").write_bytes(crl(fleet, []))
+    parser = argparse.ArgumentParser()
+    add_send_arguments(parser)
+
+    async def scenario(tcti_a: str) -> tuple[dict[str, Any], int, str, str]:
+        field_a = device_state(fleet, tcti_a, tmp_path / "a", "field-a")
+        radio = VirtualRadio()
+        port = free_port()
+        transport = await radio.serve_controller(f"tcp-server:127.0.0.1:{port}")
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "device.ble_sa1_cli", "serve",
+            "--state-dir", str(tmp_path / "b"), "--crl", str(tmp_path / "crl.pem"),
+            "--max-crl-age-hours", "24", "--count", "1", "--timeout", "40",
+            "--hci", f"tcp-client:127.0.0.1:{port}",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        try:
+            assert proc.stdout is not None
+            line = await asyncio.wait_for(proc.stdout.readline(), 20)
+            assert b"advertising SA1 as field-b" in line, line
+            dev = radio.add_device("field-a")
+            await dev.power_on()
+            args = parser.parse_args([
+                "--state-dir", str(tmp_path / "a"), "--crl", str(tmp_path / "crl.pem"),
+                "--max-crl-age-hours", "24", "--peer", field_b.identity.uri,
+                "--topic", "field/a/t", "--message", "21.5", "--scan-time", "5"])
+            result = await send_once(args, backends=radio.bleak_backends(dev))
+            out, err = await asyncio.wait_for(proc.communicate(), 20)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+            await transport.close()
+        assert json.loads(out.splitlines()[-1]) == {
+            "peer": field_a.identity.uri, "topic": "field/a/t", "payload": "21.5"}
+        return result, proc.returncode or 0, out.decode(), err.decode()
+
+    with Swtpm(ek_certs=False) as tpm_a:
+        result, status, _out, err = run(scenario(tpm_a.tcti))
+    assert status == 0, err
+    assert result == {"peer": field_b.identity.uri, "sent": "field/a/t"}
+
+
 def agent(*argv: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-c", "import sys; from device.cli import main; "
                            "sys.exit(main(sys.argv[1:]))", *argv],
