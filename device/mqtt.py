@@ -421,9 +421,11 @@ class TesseraMqttClient:
         waiter = self._reauth
         if waiter is not None:
             self._reauth = None
+            # a DISCONNECT from the broker here is its refusal (2.0.15+; 2.0.11 answers
+            # with CONNACK 0x87, _on_connack): the same words either way
             waiter.fail(MqttError(
-                "the connection closed during re-authentication"
-                + (f": {error.detail}" if error is not None else "")
+                (f"the broker refused the re-authentication (DISCONNECT): {error.detail}"
+                 if error is not None else "the connection closed during re-authentication")
                 + (f" ({held} packets held back were lost)" if held else ""),
                 error.reason if error is not None else Reason.NOT_AUTHORIZED))
         if not self._connected.is_set():  # closed before CONNACK: refused
