@@ -431,3 +431,32 @@ def test_a_renewal_in_the_first_half_of_the_lifetime_ends_the_link() -> None:
     assert isinstance(msg3, Outgoing)
     assert isinstance(res.receive(msg3.message, 1801.0, NOW)[0], Established)
     assert res.handshakes == 2 and budget.held == 0
+
+
+def test_policy_reload_applies_to_the_next_message(tmp_path: Any) -> None:
+    """GattPolicy reads a PolicyHolder's current policy per message; an invalid file
+    keeps the one in force. Device classes come from the caller (registry)."""
+    from broker_plugin.policy import PolicyHolder
+    from structauth.credentials import Identity
+    from structauth.errors import ConfigurationError
+
+    path = tmp_path / "policy.toml"
+    path.write_text(POLICY)
+    holder = PolicyHolder(path)
+    classes = {"spiffe://fleet.test/device/pi-9": "gateway"}
+    rules = GattPolicy(holder, device_class_of=lambda i: classes.get(i.uri, "default"))
+    pi = Identity.parse("spiffe://fleet.test/device/pi-9")
+    ble = Identity.parse("spiffe://fleet.test/device/ble-1")
+    assert rules(ble, "in", "sensors/ble-1/t") is None
+    assert rules(pi, "in", "sensors/pi-9/t") is not None  # class "gateway": not in the file
+    path.write_text(POLICY + '[classes.gateway]\ninherits = "default"\n'
+                    'publish = ["sites/{id}/#"]\n')
+    assert holder.reload()
+    assert rules(pi, "in", "sensors/pi-9/t") is None and rules(pi, "in", "sites/pi-9/a") is None
+    assert rules(ble, "in", "sites/ble-1/a") is not None
+    path.write_text("version = 2\n")
+    with pytest.raises(ConfigurationError):
+        holder.reload()
+    assert rules(pi, "in", "sites/pi-9/a") is None  # the policy in force stays
+    assert rules(ble, "sideways", "sensors/ble-1/t") is not None
+    assert rules.denied == {"in": 2, "out": 0, "sideways": 1}
