@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -62,30 +61,3 @@ def add_send_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scan-time", type=float, default=10.0, metavar="SECONDS")
     p.add_argument("--wait-reply", type=float, default=0.0, metavar="SECONDS",
                    help="print the first proven message back within SECONDS")
-
-
-def register_sa1(sub: Any, common: argparse.ArgumentParser) -> None:
-    """``ble-sa1-serve`` and ``ble-sa1-send`` on the agent's subcommands; bumble and bleak
-    are imported only when one of them runs (device.ble_sa1_cli)."""
-    serve = sub.add_parser("ble-sa1-serve", parents=[common],
-                           help="answer SA1 over Bluetooth LE as a peripheral, e.g. for "
-                                "another device with no network (needs the ble extra)")
-    add_serve_arguments(serve)
-    serve.set_defaults(func=_run_serve)
-    send = sub.add_parser("ble-sa1-send", parents=[common],
-                          help="open an SA1 session over Bluetooth LE to a peripheral "
-                               "(BlueZ) and send one proven message (needs the ble extra)")
-    add_send_arguments(send)
-    send.set_defaults(func=_run_send)
-
-
-def _run_serve(args: argparse.Namespace) -> None:
-    from device.ble_sa1_cli import serve_command  # bumble: the ble extra
-
-    serve_command(args)
-
-
-def _run_send(args: argparse.Namespace) -> None:
-    from device.ble_sa1_cli import send_command  # bleak: the ble extra
-
-    send_command(args)

@@ -36,7 +36,7 @@ from typing import Any, NoReturn
 from cryptography import x509
 
 from device.ble_args import add_arguments as add_ble_arguments
-from device.ble_args import register_sa1 as register_ble_sa1
+from device.ble_args import add_send_arguments, add_serve_arguments
 from structauth.errors import ConfigurationError, TesseraError
 
 STATE_DIR = Path(os.environ.get("TESSERA_STATE_DIR", "/var/lib/tessera"))
@@ -197,6 +197,18 @@ def cmd_enrollment_endpoint(args: argparse.Namespace) -> None:
             raise ConfigurationError(f"not enrolled within {args.timeout:.0f} s; nothing stored")
     assert endpoint.issued is not None
     _enrolled(args, endpoint.issued)
+
+
+def cmd_ble_sa1_serve(args: argparse.Namespace) -> None:
+    from device.ble_sa1_cli import serve_command  # bumble: the ble extra
+
+    serve_command(args)
+
+
+def cmd_ble_sa1_send(args: argparse.Namespace) -> None:
+    from device.ble_sa1_cli import send_command  # bleak: the ble extra
+
+    send_command(args)
 
 
 def cmd_ble_enroll(args: argparse.Namespace) -> None:
@@ -386,7 +398,16 @@ def build_parser() -> argparse.ArgumentParser:
                             "(bound to the code on its label; needs the ble extra)")
     add_ble_arguments(b)
     b.set_defaults(func=cmd_ble_enroll)
-    register_ble_sa1(sub, common)  # ble-sa1-serve, ble-sa1-send (bumble/bleak lazily)
+    serve = sub.add_parser("ble-sa1-serve", parents=[common],
+                           help="answer SA1 over Bluetooth LE as a peripheral, e.g. for "
+                                "another device with no network (needs the ble extra)")
+    add_serve_arguments(serve)
+    serve.set_defaults(func=cmd_ble_sa1_serve)
+    send = sub.add_parser("ble-sa1-send", parents=[common],
+                          help="open an SA1 session over Bluetooth LE to a peripheral "
+                               "(BlueZ) and send one proven message (needs the ble extra)")
+    add_send_arguments(send)
+    send.set_defaults(func=cmd_ble_sa1_send)
     run = sub.add_parser("run", help="keep this device connected to its MQTT broker",
                          parents=[common])
     run.add_argument("--config", type=Path,

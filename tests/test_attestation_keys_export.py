@@ -254,8 +254,10 @@ def test_unwritable_export_directory_fails_in_one_line_and_changes_nothing(
         assert done.returncode == 1, done.stdout
         assert done.stdout == ""
         lines = done.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("tessera: error: "), done.stderr
-        return lines[0]
+        assert len(lines) == 1, done.stderr
+        error = json.loads(lines[0])  # --json: the error is one JSON object too
+        assert error["exit"] == 1 and error["error"], error
+        return str(error["error"])
 
     # a new directory whose parent cannot hold one (a regular file is in the way)
     blocker = f.base / "blocker"

@@ -105,6 +105,7 @@ BROKER_RATES = {
     "plain_msgs_per_s", "plugin_msgs_per_s", "plain_broker_cpu_us_per_msg",
     "plugin_broker_cpu_us_per_msg", "host_python_us_per_msg", "plugin_rest_us_per_msg",
     "plain_msgs_per_s_idle_fleet", "plugin_msgs_per_s_idle_fleet",
+    "sealed_fanout_msgs_per_s", "sealed_fanout_broker_cpu_us_per_msg",
     "handshakes_per_s", "handshake_latency_median_ms", "handshake_latency_p99_ms",
     "handshake_broker_cpu_us", "handshakes_per_s_returning", "plain_connects_per_s",
     "revocation_latency_median_ms", "revocation_latency_max_ms", "revoke_call_median_ms",
@@ -128,9 +129,10 @@ def test_broker_quick_run_reports_rates() -> None:
     assert all(isinstance(v, float | int) and v >= 0 for v in report["rates"].values())
     assert set(report["figures"]) == BROKER_FIGURES
     assert set(report["ratios"]) == {
-        "plugin_over_plain_throughput", "plugin_over_plain_throughput_idle_fleet"
+        "plugin_over_plain_throughput", "plugin_over_plain_throughput_idle_fleet",
+        "sealed_fanout_over_plain_throughput"
     }
-    assert set(report["targets"]) == {"throughput_ratio", "revocation_max"}
+    assert set(report["targets"]) == {"throughput_ratio", "sealed_fanout_ratio", "revocation_max"}
     for target in report["targets"].values():
         assert isinstance(target["pass"], bool)  # a MISS is allowed; it is reported
     assert report["env"].keys() >= {"python", "cpu_model", "mosquitto", "paho_mqtt"}
