@@ -492,6 +492,22 @@ def cmd_serve(args: argparse.Namespace) -> None:
         else:
             print(f"tessera: serving {service.authority.trust_domain} on {url}", flush=True)
 
+    def reload_roots(signum: int, frame: Any) -> None:
+        # SIGHUP: the maker roots again from service.toml ('tessera roots add|remove'),
+        # checked as at start; a set that would not load keeps the current one. The
+        # attribute is replaced whole, so an enrollment sees the old set or the new one
+        log = logging.getLogger("tessera.provisioning")
+        try:
+            config = _service_config(args.dir)
+            roots = _maker_roots(config["tpm_maker_roots"],
+                                 f"{args.dir / SERVICE_FILE}: tpm_maker_roots")
+        except CliError as exc:
+            log.error("maker roots reload refused, keeping the current ones: %s", exc)
+            return
+        service.maker_roots = roots
+        log.info("maker roots reloaded: %d file(s)", len(config["tpm_maker_roots"]))
+
+    signal.signal(signal.SIGHUP, reload_roots)
     # run_service loads the TLS files and binds before on_ready: "serving" means it is
     run_service(
         app, host=args.host, port=args.port, ssl_certfile=args.tls_cert,
@@ -574,8 +590,9 @@ def _root_rows(paths: Sequence[str]) -> list[dict[str, Any]]:
     return rows
 
 
-#: the service loads the roots once, at start (build_service)
-_RESTART = "restart 'tessera serve' so the running service uses the new set"
+#: the service loads the roots at start (build_service) and again on SIGHUP
+_RESTART = ("send 'tessera serve' SIGHUP (or restart it) so the running service uses the "
+            "new set")
 
 
 def cmd_roots_add(args: argparse.Namespace) -> None:

@@ -138,21 +138,40 @@ def test_refusals_change_nothing(tmp_path: Path, swtpm_session: Swtpm, case: str
 def test_swtpm_device_needs_root_and_intermediate(tmp_path: Path, softhsm: SoftHsm,
                                                   swtpm: Swtpm) -> None:
     """The documented swtpm case: without the intermediate the EK chain is unknown;
-    after 'roots add' of both and a restart of the service, the device enrolls."""
+    after 'roots add' of it and a SIGHUP to the running service, the device enrolls. A
+    SIGHUP whose roots would not load keeps the current set (logged)."""
+    import shutil
+    import signal
+
+    from tests.support import wait_for
+
     root, issuer = swtpm.manufacturer_ca_paths
     server = ProvisioningServer(tmp_path / "authority", softhsm, maker_roots=[root])
     with server:
-        args = ["enroll", "--serial", "pi-r", "--tpm", swtpm.tcti, "--key-dir",
-                str(tmp_path / "keys")]
-        refused = subprocess.run([TESSERA, *args], env=server.env, capture_output=True,
-                                 text=True, timeout=120)
+        def enroll(serial: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([TESSERA, "enroll", "--serial", serial, "--tpm", swtpm.tcti,
+                                   "--key-dir", str(tmp_path / f"keys-{serial}")],
+                                  env=server.env, capture_output=True, text=True, timeout=120)
+
+        refused = enroll("pi-r")
         assert refused.returncode == 1 and "unknown_tpm_maker" in refused.stderr, \
             refused.stderr
-        done = tessera("roots", "add", str(issuer), "--dir", str(server.directory),
+        copy = shutil.copy(issuer, tmp_path / "issuer.pem")
+        done = tessera("roots", "add", str(copy), "--dir", str(server.directory),
                        env=server.env)
-        assert done.returncode == 0, done.stderr
-        server.restart()  # the service reads the roots at start
-        ok = subprocess.run([TESSERA, *args], env=server.env, capture_output=True, text=True,
-                            timeout=120)
+        assert done.returncode == 0 and "SIGHUP" in done.stdout, done.stderr
+        proc = server._proc
+        assert proc is not None
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "maker roots reloaded" in server.log.read_text(), 10, "the reload")
+        ok = enroll("pi-r")
         assert ok.returncode == 0, ok.stderr
         assert "tpm-attested" in ok.stdout
+        # a set that no longer loads (a file gone): refused, the current set stays
+        Path(copy).unlink()
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "reload refused" in server.log.read_text(), 10, "the refusal")
+        assert proc.poll() is None
+        swtpm.restart()
+        again = enroll("pi-r2")  # the same EK under another serial: refused as a duplicate,
+        assert "unknown_tpm_maker" not in again.stderr, again.stderr  # not as unknown
