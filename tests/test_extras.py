@@ -45,7 +45,8 @@ ROLES: dict[str, tuple[list[str], list[str], list[list[str]]]] = {
     "device-tpm": (
         ["device.agent", "device.cli", "device.mqtt", "hw.tpm"],
         ["pkcs11", "coap", "service", "schema", "postgres", "metrics", "ble", "radio"],
-        [["tessera-agent", "--help"], ["tessera-agent", "ble-enroll", "--help"]],
+        [["tessera-agent", "--help"], ["tessera-agent", "ble-enroll", "--help"],
+         ["tessera-agent", "ble-sa1-serve", "--help"]],
     ),
     "device-pkcs11": (
         ["device.agent", "device.cli", "device.mqtt", "hw.pkcs11"],
