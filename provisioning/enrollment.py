@@ -237,14 +237,20 @@ class EnrollmentService:
     def tpm_evidence(self, request: dict[str, Any]) -> dict[str, Any]:
         """Step 2: check the TPM evidence and send the activation challenge."""
         state = self._take(request.get("enrollment_id"), "tpm-evidence")
-        assert self.maker_roots is not None
+        roots = self.maker_roots  # a SIGHUP reload may have removed them since step 1
+        if roots is None:
+            raise EnrollmentError(
+                "this service has no TPM maker roots configured any more (reloaded since "
+                "this enrollment started); add them with 'tessera roots add' and start over",
+                Reason.UNKNOWN_TPM_MAKER,
+            )
         evidence_json = request.get("evidence")
         if not isinstance(evidence_json, dict):
             raise EnrollmentError("field 'evidence' must be an object", Reason.ATTESTATION_FAILED)
         evidence = TpmEvidence.from_json(evidence_json)
         verified = verify_evidence(
             evidence,
-            self.maker_roots,
+            roots,
             expected_qualifying_data=unb64(state["nonce"], "nonce"),
             now=self.clock(),
         )
