@@ -80,6 +80,8 @@ def revocation_of(error: BaseException | None) -> str | None:
 #: carries its nonce (the broker's step_up_reconnect_window_s default); past it the agent
 #: connects plainly and the broker, if it still has the challenge, asks again
 STEP_UP_RECONNECT_WINDOW_S = 60.0
+#: a broker's bare "not authorized" sends the agent to the fleet's CRL at most this often
+CRL_CHECK_INTERVAL_S = 60.0
 
 _SECTIONS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "device": {"state_dir": str},
@@ -338,6 +340,7 @@ class Agent:
         self._outstanding: tuple[Any, float] | None = None
         self._thread: threading.Thread | None = None
         self._renew_retry_at = 0.0
+        self._crl_checked_at = -CRL_CHECK_INTERVAL_S  # the first refusal checks at once
         self._renew_due: dt.datetime | None = None
         #: the broker's word when it refused this device as revoked; the agent then
         #: stops (``finished`` is set) instead of retrying
@@ -602,6 +605,10 @@ class Agent:
                     backoff = self.config.backoff_initial_s
                 except TesseraError as exc:
                     why = revocation_of(exc)
+                    if why is None and exc.reason is Reason.NOT_AUTHORIZED:
+                        # Mosquitto gives a refused CONNECT no reason string: the
+                        # fleet's signed CRL says whether it is this device's revocation
+                        why = self._revoked_per_crl()
                     if why is not None:
                         self._revoke(why)
                         break
@@ -619,6 +626,42 @@ class Agent:
             self._lost.wait(0.2)
         if self.revoked is not None:
             self.finished.set()
+
+    def _revoked_per_crl(self) -> str | None:
+        """The fleet authority's CRL (public, signed) names this device's operational
+        credential: the reason the broker gives only as "not authorized". At most once
+        per CRL_CHECK_INTERVAL_S; None when it does not, or cannot be read or verified
+        (then the refusal is retried like any other)."""
+        url = self.config.provisioner or self.state.provisioner
+        if not url or self.clock() - self._crl_checked_at < CRL_CHECK_INTERVAL_S:
+            return None
+        self._crl_checked_at = self.clock()
+        from cryptography import x509
+
+        from device.provisioner import ProvisionerClient
+
+        try:
+            der = ProvisionerClient(url, cafile=self.config.provisioner_cafile,
+                                    timeout=5.0).call("GET", "/v1/crl", raw=True)
+            crl = x509.load_der_x509_crl(der)
+            chain = self.state.credential().chain
+            cert = chain[0]
+            # signed by the fleet's root or an issuer in this device's own chain
+            issuers = [c for c in (*self.state.trust().roots, *chain[1:])
+                       if c.subject == crl.issuer]
+            if not any(crl.is_signature_valid(c.public_key())  # type: ignore[arg-type]
+                       for c in issuers):
+                log.warning("the CRL from %s is not signed by this fleet; ignored", url)
+                return None
+        except (TesseraError, ValueError, TypeError) as exc:
+            log.info("could not check the fleet's CRL: %s", exc)
+            return None
+        entry = crl.get_revoked_certificate_by_serial_number(cert.serial_number)
+        if entry is None:
+            return None
+        return (f"credential_revoked: the fleet's CRL lists this device's credential "
+                f"{cert.serial_number:x} (revoked {entry.revocation_date_utc:%Y-%m-%d %H:%M} "
+                "UTC)")
 
     def _revoke(self, why: str) -> None:
         """Said once; then the loop ends: retrying a revoked identity only hammers the
