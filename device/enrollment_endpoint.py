@@ -54,9 +54,10 @@ DRAIN_MAX = 1024 * 1024
 
 
 def new_pairing_code() -> str:
-    # 8 groups of 4 base32-ish characters would be kinder to type; 20 random bytes in
-    # URL-safe base64 are what a station pastes.
-    return secrets.token_urlsafe(20)
+    # 160 random bits as 8 groups of base32: never starts with '-' (URL-safe base64 did
+    # one time in 64, and argparse then took the code for an option), easy to read aloud.
+    raw = base64.b32encode(secrets.token_bytes(20)).decode()
+    return "-".join(raw[i:i + 4] for i in range(0, len(raw), 4))
 
 
 class EnrollmentEndpoint:
