@@ -23,6 +23,7 @@ enforces a loose bound): ``Counter.inc()`` 0.23-0.41 us, ``Histogram.observe()``
 from __future__ import annotations
 
 import math
+import platform
 import re
 import socket
 import threading
@@ -54,6 +55,15 @@ VERIFY_BUCKETS: Final[tuple[float, ...]] = (
 )  # fmt: skip
 _NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*\Z")
 _LABEL = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*\Z")
+
+
+def _dist_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("tessera")
+    except PackageNotFoundError:  # a source checkout that was never installed
+        return "unknown"
 
 
 def _bad(detail: str) -> StateError:
@@ -482,6 +492,13 @@ class BrokerMetrics:
         self.quarantined_devices = r.gauge(
             "tessera_quarantined_devices", "Devices currently quarantined."
         )
+        # the Prometheus convention for "which build is this": a constant 1 whose labels
+        # carry the versions, so a dashboard can join on it and spot a mixed fleet
+        self.build_info = r.gauge(
+            "tessera_build_info", "Versions of this broker plugin; always 1.",
+            ["version", "python"],
+        )
+        self.build_info.labels(version=_dist_version(), python=platform.python_version()).set(1)
         self.handshakes_ok = self.handshakes.labels(result="ok")
         self.handshakes_refused = self.handshakes.labels(result="refused")
         self.messages_in = self.messages.labels(direction="in")

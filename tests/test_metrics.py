@@ -4,6 +4,7 @@ safety, HTTP. (The hot path's cost is measured by ``python -m bench metrics``.)"
 from __future__ import annotations
 
 import math
+import platform
 import threading
 import urllib.error
 import urllib.request
@@ -215,6 +216,7 @@ def test_broker_metrics_families() -> None:
         "tessera_step_ups_total": "counter",
         "tessera_revocation_disconnects_total": "counter",
         "tessera_quarantined_devices": "gauge",
+        "tessera_build_info": "gauge",
     }
     assert value(fams, "tessera_handshakes_total", result="ok") == 1
     assert value(fams, "tessera_rejections_total", reason="bad_tag") == 2
@@ -225,6 +227,9 @@ def test_broker_metrics_families() -> None:
     assert value(fams, "tessera_step_ups_total", result="failed") == 1
     assert value(fams, "tessera_revocation_disconnects_total") == 1
     assert value(fams, "tessera_quarantined_devices") == 2
+    from importlib.metadata import version
+    assert value(fams, "tessera_build_info", version=version("tessera"),
+                 python=platform.python_version()) == 1
     assert value(fams, "tessera_verify_seconds", "tessera_verify_seconds_bucket", le="5e-06") == 1
 
 
