@@ -8,6 +8,7 @@
     tessera-sim fleet up [--brokers 3] [--workdir DIR]  PostgreSQL, the provisioning
                                             service, N brokers and HAProxy in front;
                                             runs until Ctrl-C (simulator.fleet)
+    tessera-sim --version                   tessera-sim <installed version>
 
 ``softhsm init`` prints shell lines (``eval "$(tessera-sim softhsm init ...)"``): the
 module path as a comment and the SOFTHSM2_CONF export. The SO PIN is taken from
@@ -27,6 +28,17 @@ from structauth.errors import ConfigurationError, TesseraError
 
 USER_PIN_ENV = "TESSERA_PKCS11_PIN"
 SO_PIN_ENV = "TESSERA_PKCS11_SO_PIN"
+
+
+def version() -> str:
+    """The installed distribution's version (importlib.metadata), e.g. ``0.2.0``."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("tessera")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def _swtpm_start(args: argparse.Namespace) -> int:
@@ -121,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tessera-sim", description="Software stand-ins for Tessera: swtpm and SoftHSM2."
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     tools = parser.add_subparsers(dest="tool", required=True,
                                   metavar="{swtpm,softhsm,demo,fleet}")
 
