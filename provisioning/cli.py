@@ -1873,7 +1873,11 @@ class _Parser(argparse.ArgumentParser):
     is the usage block and exit 2)."""
 
     def error(self, message: str) -> NoReturn:
-        raise CliError(f"{self.prog}: {message} (see '{self.prog} --help')")
+        raise _UsageError(f"{self.prog}: {message} (see '{self.prog} --help')")
+
+
+class _UsageError(CliError):
+    """A command line argparse refused (reason "usage" in a JSON error)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -2100,11 +2104,8 @@ _JSON_ERRORS = False  # --json anywhere on the line: errors are one JSON object 
 
 
 def _fail(message: str, reason: str | None = None, code: int = 1) -> int:
-    if _JSON_ERRORS:
-        error: dict[str, Any] = {"error": message, "exit": code}
-        if reason is not None:
-            error["reason"] = reason
-        print(json.dumps(error), file=sys.stderr)
+    if _JSON_ERRORS:  # the shape tessera-agent's errors have too (docs/ENROLLMENT.md)
+        print(json.dumps({"error": message, "reason": reason, "exit": code}), file=sys.stderr)
     else:
         print(f"tessera: error: {message}" if code == 1 else f"tessera: {message}",
               file=sys.stderr)
@@ -2139,7 +2140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TesseraError as exc:
         return _fail(_one_line(exc), exc.reason.name.lower())
     except CliError as exc:
-        return _fail(_one_line(exc))
+        return _fail(_one_line(exc), "usage" if isinstance(exc, _UsageError) else None)
     except KeyboardInterrupt:
         return _fail("interrupted; nothing is half-done: run the same command again to "
                      "finish", "interrupted", 130)
