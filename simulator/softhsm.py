@@ -22,7 +22,7 @@ from pathlib import Path
 
 from structauth.errors import ConfigurationError, KeyBackendError, Reason
 
-__all__ = ["SoftHsm", "find_softhsm_module", "write_pin_file"]
+__all__ = ["SoftHsm", "check_pin", "find_softhsm_module", "read_pin_file", "write_pin_file"]
 
 SETUP_HINT = "run the README setup command './run setup' (Debian package softhsm2)"
 
@@ -42,14 +42,30 @@ def find_softhsm_module() -> str:
     raise ConfigurationError(f"libsofthsm2.so not found: {SETUP_HINT}")
 
 
-def write_pin_file(path: str | os.PathLike[str], pin: str) -> Path:
-    """Write ``pin`` to ``path`` with mode 0600 (created that way, never world-readable)."""
+def check_pin(what: str, pin: str) -> None:
+    """ConfigurationError unless ``pin`` is a PIN SoftHSM2 takes (4-255 characters, one line)."""
+    if not 4 <= len(pin) <= 255 or "\n" in pin or "\r" in pin:
+        raise ConfigurationError(f"SoftHSM2 {what} PIN must be 4-255 characters, one line")
+
+
+def write_pin_file(path: str | os.PathLike[str], pin: str, *, exclusive: bool = False) -> Path:
+    """Write ``pin`` to ``path`` with mode 0600 (created that way, never world-readable).
+
+    ``exclusive``: refuse (FileExistsError) rather than replace a file already there.
+    """
     p = Path(path)
-    fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | (os.O_EXCL if exclusive else os.O_TRUNC)
+    fd = os.open(p, flags, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
         os.fchmod(fh.fileno(), 0o600)
         fh.write(pin + "\n")
     return p
+
+
+def read_pin_file(path: str | os.PathLike[str]) -> str:
+    """The PIN :func:`write_pin_file` wrote to ``path`` (its one line, without the newline)."""
+    text = Path(path).read_text(encoding="utf-8")
+    return text[:-1] if text.endswith("\n") else text
 
 
 class SoftHsm:
@@ -122,18 +138,29 @@ class SoftHsm:
         return result.stdout
 
     def init_token(self, label: str, so_pin: str, user_pin: str) -> None:
-        """Initialise a fresh token in the first free slot."""
-        for what, pin in (("SO", so_pin), ("user", user_pin)):
-            if not 4 <= len(pin) <= 255 or "\n" in pin or "\r" in pin:
-                raise ConfigurationError(f"SoftHSM2 {what} PIN must be 4-255 characters, one line")
+        """Initialise a fresh token in the first free slot.
+
+        If softhsm2-util fails, whatever it left in the token directory is removed again.
+        """
+        check_pin("SO", so_pin)
+        check_pin("user", user_pin)
         if label in self.token_labels():
             raise KeyBackendError(
                 f"a SoftHSM2 token labelled {label!r} already exists", Reason.BAD_PARAMETERS
             )
-        self._run(
-            ["--init-token", "--free", "--label", label],
-            stdin_text=f"{so_pin}\n{so_pin}\n{user_pin}\n{user_pin}\n",
-        )
+        before = set(self.token_dir.iterdir())
+        try:
+            self._run(
+                ["--init-token", "--free", "--label", label],
+                stdin_text=f"{so_pin}\n{so_pin}\n{user_pin}\n{user_pin}\n",
+            )
+        except BaseException:
+            for leftover in set(self.token_dir.iterdir()) - before:
+                if leftover.is_dir() and not leftover.is_symlink():
+                    shutil.rmtree(leftover, ignore_errors=True)
+                else:
+                    leftover.unlink(missing_ok=True)
+            raise
 
     def delete_token(self, label: str) -> None:
         """Delete the token labelled ``label`` (its keys are gone for good)."""
