@@ -1,18 +1,21 @@
 """`tessera-agent`: the device side.
 
-    tessera-agent enroll --provisioner URL --serial S (--tpm TCTI | --pkcs11 SPEC)
+    tessera-agent enroll [--provisioner URL] --serial S (--tpm TCTI | --pkcs11 SPEC)
     tessera-agent enrollment-endpoint --serial S --tpm TCTI [--listen HOST:PORT]
-    tessera-agent renew  --provisioner URL [--watch]
+    tessera-agent renew  [--provisioner URL] [--watch]
     tessera-agent run    --config /etc/tessera/agent.toml  (or --state DIR)
     tessera-agent persist-key --handle 0x81000010   (TPM: the key at a persistent handle)
 
 Enrollment runs at the factory: either on the device with the operator's token
 (TESSERA_OPERATOR_TOKEN), or from the station (`tessera enroll --device URL`) while the
 device runs its enrollment endpoint, which needs no token, only the pairing code it
-shows. Renewal needs only the device's own hardware key.
+shows. Renewal needs only the device's own hardware key. The provisioning service is
+--provisioner URL, else $TESSERA_PROVISIONER (renew: else the URL enrollment recorded).
 
 Everywhere: --json (anywhere on the line) for machine-readable output, errors included;
---log-level and --log-format text|json; --version.
+--log-level and --log-format text|json; --version. With --json an error is
+{"error": "<one line>", "reason": "<reason name>" or null, "exit": N} on stderr, as
+`tessera --json` prints it.
 Exit codes: 0 done; 1 an error (one line on stderr: what, where, the fix; usage and
 configuration errors included); 3 revoked (the broker refused this device as revoked:
 re-enroll it; systemd does not restart the agent then); 130 interrupted.
@@ -40,6 +43,7 @@ from device.ble_args import add_send_arguments, add_serve_arguments
 from structauth.errors import ConfigurationError, TesseraError
 
 STATE_DIR = Path(os.environ.get("TESSERA_STATE_DIR", "/var/lib/tessera"))
+PROVISIONER_ENV = "TESSERA_PROVISIONER"
 DEFAULT_CONFIG = Path("/etc/tessera/agent.toml")
 
 EXIT_OK = 0
@@ -117,6 +121,9 @@ def cmd_enroll(args: argparse.Namespace) -> None:
 
     if bool(args.tpm) == bool(args.pkcs11):
         raise ConfigurationError("give exactly one of --tpm TCTI or --pkcs11 SPEC")
+    if not args.provisioner:
+        raise ConfigurationError(f"no provisioning service: pass --provisioner URL or set "
+                                 f"{PROVISIONER_ENV}")
     token = os.environ.get("TESSERA_OPERATOR_TOKEN")
     if not token:
         raise ConfigurationError(
@@ -254,7 +261,9 @@ def renew_once(args: argparse.Namespace) -> dt.datetime:
     state = DeviceState.load(args.state_dir)
     url = args.provisioner or state.provisioner
     if not url:
-        raise ConfigurationError("no provisioner URL: pass --provisioner")
+        raise ConfigurationError(f"no provisioning service: pass --provisioner URL or set "
+                                 f"{PROVISIONER_ENV} ({args.state_dir / 'agent.json'} "
+                                 "records none)")
     client = ProvisionerClient(url, cafile=args.cafile)
     signer = state.signer()
     try:
@@ -355,7 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
                            parser_class=_Parser)
     s = sub.add_parser("enroll", help="enroll this device with the provisioning service",
                        parents=[common])
-    s.add_argument("--provisioner", required=True)
+    s.add_argument("--provisioner", metavar="URL", default=os.environ.get(PROVISIONER_ENV),
+                   help=f"provisioning service URL (default ${PROVISIONER_ENV})")
     s.add_argument("--serial", required=True)
     s.add_argument("--tpm", metavar="TCTI", help="e.g. device:/dev/tpmrm0")
     s.add_argument("--key-dir")
@@ -369,7 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--state-dir", type=Path, default=STATE_DIR)
         sp.add_argument("--cafile", default=os.environ.get("TESSERA_CAFILE"),
                         help="CA bundle for the service's TLS certificate")
-    r.add_argument("--provisioner")
+    r.add_argument("--provisioner", metavar="URL", default=os.environ.get(PROVISIONER_ENV),
+                   help=f"provisioning service URL (default ${PROVISIONER_ENV}, else the one "
+                        "enrollment recorded in agent.json)")
     r.add_argument("--watch", action="store_true", help="keep renewing before expiry")
     s.set_defaults(func=cmd_enroll)
     r.set_defaults(func=cmd_renew)
@@ -420,10 +432,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _fail(json_mode: bool, message: str, code: int, reason: str = "error") -> int:
+def _fail(json_mode: bool, message: str, code: int, reason: str | None = None) -> int:
     message = " ".join(message.split())
-    if json_mode:
-        print(json.dumps({"error": message, "reason": reason, "exit_code": code}),
+    if json_mode:  # the shape of `tessera --json` errors (docs/ENROLLMENT.md)
+        print(json.dumps({"error": message, "reason": reason, "exit": code}),
               file=sys.stderr, flush=True)
     else:
         print(f"tessera-agent: error: {message}", file=sys.stderr, flush=True)
@@ -456,8 +468,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ModuleNotFoundError as exc:
         return _fail(json_mode, _missing_extra(exc), EXIT_ERROR, "missing_extra")
     except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
+        return _fail(json_mode, "interrupted", EXIT_INTERRUPTED, "interrupted")
     except OSError as exc:
         where = f" ({exc.filename})" if exc.filename else ""
-        return _fail(json_mode, f"{exc.strerror or exc}{where}", EXIT_ERROR, "os_error")
+        return _fail(json_mode, f"{exc.strerror or exc}{where}", EXIT_ERROR)
     return result if isinstance(result, int) else EXIT_OK

@@ -101,7 +101,7 @@ def test_json_anywhere_and_errors_as_json(where: str, tmp_path: Path) -> None:
     assert done.stdout == ""
     (line,) = done.stderr.splitlines()
     error = json.loads(line)
-    assert error["reason"] == "bad_configuration" and error["exit_code"] == 1
+    assert error["reason"] == "bad_configuration" and error["exit"] == 1
     assert str(missing) in error["error"] and "--config" in error["error"]
 
 
@@ -289,7 +289,7 @@ def test_revoked_run_exits_with_its_own_code(device: Device, refusing: type[_Ref
     assert code == EXIT_REVOKED == 3
     err = [json.loads(line) for line in capsys.readouterr().err.splitlines()
            if line.startswith("{\"error\"")]
-    assert [e["reason"] for e in err] == ["revoked"] and err[0]["exit_code"] == 3
+    assert [e["reason"] for e in err] == ["revoked"] and err[0]["exit"] == 3
 
 
 def test_revocation_of_reads_reasons_and_reason_strings() -> None:
