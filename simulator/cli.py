@@ -1,6 +1,7 @@
 """``tessera-sim``: start and stop the software stand-ins from a shell.
 
-    tessera-sim swtpm start --state DIR     prints the TCTI; swtpm keeps running
+    tessera-sim swtpm start --state DIR [--port N]  prints the TCTI; swtpm keeps running;
+                                            a restart keeps the port (DIR/swtpm.port)
     tessera-sim swtpm stop --state DIR
     tessera-sim softhsm init --dir DIR --label L     user PIN from $TESSERA_PKCS11_PIN
     tessera-sim softhsm delete --dir DIR --label L
@@ -55,10 +56,26 @@ def version() -> str:
 
 
 def _swtpm_start(args: argparse.Namespace) -> int:
-    from simulator.swtpm import Swtpm
+    """Start on --port, else on the port of the last start, else on a free pair."""
+    from simulator.swtpm import Swtpm, port_pair_free
 
     tpm = Swtpm(args.state, ek_certs=not args.no_ek_certs)
-    tpm.start()
+    if tpm.running:
+        if args.port is not None and args.port != tpm.port:
+            raise ConfigurationError(
+                f"swtpm for {args.state} is already running on port {tpm.port}; to move it to "
+                f"port {args.port}, first run: tessera-sim swtpm stop --state {args.state}"
+            )
+        print(tpm.tcti)
+        return 0
+    port = args.port if args.port is not None else tpm.recorded_port
+    if port is not None and not port_pair_free(tpm.host, port):
+        where = "given with --port" if args.port is not None else f"recorded in {tpm.port_file}"
+        raise ConfigurationError(
+            f"port {port} ({where}) or its control port {port + 1} on {tpm.host} is in use; "
+            "free it, or choose another with --port N (the TCTI string changes with it)"
+        )
+    tpm.start(port)
     print(tpm.tcti)
     return 0
 
@@ -205,6 +222,17 @@ def _brokers(text: str) -> int:
     return value
 
 
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 65534:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a port 1 .. 65534 (the control port is the next one)")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tessera-sim", description="Software stand-ins for Tessera: swtpm and SoftHSM2."
@@ -215,8 +243,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     swtpm = tools.add_parser("swtpm", help="a software TPM 2.0 on 127.0.0.1")
     swtpm_cmds = swtpm.add_subparsers(dest="command", required=True)
-    start = swtpm_cmds.add_parser("start", help="start (manufacturing on first use); print TCTI")
-    start.add_argument("--state", required=True, help="state directory (kept across restarts)")
+    start = swtpm_cmds.add_parser(
+        "start", help="start (manufacturing on first use); print TCTI",
+        description="Start swtpm on 127.0.0.1 for --state (manufacturing it on first use) and "
+                    "print its TCTI string. The server port is kept in DIR/swtpm.port (the "
+                    "control port is the next one) and a later start takes the same port, so "
+                    "the TCTI string stays valid across restarts; --port N chooses it. If "
+                    "that port or the next is in use, start refuses and changes nothing.")
+    start.add_argument("--state", required=True, metavar="DIR",
+                       help="state directory (kept across restarts)")
+    start.add_argument("--port", type=_port, metavar="N",
+                       help="TCP server port (default: the one in DIR/swtpm.port, else a free "
+                            "one); the control port is N+1")
     start.add_argument(
         "--no-ek-certs", action="store_true", help="skip swtpm_setup (no EK certificate)"
     )

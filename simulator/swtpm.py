@@ -7,7 +7,8 @@
     <dir>/ca.conf       swtpm_localca configuration
     <dir>/setup.conf    swtpm_setup configuration
     <dir>/swtpm.pid     pid of the running swtpm
-    <dir>/swtpm.port    its TCP server port (the control port is the next one)
+    <dir>/swtpm.port    its TCP server port (the control port is the next one), kept
+                        after a stop: the next start takes the same port if it is free
     <dir>/swtpm.log     swtpm's log
 
 The first start "manufactures" the TPM with ``swtpm_setup`` (EK key pairs, an EK
@@ -32,7 +33,7 @@ from pathlib import Path
 
 from structauth.errors import ConfigurationError, KeyBackendError, Reason
 
-__all__ = ["Swtpm", "find_swtpm_tools"]
+__all__ = ["Swtpm", "find_swtpm_tools", "port_pair_free"]
 
 SETUP_HINT = "run the README setup command './run setup' (Debian packages swtpm, swtpm-tools)"
 _LOCALCA_OPTIONS = Path("/etc/swtpm-localca.options")
@@ -66,6 +67,24 @@ def _port_pair(host: str) -> int:
                     continue
             return int(port)
     raise KeyBackendError(f"found no free pair of TCP ports on {host}", Reason.BACKEND_UNAVAILABLE)
+
+
+def port_pair_free(host: str, port: int) -> bool:
+    """Whether swtpm could listen on ``port`` and its control port ``port + 1`` now.
+
+    SO_REUSEADDR as swtpm sets it: connections of an earlier swtpm in TIME_WAIT do not
+    count, a socket listening on either port does.
+    """
+    if not 1 <= port <= 65534:
+        return False
+    for candidate in (port, port + 1):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host, candidate))
+            except OSError:
+                return False
+    return True
 
 
 def _process_alive(pid: int) -> bool:
@@ -150,6 +169,15 @@ class Swtpm:
         return paths
 
     @property
+    def recorded_port(self) -> int | None:
+        """The server port of the last start on this directory (``swtpm.port``), if any."""
+        try:
+            port = int(self.port_file.read_text().strip())
+        except (OSError, ValueError):
+            return None
+        return port if 1 <= port <= 65534 else None
+
+    @property
     def manufactured(self) -> bool:
         return (self.state_dir / "tpm2-00.permall").exists()
 
@@ -218,12 +246,43 @@ class Swtpm:
                 Reason.BACKEND_FAILURE,
             )
 
-    def start(self) -> Swtpm:
-        """Manufacture if needed, then run swtpm in the background; returns self."""
+    def start(self, port: int | None = None) -> Swtpm:
+        """Manufacture if needed, then run swtpm in the background; returns self.
+
+        ``port``: serve on exactly this port (control on ``port + 1``); if either is in
+        use, KeyBackendError (BACKEND_UNAVAILABLE) before anything in the directory
+        changes. Without it: the port of the last start (:attr:`recorded_port`) if it is
+        still free, else a free pair.
+        """
+        if port is not None and not 1 <= port <= 65534:
+            raise ConfigurationError(
+                f"swtpm port must be 1-65534 (the control port is the next one), not {port}"
+            )
         if self.running:
+            if port is not None and port != self.port:
+                raise ConfigurationError(
+                    f"swtpm in {self.directory} is already running on port {self.port}; "
+                    f"stop it first to move it to port {port}"
+                )
+            return self
+        if port is not None:
+            if not port_pair_free(self.host, port):
+                raise KeyBackendError(
+                    f"port {port} or its control port {port + 1} on {self.host} is in use; "
+                    "free it or choose another port",
+                    Reason.BACKEND_UNAVAILABLE,
+                )
+            self.manufacture()
+            error = self._launch(port)
+            if error is not None:
+                raise KeyBackendError(
+                    f"swtpm did not start on {self.host}:{port}: {error}",
+                    Reason.BACKEND_UNAVAILABLE,
+                )
             return self
         self.manufacture()
-        ports = [self.port] if self.port is not None else []
+        previous = self.port if self.port is not None else self.recorded_port
+        ports = [previous] if previous is not None and port_pair_free(self.host, previous) else []
         last_error = ""
         for attempt in range(_START_ATTEMPTS):
             port = ports[attempt] if attempt < len(ports) else _port_pair(self.host)

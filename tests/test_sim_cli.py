@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import stat
 import subprocess
 import sys
@@ -148,3 +149,91 @@ def test_a_failed_first_init_removes_what_it_added(
              "32 chars")
     assert _snapshot(tmp_path) == before
     assert not (directory / "so.pin").exists()
+
+
+# -- swtpm start keeps its port across restarts ---------------------------------------------
+
+
+def _start(capsys: pytest.CaptureFixture[str], state: Path, *extra: str) -> str:
+    """``tessera-sim swtpm start`` (no EK certificates: fast); its TCTI string."""
+    assert main(["swtpm", "start", "--state", str(state), "--no-ek-certs", *extra]) == 0
+    return capsys.readouterr().out.strip()
+
+
+def _stop(state: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["swtpm", "stop", "--state", str(state)]) == 0
+    capsys.readouterr()  # "stopped"
+
+
+def _tpm_answers(tcti: str, keys: Path) -> bool:
+    from hw.tpm import TpmBackend
+
+    with TpmBackend(tcti, keys) as backend:
+        return len(backend.random(4)) == 4
+
+
+def test_swtpm_restart_keeps_the_port_and_tcti(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    state = tmp_path / "tpm"
+    tcti = _start(capsys, state)
+    try:
+        port = int(tcti.rpartition("port=")[2])
+        assert (state / "swtpm.port").read_text() == f"{port}\n"
+        assert _tpm_answers(tcti, tmp_path / "keys")
+        _stop(state, capsys)
+        assert _start(capsys, state) == tcti  # a new process, the same port
+        assert _tpm_answers(tcti, tmp_path / "keys")
+    finally:
+        _stop(state, capsys)
+
+
+def test_swtpm_start_takes_the_port_it_is_given(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from simulator.swtpm import _port_pair
+
+    state = tmp_path / "tpm"
+    port = _port_pair("127.0.0.1")
+    tcti = _start(capsys, state, "--port", str(port))
+    try:
+        assert tcti == f"swtpm:host=127.0.0.1,port={port}"
+        assert _tpm_answers(tcti, tmp_path / "keys")
+        # running: the same --port is fine, another one is refused and nothing changes
+        assert _start(capsys, state, "--port", str(port)) == tcti
+        before = _snapshot(state)
+        _refused(capsys, ["swtpm", "start", "--state", str(state), "--port", str(port + 2)],
+                 f"already running on port {port}", "tessera-sim swtpm stop --state")
+        assert _snapshot(state) == before and _tpm_answers(tcti, tmp_path / "keys")
+        _stop(state, capsys)
+        assert _start(capsys, state) == tcti  # the port given is the one recorded
+    finally:
+        _stop(state, capsys)
+
+
+@pytest.mark.parametrize("taken", ["server", "control"])
+def test_swtpm_start_on_a_taken_recorded_port_is_refused(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], taken: str) -> None:
+    state = tmp_path / "tpm"
+    tcti = _start(capsys, state)
+    _stop(state, capsys)
+    port = int(tcti.rpartition("port=")[2])
+    before = _snapshot(state)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as squatter:
+        squatter.bind(("127.0.0.1", port if taken == "server" else port + 1))
+        squatter.listen()
+        _refused(capsys, ["swtpm", "start", "--state", str(state), "--no-ek-certs"],
+                 f"port {port} (recorded in {state.resolve() / 'swtpm.port'})", "in use",
+                 "--port N")
+    assert _snapshot(state) == before
+    assert not (state / "swtpm.pid").exists()
+
+
+def test_swtpm_start_on_a_taken_port_given_is_refused(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    state = tmp_path / "never-started"
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        _refused(capsys, ["swtpm", "start", "--state", str(state), "--port", str(port)],
+                 f"port {port} (given with --port)", "in use")
+    assert not state.exists()  # not even manufactured
