@@ -7,6 +7,11 @@ a factory-rate operation, and serial writers make the revocation feed's ids foll
 commit order, so a broker reading "events after id N" can never miss one that
 committed late with a smaller id.
 
+A PostgreSQL connection that is lost (the server restarted) is replaced at the next
+call; a transaction cut before its COMMIT was sent is run again on the new connection
+(RECONNECT_ATTEMPTS times, backing off), one cut during its COMMIT is not (it may have
+committed) and fails as registry_failure.
+
 The schema lives in ``provisioning/migrations/NNNN_*.sql``; opening a registry applies
 the ones it lacks and refuses a registry written by a newer Tessera.
 """
@@ -16,6 +21,7 @@ from __future__ import annotations
 import base64
 import builtins
 import datetime as dt
+import logging
 import re
 import sqlite3
 import time
@@ -23,11 +29,12 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 from urllib.parse import unquote, urlsplit
 
 from structauth.errors import ConfigurationError, EnrollmentError, Reason, RegistryError
 
+log = logging.getLogger("tessera.registry")
 MIGRATIONS = Path(__file__).with_name("migrations")
 # Arbitrary constant naming "the Tessera registry writer" among advisory locks.
 _PG_WRITER_LOCK = 0x7E55E4A
@@ -162,12 +169,54 @@ class _Query:
         return list(self.run(sql, *params).fetchall())
 
 
+class _ConnectionLost(RegistryError):
+    """The PostgreSQL connection was lost; ``retry``: nothing of the transaction can
+    have committed, so running it again on a new connection is safe."""
+
+    def __init__(self, detail: str, *, retry: bool) -> None:
+        super().__init__(detail, Reason.REGISTRY_FAILURE)
+        self.retry = retry
+
+
+#: a transaction whose connection was lost before it committed is run again on a new
+#: connection this many times, RECONNECT_DELAY_S apart doubling (about 6 s in all:
+#: long enough for a PostgreSQL restart, short of a client's 30 s timeout)
+RECONNECT_ATTEMPTS = 6
+RECONNECT_DELAY_S = 0.1
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _reconnecting(fn: Callable[Concatenate[Registry, _P], _R]
+                  ) -> Callable[Concatenate[Registry, _P], _R]:
+    """Run ``fn`` (one transaction) again after its PostgreSQL connection was lost
+    before it could commit, on a new connection, a bounded number of times."""
+
+    def run(self: Registry, /, *args: _P.args, **kw: _P.kwargs) -> _R:
+        delay = RECONNECT_DELAY_S
+        for attempt in range(RECONNECT_ATTEMPTS + 1):
+            try:
+                return fn(self, *args, **kw)
+            except _ConnectionLost as exc:
+                if not exc.retry or attempt == RECONNECT_ATTEMPTS:
+                    raise
+            time.sleep(delay)
+            delay *= 2
+        raise AssertionError("unreachable")
+
+    run.__name__, run.__qualname__, run.__doc__ = fn.__name__, fn.__qualname__, fn.__doc__
+    return run
+
+
 class Registry:
     """Open with :func:`open_registry`. Not for concurrent use from several threads:
     the service serialises calls (one connection, one lock)."""
 
-    def __init__(self, conn: Any, *, postgres: bool, where: str) -> None:
+    def __init__(self, conn: Any, *, postgres: bool, where: str,
+                 reconnect: Callable[[], Any] | None = None) -> None:
         self._conn = conn
+        self._reconnect = reconnect
         self._postgres = postgres
         self.where = where
         self._driver_errors: tuple[type[BaseException], ...]
@@ -184,15 +233,32 @@ class Registry:
             raise
 
     # -- transactions --------------------------------------------------------------
+    def _connection(self) -> Any:
+        """The connection, opened anew when the last one was lost (PostgreSQL
+        restarted, a network cut): a lost connection is never used again."""
+        if self._postgres and self._reconnect is not None and (
+                self._conn.closed or self._conn.broken):
+            try:
+                self._conn = self._reconnect()
+            except self._driver_errors as exc:
+                raise _ConnectionLost(
+                    f"registry {self.where} failed: cannot reconnect: {str(exc).strip()}",
+                    retry=True) from exc
+            log.warning("registry %s: reconnected", self.where)
+        return self._conn
+
     @contextmanager
     def _tx(self, *, write: bool = True) -> Iterator[_Query]:
-        q = _Query(self._conn, self._postgres)
+        conn = self._connection()
+        q = _Query(conn, self._postgres)
+        body_done = False
         try:
             if self._postgres:
-                with self._conn.transaction():
+                with conn.transaction():
                     if write:
                         q.run("SELECT pg_advisory_xact_lock(?)", _PG_WRITER_LOCK)
                     yield q
+                    body_done = True
             else:
                 self._conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
                 try:
@@ -202,9 +268,17 @@ class Registry:
                     raise
                 self._conn.execute("COMMIT")
         except self._driver_errors as exc:
-            raise RegistryError(
-                f"registry {self.where} failed: {exc}".strip(), Reason.REGISTRY_FAILURE
-            ) from exc
+            detail = f"registry {self.where} failed: {exc}".strip()
+            if self._postgres and (conn.closed or conn.broken):
+                first = (str(exc).strip().splitlines() or ["connection lost"])[0]
+                detail = f"registry {self.where} failed: {first}"
+                # Lost before COMMIT was sent: the server rolled the transaction back,
+                # so running it again is safe. Lost during COMMIT (a write whose body
+                # was done): it may or may not have committed, so it is not run again
+                # (the caller is told it failed; the next call reconnects).
+                log.warning("registry connection lost (%s): %s", self.where, first)
+                raise _ConnectionLost(detail, retry=not (write and body_done)) from exc
+            raise RegistryError(detail, Reason.REGISTRY_FAILURE) from exc
 
     def _migrate(self) -> None:
         known = migrations()
@@ -230,21 +304,25 @@ class Registry:
                 q.run("INSERT INTO schema_version (version, applied_at) VALUES (?, ?)",
                       version, now)
 
+    @_reconnecting
     def schema_version(self) -> int:
         with self._tx(write=False) as q:
             return int(q.one("SELECT MAX(version) FROM schema_version")[0])
 
     # -- devices ---------------------------------------------------------------
+    @_reconnecting
     def get(self, serial: str) -> DeviceRecord | None:
         with self._tx(write=False) as q:
             row = q.one(f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE serial = ?", serial)
         return _device(row) if row else None
 
+    @_reconnecting
     def get_by_identity(self, identity: str) -> DeviceRecord | None:
         with self._tx(write=False) as q:
             row = q.one(f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE identity = ?", identity)
         return _device(row) if row else None
 
+    @_reconnecting
     def list(self, status: str | None = None) -> list[DeviceRecord]:
         with self._tx(write=False) as q:
             if status is None:
@@ -256,6 +334,7 @@ class Registry:
                 )
         return [_device(r) for r in rows]
 
+    @_reconnecting
     def attestation_keys(self) -> dict[str, bytes]:
         """serial -> AK TPM2B_PUBLIC of every active device (kind ``device``) enrolled
         with one: what brokers check step-up quotes against, read in one snapshot."""
@@ -266,6 +345,7 @@ class Registry:
             )
         return {r[0]: base64.b64decode(r[1]) for r in rows}
 
+    @_reconnecting
     def enroll(
         self, record: DeviceRecord, *, reenroll: bool = False, revoked_by: str = ""
     ) -> RevocationEvent | None:
@@ -343,6 +423,7 @@ class Registry:
             cert_serial, device, profile, _ts(at), _ts(not_after),
         )
 
+    @_reconnecting
     def record_renewal(
         self, serial: str, cert_serial: str, not_after: dt.datetime, at: dt.datetime
     ) -> None:
@@ -363,6 +444,7 @@ class Registry:
             )
 
     # -- revocation ------------------------------------------------------------------
+    @_reconnecting
     def revoke(self, serial: str, *, reason: str, by: str, at: dt.datetime) -> RevocationEvent:
         with self._tx() as q:
             event = self._revoke(q, serial, reason, by, at)
@@ -404,6 +486,7 @@ class Registry:
         )
         return RevocationEvent(event_id, serial, identity, certs, reason, at, by)
 
+    @_reconnecting
     def revocations(self, since_id: int = 0, limit: int = 1000) -> builtins.list[RevocationEvent]:
         """Events with an id above ``since_id``, oldest first."""
         with self._tx(write=False) as q:
@@ -413,6 +496,7 @@ class Registry:
             )
         return [_event(r) for r in rows]
 
+    @_reconnecting
     def revoked_cert_serials(
         self, still_valid_at: dt.datetime | None = None
     ) -> builtins.list[tuple[str, dt.datetime]]:
@@ -433,17 +517,20 @@ class Registry:
                 )
         return [(r[0], _dt_required(r[1])) for r in rows]
 
+    @_reconnecting
     def next_crl_number(self) -> int:
         with self._tx() as q:
             q.run("UPDATE counters SET value = value + 1 WHERE name = 'crl_number'")
             return int(q.one("SELECT value FROM counters WHERE name = 'crl_number'")[0])
 
     # -- pending multi-step state ----------------------------------------------------
+    @_reconnecting
     def put_pending(self, token: str, payload: bytes, expires_at: dt.datetime) -> None:
         with self._tx() as q:
             q.run("INSERT INTO pending (token, payload, expires_at) VALUES (?, ?, ?)",
                   token, base64.b64encode(payload).decode(), _ts(expires_at))
 
+    @_reconnecting
     def take_pending(self, token: str, now: dt.datetime) -> bytes | None:
         """The payload stored under ``token`` if it has not expired; either way the
         token is gone afterwards (one use), and so is every expired one."""
@@ -454,12 +541,14 @@ class Registry:
             return None
         return base64.b64decode(row[0])
 
+    @_reconnecting
     def purge_pending(self, now: dt.datetime) -> int:
         """Delete every expired pending row (the service calls this on a timer, so
         abandoned steps do not pile up until someone takes one); how many went."""
         with self._tx() as q:
             return int(q.run("DELETE FROM pending WHERE expires_at <= ?", _ts(now)).rowcount)
 
+    @_reconnecting
     def count_pending(self) -> int:
         """Pending rows, expired or not (what the service caps)."""
         with self._tx(write=False) as q:
@@ -531,10 +620,14 @@ def _open_postgres(url: str) -> Registry:
     parts = urlsplit(url)
     port = f":{parts.port}" if parts.port else ""
     where = f"postgresql://{parts.hostname or ''}{port}{parts.path}"  # no password in logs
+
+    def connect() -> Any:
+        return psycopg.connect(url, autocommit=True, connect_timeout=10)
+
     try:
-        conn = psycopg.connect(url, autocommit=True, connect_timeout=10)
+        conn = connect()
     except psycopg.Error as exc:
         raise RegistryError(
             f"cannot connect to registry {where}: {str(exc).strip()}", Reason.REGISTRY_FAILURE
         ) from exc
-    return Registry(conn, postgres=True, where=where)
+    return Registry(conn, postgres=True, where=where, reconnect=connect)
