@@ -5,8 +5,13 @@
                                                             range that is on the manifest
                                                             (CSV: serial,code[,device_class])
 
-The provisioning service, operator token, --kind, --device-class, --reenroll, --out
-and --json are those of `tessera enroll`. Batch mode shows a progress bar on stderr
+The provisioning service, operator token, --kind, --device-class, --reenroll, --out,
+--broker/--broker-identity/--broker-cafile and --json are those of `tessera enroll`.
+--out DIR (batch: DIR/<serial>) becomes the device's agent state directory as the
+network path writes it (credentials, agent.json, agent.toml), checked before anything
+is enrolled and written all or nothing; agent.json says how the device's agent reaches
+its key: --device-tcti and --device-key-dir, as the device's `tessera-agent ble-enroll`
+was started. Batch mode shows a progress bar on stderr
 (not with --json) and ends with one line per device that was not enrolled; it exits
 1 if any device on the manifest failed. The issued credentials of a device whose
 delivery failed are kept in --resume-dir and delivered by the next run.
@@ -37,6 +42,9 @@ if TYPE_CHECKING:  # bleak is imported only when --ble runs (the ble extra is op
     from provisioning.ble_station import BleStation, Enrolled
 
 CODE_ENV = "TESSERA_LABEL_CODE"
+#: the device's TPM and key directory as docs/BLE.md starts its enrollment on a Pi
+DEVICE_TCTI = "device:/dev/tpmrm0"
+DEVICE_KEY_DIR = "/var/lib/tessera/keys"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,6 +66,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default %(default)s)")
     g.add_argument("--resume-dir", type=Path, default=Path("tessera-ble-resume"),
                    help="issued credentials not yet delivered (default %(default)s)")
+    g.add_argument("--device-tcti", default=DEVICE_TCTI, metavar="TCTI",
+                   help="--out's agent.json: the TPM the device's agent uses, its "
+                        "ble-enroll --tpm (default %(default)s)")
+    g.add_argument("--device-key-dir", default=DEVICE_KEY_DIR, metavar="DIR",
+                   help="--out's agent.json: the device's key directory, its ble-enroll "
+                        "--key-dir (default %(default)s, for --state-dir /var/lib/tessera)")
 
 
 def _manifest(path: str) -> dict[str, tuple[str, str | None]]:
@@ -93,6 +107,54 @@ def one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
 
 
+def _out_checked(out: Path, serial: str, reenroll: bool) -> None:
+    """--out as the network path checks it (provisioning.cli._OutPlan), before the
+    device is enrolled: new, empty, or (--reenroll) holding credentials; writable."""
+    from provisioning.cli import CliError, _OutPlan
+
+    plan = _OutPlan(out, serial, replace=reenroll)
+    try:
+        plan.preflight()
+    except CliError as exc:
+        raise ConfigurationError(one_line(exc)) from None
+    plan.abort()
+
+
+def _write_out(args: argparse.Namespace, out: Path, done: Enrolled) -> None:
+    """The agent state directory the network path writes (provisioning.cli._OutPlan:
+    credentials, agent.json, agent.toml, the broker's CA), all or nothing."""
+    from provisioning.cli import CliError, _OutPlan, _why
+
+    plan = _OutPlan(out, done.serial, replace=args.reenroll)
+    plan.broker = args.agent_broker
+    plan.settings = {"backend": "tpm", "tcti": args.device_tcti,
+                     "key_dir": args.device_key_dir, "serial": done.serial,
+                     "provisioner": done.issued.get("provisioner")}
+    try:
+        plan.preflight()
+        plan.save(done.issued)
+    except (CliError, OSError) as exc:
+        plan.abort()
+        why = _why(exc) if isinstance(exc, OSError) else one_line(exc)
+        raise ConfigurationError(
+            f"{done.serial} is enrolled and its device holds its credentials, but --out "
+            f"{out} could not be written ({why}); copy the device's state directory "
+            "instead") from None
+
+
+def _broker(args: argparse.Namespace, client: ProvisionerClient) -> None:
+    """args.agent_broker, as `tessera enroll` checks it before anything is enrolled
+    (cmd_enroll did when it handed over; here when run on its own)."""
+    if not hasattr(args, "agent_broker"):
+        from provisioning.cli import CliError, _agent_broker, _check_broker_domain
+
+        try:
+            args.agent_broker = _agent_broker(args)
+            _check_broker_domain(client, args.agent_broker)
+        except CliError as exc:
+            raise ConfigurationError(one_line(exc)) from None
+
+
 def _summary(done: Enrolled) -> dict[str, Any]:
     return {"serial": done.serial, "ok": True, "identity": done.issued["identity"],
             "address": done.address, "mtu": done.mtu, "resumed": done.resumed,
@@ -104,7 +166,6 @@ async def run_async(args: argparse.Namespace, client: ProvisionerClient, *,
                     err: TextIO = sys.stderr) -> int:
     """The command; returns the exit status. ``backends``: bleak backend classes (tests:
     the virtual radio's; None: the platform's)."""
-    from device.provisioner import CredentialStore
     from provisioning.ble_station import BleStation
     if getattr(args, "tpm", None) or getattr(args, "pkcs11", None) or getattr(
             args, "device", None):
@@ -112,6 +173,7 @@ async def run_async(args: argparse.Namespace, client: ProvisionerClient, *,
                                  "--tpm/--pkcs11/--device")
     if args.parallel < 1 or args.retries < 0 or args.step_timeout <= 0:
         raise ConfigurationError("--parallel must be >= 1, --retries >= 0, --step-timeout > 0")
+    _broker(args, client)
     station = BleStation(client, backends=backends, step_timeout=args.step_timeout,
                          retries=args.retries, resume_dir=args.resume_dir,
                          provisioner_url=getattr(args, "provisioner", None))
@@ -125,6 +187,8 @@ async def run_async(args: argparse.Namespace, client: ProvisionerClient, *,
         normalize_code(code)
     except ValueError as exc:
         raise ConfigurationError(f"--code: {exc}") from None
+    if args.out:
+        _out_checked(args.out, args.serial, args.reenroll)  # before the device is enrolled
     found = await station.scan(timeout=args.scan_time)
     if not found:
         raise ConfigurationError(f"no unprovisioned Tessera device in range after "
@@ -142,7 +206,7 @@ async def run_async(args: argparse.Namespace, client: ProvisionerClient, *,
             last = exc  # another device in range: try the next one
             continue
         if args.out:
-            CredentialStore(args.out).save(done.issued)
+            _write_out(args, args.out, done)
         _emit(args, out, {**done.issued, "ble": _summary(done)},
               f"enrolled {done.issued['identity']} over BLE ({done.address}, ATT_MTU "
               f"{done.mtu}); the device stored its credentials")
@@ -153,10 +217,15 @@ async def run_async(args: argparse.Namespace, client: ProvisionerClient, *,
 
 async def _batch(args: argparse.Namespace, station: BleStation, out: TextIO,
                  err: TextIO) -> int:
-    from device.provisioner import CredentialStore
     from provisioning.ble_station import serial_of
 
     manifest = _manifest(args.batch)
+    root = Path(args.out) if args.out else None
+    if root is not None:
+        if root.exists() and not root.is_dir():
+            raise ConfigurationError(f"--out {root} is not a directory; with --batch it is "
+                                     "the directory that gets one subdirectory per serial")
+        root.mkdir(parents=True, exist_ok=True)
     found = await station.scan(timeout=args.scan_time)
     results: list[dict[str, Any]] = []
     gate = asyncio.Semaphore(args.parallel)
@@ -167,6 +236,8 @@ async def _batch(args: argparse.Namespace, station: BleStation, out: TextIO,
         async with gate:
             def lookup(serial: str) -> str | None:
                 entry = manifest.get(serial)
+                if entry and root is not None:  # refused before this device is enrolled
+                    _out_checked(root / serial, serial, args.reenroll)
                 return entry[0] if entry else None
 
             def device_class(serial: str) -> str | None:
@@ -177,8 +248,12 @@ async def _batch(args: argparse.Namespace, station: BleStation, out: TextIO,
                 done = await station.enroll(
                     target, code=lookup, kind=args.kind, device_class=device_class,
                     reenroll=args.reenroll)
-                if args.out:
-                    CredentialStore(Path(args.out) / done.serial).save(done.issued)
+                if root is not None:
+                    try:
+                        _write_out(args, root / done.serial, done)
+                    except TesseraError as exc:
+                        exc.ble_serial = done.serial  # type: ignore[attr-defined]
+                        raise
                 results.append(_summary(done))
                 note = f"{done.serial} enrolled"
             except TesseraError as exc:
@@ -237,6 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reenroll", action="store_true")
     p.add_argument("--batch", metavar="CSV")
     p.add_argument("--out", type=Path)
+    p.add_argument("--broker", metavar="URL", help="as for tessera enroll")
+    p.add_argument("--broker-identity", metavar="SPIFFE_ID", help="as for tessera enroll")
+    p.add_argument("--broker-cafile", metavar="PEM", help="as for tessera enroll")
     add_arguments(p)
     return p
 
