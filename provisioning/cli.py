@@ -1567,14 +1567,30 @@ def cmd_broker_config(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value:
             options[name] = value
-    for name in ("bundle", "credential", "policy", "pin_file"):
-        if name in options:
-            options[name] = str(Path(options[name]).resolve())
     options.update(_step_up_options(args.plugin_opt or []))
-    joined = _read_mosquitto_conf(Path(args.check)) if args.check else []
+    # Mosquitto resolves a relative path against its own working directory (/ under
+    # systemd): every path goes into the conf absolute, as this shell meant it
+    for name in _PATH_OPTIONS:
+        if options.get(name):
+            options[name] = _absolute(options[name])
+    options["key"] = _absolute_key(options["key"])
+    if not args.user or any(c.isspace() or c == "#" for c in args.user):
+        raise CliError(f"--user {args.user!r}: not an account name; pass the account "
+                       "mosquitto runs as (default mosquitto)")
+    output = _own_output_or_refuse(args.output, args.check)
+    joined = _read_mosquitto_conf(Path(args.check), skip=output) if args.check else []
+    # started as root, Mosquitto drops to the account its 'user' line names (to
+    # 'mosquitto' without one) before it loads the plugin, and refuses a second 'user'
+    # line: the snippet carries it unless the conf it joins already names that account
+    for where, key, rest in joined:
+        if key == "user" and rest[:1] != [args.user]:
+            raise CliError(f"{where}: user {' '.join(rest) or '(none)'}, but --user is "
+                           f"{args.user} (the account checked for read access): pass --user "
+                           f"{' '.join(rest)} or change this line")
+    user_line = [] if any(key == "user" for _, key, _ in joined) else [f"user {args.user}"]
     # --state-dir: the plugin is built into DIR/plugin (as 'python -m broker_plugin.build
     # --state-dir DIR'), so the conf never points into a source checkout or site-packages
-    plugin_dir = args.state_dir.absolute() / "plugin" if args.state_dir else None
+    plugin_dir = Path(_absolute(args.state_dir)) / "plugin" if args.state_dir else None
     try:
         plugin = ensure_built(plugin_dir)
     except BuildError as exc:
@@ -1598,7 +1614,8 @@ def cmd_broker_config(args: argparse.Namespace) -> None:
                 "or pass --user with the account mosquitto runs as"
             )
     lines = [
-        "# Tessera: written by 'tessera broker config'",
+        _CONF_HEADER,
+        *user_line,
         "per_listener_settings false",
         "allow_anonymous false  # clients without the tessera-sa1 method are refused too",
         # step-up requests and AUTH answers are small packets: without this, Nagle and
@@ -1612,8 +1629,8 @@ def cmd_broker_config(args: argparse.Namespace) -> None:
         *bounds.listener_lines(),
     ]
     if args.tls_cert:
-        lines += [f"certfile {Path(args.tls_cert).resolve()}",
-                  f"keyfile {Path(args.tls_key).resolve()}"]
+        lines += [f"certfile {_absolute(args.tls_cert)}",
+                  f"keyfile {_absolute(args.tls_key)}"]
     lines.append(f"plugin {plugin}")
     lines += [f"plugin_opt_{k} {v}" for k, v in options.items()]
     # the broker runs with the conf it joins plus this snippet: check them together
@@ -1623,13 +1640,68 @@ def cmd_broker_config(args: argparse.Namespace) -> None:
     if problems:
         raise CliError(problems[0])
     text = "\n".join(lines) + "\n"
-    if args.output == "-":
+    if output is None:
         sys.stdout.write(text)
-    else:
-        _write_atomic(Path(args.output), text.encode(), "-o")
+    else:  # a new file, or this command's own earlier output: replaced atomically
+        _write_atomic(output, text.encode(), "-o")
         if not args.json:
             print(f"mosquitto configuration written to {args.output} "
-                  f"(policy {enforcer.policy.digest.hex()[:12]})")
+                  f"(policy {enforcer.policy.digest.hex()[:12]}; started as root, mosquitto "
+                  f"runs as user {args.user})")
+
+
+#: the first line of every file 'broker config' writes: how it knows its own output,
+#: which a later run replaces (and --check does not count as joined configuration)
+_CONF_HEADER = "# Tessera: written by 'tessera broker config'"
+#: plugin options that name a file or directory (written absolute)
+_PATH_OPTIONS = ("bundle", "credential", "policy", "pin_file", "key_dir", "cafile",
+                 "audit_log", "attestation_keys", "nonce_file", "revocation_file")
+
+
+def _absolute(path: str | Path) -> str:
+    """``path`` made absolute against this process's working directory; symlinks are
+    kept (a 'current' link stays a link)."""
+    return os.path.abspath(path)
+
+
+def _absolute_key(spec: str) -> str:
+    """--key with its file made absolute: the PEM of ``insecure-software:``, the module
+    of ``pkcs11:`` when given as a relative path (a bare library name is left to the
+    loader's search path); a ``tpm:`` TCTI is not a path."""
+    if spec.startswith("insecure-software:"):
+        return "insecure-software:" + _absolute(spec.removeprefix("insecure-software:"))
+    if spec.startswith("pkcs11:"):
+        module, sep, rest = spec.removeprefix("pkcs11:").rpartition("#")
+        if sep and "/" in module and not module.startswith("/"):
+            return f"pkcs11:{_absolute(module)}#{rest}"
+    return spec
+
+
+def _is_own_output(path: Path) -> bool:
+    """Whether ``path`` is a file 'broker config' wrote: its first line is the header."""
+    try:
+        with open(path, "rb") as f:
+            first = f.readline(len(_CONF_HEADER) + 2)
+    except OSError:
+        return False
+    return first.rstrip(b"\r\n") == _CONF_HEADER.encode()
+
+
+def _own_output_or_refuse(output: str, check: str | None) -> Path | None:
+    """The -o file (None: stdout). An existing one must be this command's earlier
+    output (it is replaced); anything else is refused before anything is built."""
+    if output == "-":
+        return None
+    path = Path(output)
+    if path.is_dir():
+        raise CliError(f"-o {path} is a directory; name a file")
+    if (path.exists() or path.is_symlink()) and not _is_own_output(path):
+        raise CliError(f"-o {path} exists and was not written by 'tessera broker config'; "
+                       "nothing was changed: pass a different -o or remove that file")
+    if check and path.exists() and Path(check).exists() and path.samefile(check):
+        raise CliError(f"--check {check} is the -o file; pass the mosquitto.conf that "
+                       "includes it (its include_dir)")
+    return path
 
 
 def _check_pem(path: str, flag: str, what: str) -> None:
@@ -1751,16 +1823,22 @@ def _words(line: str) -> tuple[str, ...]:
     return tuple(line.split("#", 1)[0].split())
 
 
-def _read_mosquitto_conf(path: Path) -> list[tuple[str, str, list[str]]]:
+def _read_mosquitto_conf(path: Path, skip: Path | None = None
+                         ) -> list[tuple[str, str, list[str]]]:
     """(file:line, key, arguments) of every setting, in the order Mosquitto reads them
-    (an ``include_dir``'s ``*.conf`` files in place, sorted)."""
+    (an ``include_dir``'s ``*.conf`` files in place, sorted). ``skip``, the file being
+    replaced (this command's earlier output), is left out: the new snippet takes its
+    place."""
     entries: list[tuple[str, str, list[str]]] = []
     seen: set[Path] = set()
+    replaced = skip if skip is not None and skip.exists() else None
 
     def read(conf: Path) -> None:
         if conf in seen:
             return
         seen.add(conf)
+        if replaced is not None and conf != path and conf.exists() and conf.samefile(replaced):
+            return
         try:
             lines = conf.read_text(errors="replace").splitlines()
         except OSError as exc:
