@@ -313,6 +313,41 @@ class _InitStaging:
                 d.rmdir()
 
 
+class _StagingNames:
+    """While init builds the authority under its staging name, what is logged (the
+    insecure-key warning names the authority's directory) and what is refused name the
+    --dir the user gave instead: the staging directory is gone when they read it."""
+
+    def __init__(self, directory: Path) -> None:
+        import logging
+
+        self.directory = str(directory)
+        self.stage: Path | None = None
+        self.loggers = [logging.getLogger("provisioning")]
+        self.loggers += [logging.getLogger(n) for n in logging.root.manager.loggerDict
+                         if n.startswith("provisioning.")]
+        for logger in self.loggers:
+            logger.addFilter(self)
+
+    def name(self, text: str) -> str:
+        if self.stage is None:
+            return text
+        for form in (str(self.stage), str(self.stage.resolve())):
+            text = text.replace(form, self.directory)
+        return text
+
+    def filter(self, record: Any) -> bool:  # a logging.LogRecord
+        if self.stage is not None:
+            message = self.name(record.getMessage())
+            if message != record.getMessage():
+                record.msg, record.args = message, ()
+        return True
+
+    def close(self) -> None:
+        for logger in self.loggers:
+            logger.removeFilter(self)
+
+
 def _refuse_init_target(directory: Path) -> None:
     if (directory / SERVICE_FILE).exists():
         raise CliError(f"{directory} already holds a Tessera authority; nothing was changed. "
@@ -358,8 +393,9 @@ def cmd_init(args: argparse.Namespace) -> None:
 
     staging = _InitStaging(directory)
     authority = None
+    renamer = _StagingNames(directory)
     try:
-        stage = staging.begin()
+        stage = renamer.stage = staging.begin()
         # the registry before the key: an unreachable PostgreSQL or a bad URL is
         # refused before anything is created on the token
         open_registry(args.registry or str(stage / "registry.db")).close()
@@ -391,18 +427,20 @@ def cmd_init(args: argparse.Namespace) -> None:
         if authority is not None:
             authority.discard()  # the token key too, if this init generated it
         staging.abort()
+        renamer.close()
         if external_db is not None:
             for suffix in ("", "-wal", "-shm", "-journal"):
                 Path(f"{external_db}{suffix}").unlink(missing_ok=True)
         if isinstance(exc, OSError):
-            where = f" ({exc.filename})" if exc.filename else ""
+            where = f" ({renamer.name(str(exc.filename))})" if exc.filename else ""
             raise CliError(f"cannot create the authority in {directory}: {_why(exc)}{where}; "
                            "nothing was created, free space or choose a writable --dir "
                            "and run init again") from None
         if isinstance(exc, TesseraError):
-            raise CliError(f"{_one_line(exc)}; nothing was created: fix that and run init "
-                           "again") from None
+            raise CliError(f"{renamer.name(_one_line(exc))}; nothing was created: fix that "
+                           "and run init again") from None
         raise
+    renamer.close()
     authority.close()
     _emit(
         args,

@@ -2,7 +2,8 @@
 Mosquitto runs as (`user`, from --user, default mosquitto) and --check refuses a joined
 conf that names another; running it again over its own output replaces that output (and
 --check does not count it as a second plugin), while a file it did not write is never
-clobbered; every path goes into the conf absolute. Every refusal: one line, exit 1,
+clobbered; every path goes into the conf absolute. And `tessera init`'s messages name
+the --dir the user gave, not its staging directory. Every refusal: one line, exit 1,
 the files that were there unchanged."""
 
 from __future__ import annotations
@@ -226,3 +227,12 @@ def test_the_key_options_are_paths_too(tmp_path: Path, monkeypatch: pytest.Monke
     assert _absolute_key("pkcs11:/usr/lib/x.so#t/k") == "pkcs11:/usr/lib/x.so#t/k"
     assert _absolute_key("tpm:swtpm:port=2321#k") == "tpm:swtpm:port=2321#k"
 
+
+def test_init_names_the_directory_the_user_gave(tmp_path: Path) -> None:
+    done = subprocess.run([TESSERA, "init", "--dir", "fleet/auth", "--trust-domain",
+                           "t.test", "--insecure-file-key"], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "fleet authority fleet/auth uses an insecure-file-key" in done.stderr
+    assert ".tessera-init-" not in done.stderr + done.stdout
+    assert "created in fleet/auth" in done.stdout
