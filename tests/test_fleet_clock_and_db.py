@@ -7,13 +7,16 @@ real tessera-agent process)."""
 
 from __future__ import annotations
 
+import collections
 import datetime as dt
 import json
+import os
 import secrets
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -266,3 +269,281 @@ def test_postgresql_restarted_during_enrollments_and_renewals(
           f"{back[0] - restart['up']:.2f} s after the restart")
     for label in tokens:
         softhsm.delete_token(label)
+
+
+# -- B. The wall clock stepped an hour forward and back on a broker and on a device -----
+
+#: the device process of test B: a real Agent (device/agent.py) publishing numbered
+#: QoS 1 messages ("<n> <its wall clock>") every INTERVAL s. First stdin line: stop
+#: publishing and print {"last": n}; stdin closed: print the agent's totals and exit.
+_DRIVER = """
+import dataclasses, datetime as dt, json, sys, threading
+from pathlib import Path
+from device.agent import Agent, AgentConfig
+from hw.software import InsecureSoftwareSigner
+
+config = AgentConfig.load(Path(sys.argv[1]))
+agent = Agent(config, signer=InsecureSoftwareSigner.load(sys.argv[2])).start()
+topic, interval = sys.argv[3], float(sys.argv[4])
+stop = threading.Event()
+threading.Thread(target=lambda: (sys.stdin.readline(), stop.set()), daemon=True).start()
+n = 0
+while not stop.wait(interval):
+    n += 1
+    agent.publish(topic, f"{n} {dt.datetime.now(dt.UTC).isoformat()}".encode(), qos=1)
+print(json.dumps({"last": n}), flush=True)
+sys.stdin.read()
+totals = dataclasses.asdict(agent.totals())
+agent.stop()
+print(json.dumps(totals), flush=True)
+"""
+
+#: seconds between the device's messages, the broker's session lifetime and the agent's
+#: re-handshake margin: a re-handshake every ~3 s, so each clock step meets one
+INTERVAL, LIFETIME_S, MARGIN_S = 0.1, 12, 9
+
+
+def _libfaketime() -> str:
+    import glob
+
+    found = sorted(glob.glob("/usr/lib/*/faketime/libfaketime.so.1"))
+    if not found:
+        pytest.fail("libfaketime is not installed: run ./run setup (Debian package "
+                    "faketime)", pytrace=False)
+    return found[0]
+
+
+class FakeClock:
+    """The wall clock of the processes started with ``env``: libfaketime preloaded,
+    reading its offset from a file at every call (FAKETIME_NO_CACHE) and leaving
+    CLOCK_MONOTONIC alone (FAKETIME_DONT_FAKE_MONOTONIC), so only the wall clock
+    steps."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = 0
+        self.set(0)
+        self.env = {"LD_PRELOAD": _libfaketime(), "FAKETIME_TIMESTAMP_FILE": str(path),
+                    "FAKETIME_NO_CACHE": "1", "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
+
+    def set(self, offset_s: int) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(f"{offset_s:+d}\n")
+        tmp.replace(self.path)  # atomic: a reader sees the old offset or the new one
+        self.offset = offset_s
+
+
+def _wall(iso: str) -> float:
+    return dt.datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+
+
+def _replay(port: int, client_id: str, msg1: bytes) -> int:
+    """A raw MQTT 5 CONNECT carrying a captured msg1: packet type << 8 | reason code
+    of the first packet back (0x287: CONNACK 0x87, refused at msg1)."""
+    from bench.mqtt_wire import Conn, connect_packet
+
+    conn = Conn(port, timeout=5)
+    try:
+        conn.sock.sendall(connect_packet(client_id, msg1))
+        first, body = conn.read_packet()
+        return (first >> 4) << 8 | body[1 if first >> 4 == 2 else 0]
+    finally:
+        conn.sock.close()
+
+
+@pytest.mark.broker
+def test_wall_clock_stepped_an_hour_on_the_broker_and_on_the_device(tmp_path: Path) -> None:
+    """A Mosquitto with the plugin and a device agent, each its own process with
+    libfaketime, the device publishing numbered QoS 1 messages to a subscriber. The
+    broker's wall clock steps +1 h and back, then the device's does; each step is seen
+    to take effect (the broker's audit times, the device's payload times) and is
+    followed by a re-handshake under it. Design (docs/PROTOCOL.md §1, §5.5): epochs
+    and session timing run on each side's monotonic clock and credentials are checked
+    with 5 min of skew against validity of days, so a wall step changes nothing:
+    every message arrives once, nothing is refused but the replays, nobody is
+    quarantined or resynchronised, and a msg1 captured before a step is refused after
+    it (the nonce cache runs on the monotonic clock)."""
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from bench.mqtt_wire import Conn, _initiator, connect_packet
+    from device.agent import Agent, AgentConfig
+    from hw.software import InsecureSoftwareSigner
+    from simulator.fleet import Fleet, Member
+    from simulator.mosquitto import Mosquitto, plugin_files
+    from simulator.provisioner import free_port
+    from tests.support import wait_for
+
+    authority = Fleet(t0=dt.datetime.now(dt.UTC) - dt.timedelta(days=1))
+    key = InsecureSoftwareSigner.generate()
+    me = authority.member("broker", "mqtt-1", signer=key)
+    metrics_port = free_port()
+    options = plugin_files(
+        tmp_path / "plugin", trust_domain=authority.trust_domain,
+        bundle_pem=authority.root.public_bytes(Encoding.PEM),
+        credential_pem=me.credential.chain[0].public_bytes(Encoding.PEM),
+        key=f"insecure-software:{key.save(tmp_path / 'bk.pem')}",
+        audit_log=str(tmp_path / "audit.jsonl"), metrics_port=str(metrics_port),
+        nonce_file=str(tmp_path / "nonces"), session_lifetime_s=str(LIFETIME_S))
+    broker = Mosquitto(tmp_path / "mosquitto", plugin_options=options,
+                       log_type="error warning notice")
+    broker_clock, device_clock = (FakeClock(tmp_path / "broker.faketime"),
+                                  FakeClock(tmp_path / "device.faketime"))
+    wrapper = tmp_path / "mosquitto-faketime"
+    wrapper.write_text("#!/bin/sh\n" + "".join(
+        f"export {k}={v}\n" for k, v in broker_clock.env.items())
+        + f'exec {broker.binary} "$@"\n')
+    wrapper.chmod(0o755)
+    broker.binary = str(wrapper)
+
+    device = authority.member("device", "pi-clock")
+    device_key = device.signer.save(tmp_path / "device.pem")  # type: ignore[attr-defined]
+
+    def agent_state(member: Member, port: int) -> Path:
+        """The state directory enrollment would leave, and an agent.toml re-handshaking
+        MARGIN_S before each session's end: its path."""
+        state = tmp_path / f"state-{member.identity.name}"
+        state.mkdir()
+        (state / "operational.pem").write_bytes(
+            member.credential.chain[0].public_bytes(Encoding.PEM))
+        (state / "bundle.pem").write_bytes(authority.root.public_bytes(Encoding.PEM))
+        (state / "agent.json").write_text(json.dumps(  # the key is handed to the Agent
+            {"backend": "pkcs11", "pkcs11": "unused", "serial": member.identity.name}))
+        (state / "agent.toml").write_text(
+            f'[device]\nstate_dir = "{state}"\n'
+            f'[mqtt]\nhost = "127.0.0.1"\nport = {port}\n'
+            f'broker_identity = "{me.identity.uri}"\n'
+            f"[session]\nrehandshake_margin_s = {MARGIN_S}\n"
+            "[renewal]\nenabled = false\n[reconnect]\ninitial_s = 0.2\nmax_s = 1.0\n")
+        return state / "agent.toml"
+
+    def audit() -> list[dict[str, object]]:
+        path = tmp_path / "audit.jsonl"
+        text = path.read_text() if path.exists() else ""
+        return [json.loads(line) for line in text.splitlines() if line]
+
+    def device_handshakes() -> list[float]:
+        """Broker wall times (its audit) of the device's handshakes, in order."""
+        return [_wall(str(r["time"])) for r in audit()
+                if r["event"] == "handshake_ok" and r.get("identity") == device.identity.uri]
+
+    got: list[tuple[int, float]] = []  # (number, device wall time) as received
+
+    def received(topic: str, payload: bytes) -> None:
+        number, when = payload.decode().split(" ", 1)
+        got.append((int(number), _wall(when)))
+
+    with broker:
+        # the backend: an agent too, so that it re-handshakes like the device
+        backend = authority.member("broker", "backend")
+        subscriber = Agent(AgentConfig.load(agent_state(backend, broker.port)),
+                           signer=backend.signer)
+        subscriber.subscribe("devices/pi-clock/telemetry/#", received, qos=1, proven=False)
+        subscriber.start()
+        device_toml = agent_state(device, broker.port)
+        driver = tmp_path / "driver.py"
+        driver.write_text(_DRIVER)
+        agent = subprocess.Popen(
+            [sys.executable, str(driver), str(device_toml), str(device_key),
+             "devices/pi-clock/telemetry/n", str(INTERVAL)],
+            env={**os.environ, **device_clock.env,
+                 "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(  # noqa: SIM115
+                tmp_path / "agent.log", "wb"), text=True)
+        captured: list[bytes] = []
+
+        def probe() -> None:
+            """A fresh handshake of another device, its msg1 kept as an attacker would."""
+            probe_member = authority.member("device", f"probe-{len(captured)}")
+            initiator = _initiator(probe_member, authority.trust, me.identity)
+            msg1 = initiator.start()
+            conn = Conn(broker.port)
+            rc, session = conn.sa1_handshake(
+                connect_packet(probe_member.identity.uri, msg1), initiator)
+            conn.sock.close()
+            assert session is not None, f"probe refused: 0x{rc:02x}"
+            captured.append(msg1)
+
+        replayed = [0]
+
+        def replays_refused() -> None:
+            for i, msg1 in enumerate(captured):
+                replayed[0] += 1
+                assert _replay(broker.port, f"spiffe://{authority.trust_domain}/device/"
+                               f"probe-{i}", msg1) == 0x287, f"msg1 {i} replayed"
+
+        phases: list[str] = []
+
+        def step(clock: FakeClock, offset: int, name: str) -> None:
+            """Step ``clock``, wait until it shows (the broker's audit times or the
+            device's payload times), then for a device re-handshake under it and ten
+            more messages."""
+            t0 = time.monotonic()
+            before = len(device_handshakes())
+            clock.set(offset)
+            if clock is broker_clock:
+                wait_for(lambda: any(abs(t - time.time() - offset) < 600
+                                     for t in device_handshakes()[before:]), 20,
+                         f"{name}: a device handshake at the broker's new time")
+            else:
+                seen = len(got)
+                wait_for(lambda: any(abs(w - time.time() - offset) < 600
+                                     for _, w in got[seen:]), 20,
+                         f"{name}: a message stamped with the device's new time")
+                shakes = len(device_handshakes())
+                wait_for(lambda: len(device_handshakes()) > shakes, 20,
+                         f"{name}: a device re-handshake after its clock stepped")
+            count = len(got)
+            wait_for(lambda: len(got) >= count + 10, 20, f"{name}: ten more messages")
+            phases.append(f"{name}: {time.monotonic() - t0:.1f} s, "
+                          f"{len(device_handshakes()) - before} device handshakes")
+
+        try:
+            wait_for(lambda: len(got) >= 5, 20, "the device's first messages")
+            probe()
+            step(broker_clock, 3600, "broker +1 h")
+            replays_refused()  # a msg1 from before the step: its nonce is still held
+            probe()  # a new device logs in at the broker's stepped time
+            step(broker_clock, 0, "broker back 1 h")
+            replays_refused()
+            probe()
+            step(device_clock, 3600, "device +1 h")
+            step(device_clock, 0, "device back 1 h")
+            replays_refused()
+            assert agent.stdin is not None and agent.stdout is not None
+            agent.stdin.write("stop\n")
+            agent.stdin.flush()
+            last = json.loads(agent.stdout.readline())["last"]
+            wait_for(lambda: len({n for n, _ in got}) >= last, 20, "every message")
+            agent.stdin.close()
+            totals = json.loads(agent.stdout.readline())
+            assert agent.wait(20) == 0
+        finally:
+            if agent.poll() is None:
+                agent.kill()
+                agent.wait()
+            subscriber.stop()
+        rejections = {}
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics",
+                                    timeout=5) as r:
+            for line in r.read().decode().splitlines():
+                if line.startswith("tessera_rejections_total{"):
+                    name, _, value = line.rpartition(" ")
+                    if float(value):
+                        rejections[name.split('"')[1]] = int(float(value))
+
+    numbers = [n for n, _ in got]
+    assert sorted(numbers) == list(range(1, last + 1)), "lost or duplicated"
+    events = collections.Counter(str(r["event"]) for r in audit())
+    refused = [r for r in audit() if r["event"] in ("handshake_refused",
+                                                     "refusals_aggregated")]
+    assert not [e for e in events if "quarantin" in e], events
+    assert rejections == {"handshake_replayed": replayed[0]}, rejections
+    assert all(r.get("reason") == "handshake_replayed" for r in refused), refused
+    assert totals["resyncs"] == 0 and totals["refused_dropped"] == 0, totals
+    assert totals["reconnects"] == 0 and totals["errors"] == [], totals
+    print(f"\nwall clock steps: {'; '.join(phases)}; device sent {last} QoS 1 messages, "
+          f"subscriber got {len(numbers)} ({len(set(numbers))} distinct); broker "
+          f"refusals {rejections} (the replays); agent: {totals['rehandshakes']} "
+          f"re-handshakes, {totals['resyncs']} resyncs, {totals['resent']} resent, "
+          f"{totals['requeued']} requeued, {totals['reconnects']} reconnects; audit "
+          f"{dict(events)}")
