@@ -260,7 +260,7 @@ def test_broker_config_writes_a_working_snippet(setup: Setup, tmp_path: Path) ->
     # the real broker below accepts every line, set_tcp_nodelay included
     assert "set_tcp_nodelay true" in lines and "plugin_opt_quarantine_failures 4" in lines
     assert not any(ln.startswith("memory_limit") for ln in lines)
-    conf += f"user root\nlog_dest file {tmp_path / 'm.log'}\npersistence false\n"
+    conf += f"log_dest file {tmp_path / 'm.log'}\npersistence false\n"
     (tmp_path / "tessera.conf").write_text(conf)
     proc = subprocess.Popen([find_mosquitto(), "-c", str(tmp_path / "tessera.conf")])
     try:

@@ -153,7 +153,7 @@ class World:
         extra += [f"plugin_opt_{k} {v}" for k, v in raw_options.items()]
         # the plugin_opt lines apply to the last `plugin` line: keep them after it
         conf += "\n".join(extra) + "\n"
-        conf += (f"user root\nlog_dest file {self.broker.log_path}\nlog_type all\n"
+        conf += (f"log_dest file {self.broker.log_path}\nlog_type all\n"
                  "log_timestamp_format %Y-%m-%dT%H:%M:%S\npersistence false\n")
         return conf
 
