@@ -194,13 +194,19 @@ def _reconnecting(fn: Callable[Concatenate[Registry, _P], _R]
     before it could commit, on a new connection, a bounded number of times."""
 
     def run(self: Registry, /, *args: _P.args, **kw: _P.kwargs) -> _R:
-        delay = RECONNECT_DELAY_S
+        delay, started = RECONNECT_DELAY_S, time.monotonic()
         for attempt in range(RECONNECT_ATTEMPTS + 1):
             try:
                 return fn(self, *args, **kw)
             except _ConnectionLost as exc:
-                if not exc.retry or attempt == RECONNECT_ATTEMPTS:
+                if not exc.retry:
                     raise
+                if attempt == RECONNECT_ATTEMPTS:
+                    raise RegistryError(
+                        f"{exc.detail}; still failing after {attempt} retries over "
+                        f"{time.monotonic() - started:.0f} s, nothing was recorded: check "
+                        "that PostgreSQL is running and try again",
+                        Reason.REGISTRY_FAILURE) from exc
             time.sleep(delay)
             delay *= 2
         raise AssertionError("unreachable")
@@ -241,8 +247,9 @@ class Registry:
             try:
                 self._conn = self._reconnect()
             except self._driver_errors as exc:
+                first = (str(exc).strip().splitlines() or ["no answer"])[0]
                 raise _ConnectionLost(
-                    f"registry {self.where} failed: cannot reconnect: {str(exc).strip()}",
+                    f"registry {self.where} failed: cannot reconnect: {first}",
                     retry=True) from exc
             log.warning("registry %s: reconnected", self.where)
         return self._conn

@@ -152,12 +152,15 @@ def test_a_connection_lost_at_commit_is_not_run_again(
 
 
 @pytest.mark.hardware
+@pytest.mark.parametrize("outage", ["brief", "past_the_retries"])
 def test_postgresql_restarted_during_enrollments_and_renewals(
-        postgres: PostgresServer, softhsm: SoftHsm, tmp_path: Path) -> None:
+        postgres: PostgresServer, softhsm: SoftHsm, tmp_path: Path, outage: str) -> None:
     """Eight enrollments and eight renewals (four devices, twice each) run as the CLI,
     four at a time, against the service on PostgreSQL; after four are done, PostgreSQL
     is stopped (fast: connections cut, open transactions rolled back) and started again
-    on the same data directory and port once the service has met the lost connection.
+    on the same data directory and port: ``brief``, as soon as the service has met the
+    lost connection (its retries carry the calls through); ``past_the_retries``, once a
+    call has failed (the registry's retries, about 6 s, are spent).
     Every call either succeeds or fails in one line; a failed one run again finishes
     the job. Afterwards no device is half-written: each one in the registry has both
     credentials recorded, the operational one is the one in its --out directory, and
@@ -202,13 +205,17 @@ def test_postgresql_restarted_during_enrollments_and_renewals(
             restart["stop"] = time.monotonic()
 
             def while_down() -> None:
-                # until a request meets the lost connection (at most 5 s)
-                deadline = time.monotonic() + 5
+                # until a request meets the lost connection or, past the retries,
+                # until a call has failed (at most 20 s)
+                deadline = time.monotonic() + 20
                 while time.monotonic() < deadline:
-                    with service.log.open("rb") as f:
-                        f.seek(mark)
-                        if b"registry connection lost" in f.read():
-                            return
+                    if outage == "brief":
+                        with service.log.open("rb") as f:
+                            f.seek(mark)
+                            if b"registry connection lost" in f.read():
+                                return
+                    elif any(d.returncode != 0 for o in ops for d in list(o.runs)):
+                        return
                     time.sleep(0.02)
 
             postgres.restart(while_down=while_down)
@@ -231,6 +238,10 @@ def test_postgresql_restarted_during_enrollments_and_renewals(
                 again = _run(service, o, pin)
                 assert again.returncode == 0, (o.serial, again.stderr)
         log = service.log.read_text(errors="replace")
+        if outage == "past_the_retries":
+            assert first_failures, "no call outlasted the registry's retries"
+            assert all(why.startswith("registry_failure: ") and "try again" in why
+                       for why in first_failures.values()), first_failures
 
     # no half-written device, and what each successful call said it did is on disk
     with open_registry(url) as registry:
@@ -260,7 +271,7 @@ def test_postgresql_restarted_during_enrollments_and_renewals(
     assert all(n >= 2 for n in renewals.values()), renewals
     lost = log.count("registry connection lost")
     back = [min((e for o in ops for e in o.ended if e > restart["up"]), default=0.0)]
-    print(f"\npostgres restart: down {restart['up'] - restart['stop']:.2f} s; "
+    print(f"\npostgres restart ({outage}): down {restart['up'] - restart['stop']:.2f} s; "
           f"{len(ops)} calls ({sum(o.verb == 'enroll' for o in ops)} enroll, "
           f"{sum(o.verb == 'renew' for o in ops)} renew), "
           f"{len(ops) - len(first_failures)} succeeded at once, {len(first_failures)} "
