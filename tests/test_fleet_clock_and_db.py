@@ -27,6 +27,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from provisioning.registry import DeviceRecord, Registry, open_registry
+from simulator.fleet import Fleet, Member
+from simulator.mosquitto import Mosquitto
 from simulator.postgres import PostgresServer
 from simulator.provisioner import ProvisioningServer
 from simulator.softhsm import SoftHsm
@@ -362,6 +364,34 @@ def _replay(port: int, client_id: str, msg1: bytes) -> int:
         conn.sock.close()
 
 
+def _faked_broker(tmp_path: Path, authority: Fleet, **options: str
+                  ) -> tuple[Mosquitto, FakeClock, Member]:
+    """A Mosquitto with the plugin (audit log in tmp_path) whose wall clock is a
+    FakeClock, and the broker's member of ``authority``."""
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from hw.software import InsecureSoftwareSigner
+    from simulator.mosquitto import Mosquitto, plugin_files
+
+    key = InsecureSoftwareSigner.generate()
+    me = authority.member("broker", "mqtt-1", signer=key)
+    files = plugin_files(
+        tmp_path / "plugin", trust_domain=authority.trust_domain,
+        bundle_pem=authority.root.public_bytes(Encoding.PEM),
+        credential_pem=me.credential.chain[0].public_bytes(Encoding.PEM),
+        key=f"insecure-software:{key.save(tmp_path / 'bk.pem')}",
+        audit_log=str(tmp_path / "audit.jsonl"), **options)
+    broker = Mosquitto(tmp_path / "mosquitto", plugin_options=files,
+                       log_type="error warning notice")
+    clock = FakeClock(tmp_path / "broker.faketime")
+    wrapper = tmp_path / "mosquitto-faketime"
+    wrapper.write_text("#!/bin/sh\n" + "".join(f"export {k}={v}\n" for k, v in clock.env.items())
+                       + f'exec {broker.binary} "$@"\n')
+    wrapper.chmod(0o755)
+    broker.binary = str(wrapper)
+    return broker, clock, me
+
+
 @pytest.mark.broker
 def test_wall_clock_stepped_an_hour_on_the_broker_and_on_the_device(tmp_path: Path) -> None:
     """A Mosquitto with the plugin and a device agent, each its own process with
@@ -378,33 +408,15 @@ def test_wall_clock_stepped_an_hour_on_the_broker_and_on_the_device(tmp_path: Pa
 
     from bench.mqtt_wire import Conn, _initiator, connect_packet
     from device.agent import Agent, AgentConfig
-    from hw.software import InsecureSoftwareSigner
-    from simulator.fleet import Fleet, Member
-    from simulator.mosquitto import Mosquitto, plugin_files
     from simulator.provisioner import free_port
     from tests.support import wait_for
 
     authority = Fleet(t0=dt.datetime.now(dt.UTC) - dt.timedelta(days=1))
-    key = InsecureSoftwareSigner.generate()
-    me = authority.member("broker", "mqtt-1", signer=key)
     metrics_port = free_port()
-    options = plugin_files(
-        tmp_path / "plugin", trust_domain=authority.trust_domain,
-        bundle_pem=authority.root.public_bytes(Encoding.PEM),
-        credential_pem=me.credential.chain[0].public_bytes(Encoding.PEM),
-        key=f"insecure-software:{key.save(tmp_path / 'bk.pem')}",
-        audit_log=str(tmp_path / "audit.jsonl"), metrics_port=str(metrics_port),
+    broker, broker_clock, me = _faked_broker(
+        tmp_path, authority, metrics_port=str(metrics_port),
         nonce_file=str(tmp_path / "nonces"), session_lifetime_s=str(LIFETIME_S))
-    broker = Mosquitto(tmp_path / "mosquitto", plugin_options=options,
-                       log_type="error warning notice")
-    broker_clock, device_clock = (FakeClock(tmp_path / "broker.faketime"),
-                                  FakeClock(tmp_path / "device.faketime"))
-    wrapper = tmp_path / "mosquitto-faketime"
-    wrapper.write_text("#!/bin/sh\n" + "".join(
-        f"export {k}={v}\n" for k, v in broker_clock.env.items())
-        + f'exec {broker.binary} "$@"\n')
-    wrapper.chmod(0o755)
-    broker.binary = str(wrapper)
+    device_clock = FakeClock(tmp_path / "device.faketime")
 
     device = authority.member("device", "pi-clock")
     device_key = device.signer.save(tmp_path / "device.pem")  # type: ignore[attr-defined]
@@ -558,3 +570,48 @@ def test_wall_clock_stepped_an_hour_on_the_broker_and_on_the_device(tmp_path: Pa
           f"re-handshakes, {totals['resyncs']} resyncs, {totals['resent']} resent, "
           f"{totals['requeued']} requeued, {totals['reconnects']} reconnects; audit "
           f"{dict(events)}")
+
+
+@pytest.mark.broker
+def test_a_broker_an_hour_behind_refuses_credentials_issued_since(tmp_path: Path) -> None:
+    """The other direction, not a step back to the right time but a broker whose clock
+    is an hour behind: it trusts its clock (docs/PROTOCOL.md §6, 5 min of skew), so a
+    credential issued five minutes ago (the provisioning service's notBefore) is not
+    yet valid for it. Refused at msg1 (credential_not_yet_valid), the device is not
+    quarantined for it, and the same credential logs in once the clock is right."""
+    from bench.mqtt_wire import Conn, _initiator, connect_packet
+    from tests.support import wait_for
+
+    authority = Fleet(t0=dt.datetime.now(dt.UTC) - dt.timedelta(days=1))
+    broker, clock, me = _faked_broker(tmp_path, authority)
+    fresh = authority.member("device", "fresh", not_before=dt.datetime.now(dt.UTC)
+                             - dt.timedelta(minutes=5))
+
+    def handshake() -> int:
+        initiator = _initiator(fresh, authority.trust, me.identity)
+        conn = Conn(broker.port)
+        try:
+            rc, session = conn.sa1_handshake(
+                connect_packet(fresh.identity.uri, initiator.start()), initiator)
+        finally:
+            conn.sock.close()
+        return 0 if session is not None else rc
+
+    def audit() -> list[dict[str, object]]:
+        path = tmp_path / "audit.jsonl"
+        text = path.read_text() if path.exists() else ""
+        return [json.loads(line) for line in text.splitlines() if line]
+
+    with broker:
+        clock.set(-3600)
+        assert [handshake() for _ in range(5)] == [0x87] * 5
+        wait_for(lambda: any(r["event"] == "handshake_refused" for r in audit()), 5,
+                 "the refusal in the audit log")
+        [refused] = [r for r in audit() if r["event"] == "handshake_refused"]
+        assert refused["reason"] == "credential_not_yet_valid", refused
+        clock.set(0)
+        assert handshake() == 0
+        wait_for(lambda: any(r["event"] == "handshake_ok" for r in audit()), 5,
+                 "the login in the audit log")
+    events = {str(r["event"]) for r in audit()}
+    assert not [e for e in events if "quarantin" in e], events
