@@ -78,7 +78,6 @@ can use :class:`NonceSync` the same way.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import math
 import os
@@ -94,6 +93,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from broker_plugin.file_lock import lock_beside
 from structauth.errors import ConfigurationError
 from structauth.handshake import NONCE_SIZE, NonceCache
 
@@ -178,16 +178,7 @@ class NonceFile:
     # loading and compaction
     def lock(self) -> None:
         """Take ``<file>.lock``; ConfigurationError if another process holds it."""
-        lock_path = self.path.with_name(self.path.name + ".lock")
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            raise ConfigurationError(
-                f"plugin_opt_nonce_file: {self.path} is in use by another process "
-                f"({lock_path} is locked)") from None
-        self._lock_fd = fd
+        self._lock_fd = lock_beside(self.path, "nonce_file")
 
     def load(self, wall_now: float) -> list[tuple[bytes, float]]:
         """Read the file: its live entries (nonce, wall expiry), at most

@@ -68,6 +68,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from broker_plugin.file_lock import lock_beside
 from structauth.errors import ConfigurationError
 
 log = logging.getLogger("tessera.broker.revocations")
@@ -146,18 +147,7 @@ class RevocationStore:
         """Take ``<file>.lock``; ConfigurationError if another broker holds it."""
         if self.path is None:
             return
-        import fcntl
-
-        lock_path = self.path.with_name(self.path.name + ".lock")
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            raise ConfigurationError(
-                f"plugin_opt_revocation_file: {self.path} is in use by another process "
-                f"({lock_path} is locked)") from None
-        self._lock_fd = fd
+        self._lock_fd = lock_beside(self.path, "revocation_file")
 
     def load(self) -> list[RevocationEvent]:
         """Read the file (if any): the events it holds, oldest first. A damaged file
