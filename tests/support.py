@@ -7,6 +7,7 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from structauth.credentials import TimePolicy
 from structauth.events import HandshakeCompleted, HandshakeConfirmed
@@ -122,3 +123,25 @@ async def wait_for_async(predicate: Callable[[], object], timeout: float = 5.0,
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what or predicate}")
         await asyncio.sleep(0.005)
+
+
+def capture_msg1(client: Any) -> list[bytes]:
+    """Every msg1 ``client`` (a device.mqtt.TesseraMqttClient) sends from now on, as an
+    on-path attacker would copy it off the network."""
+    captured: list[bytes] = []
+    make = client._new_initiator
+
+    def spying() -> Any:
+        initiator = make()
+        start = initiator.start
+
+        def start_and_copy(**kw: Any) -> bytes:
+            msg1 = start(**kw)
+            captured.append(msg1)
+            return bytes(msg1)
+
+        initiator.start = start_and_copy
+        return initiator
+
+    client._new_initiator = spying
+    return captured

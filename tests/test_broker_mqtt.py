@@ -42,7 +42,7 @@ from structauth.credentials import Identity
 from structauth.errors import ConfigurationError, Reason, TesseraError
 from structauth.handshake import Initiator
 from structauth.mqtt_binding import encode_auth
-from tests.support import wait_for
+from tests.support import capture_msg1, wait_for
 
 pytestmark = pytest.mark.broker
 
@@ -461,26 +461,6 @@ def test_a_will_message_cannot_carry_unproven_data(setup: Setup) -> None:
 # -- nothing before key confirmation (SA1 v2): replayed, misaddressed msg1 ---------------
 
 
-def _spy_msg1(client: TesseraMqttClient) -> list[bytes]:
-    """Every msg1 ``client`` sends, as an on-path attacker would capture it."""
-    captured: list[bytes] = []
-    make = client._new_initiator
-
-    def spying() -> Any:
-        initiator = make()
-        start = initiator.start
-
-        def start_and_copy(**kw: Any) -> bytes:
-            msg1 = start(**kw)
-            captured.append(msg1)
-            return msg1
-
-        initiator.start = start_and_copy  # type: ignore[method-assign]
-        return initiator
-
-    client._new_initiator = spying  # type: ignore[method-assign]
-    return captured
-
 
 def _raw_replay(port: int, client_id: str, msg1: bytes) -> tuple[Conn, int, bytes]:
     """An attacker's raw MQTT 5 CONNECT carrying a captured msg1: the connection, the
@@ -608,7 +588,7 @@ def test_a_msg1_replayed_after_a_broker_restart_never_completes(tmp_path: Path) 
         member = w.fleet.member("device", "pi-rs")
         uri = member.identity.uri
         first = w.client(member)
-        captured = _spy_msg1(first)
+        captured = capture_msg1(first)
         first.connect()
         first.close()
         [msg1] = captured
@@ -676,7 +656,7 @@ def test_a_msg1_captured_at_one_broker_is_refused_at_another(tmp_path: Path) -> 
             there = Setup(one.fleet, two, tmp_path / "two", other_id)
             member = one.fleet.member("device", "pi-2b")
             device = one.client(member)
-            captured = _spy_msg1(device)
+            captured = capture_msg1(device)
             device.connect()
             [msg1] = captured
             conn, kind, body = _raw_replay(two.port, member.identity.uri, msg1)

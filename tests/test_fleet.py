@@ -16,7 +16,6 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -24,7 +23,7 @@ from bench.mqtt_wire import Conn, connect_packet, sa1_connect
 from device.agent import Agent
 from device.mqtt import MqttError, TesseraMqttClient
 from simulator.fleet import BrokerFleet, Member
-from tests.support import wait_for
+from tests.support import capture_msg1, wait_for
 
 pytestmark = pytest.mark.broker
 
@@ -54,26 +53,6 @@ def _subscribers(fleet: BrokerFleet, name: str) -> tuple[list[TesseraMqttClient]
         clients.append(c)
     return clients, got
 
-
-def _capture(client: TesseraMqttClient) -> list[bytes]:
-    """Every msg1 ``client`` sends, as an on-path attacker would copy it."""
-    captured: list[bytes] = []
-    make = client._new_initiator
-
-    def spying() -> Any:
-        initiator = make()
-        start = initiator.start
-
-        def start_and_copy(**kw: Any) -> bytes:
-            msg1 = start(**kw)
-            captured.append(msg1)
-            return msg1
-
-        initiator.start = start_and_copy  # type: ignore[method-assign]
-        return initiator
-
-    client._new_initiator = spying  # type: ignore[method-assign]
-    return captured
 
 
 def _replay(port: int, client_id: str, msg1: bytes) -> int:
@@ -114,7 +93,7 @@ def test_a_captured_msg1_is_refused_at_every_broker(fleet: BrokerFleet) -> None:
     device = fleet.enroll("pi-replay")
     before = [fleet.metric(i, REMEMBERED) for i in range(3)]
     client = fleet.client(device)
-    captured = _capture(client)
+    captured = capture_msg1(client)
     client.connect()
     home = fleet.home(device.identity)
     for i in range(3):
