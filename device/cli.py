@@ -5,6 +5,7 @@
     tessera-agent renew  [--provisioner URL] [--watch]
     tessera-agent run    --config /etc/tessera/agent.toml  (or --state DIR)
     tessera-agent persist-key --handle 0x81000010   (TPM: the key at a persistent handle)
+    tessera-agent install-service [--root DIR] [--dry-run] [--force]   (the systemd files)
 
 Enrollment runs at the factory: either on the device with the operator's token
 (TESSERA_OPERATOR_TOKEN), or from the station (`tessera enroll --device URL`) while the
@@ -244,6 +245,21 @@ def cmd_persist_key(args: argparse.Namespace) -> None:
           handle=f"0x{handle:08x}", key=DEVICE_KEY_NAME)
 
 
+def cmd_install_service(args: argparse.Namespace) -> None:
+    from device import install_service as svc
+
+    planned = svc.plan(args.root, version(), svc.agent_script(), args.force)
+    if not args.dry_run:
+        svc.write(planned)
+    verbs = {"unchanged": "unchanged", "new": "written", "updated": "updated (unedited, "
+             "from an earlier version)", "replaced": "replaced (--force)"}
+    lines = [f"{p.path}: {'would be ' if args.dry_run and p.status != 'unchanged' else ''}"
+             f"{verbs[p.status]}" for p in planned]
+    steps = svc.next_commands(args.root)
+    _emit(args, "\n".join([*lines, "next, as root:", *(f"  {c}" for c in steps)]),
+          dry_run=args.dry_run, files={str(p.path): p.status for p in planned}, next=steps)
+
+
 def renew_due(args: argparse.Namespace) -> dt.datetime:
     """When the current operational credential should be renewed: once two thirds of
     its lifetime have passed."""
@@ -405,6 +421,16 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--handle", required=True, help="owner range 0x81000000-0x817fffff")
     k.add_argument("--state-dir", type=Path, default=STATE_DIR)
     k.set_defaults(func=cmd_persist_key)
+    i = sub.add_parser("install-service", parents=[common],
+                       help="write the agent's systemd unit and its sysusers.d / tmpfiles.d "
+                            "files (shipped in the package) under --root")
+    i.add_argument("--root", type=Path, default=Path("/"), metavar="DIR",
+                   help="write under DIR (default /: this system)")
+    i.add_argument("--dry-run", action="store_true",
+                   help="check and say what would be written, write nothing")
+    i.add_argument("--force", action="store_true",
+                   help="replace files edited since (or not written by) install-service")
+    i.set_defaults(func=cmd_install_service)
     b = sub.add_parser("ble-enroll", parents=[common],
                        help="let a factory station enroll this device over Bluetooth LE "
                             "(bound to the code on its label; needs the ble extra)")

@@ -196,9 +196,9 @@ def test_missing_package_data_is_one_line_naming_the_file(
     assert "pip install --force-reinstall 'tessera[broker]'" in done.stderr
 
 
-# -- the agent as a systemd service (deploy/) --------------------------------------------
+# -- the agent as a systemd service (device/deploy/) -------------------------------------
 
-DEPLOY = ROOT / "deploy"
+DEPLOY = ROOT / "device" / "deploy"
 UNIT = DEPLOY / "tessera-agent.service"
 
 
