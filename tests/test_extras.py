@@ -64,6 +64,12 @@ ROLES: dict[str, tuple[list[str], list[str], list[list[str]]]] = {
         ["tpm", "mqtt", "coap", "service", "schema", "ble", "radio"],
         [],
     ),
+    # the CoAP gateway beside the broker
+    "broker,coap": (
+        ["broker_plugin.coap.site", "broker_plugin.coap.transport"],
+        ["tpm", "mqtt", "service", "schema", "ble", "radio"],
+        [],
+    ),
     "provisioning": (
         ["provisioning.cli", "provisioning.service", "provisioning.registry",
          "provisioning.attestation", "hw.tpm", "hw.pkcs11"],
@@ -117,6 +123,11 @@ def test_wheel_holds_the_packages_and_not_bench_or_tests(wheel: Path) -> None:
     tops = {n.split("/", 1)[0] for n in names if "/" in n and ".dist-info" not in n}
     assert tops >= {"structauth", "hw", "device", "broker_plugin", "provisioning", "simulator"}
     assert not tops & {"bench", "tests"}, tops
+    # every package of the checkout is in the wheel (broker_plugin/coap once was not)
+    shipped = {n.rsplit("/", 1)[0] for n in names if n.endswith("/__init__.py")}
+    for top in ("structauth", "hw", "device", "broker_plugin", "provisioning", "simulator"):
+        for init in (ROOT / top).rglob("__init__.py"):
+            assert init.parent.relative_to(ROOT).as_posix() in shipped, init
     # PEP 561: type checkers use the installed packages' annotations
     assert {f"{p}/py.typed" for p in ("structauth", "hw", "device", "broker_plugin",
                                       "provisioning", "simulator")} <= set(names)
