@@ -423,6 +423,24 @@ def _agent_endpoint(service: ProvisioningServer, tpm: Swtpm, serial: str,
     return proc, f"http://127.0.0.1:{port}", code_file.read_text().strip()
 
 
+def test_pairing_codes_read_as_values_on_a_command_line() -> None:
+    """A code that began with '-' (URL-safe base64 did, one time in 64) was taken by
+    argparse for an option: `tessera enroll --device-code -xyz...` failed in CI."""
+    import re
+
+    from device.enrollment_endpoint import new_pairing_code
+    from provisioning.cli import build_parser
+
+    codes = {new_pairing_code() for _ in range(4096)}
+    assert len(codes) == 4096
+    assert all(re.fullmatch(r"[A-Z2-7]{4}(-[A-Z2-7]{4}){7}", c) for c in codes)
+    parser = build_parser()
+    for code in list(codes)[:64]:
+        args = parser.parse_args(["enroll", "--device", "http://127.0.0.1:1",
+                                  "--device-code", code])
+        assert args.device_code == code
+
+
 def test_enroll_device_over_the_network(service: ProvisioningServer, swtpm_session: Swtpm,
                                         tmp_path: Path) -> None:
     state = tmp_path / "device-state"
