@@ -108,9 +108,9 @@ def one_line(exc: BaseException) -> str:
 
 
 def _out_checked(out: Path, serial: str, reenroll: bool) -> None:
-    """--out as the network path checks it (provisioning.cli._OutPlan), before the
+    """--out as the network path checks it (provisioning.station_out._OutPlan), before the
     device is enrolled: new, empty, or (--reenroll) holding credentials; writable."""
-    from provisioning.cli import CliError, _OutPlan
+    from provisioning.station_out import CliError, _OutPlan
 
     plan = _OutPlan(out, serial, replace=reenroll)
     try:
@@ -121,9 +121,9 @@ def _out_checked(out: Path, serial: str, reenroll: bool) -> None:
 
 
 def _write_out(args: argparse.Namespace, out: Path, done: Enrolled) -> None:
-    """The agent state directory the network path writes (provisioning.cli._OutPlan:
+    """The agent state directory the network path writes (provisioning.station_out._OutPlan:
     credentials, agent.json, agent.toml, the broker's CA), all or nothing."""
-    from provisioning.cli import CliError, _OutPlan, _why
+    from provisioning.station_out import CliError, _OutPlan, _why
 
     plan = _OutPlan(out, done.serial, replace=args.reenroll)
     plan.broker = args.agent_broker
@@ -146,7 +146,7 @@ def _broker(args: argparse.Namespace, client: ProvisionerClient) -> None:
     """args.agent_broker, as `tessera enroll` checks it before anything is enrolled
     (cmd_enroll did when it handed over; here when run on its own)."""
     if not hasattr(args, "agent_broker"):
-        from provisioning.cli import CliError, _agent_broker, _check_broker_domain
+        from provisioning.station_out import CliError, _agent_broker, _check_broker_domain
 
         try:
             args.agent_broker = _agent_broker(args)

@@ -282,7 +282,10 @@ class Swtpm:
             return self
         self.manufacture()
         previous = self.port if self.port is not None else self.recorded_port
-        ports = [previous] if previous is not None and port_pair_free(self.host, previous) else []
+        # the previous port is tried by launching, not by a probe: after a power cut
+        # (SIGKILL) the dead swtpm's accepted connections linger on it until the client
+        # closes them, which a probe's bind counts as taken while swtpm's own bind succeeds
+        ports = [previous] if previous is not None else []
         last_error = ""
         for attempt in range(_START_ATTEMPTS):
             port = ports[attempt] if attempt < len(ports) else _port_pair(self.host)
