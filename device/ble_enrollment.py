@@ -14,9 +14,10 @@ The exchange (JSON messages on the enrollment service, :mod:`structauth.gatt`)::
                 "binding": HMAC(label key, serial, both nonces, SHA-256(evidence))}
     station -> {"op": "activate", "challenge": ActivationChallenge JSON}
     device  -> {"op": "secret", "secret": what ActivateCredential recovered}
-    station -> {"op": "credentials", "station_nonce", "issued": the service's answer,
-                "binding": HMAC(label key, serial, both nonces, SHA-256(issued))}
-    device  -> {"op": "stored", "identity"}
+    station -> {"op": "credentials", "station_nonce", "issued": the service's answer
+                (with the station's "agent_toml" and "broker_ca" when it knows the
+                broker), "binding": HMAC(label key, serial, both nonces, SHA-256(issued))}
+    device  -> {"op": "stored", "identity", "agent": {"backend", "tcti", "key_dir"}}
     either  -> {"op": "error", "code": reason code, "detail"}
 
 The label key is derived (scrypt) from the 10-character code printed on the device's
@@ -118,10 +119,12 @@ def error_message(exc: TesseraError) -> bytes:
 class EnrollmentDevice:
     """The device's enrollment state: one TPM, one serial, one label code, and what
     to do with the credentials (``on_enrolled(issued)``, which must store them before
-    it returns: the station is told only after)."""
+    it returns: the station is told only after; what it returns, the agent.json it
+    wrote, goes to the station in the "stored" reply as ``agent``: backend, TCTI and
+    key directory, so that the station's copy names the key as the device does)."""
 
     def __init__(self, tpm: LocalTpm, serial: str, code: str,
-                 on_enrolled: Callable[[dict[str, Any]], None]) -> None:
+                 on_enrolled: Callable[[dict[str, Any]], dict[str, Any] | None]) -> None:
         self.tpm = tpm
         self.serial = serial
         self._key = oob_key(code, serial)
@@ -221,12 +224,15 @@ class EnrollmentConnection:
             key = await asyncio.to_thread(dev.tpm.public_key)
             tpm_ms = (time.perf_counter() - started) * 1000
             check_issued(issued, key, dev.serial)
-            await asyncio.to_thread(dev.on_enrolled, issued)
+            written = await asyncio.to_thread(dev.on_enrolled, issued)
             dev.issued = issued
             dev.enrolled.set()
         log.info("enrolled as %s over BLE", issued["identity"])
-        return encode_json({"op": "stored", "identity": issued["identity"],
-                            "tpm_ms": round(tpm_ms, 3)})
+        stored: dict[str, Any] = {"op": "stored", "identity": issued["identity"],
+                                  "tpm_ms": round(tpm_ms, 3)}
+        if written is not None:
+            stored["agent"] = {k: written[k] for k in AGENT_SETTINGS if k in written}
+        return encode_json(stored)
 
 
 class EnrollmentPeripheral:
@@ -294,20 +300,77 @@ def load_or_create_code(state_dir: Path) -> str:
     return normalize_code(code)
 
 
-def store_enrollment(state_dir: Path, *, tcti: str, key_dir: str, serial: str
-                     ) -> Callable[[dict[str, Any]], None]:
-    """What a device keeps after a BLE enrollment: its credentials and the agent's
-    state (agent.json), the same files as ``tessera-agent enroll`` writes."""
+#: what the "stored" reply tells the station of agent.json (how the agent reaches the key)
+AGENT_SETTINGS = ("backend", "tcti", "key_dir")
+#: the station's broker facts, delivered inside ``issued`` (so the binding covers them)
+AGENT_TOML, BROKER_CA = "agent.toml", "broker-ca.pem"
+MAX_AGENT_TOML = 4096
 
-    def save(issued: dict[str, Any]) -> None:
-        CredentialStore(state_dir).save(issued)
+
+def agent_files(issued: dict[str, Any], state_dir: Path) -> dict[str, bytes]:
+    """agent.toml (and the broker's TLS CA) from the station's ``agent_toml`` and
+    ``broker_ca`` fields, as the network path's device writes ``agent_toml``: nothing
+    when the station did not send them, nothing when the state directory already holds
+    an agent.toml (the operator's, kept with the CA it names). MalformedMessage for a
+    field that is not what a station sends, before anything is stored."""
+    toml, ca = issued.get("agent_toml"), issued.get("broker_ca")
+    if toml is None and ca is None:
+        return {}
+    import tomllib
+
+    from cryptography import x509
+
+    try:
+        if not isinstance(toml, str) or len(toml) > MAX_AGENT_TOML:
+            raise ValueError
+        mqtt = tomllib.loads(toml).get("mqtt")
+        if not isinstance(mqtt, dict) or not isinstance(mqtt.get("host"), str):
+            raise ValueError
+    except ValueError:  # tomllib.TOMLDecodeError too
+        raise MalformedMessage(f"field 'agent_toml' must be an agent.toml of at most "
+                               f"{MAX_AGENT_TOML} characters with [mqtt] host") from None
+    files = {AGENT_TOML: toml.encode()}
+    if ca is not None:
+        try:
+            if not isinstance(ca, str) or not x509.load_pem_x509_certificates(ca.encode()):
+                raise ValueError
+        except ValueError:
+            raise MalformedMessage("field 'broker_ca' must be PEM certificates") from None
+        files[BROKER_CA] = ca.encode()
+    if (state_dir / AGENT_TOML).exists():
+        log.info("%s already holds an agent.toml: kept, the station's not written", state_dir)
+        return {}
+    return files
+
+
+def store_enrollment(state_dir: Path, *, tcti: str, key_dir: str, serial: str
+                     ) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """What a device keeps after a BLE enrollment: its credentials, the agent's state
+    (agent.json) and, when the station sent the broker facts, agent.toml and the
+    broker's CA (:func:`agent_files`): the files of the network path, written all or
+    nothing (:class:`CredentialStore`, one staged directory). Returns agent.json."""
+
+    def save(issued: dict[str, Any]) -> dict[str, Any]:
         state = {"backend": "tpm", "tcti": tcti, "key_dir": key_dir, "serial": serial,
                  "provisioner": issued.get("provisioner"), "identity": issued["identity"]}
-        tmp = state_dir / ".agent.json.tmp"
-        tmp.write_text(json.dumps(state, indent=1))
-        os.replace(tmp, state_dir / "agent.json")
+        files = {**agent_files(issued, state_dir),
+                 "agent.json": json.dumps(state, indent=1).encode()}
+        _StateStore(state_dir).save({**issued, _FILES: files})
+        return state
 
     return save
+
+
+_FILES = " state files"  # no field of the service's: only _StateStore reads it
+
+
+class _StateStore(CredentialStore):
+    """The credentials and the agent's files, staged and installed together by
+    :meth:`CredentialStore.save` (all or nothing)."""
+
+    @staticmethod
+    def files(issued: dict[str, Any]) -> dict[str, bytes]:
+        return {**CredentialStore.files(issued), **issued[_FILES]}
 
 
 def static_address(serial: str) -> hci.Address:

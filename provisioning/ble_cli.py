@@ -10,11 +10,13 @@ The provisioning service, operator token, --kind, --device-class, --reenroll, --
 --out DIR (batch: DIR/<serial>) becomes the device's agent state directory as the
 network path writes it (credentials, agent.json, agent.toml), checked before anything
 is enrolled and written all or nothing; agent.json says how the device's agent reaches
-its key: --device-tcti and --device-key-dir, as the device's `tessera-agent ble-enroll`
-was started. Batch mode shows a progress bar on stderr
-(not with --json) and ends with one line per device that was not enrolled; it exits
-1 if any device on the manifest failed. The issued credentials of a device whose
-delivery failed are kept in --resume-dir and delivered by the next run.
+its key as the device's own agent.json does (its "stored" answer tells), or, from a
+device that does not tell, by --device-tcti and --device-key-dir. With --broker the
+device also gets agent.toml (and the broker's CA) with its credentials. Batch mode
+shows a progress bar on stderr (not with --json) and ends with one line per device that
+was not enrolled; it exits 1 if any device on the manifest failed. The issued
+credentials of a device whose delivery failed are kept in --resume-dir and delivered by
+the next run.
 
 Wiring (provisioning/cli.py): ``add_arguments(enroll_parser)`` in build_parser, and at
 the top of cmd_enroll ``if getattr(args, "ble", False): return run(args, client)``.
@@ -45,6 +47,9 @@ CODE_ENV = "TESSERA_LABEL_CODE"
 #: the device's TPM and key directory as docs/BLE.md starts its enrollment on a Pi
 DEVICE_TCTI = "device:/dev/tpmrm0"
 DEVICE_KEY_DIR = "/var/lib/tessera/keys"
+#: the broker's CA the device gets with its credentials (both in one enrollment message
+#: of at most structauth.gatt.MAX_ENROLL_MESSAGE, 24 KiB; the credentials take ~5 KiB)
+MAX_BROKER_CA = 8 * 1024
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -67,11 +72,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--resume-dir", type=Path, default=Path("tessera-ble-resume"),
                    help="issued credentials not yet delivered (default %(default)s)")
     g.add_argument("--device-tcti", default=DEVICE_TCTI, metavar="TCTI",
-                   help="--out's agent.json: the TPM the device's agent uses, its "
-                        "ble-enroll --tpm (default %(default)s)")
+                   help="--out's agent.json, for a device that does not tell: the TPM "
+                        "its agent uses, its ble-enroll --tpm (default %(default)s)")
     g.add_argument("--device-key-dir", default=DEVICE_KEY_DIR, metavar="DIR",
-                   help="--out's agent.json: the device's key directory, its ble-enroll "
-                        "--key-dir (default %(default)s, for --state-dir /var/lib/tessera)")
+                   help="--out's agent.json, for a device that does not tell: its key "
+                        "directory, its ble-enroll --key-dir (default %(default)s, for "
+                        "--state-dir /var/lib/tessera)")
 
 
 def _manifest(path: str) -> dict[str, tuple[str, str | None]]:
@@ -127,8 +133,7 @@ def _write_out(args: argparse.Namespace, out: Path, done: Enrolled) -> None:
 
     plan = _OutPlan(out, done.serial, replace=args.reenroll)
     plan.broker = args.agent_broker
-    plan.settings = {"backend": "tpm", "tcti": args.device_tcti,
-                     "key_dir": args.device_key_dir, "serial": done.serial,
+    plan.settings = {**_key_settings(args, out, done), "serial": done.serial,
                      "provisioner": done.issued.get("provisioner")}
     try:
         plan.preflight()
@@ -142,6 +147,22 @@ def _write_out(args: argparse.Namespace, out: Path, done: Enrolled) -> None:
             "instead") from None
 
 
+def _key_settings(args: argparse.Namespace, out: Path, done: Enrolled) -> dict[str, str]:
+    """How --out's agent.json names the key: as the device's "stored" reply says (its
+    own agent.json), else (a device that does not say) --device-tcti/--device-key-dir."""
+    agent = done.device_agent
+    if agent is None:
+        return {"backend": "tpm", "tcti": args.device_tcti, "key_dir": args.device_key_dir}
+    if (not isinstance(agent, dict) or agent.get("backend") != "tpm"
+            or not all(isinstance(agent.get(k), str) and 0 < len(agent[k]) <= 512
+                       for k in ("tcti", "key_dir"))):
+        raise ConfigurationError(
+            f"{done.serial} is enrolled and its device holds its credentials, but its "
+            f"answer names its key as {json.dumps(agent)[:200]}, not a TPM's TCTI and key "
+            f"directory: --out {out} not written; copy the device's state directory instead")
+    return {"backend": "tpm", "tcti": agent["tcti"], "key_dir": agent["key_dir"]}
+
+
 def _broker(args: argparse.Namespace, client: ProvisionerClient) -> None:
     """args.agent_broker, as `tessera enroll` checks it before anything is enrolled
     (cmd_enroll did when it handed over; here when run on its own)."""
@@ -153,6 +174,12 @@ def _broker(args: argparse.Namespace, client: ProvisionerClient) -> None:
             _check_broker_domain(client, args.agent_broker)
         except CliError as exc:
             raise ConfigurationError(one_line(exc)) from None
+    ca = (args.agent_broker or {}).get("cafile_pem", b"")
+    if len(ca) > MAX_BROKER_CA:
+        raise ConfigurationError(
+            f"--broker-cafile {args.broker_cafile} is {len(ca)} bytes; the device takes at "
+            f"most {MAX_BROKER_CA} over BLE (with its credentials, in one message): pass "
+            "only the CA certificate that signed the broker's TLS certificate")
 
 
 def _summary(done: Enrolled) -> dict[str, Any]:
@@ -176,7 +203,8 @@ async def run_async(args: argparse.Namespace, client: ProvisionerClient, *,
     _broker(args, client)
     station = BleStation(client, backends=backends, step_timeout=args.step_timeout,
                          retries=args.retries, resume_dir=args.resume_dir,
-                         provisioner_url=getattr(args, "provisioner", None))
+                         provisioner_url=getattr(args, "provisioner", None),
+                         agent_broker=args.agent_broker)
     if args.batch:
         return await _batch(args, station, out, err)
     if not args.serial:

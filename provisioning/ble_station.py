@@ -94,6 +94,9 @@ class Enrolled:
     mtu: int
     resumed: bool = False
     timing: Timing = field(default_factory=Timing)
+    #: the "stored" reply's ``agent`` (backend, tcti, key_dir of the device's agent.json)
+    #: as the device sent it, unchecked; None from a device that does not send it
+    device_agent: Any = None
 
 
 class DeviceSession:
@@ -108,6 +111,7 @@ class DeviceSession:
         self.device_nonce = b""
         self.key = b""
         self.station_nonce = b""
+        self.stored: dict[str, Any] = {}
 
     async def step(self, message: dict[str, Any], answer: str) -> dict[str, Any]:
         started = time.perf_counter()
@@ -165,6 +169,7 @@ class DeviceSession:
         binding = station_binding(self.key, self._context(), digest(issued))
         reply = await self.step({"op": "credentials", "station_nonce": b64(self.station_nonce),
                                  "issued": issued, "binding": b64(binding)}, "stored")
+        self.stored = reply
         return str(reply.get("identity"))
 
 
@@ -202,6 +207,7 @@ class BleStation:
         retries: int = 3,
         resume_dir: Path | None = None,
         provisioner_url: str | None = None,
+        agent_broker: dict[str, Any] | None = None,
     ) -> None:
         self.client = client
         self.backends = backends
@@ -210,6 +216,9 @@ class BleStation:
         self.retries = retries
         self.resume_dir = resume_dir
         self.provisioner_url = provisioner_url or client.url
+        #: the broker facts (provisioning.station_out._agent_broker) the device gets as
+        #: agent.toml (and the broker's CA) with its credentials; None: none sent
+        self.agent_broker = agent_broker
         self._connecting: asyncio.Lock | None = None
 
     async def scan(self, timeout: float = 3.0, stop_after: int | None = None
@@ -341,17 +350,31 @@ class BleStation:
                 timing.radio + timing.device_tpm - device_before)
             issued = {**issued, "provisioner": self.provisioner_url}
             self._keep(session.serial, issued)
-        delivered = await self._deliver(session, target, issued)
+        delivered = await self._deliver(session, target, {**issued, **self._agent_files()})
         try:
             self._forget(session.serial)
             timing.total = time.perf_counter() - started
             links = {id(session.link): session.link, id(delivered.link): delivered.link}
             timing.fragments = sum(x.fragments_in + x.fragments_out for x in links.values())
             return Enrolled(session.serial, issued, delivered.link.address,
-                            delivered.link.mtu, resumed, timing)
+                            delivered.link.mtu, resumed, timing,
+                            delivered.stored.get("agent"))
         finally:
             if delivered is not session:
                 await delivered.link.close()
+
+    def _agent_files(self) -> dict[str, str]:
+        """What the device writes as agent.toml and broker-ca.pem, in the delivery (the
+        station binding covers it): the network path's ``agent_toml`` field, and the
+        CA the agent.toml names."""
+        if self.agent_broker is None:
+            return {}
+        from provisioning.station_out import _agent_toml
+
+        fields = {"agent_toml": _agent_toml(self.agent_broker).decode()}
+        if "cafile_pem" in self.agent_broker:
+            fields["broker_ca"] = self.agent_broker["cafile_pem"].decode()
+        return fields
 
     async def _deliver(self, session: DeviceSession, target: BLEDevice | str,
                        issued: dict[str, Any]) -> DeviceSession:
