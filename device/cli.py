@@ -169,6 +169,8 @@ def _save(
     (state_dir / "agent.json").write_text(json.dumps(state, indent=1))
     toml = state_dir / "agent.toml"  # from the station: run --state DIR; one that is
     if isinstance(issued.get("agent_toml"), str) and not toml.exists():  # here is kept
+        if isinstance(issued.get("broker_ca"), str):  # an mqtts:// broker's CA, named by it
+            (state_dir / "broker-ca.pem").write_text(issued["broker_ca"])
         toml.write_text(issued["agent_toml"])
 
 

@@ -189,9 +189,12 @@ def test_broker_facts_refused_before_enrolling(station: Station, extra: list[str
     assert not list(station.base.glob(".pi-x*"))
 
 
-def test_network_enrollment_gives_the_device_its_agent_toml(station: Station) -> None:
+@pytest.mark.parametrize("tls", [False, True], ids=["mqtt", "mqtts"])
+def test_network_enrollment_gives_the_device_its_agent_toml(station: Station,
+                                                            tls: bool) -> None:
     """--device URL: the device writes agent.json itself and receives agent.toml with
-    its credentials; the station's --out copy holds the credentials and agent.toml."""
+    its credentials (and, for an mqtts:// broker, the broker's CA that agent.toml names);
+    the station's --out copy holds the credentials and the same files."""
     from device.agent import AgentConfig
     from simulator.provisioner import free_port
     from tests.support import wait_for
@@ -213,8 +216,9 @@ def test_network_enrollment_gives_the_device_its_agent_toml(station: Station) ->
         copy = station.base / "net-copy"
         done = run(station.service, "enroll", "--device", f"http://127.0.0.1:{port}",
                    "--device-code", code_file.read_text().strip(), "--out", str(copy),
-                   "--broker", "mqtt://127.0.0.1:1883", "--broker-identity",
-                   f"spiffe://{TD}/broker/mqtt-1")
+                   "--broker", "mqtts://127.0.0.1:8883" if tls else "mqtt://127.0.0.1:1883",
+                   "--broker-identity", f"spiffe://{TD}/broker/mqtt-1",
+                   *(["--broker-cafile", str(_a_ca(station.base))] if tls else []))
         assert done.returncode == 0, done.stderr
         proc.communicate(timeout=30)
     finally:
@@ -225,7 +229,35 @@ def test_network_enrollment_gives_the_device_its_agent_toml(station: Station) ->
     for name in ("agent.json", "agent.toml", "operational.pem", "bundle.pem"):
         assert (state / name).is_file(), name
     config = AgentConfig.load(state / "agent.toml", state_dir=state)  # checks it all
-    assert (config.host, config.port) == ("127.0.0.1", 1883)
+    config.check()
+    assert (config.host, config.port) == ("127.0.0.1", 8883 if tls else 1883)
     assert config.broker_identity == f"spiffe://{TD}/broker/mqtt-1"
     assert sorted(p.name for p in copy.iterdir()) == [
-        "agent.toml", "bundle.pem", "enrollment.pem", "identity", "operational.pem"]
+        "agent.toml", *(["broker-ca.pem"] if tls else []), "bundle.pem", "enrollment.pem",
+        "identity", "operational.pem"]
+    if tls:
+        assert (state / "broker-ca.pem").read_bytes() == _a_ca(station.base).read_bytes()
+
+
+def _a_ca(base: Path) -> Path:
+    """A CA certificate standing in for the one that signed the broker's TLS certificate."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import Encoding
+    from cryptography.x509.oid import NameOID
+
+    path = base / "broker-tls-ca.pem"
+    if not path.exists():
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "broker TLS CA")])
+        now = dt.datetime.now(dt.UTC)
+        cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+                .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                .not_valid_before(now).not_valid_after(now + dt.timedelta(days=1))
+                .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                .sign(key, hashes.SHA256()))
+        path.write_bytes(cert.public_bytes(Encoding.PEM))
+    return path
