@@ -16,6 +16,7 @@ to install them. Tests using these fixtures get the ``hardware`` marker.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 from collections.abc import Iterator
@@ -113,9 +114,10 @@ def pkcs11_token(softhsm: SoftHsm, monkeypatch: pytest.MonkeyPatch) -> Iterator[
         rescan_tokens(softhsm.module)  # forget the deleted token's slot
 
 
-@pytest.fixture(scope="session")
-def postgres_server() -> Iterator[PostgresServer]:
-    """A private PostgreSQL server (own data directory, free port on 127.0.0.1)."""
+@contextlib.contextmanager
+def private_postgres() -> Iterator[PostgresServer]:
+    """A private PostgreSQL server (own data directory, free port on 127.0.0.1), stopped
+    on leaving; a missing server is the test's failure with the setup hint."""
     try:
         server = PostgresServer().start()
     except ConfigurationError as exc:
@@ -124,6 +126,13 @@ def postgres_server() -> Iterator[PostgresServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """The session's private PostgreSQL server."""
+    with private_postgres() as server:
+        yield server
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -93,9 +93,11 @@ class PostgresServer:
         self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w",
                   "stop")
         self._running = False
-        if while_down is not None:
-            while_down()
-        self._pg_ctl_start()
+        try:
+            if while_down is not None:
+                while_down()
+        finally:  # a failing hook must not leave the server down for the rest
+            self._pg_ctl_start()
 
     def url(self, database: str = "postgres") -> str:
         return f"postgresql://{_USER}:{self.password}@127.0.0.1:{self.port}/{database}"

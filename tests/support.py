@@ -7,6 +7,7 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from structauth.credentials import TimePolicy
@@ -145,3 +146,41 @@ def capture_msg1(client: Any) -> list[bytes]:
 
     client._new_initiator = spying
     return captured
+
+
+def replay_msg1(port: int, client_id: str, msg1: bytes) -> int:
+    """A raw MQTT 5 CONNECT carrying a captured msg1, as an attacker with none of our
+    client code sends it: packet type << 8 | reason code of the first packet back
+    (0x287: CONNACK 0x87, refused at msg1; an AUTH type when msg2 came)."""
+    from bench.mqtt_wire import Conn, connect_packet
+
+    conn = Conn(port, timeout=5)
+    try:
+        conn.sock.sendall(connect_packet(client_id, msg1))
+        first, body = conn.read_packet()
+        return (first >> 4) << 8 | body[1 if first >> 4 == 2 else 0]
+    finally:
+        conn.sock.close()
+
+
+def broker_conf_files(directory: Path) -> dict[str, str]:
+    """What `tessera broker config` takes, for a broker `mqtt-1` of a fresh fleet, in
+    ``directory``: its command-line flags (``--bundle``, ``--credential``, ``--key``,
+    ``--policy``) to their values, plus ``trust_domain`` and ``dir``."""
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from hw.software import InsecureSoftwareSigner
+    from simulator.fleet import Fleet
+    from simulator.mosquitto import plugin_files
+
+    fleet = Fleet()
+    signer = InsecureSoftwareSigner.generate()
+    member = fleet.member("broker", "mqtt-1", signer=signer)
+    options = plugin_files(
+        directory, trust_domain=fleet.trust_domain,
+        bundle_pem=fleet.root.public_bytes(Encoding.PEM),
+        credential_pem=member.credential.chain[0].public_bytes(Encoding.PEM),
+        key=f"insecure-software:{signer.save(directory / 'broker-key.pem')}")
+    return {"--bundle": options["bundle"], "--credential": options["credential"],
+            "--key": options["key"], "--policy": options["policy"],
+            "trust_domain": fleet.trust_domain, "dir": str(directory)}

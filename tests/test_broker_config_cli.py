@@ -14,11 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives.serialization import Encoding
 
-from hw.software import InsecureSoftwareSigner
-from simulator.fleet import Fleet
-from simulator.mosquitto import plugin_files
+from tests.support import broker_conf_files
 
 TESSERA = str(Path(sys.executable).parent / "tessera")
 #: an account the module's files are readable by (root reads everything here)
@@ -27,16 +24,7 @@ USER = "root" if os.geteuid() == 0 else os.environ.get("USER", "root")
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    d = tmp_path_factory.mktemp("bcc")
-    fleet = Fleet()
-    signer = InsecureSoftwareSigner.generate()
-    member = fleet.member("broker", "mqtt-1", signer=signer)
-    options = plugin_files(
-        d, trust_domain=fleet.trust_domain, bundle_pem=fleet.root.public_bytes(Encoding.PEM),
-        credential_pem=member.credential.chain[0].public_bytes(Encoding.PEM),
-        key=f"insecure-software:{signer.save(d / 'broker-key.pem')}")
-    return {"--bundle": options["bundle"], "--credential": options["credential"],
-            "--key": options["key"], "--policy": options["policy"], "dir": str(d)}
+    return broker_conf_files(tmp_path_factory.mktemp("bc"))
 
 
 def config(files: dict[str, str], *extra: str, cwd: Path | None = None,

@@ -15,26 +15,15 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from hw.software import InsecureSoftwareSigner
 from simulator.fleet import Fleet
-from simulator.mosquitto import plugin_files
+from tests.support import broker_conf_files
 
 TESSERA = str(Path(sys.executable).parent / "tessera")
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    d = tmp_path_factory.mktemp("bc")
-    fleet = Fleet()
-    signer = InsecureSoftwareSigner.generate()
-    member = fleet.member("broker", "mqtt-1", signer=signer)
-    options = plugin_files(
-        d, trust_domain=fleet.trust_domain, bundle_pem=fleet.root.public_bytes(Encoding.PEM),
-        credential_pem=member.credential.chain[0].public_bytes(Encoding.PEM),
-        key=f"insecure-software:{signer.save(d / 'broker-key.pem')}")
-    return {"--bundle": options["bundle"], "--credential": options["credential"],
-            "--key": options["key"], "--policy": options["policy"],
-            "trust_domain": fleet.trust_domain, "dir": str(d)}
+    return broker_conf_files(tmp_path_factory.mktemp("bc"))
 
 
 def config(files: dict[str, str], out: Path, *extra: str,

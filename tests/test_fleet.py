@@ -23,7 +23,7 @@ from bench.mqtt_wire import Conn, connect_packet, sa1_connect
 from device.agent import Agent
 from device.mqtt import MqttError, TesseraMqttClient
 from simulator.fleet import BrokerFleet, Member
-from tests.support import capture_msg1, wait_for
+from tests.support import capture_msg1, replay_msg1, wait_for
 
 pytestmark = pytest.mark.broker
 
@@ -54,17 +54,6 @@ def _subscribers(fleet: BrokerFleet, name: str) -> tuple[list[TesseraMqttClient]
     return clients, got
 
 
-
-def _replay(port: int, client_id: str, msg1: bytes) -> int:
-    """A raw MQTT 5 CONNECT with a captured msg1: the packet type and reason code of
-    the first packet back (CONNACK 0x87 when refused at msg1; AUTH when msg2 came)."""
-    conn = Conn(port, timeout=5)
-    try:
-        conn.sock.sendall(connect_packet(client_id, msg1))
-        first, body = conn.read_packet()
-        return (first >> 4) << 8 | body[1 if first >> 4 == 2 else 0]
-    finally:
-        conn.sock.close()
 
 
 def test_devices_reach_every_broker_through_the_front(fleet: BrokerFleet) -> None:
@@ -102,10 +91,10 @@ def test_a_captured_msg1_is_refused_at_every_broker(fleet: BrokerFleet) -> None:
                      f"broker {i} to learn the nonce")
     for i, port in enumerate(fleet.broker_ports):
         pending, replayed = fleet.metric(i, PENDING), fleet.metric(i, REPLAYED)
-        assert _replay(port, device.identity.uri, captured[0]) == 0x287, f"broker {i}"
+        assert replay_msg1(port, device.identity.uri, captured[0]) == 0x287, f"broker {i}"
         assert fleet.metric(i, REPLAYED) == replayed + 1
         assert fleet.metric(i, PENDING) == pending  # nothing signed
-    assert _replay(fleet.front_port, device.identity.uri, captured[0]) == 0x287
+    assert replay_msg1(fleet.front_port, device.identity.uri, captured[0]) == 0x287
     client.publish("devices/pi-replay/telemetry/t", b"x", qos=1).wait_for_publish(5)
     assert client.client.is_connected()
     client.close()

@@ -27,12 +27,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from provisioning.registry import DeviceRecord, Registry, open_registry
+from simulator.fixtures import private_postgres
 from simulator.fleet import Fleet, Member
 from simulator.mosquitto import Mosquitto
 from simulator.postgres import PostgresServer
 from simulator.provisioner import ProvisioningServer
 from simulator.softhsm import SoftHsm
-from structauth.errors import ConfigurationError, Reason, RegistryError
+from structauth.errors import Reason, RegistryError
+from tests.support import replay_msg1, wait_for
 
 TESSERA = str(Path(sys.executable).parent / "tessera")
 
@@ -43,14 +45,8 @@ TESSERA = str(Path(sys.executable).parent / "tessera")
 @pytest.fixture
 def postgres() -> Iterator[PostgresServer]:
     """A PostgreSQL of this test's own: restarting the session's would cut the others."""
-    try:
-        server = PostgresServer().start()
-    except ConfigurationError as exc:
-        pytest.fail(str(exc), pytrace=False)
-    try:
+    with private_postgres() as server:
         yield server
-    finally:
-        server.stop()
 
 
 @dataclass
@@ -212,19 +208,21 @@ def test_postgresql_restarted_during_enrollments_and_renewals(
             mark = service.log.stat().st_size
             restart["stop"] = time.monotonic()
 
+            def lost_logged() -> bool:
+                with service.log.open("rb") as f:
+                    f.seek(mark)
+                    return b"registry connection lost" in f.read()
+
+            def a_call_failed() -> bool:
+                return any(d.returncode != 0 for o in ops for d in list(o.runs))
+
             def while_down() -> None:
                 # until a request meets the lost connection or, past the retries,
-                # until a call has failed (at most 20 s)
-                deadline = time.monotonic() + 20
-                while time.monotonic() < deadline:
-                    if outage == "brief":
-                        with service.log.open("rb") as f:
-                            f.seek(mark)
-                            if b"registry connection lost" in f.read():
-                                return
-                    elif any(d.returncode != 0 for o in ops for d in list(o.runs)):
-                        return
-                    time.sleep(0.02)
+                # until a call has failed
+                if outage == "brief":
+                    wait_for(lost_logged, 20, "a request meeting the lost connection")
+                else:
+                    wait_for(a_call_failed, 20, "a call failing past the retries")
 
             postgres.restart(while_down=while_down)
             restart["up"] = time.monotonic()
@@ -358,19 +356,6 @@ def _wall(iso: str) -> float:
     return dt.datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
 
 
-def _replay(port: int, client_id: str, msg1: bytes) -> int:
-    """A raw MQTT 5 CONNECT carrying a captured msg1: packet type << 8 | reason code
-    of the first packet back (0x287: CONNACK 0x87, refused at msg1)."""
-    from bench.mqtt_wire import Conn, connect_packet
-
-    conn = Conn(port, timeout=5)
-    try:
-        conn.sock.sendall(connect_packet(client_id, msg1))
-        first, body = conn.read_packet()
-        return (first >> 4) << 8 | body[1 if first >> 4 == 2 else 0]
-    finally:
-        conn.sock.close()
-
 
 def _faked_broker(tmp_path: Path, authority: Fleet, **options: str
                   ) -> tuple[Mosquitto, FakeClock, Member]:
@@ -417,7 +402,6 @@ def test_wall_clock_stepped_an_hour_on_the_broker_and_on_the_device(tmp_path: Pa
     from bench.mqtt_wire import Conn, _initiator, connect_packet
     from device.agent import Agent, AgentConfig
     from simulator.provisioner import free_port
-    from tests.support import wait_for
 
     authority = Fleet(t0=dt.datetime.now(dt.UTC) - dt.timedelta(days=1))
     metrics_port = free_port()
@@ -499,7 +483,7 @@ def test_wall_clock_stepped_an_hour_on_the_broker_and_on_the_device(tmp_path: Pa
         def replays_refused() -> None:
             for i, msg1 in enumerate(captured):
                 replayed[0] += 1
-                assert _replay(broker.port, f"spiffe://{authority.trust_domain}/device/"
+                assert replay_msg1(broker.port, f"spiffe://{authority.trust_domain}/device/"
                                f"probe-{i}", msg1) == 0x287, f"msg1 {i} replayed"
 
         phases: list[str] = []
@@ -588,7 +572,6 @@ def test_a_broker_an_hour_behind_refuses_credentials_issued_since(tmp_path: Path
     yet valid for it. Refused at msg1 (credential_not_yet_valid), the device is not
     quarantined for it, and the same credential logs in once the clock is right."""
     from bench.mqtt_wire import Conn, _initiator, connect_packet
-    from tests.support import wait_for
 
     authority = Fleet(t0=dt.datetime.now(dt.UTC) - dt.timedelta(days=1))
     broker, clock, me = _faked_broker(tmp_path, authority)

@@ -51,7 +51,7 @@ from structauth.credentials import Identity
 from structauth.errors import ConfigurationError, Reason, ReplayDetected
 from structauth.handshake import Initiator, NonceCache, Responder
 from tests.attacks import mqtt5 as m5
-from tests.support import wait_for
+from tests.support import capture_msg1, wait_for
 
 N = 32  # nonce size
 
@@ -486,26 +486,6 @@ def _identity(directory: Path, fleet: Fleet, name: str = "mqtt-1") -> tuple[Path
     return signer.save(directory / f"{name}-key.pem"), member
 
 
-def _capture(client: TesseraMqttClient) -> list[bytes]:
-    """Every msg1 ``client`` sends, as an on-path attacker would copy it."""
-    captured: list[bytes] = []
-    make = client._new_initiator
-
-    def spying() -> Any:
-        initiator = make()
-        start = initiator.start
-
-        def start_and_copy(**kw: Any) -> bytes:
-            msg1 = start(**kw)
-            captured.append(msg1)
-            return msg1
-
-        initiator.start = start_and_copy  # type: ignore[method-assign]
-        return initiator
-
-    client._new_initiator = spying  # type: ignore[method-assign]
-    return captured
-
 
 def _replay(broker: Broker, client_id: str, msg1: bytes) -> m5.Packet:
     """A raw MQTT 5 CONNECT carrying a captured msg1: the first packet back."""
@@ -553,7 +533,7 @@ def test_a_msg1_replayed_after_a_restart_or_a_crash_is_refused_before_any_signat
     uri = member.identity.uri
     with broker.mosquitto:
         device = broker.client(member)
-        captured = _capture(device)
+        captured = capture_msg1(device)
         device.connect()
         wait_for(lambda: broker.metric(store_metric("file", "written")) >= 1, 5,
                  "the nonce in the file")
@@ -568,7 +548,7 @@ def test_a_msg1_replayed_after_a_restart_or_a_crash_is_refused_before_any_signat
         assert broker.metric(OK) == 0
         # the genuine device, with a new msg1, is welcome and undisturbed
         device = broker.client(member)
-        captured = _capture(device)
+        captured = capture_msg1(device)
         device.connect()
         _delivers(device, "devices/pi-1/telemetry/t")
         assert broker.metric(PENDING) == 1 and broker.metric(OK) == 1
@@ -600,7 +580,7 @@ def test_replicas_refuse_a_msg1_the_other_answered_once_synced(
     with a.mosquitto, b.mosquitto:
         assert a.identity == b.identity
         device = a.client(member)
-        captured = _capture(device)
+        captured = capture_msg1(device)
         t0 = time.monotonic()
         device.connect()
         t1 = time.monotonic()
@@ -613,7 +593,7 @@ def test_replicas_refuse_a_msg1_the_other_answered_once_synced(
         _delivers(device, "devices/pi-r/telemetry/t")
         # the other way round
         there = b.client(member)
-        captured_b = _capture(there)
+        captured_b = capture_msg1(there)
         there.connect()
         wait_for(lambda: a.metric(store_metric("database", "remembered")) >= 1, 5,
                  "replica A to learn B's nonce")
