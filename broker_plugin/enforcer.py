@@ -149,6 +149,8 @@ from structauth.params import SessionParams
 from structauth.session import Session, SessionState
 
 SCAN_INTERVAL_S = 0.05
+#: stale timer entries tolerated beyond twice the live sessions before a compaction
+COMPACT_SLACK = 256
 
 # Mosquitto return codes (mosquitto.h)
 MOSQ_ERR_AUTH_CONTINUE = -4
@@ -320,12 +322,16 @@ class Enforcer:
         self.pending = PendingHandshakes(pending)
         self._handshake_results: dict[str | None, Any] = {}
         #: when each live session next needs the tick: (monotonic time, serial, client
-        #: id, session); an entry whose session was replaced or closed is dropped when
-        #: it comes up. The tick looks only at what is due, not at every session.
-        self._timers: list[tuple[float, int, str, Session]] = []
+        #: id, session id); an entry whose session was replaced or closed is dropped
+        #: when it comes up. The tick looks only at what is due, not at every session.
+        #: Entries name the session by id, never hold it: a disconnected device's
+        #: session would otherwise live on until its entry came up (a credential's
+        #: whole life for _expiries), about 2 KiB per handshake.
+        self._timers: list[tuple[float, int, str, bytes]] = []
         #: the same for credential expiry, by wall time (checked against the wall clock
-        #: on every scan, so a clock step is noticed within SCAN_INTERVAL_S)
-        self._expiries: list[tuple[dt.datetime, int, str, Session]] = []
+        #: on every scan, so a clock step is noticed within SCAN_INTERVAL_S); entries of
+        #: ended sessions are compacted away (_compact), so it holds O(live sessions)
+        self._expiries: list[tuple[dt.datetime, int, str, bytes]] = []
         self._timer_serial = 0
         #: client ids whose connection keeps replaced sessions for in-flight messages
         self._rotated: dict[str, None] = {}
@@ -564,7 +570,7 @@ class Enforcer:
                                     ).append(session.session_id)
         self._arm(client, now)
         heapq.heappush(self._expiries, (client.not_after, self._timer_serial, client_id,
-                                        session))
+                                        session.session_id))
         if client.previous:
             self._rotated[client_id] = None
         network = network_of(address)
@@ -1131,30 +1137,52 @@ class Enforcer:
         """Schedule ``client``'s next look: its session's next key erasure or end."""
         self._timer_serial += 1
         heapq.heappush(self._timers, (client.session.next_deadline_at(now),
-                                      self._timer_serial, client.client_id, client.session))
+                                      self._timer_serial, client.client_id,
+                                      client.session.session_id))
+
+    def _current(self, client_id: str, session_id: bytes) -> Client | None:
+        """The client whose current session is ``session_id`` (None: gone or replaced)."""
+        client = self.clients.get(client_id)
+        if client is None or client.session.session_id != session_id:
+            return None
+        return client
+
+    def _compact(self) -> None:
+        """Drop the heap entries of sessions that ended or were replaced once they
+        outnumber the live ones: each heap stays within 2 x live + COMPACT_SLACK
+        entries, at an amortised O(1) per handshake."""
+        bound = 2 * len(self.clients) + COMPACT_SLACK
+        if len(self._expiries) > bound:
+            self._expiries = [e for e in self._expiries if self._current(e[2], e[3]) is not None]
+            heapq.heapify(self._expiries)
+        if len(self._timers) > bound:
+            self._timers = [e for e in self._timers if self._current(e[2], e[3]) is not None]
+            heapq.heapify(self._timers)
 
     def _scan(self, now: float) -> None:
         """What is due: credentials that expired, sessions whose keys must be erased
         or whose lifetime ended, replaced sessions past their grace, quarantines that
         ended. O(due) per call: a quiet fleet of any size costs nothing here."""
+        self._compact()
         expiries = self._expiries
         if expiries:
             wall = self.wall_clock()
             while expiries and expiries[0][0] <= wall:
-                _, _, client_id, session = heapq.heappop(expiries)
-                client = self.clients.get(client_id)
-                if client is None or client.session is not session:
+                _, _, client_id, session_id = heapq.heappop(expiries)
+                client = self._current(client_id, session_id)
+                if client is None:
                     continue  # gone, or replaced (its own entry is in the heap)
                 self.audit("session_expired", client_id=client_id,
                            identity=client.identity.uri,
-                           session=session.session_id.hex(), detail="credential expired")
+                           session=session_id.hex(), detail="credential expired")
                 self._pending_kicks.append(client_id)
         timers = self._timers
         while timers and timers[0][0] <= now:
-            _, _, client_id, session = heapq.heappop(timers)
-            client = self.clients.get(client_id)
-            if client is None or client.session is not session:
+            _, _, client_id, session_id = heapq.heappop(timers)
+            client = self._current(client_id, session_id)
+            if client is None:
                 continue
+            session = client.session
             if session.poll(now) is not None:
                 self.audit("session_expired", client_id=client_id,
                            identity=client.identity.uri,

@@ -794,3 +794,37 @@ def test_the_tick_ends_a_session_at_its_lifetime_and_looks_only_at_what_is_due(
     assert short.identity.uri in e.clients
     assert ("kick", short.identity.uri) in e.tick(30.0)
     assert events[-1][0] == "session_expired" and events[-1][1]["detail"] == "session ended"
+
+
+def test_a_disconnected_session_is_not_kept_and_the_timer_heaps_stay_bounded(
+        enforcer: Enforcer, fleet: Fleet) -> None:
+    """A device that reconnects over and over: the broker keeps none of its ended
+    sessions (the expiry heap held each one for its credential's whole life, about
+    2 KiB per handshake) and its timer heaps stay O(live sessions)."""
+    import gc
+    import weakref
+
+    from broker_plugin.enforcer import COMPACT_SLACK
+
+    steady = fleet.member("device", "pi-steady")
+    kept = connect(enforcer, fleet, steady, now=0.0)
+    assert isinstance(kept, Session)
+    flapping = fleet.member("device", "pi-flap")
+    cid = flapping.identity.uri
+    ended = []
+    for i in range(COMPACT_SLACK + 100):
+        now = 0.01 * (i + 1)
+        assert isinstance(connect(enforcer, fleet, flapping, now=now), Session)
+        ended.append(weakref.ref(enforcer.clients[cid].session))
+        enforcer.disconnect(cid)
+        enforcer.tick(now)
+    gc.collect()
+    assert [r for r in ended if r() is not None] == []
+    bound = 2 * len(enforcer.clients) + COMPACT_SLACK
+    assert len(enforcer.clients) == 1
+    assert len(enforcer._expiries) <= bound and len(enforcer._timers) <= bound
+    # the device still connected is untouched: its session keeps its timers and works
+    assert any(entry[2] == steady.identity.uri for entry in enforcer._expiries)
+    assert any(entry[2] == steady.identity.uri for entry in enforcer._timers)
+    topic = "devices/pi-steady/telemetry/t"
+    assert send(enforcer, kept, steady.identity.uri, topic, b"1", now=now).rc == MOSQ_ERR_SUCCESS
