@@ -46,7 +46,6 @@ import asyncio
 import base64
 import binascii
 import hashlib
-import json
 import logging
 import os
 import sys
@@ -64,7 +63,7 @@ if TYPE_CHECKING:  # bumble is imported where it is used, so that `tessera-agent
 
 from device.attestation import ActivationChallenge
 from device.ble_args import add_arguments
-from device.provisioner import CredentialStore, LocalTpm, check_issued
+from device.provisioner import LocalTpm, check_issued, save_device_state
 from structauth.errors import (
     ConfigurationError,
     EnrollmentError,
@@ -302,75 +301,18 @@ def load_or_create_code(state_dir: Path) -> str:
 
 #: what the "stored" reply tells the station of agent.json (how the agent reaches the key)
 AGENT_SETTINGS = ("backend", "tcti", "key_dir")
-#: the station's broker facts, delivered inside ``issued`` (so the binding covers them)
-AGENT_TOML, BROKER_CA = "agent.toml", "broker-ca.pem"
-MAX_AGENT_TOML = 4096
-
-
-def agent_files(issued: dict[str, Any], state_dir: Path) -> dict[str, bytes]:
-    """agent.toml (and the broker's TLS CA) from the station's ``agent_toml`` and
-    ``broker_ca`` fields, as the network path's device writes ``agent_toml``: nothing
-    when the station did not send them, nothing when the state directory already holds
-    an agent.toml (the operator's, kept with the CA it names). MalformedMessage for a
-    field that is not what a station sends, before anything is stored."""
-    toml, ca = issued.get("agent_toml"), issued.get("broker_ca")
-    if toml is None and ca is None:
-        return {}
-    import tomllib
-
-    from cryptography import x509
-
-    try:
-        if not isinstance(toml, str) or len(toml) > MAX_AGENT_TOML:
-            raise ValueError
-        mqtt = tomllib.loads(toml).get("mqtt")
-        if not isinstance(mqtt, dict) or not isinstance(mqtt.get("host"), str):
-            raise ValueError
-    except ValueError:  # tomllib.TOMLDecodeError too
-        raise MalformedMessage(f"field 'agent_toml' must be an agent.toml of at most "
-                               f"{MAX_AGENT_TOML} characters with [mqtt] host") from None
-    files = {AGENT_TOML: toml.encode()}
-    if ca is not None:
-        try:
-            if not isinstance(ca, str) or not x509.load_pem_x509_certificates(ca.encode()):
-                raise ValueError
-        except ValueError:
-            raise MalformedMessage("field 'broker_ca' must be PEM certificates") from None
-        files[BROKER_CA] = ca.encode()
-    if (state_dir / AGENT_TOML).exists():
-        log.info("%s already holds an agent.toml: kept, the station's not written", state_dir)
-        return {}
-    return files
-
-
 def store_enrollment(state_dir: Path, *, tcti: str, key_dir: str, serial: str
                      ) -> Callable[[dict[str, Any]], dict[str, Any]]:
-    """What a device keeps after a BLE enrollment: its credentials, the agent's state
-    (agent.json) and, when the station sent the broker facts, agent.toml and the
-    broker's CA (:func:`agent_files`): the files of the network path, written all or
-    nothing (:class:`CredentialStore`, one staged directory). Returns agent.json."""
+    """What a device keeps after a BLE enrollment: what the network path keeps
+    (:func:`device.provisioner.save_device_state`, all or nothing). Returns agent.json."""
 
     def save(issued: dict[str, Any]) -> dict[str, Any]:
         state = {"backend": "tpm", "tcti": tcti, "key_dir": key_dir, "serial": serial,
                  "provisioner": issued.get("provisioner"), "identity": issued["identity"]}
-        files = {**agent_files(issued, state_dir),
-                 "agent.json": json.dumps(state, indent=1).encode()}
-        _StateStore(state_dir).save({**issued, _FILES: files})
+        save_device_state(state_dir, state, issued)
         return state
 
     return save
-
-
-_FILES = " state files"  # no field of the service's: only _StateStore reads it
-
-
-class _StateStore(CredentialStore):
-    """The credentials and the agent's files, staged and installed together by
-    :meth:`CredentialStore.save` (all or nothing)."""
-
-    @staticmethod
-    def files(issued: dict[str, Any]) -> dict[str, bytes]:
-        return {**CredentialStore.files(issued), **issued[_FILES]}
 
 
 def static_address(serial: str) -> hci.Address:

@@ -162,16 +162,12 @@ def _save(
     state_dir: Path, state: dict[str, Any], serial: str, provisioner: str | None,
     issued: dict[str, Any],
 ) -> None:
-    from device.provisioner import CredentialStore
+    from device.provisioner import save_device_state
 
+    # the station's agent.toml (run --state DIR) and broker CA with the credentials and
+    # agent.json, all or nothing; an operator's agent.toml already here is kept
     state.update({"serial": serial, "provisioner": provisioner, "identity": issued["identity"]})
-    CredentialStore(state_dir).save(issued)
-    (state_dir / "agent.json").write_text(json.dumps(state, indent=1))
-    toml = state_dir / "agent.toml"  # from the station: run --state DIR; one that is
-    if isinstance(issued.get("agent_toml"), str) and not toml.exists():  # here is kept
-        if isinstance(issued.get("broker_ca"), str):  # an mqtts:// broker's CA, named by it
-            (state_dir / "broker-ca.pem").write_text(issued["broker_ca"])
-        toml.write_text(issued["agent_toml"])
+    save_device_state(state_dir, state, issued)
 
 
 def cmd_enrollment_endpoint(args: argparse.Namespace) -> None:

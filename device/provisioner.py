@@ -7,6 +7,7 @@ import base64
 import datetime as dt
 import http.client
 import json
+import logging
 import os
 import shutil
 import ssl
@@ -30,9 +31,17 @@ from device.attestation import (
     answer_challenge,
     build_evidence,
 )
-from structauth.errors import ConfigurationError, EnrollmentError, Reason, TesseraError
+from structauth.errors import (
+    ConfigurationError,
+    EnrollmentError,
+    MalformedMessage,
+    Reason,
+    TesseraError,
+)
 from structauth.keys import Signer
 from structauth.possession import LABEL_ENROLL, LABEL_RENEW, possession_digest
+
+log = logging.getLogger("tessera.agent")
 
 
 def pop_signature(signer: Signer, label: bytes, nonce: bytes, serial: str) -> bytes:
@@ -403,3 +412,66 @@ class CredentialStore:
             return path.read_bytes()
         except FileNotFoundError:
             raise ConfigurationError(f"no {name} in {self.directory}: enroll first") from None
+
+
+#: the station's broker facts, delivered inside ``issued`` (so the binding covers them)
+AGENT_TOML, BROKER_CA = "agent.toml", "broker-ca.pem"
+MAX_AGENT_TOML = 4096
+
+
+def agent_files(issued: dict[str, Any], state_dir: Path) -> dict[str, bytes]:
+    """agent.toml (and the broker's TLS CA) from the station's ``agent_toml`` and
+    ``broker_ca`` fields: nothing when the station did not send them, nothing when the
+    state directory already holds an agent.toml (the operator's, kept with the CA it
+    names). MalformedMessage for a field that is not what a station sends, before
+    anything is stored."""
+    toml, ca = issued.get("agent_toml"), issued.get("broker_ca")
+    if toml is None and ca is None:
+        return {}
+    import tomllib
+
+    try:
+        if not isinstance(toml, str) or len(toml) > MAX_AGENT_TOML:
+            raise ValueError
+        mqtt = tomllib.loads(toml).get("mqtt")
+        if not isinstance(mqtt, dict) or not isinstance(mqtt.get("host"), str):
+            raise ValueError
+    except ValueError:  # tomllib.TOMLDecodeError too
+        raise MalformedMessage(f"field 'agent_toml' must be an agent.toml of at most "
+                               f"{MAX_AGENT_TOML} characters with [mqtt] host") from None
+    files = {AGENT_TOML: toml.encode()}
+    if ca is not None:
+        try:
+            if not isinstance(ca, str) or not x509.load_pem_x509_certificates(ca.encode()):
+                raise ValueError
+        except ValueError:
+            raise MalformedMessage("field 'broker_ca' must be PEM certificates") from None
+        files[BROKER_CA] = ca.encode()
+    if (state_dir / AGENT_TOML).exists():
+        log.info("%s already holds an agent.toml: kept, the station's not written", state_dir)
+        return {}
+    return files
+
+
+_FILES = " state files"  # no field of the service's: only _StateStore reads it
+
+
+class _StateStore(CredentialStore):
+    """The credentials and the agent's files, staged and installed together by
+    :meth:`CredentialStore.save` (all or nothing)."""
+
+    @staticmethod
+    def files(issued: dict[str, Any]) -> dict[str, bytes]:
+        return {**CredentialStore.files(issued), **issued[_FILES]}
+
+
+def save_device_state(state_dir: Path, agent_json: dict[str, Any],
+                      issued: dict[str, Any]) -> None:
+    """What an enrolled device keeps, by whichever path it was enrolled (network,
+    enrollment endpoint, BLE): its credentials, the agent's state (agent.json) and,
+    when the station sent the broker facts, agent.toml and the broker's CA
+    (:func:`agent_files`), written all or nothing (one staged directory); a malformed
+    field is refused before anything is written."""
+    files = {**agent_files(issued, state_dir),
+             "agent.json": json.dumps(agent_json, indent=1).encode()}
+    _StateStore(state_dir).save({**issued, _FILES: files})

@@ -184,3 +184,27 @@ def broker_conf_files(directory: Path) -> dict[str, str]:
     return {"--bundle": options["bundle"], "--credential": options["credential"],
             "--key": options["key"], "--policy": options["policy"],
             "trust_domain": fleet.trust_domain, "dir": str(directory)}
+
+
+def a_ca_certificate(base: Path) -> Path:
+    """A CA certificate standing in for the one that signed the broker's TLS certificate."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import Encoding
+    from cryptography.x509.oid import NameOID
+
+    path = base / "broker-tls-ca.pem"
+    if not path.exists():
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "broker TLS CA")])
+        now = dt.datetime.now(dt.UTC)
+        cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+                .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                .not_valid_before(now).not_valid_after(now + dt.timedelta(days=1))
+                .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                .sign(key, hashes.SHA256()))
+        path.write_bytes(cert.public_bytes(Encoding.PEM))
+    return path

@@ -27,6 +27,7 @@ from simulator.mosquitto import Mosquitto, plugin_files
 from simulator.provisioner import ProvisioningServer
 from simulator.softhsm import SoftHsm
 from simulator.swtpm import Swtpm
+from tests.support import a_ca_certificate
 
 pytestmark = [pytest.mark.broker, pytest.mark.hardware]
 
@@ -218,7 +219,7 @@ def test_network_enrollment_gives_the_device_its_agent_toml(station: Station,
                    "--device-code", code_file.read_text().strip(), "--out", str(copy),
                    "--broker", "mqtts://127.0.0.1:8883" if tls else "mqtt://127.0.0.1:1883",
                    "--broker-identity", f"spiffe://{TD}/broker/mqtt-1",
-                   *(["--broker-cafile", str(_a_ca(station.base))] if tls else []))
+                   *(["--broker-cafile", str(a_ca_certificate(station.base))] if tls else []))
         assert done.returncode == 0, done.stderr
         proc.communicate(timeout=30)
     finally:
@@ -236,28 +237,5 @@ def test_network_enrollment_gives_the_device_its_agent_toml(station: Station,
         "agent.toml", *(["broker-ca.pem"] if tls else []), "bundle.pem", "enrollment.pem",
         "identity", "operational.pem"]
     if tls:
-        assert (state / "broker-ca.pem").read_bytes() == _a_ca(station.base).read_bytes()
-
-
-def _a_ca(base: Path) -> Path:
-    """A CA certificate standing in for the one that signed the broker's TLS certificate."""
-    import datetime as dt
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.hazmat.primitives.serialization import Encoding
-    from cryptography.x509.oid import NameOID
-
-    path = base / "broker-tls-ca.pem"
-    if not path.exists():
-        key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "broker TLS CA")])
-        now = dt.datetime.now(dt.UTC)
-        cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-                .public_key(key.public_key()).serial_number(x509.random_serial_number())
-                .not_valid_before(now).not_valid_after(now + dt.timedelta(days=1))
-                .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-                .sign(key, hashes.SHA256()))
-        path.write_bytes(cert.public_bytes(Encoding.PEM))
-    return path
+        ca = a_ca_certificate(station.base)
+        assert (state / "broker-ca.pem").read_bytes() == ca.read_bytes()
