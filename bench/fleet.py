@@ -6,17 +6,21 @@ figures.
 Soak (issue 17, point 2): ``--devices`` devices, each with a real SA1 session through
 the front, publish one QoS 1 message a second (``--rate``) for ``--seconds`` (a run
 shorter than 3 minutes does the minute's events three times, evenly spread). A few
-keys are in swtpm (``--tpm-devices``, each its own swtpm: TPM enrollment, EK
-certificate and activation), the rest are software keys; the output says how many of
-each. Every minute 1% of the devices reconnect (a new handshake), 1% renew their
-credential at the provisioning service (then reconnect with it), and one device is
-revoked (its session must be cut; revocation -> disconnect is timed). A backend
-subscribed at every broker (the replicas share no subscriptions) counts every message
-by device and sequence number: a message the broker acknowledged (PUBACK < 0x80) and
-the backend never got is lost, one it got twice is duplicated. A refused handshake or
-message of a device that was not revoked is a false reject. Memory: the RSS of each
-broker and of this process (the devices and the backend) sampled every 10 s after the
-first minute, with the least-squares slope in KiB per minute.
+devices (``--tpm-devices``) are real ``tessera-agent run`` processes with their keys in
+swtpm (each its own swtpm: TPM enrollment, EK certificate and activation), sending a
+heartbeat at the same rate; the rest are driven by the load generator with software
+keys; the output says how many of each. Every minute 1% of the devices reconnect (a new
+handshake), 1% renew their credential at the provisioning service (then reconnect with
+it), and one device is revoked (its session must be cut; revocation -> disconnect is
+timed). A backend subscribed at every broker (the replicas share no subscriptions)
+counts every message by device and sequence number: a message the broker acknowledged
+(PUBACK < 0x80) and the backend never got is lost, one it got twice is duplicated. A
+refused handshake or message of a device that was not revoked is a false reject. Memory:
+the RSS of each broker, of each agent process and of this process (the load generator
+and the backend, whose duplicate bookkeeping grows by one byte per message by design)
+sampled every 10 s after the first minute, with the least-squares slope in KiB per
+minute over the whole run and over its second half (the target: brokers and agents
+flat).
 
 The devices are raw MQTT 5 connections (bench.mqtt_wire) driven by a few threads,
 because a paho client per device would cost the two shared cores more than the
@@ -37,6 +41,8 @@ import os
 import random
 import selectors
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -48,8 +54,17 @@ from typing import Any
 from .report import Report
 
 TOPIC = "devices/{serial}/telemetry/soak"
+#: the agent processes' heartbeat ({id}: the agent fills in its own name)
+HEARTBEAT = "devices/{id}/telemetry/heartbeat"
 #: targets from issue 17
 TARGET_REVOCATION_MS = 1000.0
+#: "memory flat": the RSS slope over the second half of the soak, per broker and per
+#: agent process. Not zero: a broker's msg1 nonce table fills for its 600 s TTL
+#: (about 350 B per handshake) and allocator noise is a few KiB a minute.
+TARGET_FLAT_KIB_PER_MIN = 16.0
+#: the flatness targets apply to soaks at least this long (the CI variants report the
+#: slopes only)
+MIN_FLAT_SECONDS = 300.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -115,7 +130,6 @@ def _slope_kib_per_min(samples: list[tuple[float, float]]) -> float:
 class Device:
     serial: str
     enrolled: Any  # simulator.fleet.Enrolled
-    tpm: bool = False
     conn: Any = None
     session: Any = None
     seq: int = 0
@@ -326,15 +340,21 @@ def _mark(counts: bytearray, i: int) -> None:
         counts[i] += 1
 
 
-def _backend(fleet: Any, name: str) -> tuple[list[Any], dict[str, bytearray],
-                                            threading.Lock]:
+def _backend(fleet: Any, name: str, beats: dict[str, set[bytes]] | None = None
+             ) -> tuple[list[Any], dict[str, bytearray], threading.Lock]:
+    """Subscribers at every broker counting the soak's numbered messages by device
+    (and, into ``beats``, the agents' heartbeats, by payload: each is a timestamp)."""
     got: dict[str, bytearray] = collections.defaultdict(bytearray)
     lock = threading.Lock()
 
     def on_message(topic: str, payload: bytes) -> None:
         serial = topic.split("/")[1]
         with lock:
-            _mark(got[serial], int(payload))
+            if topic.endswith("/heartbeat"):
+                if beats is not None:
+                    beats.setdefault(serial, set()).add(payload)
+            else:
+                _mark(got[serial], int(payload))
 
     backend = fleet.enroll(name, kind="broker")
     subs = []
@@ -342,30 +362,36 @@ def _backend(fleet: Any, name: str) -> tuple[list[Any], dict[str, bytearray],
         c = fleet.client(backend, port=port)
         c.connect()
         c.subscribe("devices/+/telemetry/soak", on_message, qos=1, proven=False)
+        if beats is not None:
+            c.subscribe("devices/+/telemetry/heartbeat", on_message, qos=1, proven=False)
         subs.append(c)
     return subs, got, lock
 
 
 def soak(report: Report, fleet: Any, *, devices: int, seconds: float, rate: float,
          tpms: list[Any], drivers: int, workdir: Path) -> None:
-    from hw.tpm import TpmBackend
-
     tpm_devices = len(tpms)
-    backends: list[Any] = []
+    agents: list[subprocess.Popen[bytes]] = []
+    beats: dict[str, set[bytes]] = {}
     try:
         _progress(f"enrolling {devices - tpm_devices} devices with software keys and "
-                  f"{tpm_devices} with keys in swtpm (TPM enrollment)")
+                  f"{tpm_devices} with keys in swtpm (TPM enrollment), those run as "
+                  "tessera-agent processes")
+        agent_states = [_tpm_agent(fleet, tpm, i, rate, workdir) for i, tpm in enumerate(tpms)]
         fleet_devices: list[Device] = []
-        for i, tpm in enumerate(tpms):
-            b = TpmBackend(tpm.tcti, workdir / f"tpm-keys-{i}")
-            backends.append(b)
-            fleet_devices.append(Device(f"tpm-{i:03d}", fleet.enroll_tpm(f"tpm-{i:03d}", b),
-                                        tpm=True))
         with ThreadPoolExecutor(4) as pool:
             soft = list(pool.map(lambda i: fleet.enroll(f"soak-{i:04d}"),
                                  range(devices - tpm_devices)))
         fleet_devices += [Device(e.serial, e) for e in soft]
-        subs, got, got_lock = _backend(fleet, "soak-backend")
+        subs, got, got_lock = _backend(fleet, "soak-backend", beats)
+        agent_bin = str(Path(sys.executable).with_name("tessera-agent"))
+        agents_t0 = time.monotonic()
+        for state in agent_states:
+            with open(state / "agent.log", "ab") as log:
+                agents.append(subprocess.Popen(
+                    [agent_bin, "run", "--config", str(state / "agent.toml"),
+                     "--log-level", "warning"], stdout=log, stderr=log,
+                    stdin=subprocess.DEVNULL))
         tally, lock = Tally(), threading.Lock()
         groups = [fleet_devices[i::drivers] for i in range(drivers)]
         workers = [Driver(f"soak-driver-{i}", g, fleet, rate, tally, lock)
@@ -402,7 +428,9 @@ def soak(report: Report, fleet: Any, *, devices: int, seconds: float, rate: floa
                 next_sample += sample_every
                 for i, b in enumerate(fleet.brokers):
                     memory[f"broker-{i}"].append((now - start, _rss_kib(b.pid)))
-                memory["devices+backend"].append((now - start, _rss_kib(os.getpid())))
+                for i, a in enumerate(agents):
+                    memory[f"agent-{i}"].append((now - start, _rss_kib(a.pid)))
+                memory["load generator"].append((now - start, _rss_kib(os.getpid())))
             if now >= next_minute:
                 next_minute += period
                 live = [d for d in fleet_devices
@@ -413,7 +441,7 @@ def soak(report: Report, fleet: Any, *, devices: int, seconds: float, rate: floa
                 for d in picks[max(1, devices // 100): -1]:
                     d.work = "renew"
                 victim = picks[-1]
-                if not victim.tpm and len(picks) > 2:
+                if len(picks) > 2:
                     victim.revoking_at = time.monotonic()
                     fleet.revoke(victim.serial, "soak")
                     revoked.append(victim)
@@ -446,17 +474,23 @@ def soak(report: Report, fleet: Any, *, devices: int, seconds: float, rate: floa
         false_rejects = len(tally.handshake_refusals) + sum(
             d.rejected for d in fleet_devices if d.revoking_at is None)
         cut = [d.cut_ms for d in revoked if d.cut_ms is not None]
+        agent_exits = _stop_agents(agents)
+        agents_s = time.monotonic() - agents_t0
+        agent_handshakes = collections.Counter(  # the brokers' audit: connects + re-auths
+            str(r.get("identity", "")).rsplit("/", 1)[-1]
+            for i in range(fleet.count) for r in fleet.audit(i, "handshake_ok"))
+        with got_lock:
+            heartbeats = {serial: len(p) for serial, p in beats.items()}
         for c in subs:
             c.close()
         for w in workers:
             for d in w.devices:
                 w.drop(d)
     finally:
-        for b in backends:
-            with contextlib.suppress(Exception):
-                b.close()
-    detail = (f"{devices} devices ({tpm_devices} keys in swtpm, "
-              f"{devices - tpm_devices} software keys), {rate:g} msg/s each, {elapsed:.0f} s")
+        _stop_agents(agents)
+    detail = (f"{devices} devices ({tpm_devices} tessera-agent processes with keys in "
+              f"swtpm, {devices - tpm_devices} load-generator devices with software keys), "
+              f"{rate:g} msg/s each, {elapsed:.0f} s")
     report.rate("soak_sent", "soak: QoS 1 messages sent", tally.sent, "msgs", detail)
     report.rate("soak_acked", "soak: acknowledged by a broker", acked, "msgs")
     report.rate("soak_msgs_per_s", "soak: verified messages/s (3 brokers)",
@@ -477,12 +511,27 @@ def soak(report: Report, fleet: Any, *, devices: int, seconds: float, rate: floa
     for i, (c0, c1) in enumerate(zip(cpu0, cpu1, strict=True)):
         report.rate(f"soak_broker{i}_cpu_pct", f"soak: broker-{i} CPU",
                     100 * (c1 - c0) / elapsed, "%", "of one core")
+    halves = {}
     for name, samples in sorted(memory.items()):
         first = samples[0][1] if samples else 0.0
         last = samples[-1][1] if samples else 0.0
-        report.rate(f"soak_rss_slope_{name}", f"soak: RSS slope {name}",
+        key = name.replace(" ", "_")
+        report.rate(f"soak_rss_slope_{key}", f"soak: RSS slope {name}",
                     _slope_kib_per_min(samples), "KiB/min",
                     f"{first / 1024:.1f} -> {last / 1024:.1f} MiB over {len(samples)} samples")
+        halves[name] = _slope_kib_per_min(samples[len(samples) // 2:])
+        report.rate(f"soak_rss_slope2_{key}", f"soak: RSS slope {name}, second half",
+                    halves[name], "KiB/min")
+    for name, slope in halves.items():  # a slope over a few minutes says nothing
+        if name.startswith(("broker-", "agent-")) and elapsed >= MIN_FLAT_SECONDS:
+            report.target(f"soak_flat_{name}", f"{name} memory flat (second-half RSS slope)",
+                          slope, "<=", TARGET_FLAT_KIB_PER_MIN, "KiB/min")
+    for i, state in enumerate(agent_states):
+        serial = state.name.removeprefix("agent-")
+        report.rate(f"soak_agent{i}_heartbeats", f"soak: {serial} heartbeats at the backend",
+                    heartbeats.get(serial, 0), "msgs",
+                    f"one every {1 / rate:g} s over the agent's {agents_s:.0f} s; "
+                    f"{agent_handshakes[serial]} handshakes; exit status {agent_exits[i]}")
     report.target("soak_lost", "lost QoS 1 messages", lost, "<=", 0, "msgs")
     report.target("soak_duplicated", "duplicated QoS 1 messages", dup, "<=", 0, "msgs")
     report.target("soak_false_rejects", "false rejects", false_rejects, "<=", 0, "count")
@@ -501,7 +550,48 @@ def soak(report: Report, fleet: Any, *, devices: int, seconds: float, rate: floa
         "rss_kib": {k: [round(v) for _, v in s] for k, s in memory.items()},
         "rss_slope_kib_per_min": {k: round(_slope_kib_per_min(s), 1)
                                   for k, s in memory.items()},
+        "rss_slope_second_half_kib_per_min": {k: round(v, 1) for k, v in halves.items()},
+        "agents": {"processes": len(agents), "heartbeats": heartbeats,
+                   "handshakes": {s.name.removeprefix("agent-"):
+                                  agent_handshakes[s.name.removeprefix("agent-")]
+                                  for s in agent_states},
+                   "exit_status": agent_exits},
     }
+
+
+def _tpm_agent(fleet: Any, tpm: Any, i: int, rate: float, workdir: Path) -> Path:
+    """Enroll a device whose key is in ``tpm`` (EK certificate, activation) and write
+    the state directory a ``tessera-agent run`` process uses: ``<workdir>/agent-<serial>``
+    with agent.toml (the front, a heartbeat at ``rate``, a re-handshake a minute)."""
+    from hw.tpm import TpmBackend
+
+    serial = f"tpm-{i:03d}"
+    key_dir = workdir / f"tpm-keys-{i}"
+    with TpmBackend(tpm.tcti, key_dir) as backend:  # closed: the agent opens the TPM
+        enrolled = fleet.enroll_tpm(serial, backend)
+    state = workdir / f"agent-{serial}"
+    fleet.agent_config(enrolled, state,
+                       key={"backend": "tpm", "tcti": tpm.tcti, "key_dir": str(key_dir)},
+                       heartbeat=f'topic = "{HEARTBEAT}"\ninterval_s = {1.0 / rate:g}',
+                       # a re-handshake in the live connection a minute into each
+                       # (one-hour) session: the agent's memory is measured across them
+                       session="rehandshake_margin_s = 3540")
+    return state
+
+
+def _stop_agents(agents: list[subprocess.Popen[bytes]]) -> list[int | None]:
+    """SIGTERM each agent process (SIGKILL after 15 s); their exit statuses."""
+    for a in agents:
+        if a.poll() is None:
+            a.terminate()
+    statuses: list[int | None] = []
+    for a in agents:
+        try:
+            statuses.append(a.wait(15))
+        except subprocess.TimeoutExpired:
+            a.kill()
+            statuses.append(a.wait())
+    return statuses
 
 
 # -- scaling and revocation latency -------------------------------------------------------

@@ -363,9 +363,10 @@ class BrokerFleet:
     def agent_config(self, device: Enrolled, state_dir: Path, *,
                      key: dict[str, str] | None = None, **sections: str) -> Any:
         """An AgentConfig for ``device`` to the front, its state directory written as
-        enrollment leaves it. ``key``: how the agent opens the device key (agent.json,
-        e.g. ``{"backend": "tpm", "tcti": ..., "key_dir": ...}``); without it, pass the
-        device's signer to Agent(signer=...)."""
+        enrollment leaves it, and the same text in ``<state_dir>/agent.toml`` for a
+        ``tessera-agent run --config`` process. ``key``: how the agent opens the device
+        key (agent.json, e.g. ``{"backend": "tpm", "tcti": ..., "key_dir": ...}``);
+        without it, pass the device's signer to Agent(signer=...)."""
         import json
 
         from device.agent import AgentConfig
@@ -385,6 +386,7 @@ class BrokerFleet:
         sections.setdefault("reconnect", "initial_s = 0.2\nmax_s = 1.0")
         for section, body in sections.items():
             text += f"[{section}]\n{body}\n"
+        (state_dir / "agent.toml").write_text(text)
         return AgentConfig.parse(text)
 
     def metric(self, i: int, series: str) -> float:

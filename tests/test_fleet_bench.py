@@ -33,6 +33,13 @@ def _counts_hold(out: dict[str, object], devices: int) -> None:
     assert soak["false_rejects"] == 0 and soak["unexpected_disconnects"] == 0
     assert soak["revoked"] >= 2 and len(soak["revocation_cut_ms"]) == soak["revoked"]
     assert soak["renewals"] >= 1 and soak["reconnects"] >= 1
+    # the TPM devices are real tessera-agent processes: each sent heartbeats that
+    # arrived, and stopped cleanly on SIGTERM
+    agents = soak["agents"]
+    assert agents["processes"] == soak["tpm_devices"]
+    assert len(agents["heartbeats"]) == agents["processes"]
+    assert all(n > 0 for n in agents["heartbeats"].values())
+    assert agents["exit_status"] == [0] * agents["processes"]
     assert out["revocation_ms"]  # every revoked device was cut
 
 
