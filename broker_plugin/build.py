@@ -269,7 +269,8 @@ def ensure_built(directory: Path | None = None) -> Path:
 
 
 def _allowed(st: os.stat_result, uid: int, gids: set[int], bits: int) -> bool:
-    """POSIX permission check (ACLs ignored) of `bits` (a combination of 4=r, 1=x)."""
+    """POSIX permission check (ACLs ignored) of `bits` (a combination of 4=r, 2=w,
+    1=x)."""
     if uid == 0:
         return True
     if st.st_uid == uid:
@@ -323,17 +324,39 @@ def needed_paths(directory: Path | None = None) -> list[Path]:
     return out
 
 
-def readable_by(user: str, directory: Path | None = None) -> list[str]:
-    """Paths the plugin needs that `user` cannot read (each with the first component
-    that stops it); empty when the broker may run as that user."""
+def _unwritable(path: Path, uid: int, gids: set[int]) -> str | None:
+    """Where `user` cannot write `path` as the plugin does (create it, or a temporary
+    file beside it renamed over it): its directory needs write and search, an existing
+    file read and write. None when it can."""
+    path = Path(os.path.abspath(path))
+    parent = path.parent
+    where = _blocked(parent, uid, gids)
+    if where is not None:
+        return where
+    if not _allowed(parent.stat(), uid, gids, 3):
+        return str(parent)
+    if path.exists() and not _allowed(path.stat(), uid, gids, 4 if path.is_dir() else 6):
+        return str(path)
+    return None
+
+
+def readable_by(user: str, directory: Path | None = None, *, read: tuple[Path, ...] = (),
+                write: tuple[Path, ...] = ()) -> list[str]:
+    """Paths the plugin needs that `user` cannot read (the plugin, this Python and the
+    package, then ``read``) or write (``write``: the audit log, state files), each with
+    the first component that stops it; empty when the broker may run as that user."""
     pw = pwd.getpwnam(user)
     gids = set(os.getgrouplist(user, pw.pw_gid)) | {pw.pw_gid}
     gids |= {g.gr_gid for g in grp.getgrall() if user in g.gr_mem}
     problems = []
-    for p in needed_paths(directory):
+    for p in [*needed_paths(directory), *read]:
         where = _blocked(p, pw.pw_uid, gids)
         if where is not None:
             problems.append(f"{p} (stopped at {where})")
+    for p in write:
+        where = _unwritable(p, pw.pw_uid, gids)
+        if where is not None:
+            problems.append(f"{p} (cannot write: stopped at {where})")
     return problems
 
 

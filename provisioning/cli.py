@@ -1393,16 +1393,22 @@ def cmd_broker_config(args: argparse.Namespace) -> None:
         raise CliError(f"the plugin would refuse these options: {_one_line(exc)}") from None
     getattr(signer, "close", lambda: None)()
     if args.user:
+        read, write = _broker_files(options)
         try:
-            blocked = readable_by(args.user, plugin_dir)
+            blocked = readable_by(args.user, plugin_dir, read=read, write=write)
         except KeyError:
             raise CliError(f"--user {args.user}: no such user; pass the account mosquitto "
                            "runs as") from None
-        if blocked:
+        if blocked:  # all of them in the one line: fixed together, not one per run
+            unread = [b for b in blocked if "cannot write" not in b]
+            unwritten = [b.replace("cannot write: ", "") for b in blocked if b not in unread]
+            what = "; ".join(
+                [*([f"cannot read {', '.join(unread)}"] if unread else []),
+                 *([f"cannot write {', '.join(unwritten)}"] if unwritten else [])])
             raise CliError(
                 f"mosquitto drops to user {args.user} before it loads plugins, and that user "
-                f"cannot read {blocked[0]}: install Tessera where {args.user} can read it, "
-                "or pass --user with the account mosquitto runs as"
+                f"{what}: give {args.user} access (chown or chmod, or install Tessera where "
+                f"{args.user} can read it), or pass --user with the account mosquitto runs as"
             )
     lines = [
         _CONF_HEADER,
@@ -1439,6 +1445,39 @@ def cmd_broker_config(args: argparse.Namespace) -> None:
             print(f"mosquitto configuration written to {args.output} "
                   f"(policy {enforcer.policy.digest.hex()[:12]}; started as root, mosquitto "
                   f"runs as user {args.user})")
+
+
+def _broker_files(options: dict[str, str]) -> tuple[tuple[Path, ...], tuple[Path, ...]]:
+    """What the plugin reads (its identity files, policy, PIN, CA, a software key, the
+    attestation keys; SoftHSM2's configuration and token directory for a SoftHSM2 key)
+    and writes (the audit log, the nonce and revocation files) as the broker's user."""
+    read = [Path(options[k]) for k in ("bundle", "credential", "policy", "pin_file",
+                                       "cafile", "attestation_keys", "key_dir")
+            if options.get(k)]
+    key = options["key"]
+    if key.startswith("insecure-software:"):
+        read.append(Path(key.removeprefix("insecure-software:")))
+    elif key.startswith("pkcs11:") and "softhsm" in key.split("#", 1)[0].lower():
+        conf = os.environ.get("SOFTHSM2_CONF")
+        if conf:  # the broker needs the same SOFTHSM2_CONF (docs/MQTT.md)
+            read.append(Path(conf))
+            tokens = _softhsm_token_dir(Path(conf))
+            if tokens is not None:  # and its tokens
+                read.append(tokens)
+    write = [Path(options[k]) for k in ("audit_log", "nonce_file", "revocation_file")
+             if options.get(k)]
+    return tuple(read), tuple(write)
+
+
+def _softhsm_token_dir(conf: Path) -> Path | None:
+    try:
+        for line in conf.read_text().splitlines():
+            key, sep, value = line.partition("=")
+            if sep and key.strip() == "directories.tokendir":
+                return Path(value.strip())
+    except (OSError, UnicodeDecodeError):
+        pass
+    return None
 
 
 #: the first line of every file 'broker config' writes: how it knows its own output,

@@ -129,3 +129,49 @@ def test_state_dir_builds_the_plugin_there(files: dict[str, str], tmp_path: Path
     blocked.write_text("")
     out2 = tmp_path / "s2.conf"
     refused(config(files, out2, "--state-dir", str(blocked)), out2, "--state-dir")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: the files are made unreadable "
+                    "to another account (nobody) by chown and chmod")
+def test_user_check_covers_the_key_the_identity_files_and_what_the_plugin_writes(
+        tmp_path: Path) -> None:
+    """--user names the account Mosquitto drops to before it loads the plugin, which
+    then opens the key, bundle, credential and policy and writes the audit log and its
+    state files as that account. A key only root can read and an audit directory
+    nobody can write are named in the one refusal line (every problem at once); once
+    fixed, neither is named. (This machine's Python may itself be out of the
+    account's reach, e.g. under /root: that is named too and is not what this test is
+    about.)"""
+    import shutil
+    import tempfile
+
+    top = Path(tempfile.mkdtemp(prefix="tessera-user-check-", dir="/tmp"))
+    try:
+        top.chmod(0o755)  # /tmp/pytest-of-root is 0700: the files live beside it
+        files = broker_conf_files(top)
+        key = Path(files["--key"].removeprefix("insecure-software:"))
+        key.chmod(0o600)
+        audit_dir = top / "audit"
+        audit_dir.mkdir(mode=0o755)
+        out = tmp_path / "u.conf"
+        args = [x for k in ("--bundle", "--credential", "--key", "--policy")
+                for x in (k, files[k])]
+        argv = [TESSERA, "broker", "config", *args, "--audit-log", str(audit_dir / "a.jsonl"),
+                "--plugin-opt", f"nonce_file={top / 'nonces'}", "--user", "nobody",
+                "-o", str(out)]
+        line = refused(subprocess.run(argv, capture_output=True, text=True, timeout=120),
+                       out, "mosquitto drops to user nobody")
+        assert f"cannot read {key} (stopped at {key})" in line or f", {key} (stopped" in line
+        assert f"cannot write {audit_dir / 'a.jsonl'} (stopped at {audit_dir})" in line
+        assert f"{top / 'nonces'} (stopped at {top})" in line  # the nonce file's directory
+        assert "chown or chmod" in line
+        before = sorted(p.name for p in top.iterdir())
+        key.chmod(0o644)
+        audit_dir.chmod(0o777)
+        top.chmod(0o777)
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+        errors = [ln for ln in done.stderr.splitlines() if ln.startswith("tessera: error")]
+        assert not [e for e in errors if str(key) in e or str(top) in e], errors
+        assert sorted(p.name for p in top.iterdir()) == before  # nothing written there
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
