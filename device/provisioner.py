@@ -433,12 +433,14 @@ def agent_files(issued: dict[str, Any], state_dir: Path) -> dict[str, bytes]:
     try:
         if not isinstance(toml, str) or len(toml) > MAX_AGENT_TOML:
             raise ValueError
+        # an [mqtt] table, its host filled in or (the station did not know the
+        # broker) left for the operator: the template 'tessera-agent run' then names
         mqtt = tomllib.loads(toml).get("mqtt")
-        if not isinstance(mqtt, dict) or not isinstance(mqtt.get("host"), str):
+        if not isinstance(mqtt, dict) or not isinstance(mqtt.get("host", ""), str):
             raise ValueError
     except ValueError:  # tomllib.TOMLDecodeError too
         raise MalformedMessage(f"field 'agent_toml' must be an agent.toml of at most "
-                               f"{MAX_AGENT_TOML} characters with [mqtt] host") from None
+                               f"{MAX_AGENT_TOML} characters with an [mqtt] table") from None
     files = {AGENT_TOML: toml.encode()}
     if ca is not None:
         try:

@@ -55,7 +55,8 @@ def test_credentials_agent_json_and_the_stations_files_land_together(tmp_path: P
 
 @pytest.mark.parametrize("field,value,why", [
     ("agent_toml", "[mqtt\nhost = ", "field 'agent_toml'"),          # not TOML
-    ("agent_toml", '[device]\nstate_dir = "/x"\n', "field 'agent_toml'"),  # no [mqtt] host
+    ("agent_toml", '[device]\nstate_dir = "/x"\n', "field 'agent_toml'"),  # no [mqtt]
+    ("agent_toml", "[mqtt]\nhost = 7\n", "field 'agent_toml'"),  # host not a string
     ("agent_toml", "[mqtt]\nhost = \"h\"\n" + "#" * 5000, "field 'agent_toml'"),  # too big
     ("broker_ca", "not a certificate", "field 'broker_ca'"),
 ])
@@ -106,6 +107,16 @@ def test_a_write_failing_midway_leaves_the_old_state_whole(
     monkeypatch.undo()
     assert _files(state) == before
     assert [p.name for p in state.iterdir() if p.name.startswith(".")] == []
+
+
+def test_the_stations_template_is_written(tmp_path: Path) -> None:
+    """A station that did not know the broker sends a template: [mqtt] with its keys
+    commented out for the operator to fill in; the device keeps it (the agent then
+    names the missing key)."""
+    template = "# fill in\n[mqtt]\n# host = \"broker.example.com\"\n"
+    state = tmp_path / "t"
+    save_device_state(state, {"backend": "tpm"}, _issued("new", agent_toml=template))
+    assert (state / "agent.toml").read_text() == template
 
 
 def test_an_operators_agent_toml_is_kept(tmp_path: Path) -> None:
