@@ -350,6 +350,11 @@ def _der_length(data: bytes) -> int:
     return 2 + count + int.from_bytes(data[2 : 2 + count], "big")
 
 
+#: TPM response codes for "no room": object, session or memory slots all taken
+_OUT_OF_SLOTS = frozenset({int(TPM2_RC.OBJECT_MEMORY), int(TPM2_RC.SESSION_MEMORY),
+                           int(TPM2_RC.MEMORY), int(TPM2_RC.OBJECT_HANDLES)})
+
+
 def _base_rc(rc: int) -> int:
     """The TPM response code without layer, handle, parameter and session numbers."""
     rc &= 0xFFFF
@@ -714,16 +719,13 @@ class TpmBackend:
                     "if the owner hierarchy has a password, clear it or provision keys with it",
                     Reason.WRONG_PIN,
                 )
-            if code in (
-                int(TPM2_RC.OBJECT_MEMORY),
-                int(TPM2_RC.SESSION_MEMORY),
-                int(TPM2_RC.MEMORY),
-                int(TPM2_RC.OBJECT_HANDLES),
-            ):
+            if code in _OUT_OF_SLOTS:
                 return KeyBackendError(
-                    f"TPM {doing} failed: the TPM is out of object or session slots ({exc}). "
-                    "Close signers you no longer need, or use the kernel resource manager "
-                    "(device:/dev/tpmrm0) instead of talking to the TPM directly",
+                    f"TPM {doing} failed: the TPM is out of object or session slots ({exc}): "
+                    "another program holds them, or one that stopped while talking to the "
+                    "TPM directly left them. Close signers you no longer need, use the "
+                    "kernel resource manager (device:/dev/tpmrm0) or tpm2-abrmd, which "
+                    "flush what a program leaves, or restart the TPM",
                     Reason.BACKEND_FAILURE,
                 )
             if code == int(TPM2_RC.INITIALIZE):
@@ -818,7 +820,9 @@ class TpmBackend:
                 )
             except TSS2_Exception as exc:
                 error = self._translate(exc, f"load of key {name!r}")
-                if error.reason != Reason.BACKEND_FAILURE:
+                # a full TPM says nothing of the blob: not "create a new key"
+                if (error.reason != Reason.BACKEND_FAILURE
+                        or _base_rc(int(exc.rc)) in _OUT_OF_SLOTS):
                     raise error from exc
                 raise KeyBackendError(
                     f"the TPM refused to load key {name!r} ({exc}): the blob is damaged or "

@@ -477,3 +477,44 @@ def test_signer_recovers_from_swtpm_reset(bare_swtpm: Swtpm, tmp_path: Path) -> 
             raw.flush_context(stranger)
         finally:
             raw.close()
+
+
+def test_a_full_tpm_is_not_called_a_damaged_key(bare_swtpm: Swtpm, tmp_path: Path) -> None:
+    """Another program holds all object slots but one of a TPM reached without a
+    resource manager (a process that died mid-enrollment leaves them so on swtpm): the
+    storage key takes the last one and loading our key under it fails with the TPM's "out of memory for object contexts". That says
+    nothing of the key file: the error says the TPM is full and how to free it, never
+    "damaged ... create and enroll a new key" (which would send an operator to
+    re-enroll a good device); the key file is untouched, and once the slots are
+    freed the same key signs."""
+    with TpmBackend(bare_swtpm.tcti, tmp_path) as backend:
+        backend.create_signing_key("device")
+    key_file = tmp_path / f"device{KEY_FILE_SUFFIX}"
+    before = key_file.read_bytes()
+    raw = _raw_esapi(bare_swtpm)
+    try:
+        template = TPM2B_PUBLIC.parse("ecc256:ecdsa-sha256", objectAttributes=(
+            "userwithauth|sign|fixedtpm|fixedparent|sensitivedataorigin"))
+        held = []
+        with pytest.raises(TSS2_Exception):  # until the TPM has no slot left
+            for _ in range(16):
+                obj, *_ = raw.create_primary(TPM2B_SENSITIVE_CREATE(), template,
+                                             ESYS_TR.OWNER)
+                held.append(obj)
+        assert held
+        raw.flush_context(held.pop())  # one slot free: the storage key fits, ours not
+        with TpmBackend(bare_swtpm.tcti, tmp_path) as backend, \
+                pytest.raises(KeyBackendError) as info:
+            backend.load_signing_key("device").sign_digest(DIGEST)
+        assert info.value.reason == Reason.BACKEND_FAILURE
+        assert "out of object or session slots" in info.value.detail
+        assert "resource manager" in info.value.detail
+        assert "damaged" not in info.value.detail and "new key" not in info.value.detail
+        assert key_file.read_bytes() == before
+        for obj in held:
+            raw.flush_context(obj)
+    finally:
+        raw.close()
+    with TpmBackend(bare_swtpm.tcti, tmp_path) as backend:
+        signer = backend.load_signing_key("device")
+        signer.public_key().verify(signer.sign_digest(DIGEST), DIGEST, PREHASHED)
