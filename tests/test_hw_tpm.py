@@ -481,12 +481,12 @@ def test_signer_recovers_from_swtpm_reset(bare_swtpm: Swtpm, tmp_path: Path) -> 
 
 def test_a_full_tpm_is_not_called_a_damaged_key(bare_swtpm: Swtpm, tmp_path: Path) -> None:
     """Another program holds all object slots but one of a TPM reached without a
-    resource manager (a process that died mid-enrollment leaves them so on swtpm): the
-    storage key takes the last one and loading our key under it fails with the TPM's "out of memory for object contexts". That says
-    nothing of the key file: the error says the TPM is full and how to free it, never
-    "damaged ... create and enroll a new key" (which would send an operator to
-    re-enroll a good device); the key file is untouched, and once the slots are
-    freed the same key signs."""
+    resource manager (a process that died mid-enrollment leaves them so on swtpm):
+    the storage key takes the last one and loading our key under it fails with the
+    TPM's "out of memory for object contexts". That says nothing of the key file:
+    the error says the TPM is full and how to free it, never "damaged ... create and
+    enroll a new key" (which would send an operator to re-enroll a good device); the
+    key file is untouched, and once the slots are freed the same key signs."""
     with TpmBackend(bare_swtpm.tcti, tmp_path) as backend:
         backend.create_signing_key("device")
     key_file = tmp_path / f"device{KEY_FILE_SUFFIX}"
