@@ -290,7 +290,9 @@ class TrustStore:
     Chains that verified once are remembered (bounded LRU keyed by their exact DER):
     a certificate's signature cannot change, so a device that reconnects skips the
     parse and the chain signature check. Identity, validity times and revocation are
-    checked on every call; failed chains are never cached.
+    checked on every call; failed chains are never cached. One chain per identity: a
+    renewed credential replaces its predecessor's entry, so renewals do not fill the
+    cache (each entry holds the parsed certificates, a few KiB).
     """
 
     def __init__(
@@ -313,6 +315,8 @@ class TrustStore:
         self._verified: OrderedDict[tuple[bytes, ...], tuple[Credential, x509.Certificate]] = (
             OrderedDict()
         )
+        #: identity -> the key of its one entry in _verified
+        self._by_identity: dict[Identity, tuple[bytes, ...]] = {}
 
     def credential(self, der_chain: Sequence[bytes]) -> Credential:
         """Parse a DER chain, reusing the parsed form of a chain that verified before."""
@@ -356,9 +360,15 @@ class TrustStore:
             self._verified.move_to_end(key)
             return hit[1]
         root = self._check_chain(credential.chain)
+        older = self._by_identity.get(credential.identity)
+        if older is not None:  # renewed: the new chain takes the old one's place
+            self._verified.pop(older, None)
         self._verified[key] = (credential, root)
+        self._by_identity[credential.identity] = key
         if len(self._verified) > self._cache_size:
-            self._verified.popitem(last=False)
+            evicted, (gone, _) = self._verified.popitem(last=False)
+            if self._by_identity.get(gone.identity) == evicted:
+                del self._by_identity[gone.identity]
         return root
 
     def _check_chain(self, chain: tuple[x509.Certificate, ...]) -> x509.Certificate:

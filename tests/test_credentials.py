@@ -164,6 +164,25 @@ def test_cache_is_bounded(fleet: Fleet) -> None:
     for i in range(4):
         store.validate(fleet.member("device", f"b{i}").credential, NOW)
     assert len(store._verified) == 2
+    assert len(store._by_identity) == 2  # evicted identities are forgotten too
+
+
+def test_a_renewed_credential_replaces_its_predecessor_in_the_cache(fleet: Fleet) -> None:
+    """Renewals do not fill the cache (each entry holds parsed certificates, a few
+    KiB): one entry per identity, the newest chain; other identities keep theirs, and
+    the old chain still validates (parsed and checked again) if it comes back."""
+    store = TrustStore([fleet.root], fleet.trust_domain)
+    other = fleet.member("device", "r-other").credential
+    store.validate(other, NOW)
+    chains = [fleet.member("device", "r-1").credential for _ in range(5)]  # renewals
+    for cred in chains:
+        assert store.validate(cred, NOW) == cred.identity
+    assert len(store._verified) == 2
+    assert store.credential(chains[-1].der_chain()) is chains[-1]
+    assert store.credential(other.der_chain()) is other
+    assert store.credential(chains[0].der_chain()) is not chains[0]  # parsed anew
+    assert store.validate(chains[0], NOW) == chains[0].identity
+    assert len(store._verified) == 2
 
 
 @pytest.mark.parametrize(
