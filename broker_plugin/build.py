@@ -325,19 +325,20 @@ def needed_paths(directory: Path | None = None) -> list[Path]:
 
 
 def _unwritable(path: Path, uid: int, gids: set[int]) -> str | None:
-    """Where `user` cannot write `path` as the plugin does (create it, or a temporary
-    file beside it renamed over it): its directory needs write and search, an existing
-    file read and write. None when it can."""
+    """Why `user` cannot write `path` as the plugin does (create it, or a temporary
+    file beside it renamed over it): its directory must exist (the plugin creates no
+    directories) and allow write and search, an existing file read and write. None
+    when it can."""
     path = Path(os.path.abspath(path))
     parent = path.parent
+    if not parent.is_dir():
+        return f"its directory {parent} does not exist; create it"
     where = _blocked(parent, uid, gids)
-    if where is not None:
-        return where
-    if not _allowed(parent.stat(), uid, gids, 3):
-        return str(parent)
-    if path.exists() and not _allowed(path.stat(), uid, gids, 4 if path.is_dir() else 6):
-        return str(path)
-    return None
+    if where is None and not _allowed(parent.stat(), uid, gids, 3):
+        where = str(parent)
+    if where is None and path.exists() and not _allowed(path.stat(), uid, gids, 6):
+        where = str(path)
+    return None if where is None else f"stopped at {where}"
 
 
 def readable_by(user: str, directory: Path | None = None, *, read: tuple[Path, ...] = (),
@@ -349,14 +350,15 @@ def readable_by(user: str, directory: Path | None = None, *, read: tuple[Path, .
     gids = set(os.getgrouplist(user, pw.pw_gid)) | {pw.pw_gid}
     gids |= {g.gr_gid for g in grp.getgrall() if user in g.gr_mem}
     problems = []
-    for p in [*needed_paths(directory), *read]:
+    # a file of `read` that is missing is left to the checks that open it
+    for p in [*needed_paths(directory), *(r for r in read if os.path.lexists(r))]:
         where = _blocked(p, pw.pw_uid, gids)
         if where is not None:
             problems.append(f"{p} (stopped at {where})")
     for p in write:
-        where = _unwritable(p, pw.pw_uid, gids)
-        if where is not None:
-            problems.append(f"{p} (cannot write: stopped at {where})")
+        why = _unwritable(p, pw.pw_uid, gids)
+        if why is not None:
+            problems.append(f"{p} (cannot write: {why})")
     return problems
 
 

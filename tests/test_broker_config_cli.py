@@ -172,6 +172,7 @@ def test_every_path_goes_into_the_conf_absolute(files: dict[str, str],
     (work / "in" / "ca.pem").write_bytes(Path(files["--bundle"]).read_bytes())
     for name in ("tls.pem", "tls.key"):
         (work / "in" / name).write_text("")
+    (work / "audit").mkdir()  # the plugin creates no directories: broker config checks
     state = tmp_path / "state"  # built once more here (relative: ../state)
     done = config(rel, "--cafile",
                   "in/ca.pem", "--audit-log", "audit/audit.jsonl", "--tls-cert", "in/tls.pem",
@@ -206,7 +207,7 @@ def test_the_key_options_are_paths_too(tmp_path: Path, monkeypatch: pytest.Monke
     """--pin-file and --key-dir (refused with the software key above, they need a token
     or a TPM) go through the same list; a relative PKCS#11 module becomes absolute, a
     bare library name is left to the loader's search path, a TCTI is not a path."""
-    from provisioning.cli import _PATH_OPTIONS, _absolute_key
+    from provisioning.broker_conf import _PATH_OPTIONS, _absolute_key
 
     assert {"pin_file", "key_dir", "cafile", "audit_log"} <= set(_PATH_OPTIONS)
     monkeypatch.chdir(tmp_path)

@@ -89,14 +89,14 @@ def test_known_options_match_the_plugin_documentation() -> None:
     """The plugin documents every option it reads (broker_plugin/host.py): the CLI knows
     each of them, through a flag or --plugin-opt."""
     import broker_plugin.host as host
-    from provisioning.cli import _FLAG_OPTIONS, _known_plugin_options
+    from provisioning.broker_conf import _FLAG_OPTIONS, _known_plugin_options
 
     documented = set(re.findall(r"^    ([a-z][a-z0-9_]+)\s", host.__doc__ or "", re.M))
     assert documented - set(_FLAG_OPTIONS) - set(_known_plugin_options()) == set()
 
 
 def test_key_spec_with_or_without_the_pkcs11_prefix() -> None:
-    from provisioning.cli import CliError, _broker_key
+    from provisioning.broker_conf import CliError, _broker_key
 
     spec = "/usr/lib/softhsm/libsofthsm2.so#brokers/mqtt-1"
     assert _broker_key(spec) == f"pkcs11:{spec}"
@@ -157,21 +157,28 @@ def test_user_check_covers_the_key_the_identity_files_and_what_the_plugin_writes
         args = [x for k in ("--bundle", "--credential", "--key", "--policy")
                 for x in (k, files[k])]
         argv = [TESSERA, "broker", "config", *args, "--audit-log", str(audit_dir / "a.jsonl"),
-                "--plugin-opt", f"nonce_file={top / 'nonces'}", "--user", "nobody",
+                "--plugin-opt", f"nonce_file={top / 'nonces'}",
+                "--plugin-opt", f"revocation_file={top / 'missing' / 'revoked.json'}",
+                "--user", "nobody",
                 "-o", str(out)]
         line = refused(subprocess.run(argv, capture_output=True, text=True, timeout=120),
                        out, "mosquitto drops to user nobody")
         assert f"cannot read {key} (stopped at {key})" in line or f", {key} (stopped" in line
         assert f"cannot write {audit_dir / 'a.jsonl'} (stopped at {audit_dir})" in line
         assert f"{top / 'nonces'} (stopped at {top})" in line  # the nonce file's directory
+        assert (f"{top / 'missing' / 'revoked.json'} (its directory {top / 'missing'} "
+                "does not exist; create it)") in line  # the plugin creates no directories
         assert "chown or chmod" in line
         before = sorted(p.name for p in top.iterdir())
         key.chmod(0o644)
         audit_dir.chmod(0o777)
+        (top / "missing").mkdir()
+        (top / "missing").chmod(0o777)
         top.chmod(0o777)
         done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
         errors = [ln for ln in done.stderr.splitlines() if ln.startswith("tessera: error")]
         assert not [e for e in errors if str(key) in e or str(top) in e], errors
-        assert sorted(p.name for p in top.iterdir()) == before  # nothing written there
+        # nothing written there
+        assert sorted(p.name for p in top.iterdir()) == sorted([*before, "missing"])
     finally:
         shutil.rmtree(top, ignore_errors=True)
