@@ -116,7 +116,8 @@ def one_line(exc: BaseException) -> str:
 def _out_checked(out: Path, serial: str, reenroll: bool) -> None:
     """--out as the network path checks it (provisioning.station_out._OutPlan), before the
     device is enrolled: new, empty, or (--reenroll) holding credentials; writable."""
-    from provisioning.station_out import CliError, _OutPlan
+    from provisioning.cli_support import CliError
+    from provisioning.station_out import _OutPlan
 
     plan = _OutPlan(out, serial, replace=reenroll)
     try:
@@ -129,7 +130,8 @@ def _out_checked(out: Path, serial: str, reenroll: bool) -> None:
 def _write_out(args: argparse.Namespace, out: Path, done: Enrolled) -> None:
     """The agent state directory the network path writes (provisioning.station_out._OutPlan:
     credentials, agent.json, agent.toml, the broker's CA), all or nothing."""
-    from provisioning.station_out import CliError, _OutPlan, _why
+    from provisioning.cli_support import CliError, _why
+    from provisioning.station_out import _OutPlan
 
     plan = _OutPlan(out, done.serial, replace=args.reenroll)
     plan.broker = args.agent_broker
@@ -167,7 +169,8 @@ def _broker(args: argparse.Namespace, client: ProvisionerClient) -> None:
     """args.agent_broker, as `tessera enroll` checks it before anything is enrolled
     (cmd_enroll did when it handed over; here when run on its own)."""
     if not hasattr(args, "agent_broker"):
-        from provisioning.station_out import CliError, _agent_broker, _check_broker_domain
+        from provisioning.cli_support import CliError
+        from provisioning.station_out import _agent_broker, _check_broker_domain
 
         try:
             args.agent_broker = _agent_broker(args)

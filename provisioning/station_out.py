@@ -2,7 +2,7 @@
 service is asked, staged with a journal so that an interrupted run is finished by the
 next one, then renamed into place (credentials, agent.json, agent.toml, the broker's
 CA). Shared by the network path (:mod:`provisioning.cli`) and the BLE station
-(:mod:`provisioning.ble_cli`), with the CLI's one error type."""
+(:mod:`provisioning.ble_cli`)."""
 
 from __future__ import annotations
 
@@ -10,21 +10,11 @@ import argparse
 import json
 import os
 import shutil
-import signal
 from pathlib import Path
 from typing import Any
 
+from provisioning.cli_support import CliError, Refused, _check_pem, _crash_point, _why
 from structauth.errors import TesseraError
-
-
-class CliError(Exception):
-    """One line for the operator: what is wrong and how to fix it."""
-
-
-class Refused(CliError):
-    """The service (or our check of what it holds) refused the request: nothing was
-    recorded. A batch reports the row as refused rather than failed."""
-
 
 JOURNAL = ".tessera-enroll.json"
 
@@ -32,31 +22,6 @@ JOURNAL = ".tessera-enroll.json"
 #: bytes a credential directory needs (four PEM files are ~3 KiB): written and removed
 #: before enrolling, so a full disk refuses the device before the service records it
 _SPACE_PROBE = 16 * 1024
-
-
-_CRASH_ENV = "TESSERA_TEST_CRASH_AT"
-
-
-def _crash_point(name: str) -> None:
-    """Tests only: ``TESSERA_TEST_CRASH_AT=<point>[:kill|int|term|stop]`` sends this
-    process the signal at the named point (default SIGKILL, no cleanup: a power cut),
-    so a test can prove that every point leaves a state the next run completes."""
-    spec = os.environ.get(_CRASH_ENV)
-    if not spec:
-        return
-    actions = {"kill": signal.SIGKILL, "int": signal.SIGINT, "term": signal.SIGTERM,
-               "stop": signal.SIGSTOP}
-    point, _, action = spec.rpartition(":")
-    if action not in actions:
-        point, action = spec, "kill"
-    if point != name:
-        return
-    sig = actions[action]
-    os.kill(os.getpid(), sig)
-
-
-def _why(exc: OSError) -> str:
-    return exc.strerror or str(exc)
 
 
 def _journal_read(path: Path) -> dict[str, Any] | None:
@@ -289,18 +254,3 @@ class _OutPlan:
             self.drop_staged()
         else:
             shutil.rmtree(self.staging, ignore_errors=True)
-
-
-def _check_pem(path: str, flag: str, what: str) -> None:
-    from cryptography import x509
-
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise CliError(f"{flag} {path}: cannot read it ({_why(exc)}); pass {what}") from None
-    try:
-        certs = x509.load_pem_x509_certificates(data)
-    except ValueError:
-        certs = []
-    if not certs:
-        raise CliError(f"{flag} {path} holds no PEM certificate; pass {what}")

@@ -818,7 +818,7 @@ def test_a_flood_of_refused_connects_writes_a_few_records_and_counts_every_one(
 
 
 def test_the_test_brokers_conf_passes_the_check_the_cli_applies(tmp_path: Path) -> None:
-    from provisioning.cli import _conf_problems, _read_mosquitto_conf
+    from provisioning.broker_conf import _conf_problems, _read_mosquitto_conf
 
     mosq = Mosquitto(tmp_path / "plain", with_plugin=False)
     entries = _read_mosquitto_conf(mosq.conf_path)
@@ -843,7 +843,7 @@ def test_the_test_brokers_conf_passes_the_check_the_cli_applies(tmp_path: Path) 
 ])
 def test_broker_config_check_refuses_unbounded_pre_auth_settings(
         tmp_path: Path, conf: str, expect: str) -> None:
-    from provisioning.cli import _conf_problems, _read_mosquitto_conf
+    from provisioning.broker_conf import _conf_problems, _read_mosquitto_conf
 
     path = tmp_path / "mosquitto.conf"
     path.write_text(conf)
