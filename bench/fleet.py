@@ -15,12 +15,14 @@ it), and one device is revoked (its session must be cut; revocation -> disconnec
 timed). A backend subscribed at every broker (the replicas share no subscriptions)
 counts every message by device and sequence number: a message the broker acknowledged
 (PUBACK < 0x80) and the backend never got is lost, one it got twice is duplicated. A
-refused handshake or message of a device that was not revoked is a false reject. Memory:
-the RSS of each broker, of each agent process and of this process (the load generator
-and the backend, whose duplicate bookkeeping grows by one byte per message by design)
-sampled every 10 s after the first minute, with the least-squares slope in KiB per
-minute over the whole run and over its second half (the target: brokers and agents
-flat).
+refused handshake or message of a device that was not revoked is a false reject. Before
+the clock starts every device handshakes once at every broker directly, so that each
+broker has seen each device (its per-device memory is bounded by the fleet's size and
+would otherwise fill as devices move between replicas). Memory: the RSS of each broker,
+of each agent process and of this process (the load generator and the backend, whose
+duplicate bookkeeping grows by one byte per message by design) sampled every 10 s after
+the first minute, with the least-squares slope in KiB per minute over the whole run and
+over its second half (the target: brokers and agents flat).
 
 The devices are raw MQTT 5 connections (bench.mqtt_wire) driven by a few threads,
 because a paho client per device would cost the two shared cores more than the
@@ -396,6 +398,11 @@ def soak(report: Report, fleet: Any, *, devices: int, seconds: float, rate: floa
         groups = [fleet_devices[i::drivers] for i in range(drivers)]
         workers = [Driver(f"soak-driver-{i}", g, fleet, rate, tally, lock)
                    for i, g in enumerate(groups)]
+        # before the front connections: a visit to a device's home broker would take
+        # its client id over and cut its session
+        visits = _visit_every_broker(fleet, fleet_devices)
+        _progress(f"every device handshook once at every broker directly ({visits} "
+                  "handshakes): the steady state of per-device memory")
         _progress(f"connecting {devices} devices through the front")
         t0 = time.monotonic()
         with ThreadPoolExecutor(8) as pool:
@@ -557,6 +564,31 @@ def soak(report: Report, fleet: Any, *, devices: int, seconds: float, rate: floa
                                   for s in agent_states},
                    "exit_status": agent_exits},
     }
+
+
+def _visit_every_broker(fleet: Any, devices: list[Device]) -> int:
+    """One handshake (and DISCONNECT) of every device at every broker, straight to its
+    port. A broker keeps some state per device it has seen (the verified chain, rate
+    and network memory: docs/SCALING.md), bounded by the fleet's size; through the
+    front, a reconnecting device lands on a broker that may not have seen it yet, so
+    without this the soak would measure the fleet's slow spread over the replicas
+    rather than whether anything grows once every broker knows every device."""
+    from bench.mqtt_wire import sa1_connect
+    from simulator.fleet import Member
+
+    def visit(job: tuple[Device, int]) -> None:
+        d, port = job
+        e = d.enrolled
+        conn, _ = sa1_connect(port, Member(e.signer, e.credential), fleet.trust,
+                              fleet.identity)
+        with contextlib.suppress(OSError):
+            conn.sock.sendall(b"\xe0\x00")
+        conn.sock.close()
+
+    jobs = [(d, port) for d in devices for port in fleet.broker_ports]
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(visit, jobs))
+    return len(jobs)
 
 
 def _tpm_agent(fleet: Any, tpm: Any, i: int, rate: float, workdir: Path) -> Path:
