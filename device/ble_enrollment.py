@@ -301,6 +301,8 @@ def load_or_create_code(state_dir: Path) -> str:
 
 #: what the "stored" reply tells the station of agent.json (how the agent reaches the key)
 AGENT_SETTINGS = ("backend", "tcti", "key_dir")
+
+
 def store_enrollment(state_dir: Path, *, tcti: str, key_dir: str, serial: str
                      ) -> Callable[[dict[str, Any]], dict[str, Any]]:
     """What a device keeps after a BLE enrollment: what the network path keeps

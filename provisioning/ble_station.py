@@ -365,16 +365,13 @@ class BleStation:
 
     def _agent_files(self) -> dict[str, str]:
         """What the device writes as agent.toml and broker-ca.pem, in the delivery (the
-        station binding covers it): the network path's ``agent_toml`` field, and the
-        CA the agent.toml names."""
+        station binding covers it), as the network path sends them; nothing when the
+        station does not know the broker."""
         if self.agent_broker is None:
             return {}
-        from provisioning.station_out import _agent_toml
+        from provisioning.station_out import _delivery_fields
 
-        fields = {"agent_toml": _agent_toml(self.agent_broker).decode()}
-        if "cafile_pem" in self.agent_broker:
-            fields["broker_ca"] = self.agent_broker["cafile_pem"].decode()
-        return fields
+        return _delivery_fields(self.agent_broker)
 
     async def _deliver(self, session: DeviceSession, target: BLEDevice | str,
                        issued: dict[str, Any]) -> DeviceSession:

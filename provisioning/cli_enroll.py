@@ -31,8 +31,8 @@ from provisioning.station_out import (
     JOURNAL,
     _agent_broker,
     _agent_files,
-    _agent_toml,
     _check_broker_domain,
+    _delivery_fields,
     _OutPlan,
 )
 from structauth.errors import Reason, TesseraError
@@ -311,12 +311,8 @@ def _enroll_remote(args: argparse.Namespace, client: Any) -> None:
     )
     try:
         # the device writes agent.toml from it (tessera-agent enrollment-endpoint)
-        extra = {"provisioner": args.provisioner,
-                 "agent_toml": _agent_toml(args.agent_broker).decode()}
-        if args.agent_broker is not None and "cafile_pem" in args.agent_broker:
-            # the agent.toml of an mqtts:// broker names this file beside it
-            extra["broker_ca"] = args.agent_broker["cafile_pem"].decode()
-        device.deliver({**issued, **extra})
+        device.deliver({**issued, "provisioner": args.provisioner,
+                        **_delivery_fields(args.agent_broker)})
     except TesseraError as exc:
         raise CliError(
             f"{serial} is enrolled but did not take its credentials ({_one_line(exc)}); "

@@ -126,6 +126,16 @@ def _agent_toml(broker: dict[str, Any] | None) -> bytes:
             "directory\n").encode()
 
 
+def _delivery_fields(broker: dict[str, Any] | None) -> dict[str, str]:
+    """What a device receives with its credentials, by network or BLE (inside what the
+    station binding covers), to write beside them: ``agent_toml`` (a template without
+    broker facts) and, for an mqtts:// broker, ``broker_ca``, the file agent.toml names."""
+    fields = {"agent_toml": _agent_toml(broker).decode()}
+    if broker is not None and "cafile_pem" in broker:
+        fields["broker_ca"] = broker["cafile_pem"].decode()
+    return fields
+
+
 def _agent_files(settings: dict[str, Any] | None, broker: dict[str, Any] | None,
                  issued: dict[str, Any]) -> dict[str, bytes]:
     """What --out holds besides the credentials so that the agent starts from it:
